@@ -1,0 +1,34 @@
+"""pie_lib: Prune, Interpret, Evaluate -- budgeted circuit discovery on CLT features.
+
+The public surface is small and imported lazily so ``import pie_lib`` stays fast:
+
+- :func:`load_model` -- a Hugging Face causal LM wrapped in nnsight plus its architecture spec.
+- :func:`load_clt` -- a cross-layer transcoder (circuit-tracer format) with lazy decoders.
+- :mod:`pie_lib.prune` -- FAP, FAP-Synergy, baselines, evaluation and sweeps.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "pie_lib.models.loading",
+    "LoadedModel": "pie_lib.models.loading",
+    "load_clt": "pie_lib.clt.io",
+    "save_clt": "pie_lib.clt.io",
+    "CrossLayerTranscoder": "pie_lib.clt.transcoder",
+    "Pair": "pie_lib.data.pairs",
+    "load_pairs": "pie_lib.data.pairs",
+    "save_pairs": "pie_lib.data.pairs",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pie_lib' has no attribute {name!r}")

@@ -1,0 +1,178 @@
+"""Lazy decoder rows: read only the feature rows a prompt needs, straight from safetensors.
+
+A 524k-feature Llama-3.2-1B CLT has ~9.1e9 decoder values (18 GB in bf16). We memory-map each
+``W_dec_{l}.safetensors`` file and gather rows with one fancy index, so the OS reads only the
+pages those rows live on and nothing is loaded whole into CPU memory. Rows fetched for a device
+are cached there (bounded by ``cache_rows``) because consecutive prompts share many features.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pie_lib.errors import CLTFormatError
+
+_ST_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "F32": (np.dtype("<f4"), torch.float32),
+    "F16": (np.dtype("<f2"), torch.float16),
+    "BF16": (np.dtype("<u2"), torch.bfloat16),  # numpy has no bf16: read raw bits, view in torch
+    "F64": (np.dtype("<f8"), torch.float64),
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header.
+
+    Returns:
+        (header dict name -> {dtype, shape, data_offsets}, byte offset where the data starts).
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise CLTFormatError(f"{path}: file is truncated (no safetensors header); re-download it")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n <= 0 or 8 + n > size:
+                raise CLTFormatError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes); re-download it")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, CLTFormatError):
+            raise
+        raise CLTFormatError(f"{path}: not a readable safetensors file ({exc}); re-download it") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        if data_start + end > size:
+            raise CLTFormatError(
+                f"{path}: tensor {name!r} extends past the end of the file (truncated download?); re-download it"
+            )
+    return header, data_start
+
+
+class MemmapTensor:
+    """A read-only tensor inside a safetensors file, indexed along its first dimension."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        header, data_start = read_safetensors_header(path)
+        if key not in header:
+            raise CLTFormatError(f"{path}: missing tensor {key!r} (found {sorted(header)})")
+        info = header[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CLTFormatError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        self.np_dtype, self.torch_dtype = _ST_DTYPES[info["dtype"]]
+        self.shape = tuple(info["shape"])
+        start, _ = info["data_offsets"]
+        self.path = path
+        self._mm = np.memmap(path, dtype=self.np_dtype, mode="r", offset=data_start + start, shape=self.shape)
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        """Rows ``index`` (sorted gather is fastest) as a CPU tensor of the file's dtype."""
+        arr = np.ascontiguousarray(self._mm[index])
+        t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else t
+
+    def full(self) -> torch.Tensor:
+        return self.rows(np.arange(self.shape[0]))
+
+
+class LazyDecoder:
+    """Per-source-layer decoder rows ``[F, n_out(l), D]``, from memory or memory-mapped files.
+
+    Args:
+        sources: per layer either an in-memory tensor ``[F, n_out, D]`` or a :class:`MemmapTensor`.
+        cache_rows: how many rows per layer to keep cached on the target device (0 = no cache).
+    """
+
+    def __init__(self, sources: list[torch.Tensor | MemmapTensor], cache_rows: int = 65536) -> None:
+        self.sources = sources
+        self.device = torch.device("cpu")
+        self.dtype: torch.dtype | None = None
+        self.cache_rows = cache_rows
+        self._full: list[torch.Tensor | None] = [None] * len(sources)
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        self._slots: dict[int, torch.Tensor] = {}
+        self._blocks: dict[int, torch.Tensor | None] = {}
+        self._used: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def shape(self, layer: int) -> tuple[int, ...]:
+        return tuple(self.sources[layer].shape)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LazyDecoder":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        self._reset_cache()
+        self._full = [None] * len(self.sources)
+        return self
+
+    def materialize(self) -> "LazyDecoder":
+        """Load every layer whole onto the target device (small CLTs, or a GPU with room)."""
+        for layer in range(len(self.sources)):
+            self._full[layer] = self._load(layer, None)
+        return self
+
+    def _load(self, layer: int, index: np.ndarray | None) -> torch.Tensor:
+        src = self.sources[layer]
+        if isinstance(src, MemmapTensor):
+            t = src.full() if index is None else src.rows(index)
+        else:
+            t = src if index is None else src[torch.from_numpy(index)]
+        return t.to(device=self.device, dtype=self.dtype or t.dtype)
+
+    def rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Decoder rows for ``features`` ``[U]`` (int) of source ``layer`` -> ``[U, n_out, D]``."""
+        full = self._full[layer]
+        if full is not None:
+            return full[features.to(full.device)]
+        src = self.sources[layer]
+        if not isinstance(src, MemmapTensor) and src.device == self.device and (self.dtype in (None, src.dtype)):
+            return src[features.to(src.device)]
+        idx = features.detach().cpu().to(torch.int64)
+        if self.cache_rows <= 0:
+            uniq, inv = torch.unique(idx, return_inverse=True)  # sorted gather reads pages in order
+            return self._load(layer, uniq.numpy())[inv.to(self.device)]
+        return self._cached_rows(layer, idx)
+
+    def _cached_rows(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        """Gather through a per-layer slot table: feature -> row of a device-resident block.
+
+        Vectorised: one unique/lookup per call, one file read for the rows not cached yet.
+        When the block is full it is reset (prompts in a sweep share features, so this is rare).
+        """
+        n_feat = self.sources[layer].shape[0]
+        if layer not in self._slots:
+            self._slots[layer] = torch.full((n_feat,), -1, dtype=torch.int64)
+            self._blocks[layer] = None
+            self._used[layer] = 0
+        slots = self._slots[layer]
+        missing = torch.unique(idx[slots[idx] < 0])
+        if missing.numel():
+            cap = max(self.cache_rows, int(missing.numel()))
+            if self._used[layer] + missing.numel() > cap:
+                slots.fill_(-1)
+                self._blocks[layer] = None
+                self._used[layer] = 0
+                missing = torch.unique(idx)
+            loaded = self._load(layer, missing.numpy())
+            block = self._blocks[layer]
+            if block is None:
+                block = torch.empty((cap, *loaded.shape[1:]), dtype=loaded.dtype, device=loaded.device)
+                self._blocks[layer] = block
+            start = self._used[layer]
+            block[start : start + loaded.shape[0]] = loaded
+            slots[missing] = torch.arange(start, start + loaded.shape[0])
+            self._used[layer] = start + loaded.shape[0]
+        return self._blocks[layer][slots[idx].to(self.device)]

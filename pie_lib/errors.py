@@ -1,0 +1,35 @@
+"""Exceptions pie_lib raises for bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class PieError(Exception):
+    """Base class: a user-facing error whose message is a complete one-line explanation."""
+
+
+class CLTFormatError(PieError):
+    """A CLT folder/file is missing, corrupt, or has tensors of the wrong shape/dtype."""
+
+
+class ShapeMismatchError(PieError):
+    """Two objects (model and CLT, clean and corrupted prompt...) do not fit together."""
+
+
+class UnknownArchitectureError(PieError):
+    """The model's architecture has no entry in the architecture table."""
+
+
+class DataFormatError(PieError):
+    """A data file (JSONL pairs, selections...) is malformed."""
+
+
+class BudgetError(PieError):
+    """A budget K or a method list is invalid."""
+
+
+class ConfigMismatchError(PieError):
+    """An output folder holds results produced under a different configuration."""
+
+
+class WeightsUnavailableError(PieError):
+    """Model or CLT weights cannot be found locally or fetched from the hub."""

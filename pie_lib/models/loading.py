@@ -1,0 +1,174 @@
+"""Load a Hugging Face causal LM into nnsight, from a local folder or a hub id."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pie_lib.errors import ShapeMismatchError, WeightsUnavailableError
+from pie_lib.models.arch import ArchSpec, arch_for, get_path
+
+Remote = bool | str  # False, True (NDIF), or "local" (nnsight's local simulation of remote)
+
+
+@dataclass
+class LoadedModel:
+    """An nnsight-wrapped model with its architecture spec and run settings.
+
+    Attributes:
+        lm: the ``nnsight.LanguageModel``.
+        arch: where the hooks live.
+        tokenizer: the model's tokenizer (BOS is prepended by it).
+        name: the folder or hub id it came from.
+        remote: passed as ``remote=`` to every trace pie_lib runs.
+    """
+
+    lm: Any
+    arch: ArchSpec
+    tokenizer: Any
+    name: str
+    remote: Remote = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hf(self) -> torch.nn.Module:
+        """The underlying ``transformers`` module (local runs only)."""
+        return self.lm._module
+
+    @property
+    def config(self) -> Any:
+        return self.lm.config if hasattr(self.lm, "config") else self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers if hasattr(self.config, "num_hidden_layers") else self.config.n_layer)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.n_embd)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.hf.parameters()).device
+        except StopIteration:  # meta / remote
+            return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        try:
+            return next(self.hf.parameters()).dtype
+        except StopIteration:
+            return torch.float32
+
+    def layer(self, i: int) -> Any:
+        """The nnsight envoy of decoder layer ``i``."""
+        return get_path(self.lm, self.arch.layers)[i]
+
+    def envoy(self, layer: int, rel_path: str) -> Any:
+        return get_path(self.layer(layer), rel_path)
+
+    def trace(self, *inputs: Any, **kwargs: Any):
+        """``lm.trace`` with this model's ``remote`` setting (every pie_lib trace goes through here)."""
+        kwargs.setdefault("remote", self.remote)
+        if kwargs["remote"] is False:
+            kwargs.pop("remote")
+        return self.lm.trace(*inputs, **kwargs)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with the tokenizer's special tokens (BOS) for each text."""
+        return [self.tokenizer(t)["input_ids"] for t in texts]
+
+    def target_token(self, text: str) -> int:
+        """A target string's token is the LAST token of its tokenisation (spec §1)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ShapeMismatchError(f"target {text!r} tokenises to nothing")
+        return int(ids[-1])
+
+    def check_clt(self, clt: Any) -> None:
+        """Raise a clear error when the CLT does not fit this model."""
+        if clt.d_model != self.d_model:
+            raise ShapeMismatchError(
+                f"CLT d_model {clt.d_model} != model d_model {self.d_model} ({self.name}); "
+                "load the CLT trained for this model"
+            )
+        if clt.n_layers != self.n_layers:
+            raise ShapeMismatchError(
+                f"CLT has {clt.n_layers} layers but model {self.name} has {self.n_layers}; "
+                "load the CLT trained for this model"
+            )
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not Path(s).exists()
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    remote: Remote = False,
+) -> LoadedModel:
+    """Load a causal LM into nnsight.
+
+    Args:
+        name_or_path: a local folder (config + weights + tokenizer) or a hub id.
+        device: "cpu", "cuda", "cuda:1"...; default cuda when available, else cpu.
+        dtype: torch dtype or its name ("float32", "bfloat16"); default float32 on CPU, bfloat16 on GPU.
+        remote: False to run here; True to run every trace on NDIF (needs ``nnsight.CONFIG``'s API
+            key); "local" for nnsight's local simulation of remote execution.
+    Returns:
+        A :class:`LoadedModel`. Unknown architectures raise ``UnknownArchitectureError``.
+    """
+    from nnsight import LanguageModel
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except Exception as exc:
+        where = "the Hugging Face hub" if _looks_like_hub_id(name) else "that folder"
+        raise WeightsUnavailableError(
+            f"model {name!r}: its config could not be read from {where} ({type(exc).__name__}). "
+            "Pass a local folder with config.json, weights and tokenizer, or run where the hub is reachable "
+            "(gated models such as meta-llama need `huggingface-cli login`)"
+        ) from None
+    arch = arch_for((cfg.architectures or [type(cfg).__name__])[0])
+    if remote is True:
+        # NDIF holds the weights: load only the meta skeleton here.
+        lm = LanguageModel(name)
+    else:
+        try:
+            lm = LanguageModel(name, device_map=str(device), dispatch=True, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise WeightsUnavailableError(
+                f"model {name!r}: weights could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                "Download them where there is network and pass the local folder"
+            ) from None
+        lm.eval()
+    return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
+
+
+def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str = "in-memory", remote: Remote = False) -> LoadedModel:
+    """Wrap an already-built ``transformers`` model (tests, notebooks building tiny models)."""
+    from nnsight import LanguageModel
+
+    arch = arch_for(hf_model)
+    lm = LanguageModel(hf_model.eval(), tokenizer=tokenizer)
+    return LoadedModel(lm=lm, arch=arch, tokenizer=tokenizer, name=name, remote=remote)

@@ -1,0 +1,45 @@
+"""The embedded toy world: tiny Llama and GPT-2 LMs trained on a synthetic corpus, with CLTs.
+
+Nothing here needs the network: the trained files ship in ``pie_lib/toy/assets`` and are rebuilt
+deterministically by ``python -m pie_lib.toy.build``. Layout::
+
+    assets/toy_world.json          accuracies, FVUs, L0s, sizes, seeds per arch
+    assets/{arch}/model/           save_pretrained model (safetensors) + tokenizer
+    assets/{arch}/clt/             JumpReLU CLT in circuit-tracer format
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TOY_ROOT: Path = Path(__file__).resolve().parent / "assets"
+ARCHS: tuple[str, ...] = ("llama", "gpt2")
+SUMMARY_FILE = "toy_world.json"
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown toy arch {arch!r}; valid archs are {', '.join(ARCHS)}")
+    return arch
+
+
+def toy_model_path(arch: str = "llama") -> Path:
+    """Folder of the toy model + tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer`` load it)."""
+    return TOY_ROOT / _check_arch(arch) / "model"
+
+
+def toy_clt_path(arch: str = "llama") -> Path:
+    """Folder of the toy model's CLT (``pie_lib.clt.load_clt`` loads it)."""
+    return TOY_ROOT / _check_arch(arch) / "clt"
+
+
+def toy_summary() -> dict:
+    """The build's numbers (``assets/toy_world.json``): per arch accuracies, FVUs, L0s, seeds."""
+    path = TOY_ROOT / SUMMARY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; rebuild the toy world with `python -m pie_lib.toy.build`")
+    return json.loads(path.read_text())
+
+
+__all__ = ["ARCHS", "TOY_ROOT", "toy_clt_path", "toy_model_path", "toy_summary"]
