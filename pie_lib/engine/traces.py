@@ -205,25 +205,33 @@ def mlp_out_gradients(
     return torch.stack(grads), _val(m_saved)
 
 
-def patched_last_logits(model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def patched_last_logits(
+    model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, with_logsumexp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Real-model forward with fixed additive offsets *subtracted* from every MLP output.
 
     Removing an occurrence subtracts its delta writes (spec §3); everything downstream is recomputed.
 
     Args:
         input_ids: ``[B, T]``; offsets: ``[L, B, T, D]`` (what to subtract at each layer).
+        with_logsumexp: also return the logsumexp metric (sum over positions), computed in the
+            trace so full ``[B, T, V]`` logits never leave it.
     Returns:
-        ``[B, V]`` last-token logits.
+        (``[B, V]`` last-token logits, ``[B]`` logsumexp metric or None).
     """
     offsets = offsets.to(model.device)
 
     def sub(layer: int, env: Any) -> None:
         env.output = env.output - offsets[layer].to(env.output.dtype)
 
+    lse = None
     with torch.no_grad(), model.trace(input_ids.to(model.device)):
         _walk_layers(model, {model.arch.mlp_out: sub})
-        last = _logits(model)[:, -1].save()
-    return _val(last)
+        logits = _logits(model)
+        last = logits[:, -1].save()
+        if with_logsumexp:
+            lse = torch.logsumexp(logits.float(), dim=-1).sum(-1).save()
+    return _val(last), (_val(lse) if lse is not None else None)
 
 
 def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, error: torch.Tensor) -> torch.Tensor:

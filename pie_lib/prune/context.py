@@ -1,0 +1,75 @@
+"""Everything computed once per batch and shared by all methods, budgets and seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from pie_lib.clt.transcoder import CrossLayerTranscoder
+from pie_lib.engine.traces import GradientMode, MetricKind, mlp_out_gradients
+from pie_lib.models.loading import LoadedModel
+from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch, active_occurrences, run_pair_caches
+from pie_lib.prune.patching import PatchEvaluator, gather_rows
+
+
+@dataclass
+class ScoringConfig:
+    """How FAP is computed and how removals are evaluated (paper defaults).
+
+    Attributes:
+        gradient: "replacement" (paper) or "full".
+        corruption: "corrupted" (a_corr from the corrupted prompt; paper) or "zero".
+        metric: "logit_diff" (paper, IOI/Doc-String) or "logsumexp" (reference flag default).
+        zero_bos: exclude position 0 (BOS), as the paper does.
+        chunk: patch variants per forward.
+        rows_dtype: dtype of decoder rows used in scores and offsets.
+    """
+
+    gradient: Literal["replacement", "full"] = "replacement"
+    corruption: Corruption = "corrupted"
+    metric: MetricKind = "logit_diff"
+    zero_bos: bool = True
+    chunk: int = 64
+    rows_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class BatchContext:
+    """One batch of pairs with its caches, active set, decoder rows and patch evaluator.
+
+    Gradients are computed on first use per mode and cached (FAP and FAP-Synergy share one).
+    """
+
+    model: LoadedModel
+    clt: CrossLayerTranscoder
+    batch: PairBatch
+    cfg: ScoringConfig
+    occ: Occurrences = field(init=False)
+    evaluator: PatchEvaluator = field(init=False)
+    _grads: dict = field(default_factory=dict, init=False)
+    _scores: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        clean, corr = run_pair_caches(self.model, self.batch, self.cfg.corruption)
+        self.occ = active_occurrences(self.clt, clean, corr, zero_bos=self.cfg.zero_bos)
+        self.rows = gather_rows(self.clt, self.occ, self.cfg.rows_dtype)
+        self.evaluator = PatchEvaluator(
+            self.model, self.clt, self.batch, self.occ, self.rows, self.cfg.corruption, self.cfg.metric,
+            clean.last_logits, chunk=self.cfg.chunk,
+        )
+
+    def grads(self, mode: GradientMode) -> torch.Tensor:
+        """``[L, B, T, D]`` metric gradient (or RelP relevance) at every MLP output."""
+        if mode not in self._grads:
+            g, _ = mlp_out_gradients(self.model, self.batch.clean_ids, self.batch.correct, self.batch.wrong,
+                                     self.cfg.metric, mode)
+            self._grads[mode] = g
+        return self._grads[mode]
+
+    def cached(self, key: str, fn) -> torch.Tensor:
+        """Memoise a score vector ``[N]`` under ``key``."""
+        if key not in self._scores:
+            self._scores[key] = fn()
+        return self._scores[key]

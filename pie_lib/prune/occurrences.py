@@ -1,0 +1,206 @@
+"""Tokenised pair batches and their active feature occurrences (spec §1-§2).
+
+An *occurrence* is (layer l, position t, feature i) of one prompt. The active set of a pair is
+the union of occurrences active in its clean or its corrupted run; the inactive side counts as 0.
+Occurrences of a batch are kept flat (COO), sorted by (prompt, layer, position, feature) -- the
+reference's order, which also fixes how ties are broken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from pie_lib.clt.transcoder import CrossLayerTranscoder
+from pie_lib.data.pairs import Pair
+from pie_lib.engine.traces import ForwardCache, run_with_cache
+from pie_lib.errors import ShapeMismatchError
+from pie_lib.models.loading import LoadedModel
+
+Corruption = Literal["corrupted", "zero"]
+
+
+@dataclass
+class PairBatch:
+    """Pairs of one token length T, ready for the model.
+
+    Attributes:
+        clean_ids, corr_ids: ``[B, T]`` token ids (corrupted cut to the clean length).
+        correct, wrong: ``[B]`` target token ids (last token of each target string).
+        prompt_idx: ``[B]`` index of each pair in the caller's list.
+    """
+
+    clean_ids: torch.Tensor
+    corr_ids: torch.Tensor
+    correct: torch.Tensor
+    wrong: torch.Tensor
+    prompt_idx: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.clean_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.clean_ids.shape[1]
+
+    def subset(self, rows: torch.Tensor) -> "PairBatch":
+        return PairBatch(self.clean_ids[rows], self.corr_ids[rows], self.correct[rows], self.wrong[rows], self.prompt_idx[rows])
+
+
+@dataclass
+class TokenizedPairs:
+    """All usable pairs grouped into equal-length batches, plus what was skipped and why."""
+
+    batches: list[PairBatch]
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+def tokenize_pairs(
+    model: LoadedModel, pairs: list[Pair], batch_size: int = 16, min_tokens: int = 0, max_tokens: int | None = None
+) -> TokenizedPairs:
+    """Tokenise pairs and group them by clean length (no padding, so batching is exact).
+
+    The corrupted prompt is cut to the clean prompt's length (spec §1); a corrupted prompt that is
+    *shorter* is an error naming the pair. Prompts shorter than ``min_tokens`` are skipped and
+    reported (the reference skips prompts under 8 tokens; pass 8 to match it).
+    """
+    clean = model.tokenize([p.text_clean for p in pairs])
+    corr = model.tokenize([p.text_corr for p in pairs])
+    groups: dict[int, list[int]] = {}
+    skipped: dict[int, str] = {}
+    rows: list[tuple[list[int], list[int], int, int]] = []
+    for i, (p, c, k) in enumerate(zip(pairs, clean, corr)):
+        if max_tokens is not None:
+            c = c[:max_tokens]
+        if len(k) < len(c):
+            raise ShapeMismatchError(
+                f"pair {i}: corrupted prompt has {len(k)} tokens but the clean prompt has {len(c)}; "
+                "corrupted prompts must be at least as long as clean ones (they are cut to the clean length)"
+            )
+        rows.append((c, k[: len(c)], model.target_token(p.io_clean), model.target_token(p.s_clean)))
+        if len(c) < max(min_tokens, 2):
+            skipped[i] = f"{len(c)} tokens < min_tokens={max(min_tokens, 2)}"
+            continue
+        groups.setdefault(len(c), []).append(i)
+    batches = []
+    for length in sorted(groups):
+        idx = groups[length]
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            batches.append(
+                PairBatch(
+                    clean_ids=torch.tensor([rows[i][0] for i in chunk]),
+                    corr_ids=torch.tensor([rows[i][1] for i in chunk]),
+                    correct=torch.tensor([rows[i][2] for i in chunk]),
+                    wrong=torch.tensor([rows[i][3] for i in chunk]),
+                    prompt_idx=torch.tensor(chunk),
+                )
+            )
+    return TokenizedPairs(batches, skipped)
+
+
+@dataclass
+class Occurrences:
+    """Active occurrences of a batch, flattened. N = total over the batch's prompts.
+
+    Attributes:
+        prompt, layer, pos, feat: ``[N]`` int64 (prompt = row in the batch).
+        a_clean, a_corr: ``[N]`` activations (0 where inactive on that side).
+        n_prompts: B.
+    """
+
+    prompt: torch.Tensor
+    layer: torch.Tensor
+    pos: torch.Tensor
+    feat: torch.Tensor
+    a_clean: torch.Tensor
+    a_corr: torch.Tensor
+    n_prompts: int
+
+    def __len__(self) -> int:
+        return self.prompt.numel()
+
+    def delta(self, corruption: Corruption = "corrupted") -> torch.Tensor:
+        """Δa ``[N]``: a_clean - a_corr, or a_clean under zero-ablation."""
+        return self.a_clean - self.a_corr if corruption == "corrupted" else self.a_clean
+
+    def counts(self) -> torch.Tensor:
+        """``[B]`` active occurrences per prompt."""
+        return torch.bincount(self.prompt, minlength=self.n_prompts)
+
+    def offsets(self) -> torch.Tensor:
+        """``[B + 1]`` start of each prompt's occurrences (they are sorted by prompt)."""
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=self.prompt.device), self.counts().cumsum(0)])
+
+    def triples(self, rows: torch.Tensor) -> list[list[int]]:
+        """``[layer, position, feature]`` of occurrences ``rows`` as plain lists (for JSON)."""
+        return torch.stack([self.layer[rows], self.pos[rows], self.feat[rows]], dim=1).tolist()
+
+
+def _sparse(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[L, B, T, F]`` -> (indices ``[N, 4]`` as (b, l, t, f), values ``[N]``) sorted by b,l,t,f."""
+    perm = acts.permute(1, 0, 2, 3)  # b, l, t, f
+    idx = perm.nonzero()
+    return idx, perm[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]]
+
+
+def active_occurrences(
+    clt: CrossLayerTranscoder,
+    clean: ForwardCache,
+    corr: ForwardCache | None,
+    zero_bos: bool = True,
+    layer_chunk: int | None = None,
+) -> Occurrences:
+    """Encode both runs and take the union of active occurrences.
+
+    Args:
+        clean, corr: caches with ``resid_mid`` ``[L, B, T, D]``; ``corr`` None = zero corruption
+            (the active set is the clean one, a_corr = 0).
+        zero_bos: zero position 0 (BOS) activations, as the reference does.
+        layer_chunk: encode this many layers at a time to bound memory (default: all).
+    """
+    L, B, T, _ = clean.resid_mid.shape
+    F = clt.n_features
+    keys, vals_c, vals_o = [], [], []
+    step = layer_chunk or L
+    for lo in range(0, L, step):
+        hi = min(L, lo + step)
+        for which, cache in (("c", clean), ("o", corr)):
+            if cache is None:
+                continue
+            acts = torch.stack([clt.encode(cache.resid_mid[l].to(clt.device), layer=l) for l in range(lo, hi)])
+            if zero_bos:
+                acts[:, :, 0] = 0
+            idx, v = _sparse(acts)
+            idx[:, 1] += lo
+            key = ((idx[:, 0] * L + idx[:, 1]) * T + idx[:, 2]) * F + idx[:, 3]
+            keys.append(key)
+            vals_c.append(v if which == "c" else torch.zeros_like(v))
+            vals_o.append(v if which == "o" else torch.zeros_like(v))
+    if keys:
+        key = torch.cat(keys)
+        uniq, inv = torch.unique(key, return_inverse=True)  # sorted => (b, l, t, f) order
+        a_c = torch.zeros(uniq.numel(), dtype=clt.dtype, device=uniq.device).index_add_(0, inv, torch.cat(vals_c))
+        a_o = torch.zeros(uniq.numel(), dtype=clt.dtype, device=uniq.device).index_add_(0, inv, torch.cat(vals_o))
+    else:
+        uniq = torch.zeros(0, dtype=torch.long)
+        a_c = a_o = torch.zeros(0, dtype=clt.dtype)
+    f = uniq % F
+    t = (uniq // F) % T
+    l = (uniq // (F * T)) % L
+    b = uniq // (F * T * L)
+    return Occurrences(prompt=b, layer=l, pos=t, feat=f, a_clean=a_c.float(), a_corr=a_o.float(), n_prompts=B)
+
+
+def run_pair_caches(model: LoadedModel, batch: PairBatch, corruption: Corruption) -> tuple[ForwardCache, ForwardCache | None]:
+    """Clean and corrupted forwards of a batch in one trace (the corrupted half only when needed)."""
+    if corruption == "zero":
+        return run_with_cache(model, batch.clean_ids), None
+    both = run_with_cache(model, torch.cat([batch.clean_ids, batch.corr_ids]))
+    B = batch.size
+    clean = ForwardCache(both.resid_mid[:, :B], both.mlp_out[:, :B], both.last_logits[:B])
+    corr = ForwardCache(both.resid_mid[:, B:], both.mlp_out[:, B:], both.last_logits[B:])
+    return clean, corr

@@ -1,0 +1,228 @@
+"""Removing occurrences in the real model, many variants per forward (spec §3, §4).
+
+Removing occurrence (l, t, i) subtracts its delta writes ``Δa · W_dec[l][i, s-l]`` from the MLP
+output of every target layer s at position t; downstream everything is recomputed. A *variant*
+is one set of removed occurrences of one prompt. Variants of every prompt of a batch are stacked
+along the batch axis and run together, ``chunk`` at a time.
+
+For circuits it is cheaper to list the *kept* occurrences: removed = all active − kept, so the
+offsets are ``null − kept`` where ``null`` (everything removed) is computed once per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pie_lib.clt.transcoder import CrossLayerTranscoder
+from pie_lib.engine.traces import MetricKind, metric_value, patched_last_logits
+from pie_lib.models.loading import LoadedModel
+from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
+
+
+@dataclass
+class LayerRows:
+    """Decoder rows of the features one batch uses at one source layer.
+
+    Attributes:
+        feats: ``[U]`` sorted unique feature ids; rows: ``[U, n_out, D]``; occ_u: ``[N_l]`` row of
+        each occurrence of this layer; occ_idx: ``[N_l]`` those occurrences' indices in the batch.
+    """
+
+    feats: torch.Tensor
+    rows: torch.Tensor
+    occ_u: torch.Tensor
+    occ_idx: torch.Tensor
+
+
+def gather_rows(clt: CrossLayerTranscoder, occ: Occurrences, dtype: torch.dtype = torch.float32) -> list[LayerRows | None]:
+    """Fetch, once per batch, the decoder rows of every feature with an active occurrence."""
+    out: list[LayerRows | None] = []
+    for layer in range(clt.n_layers):
+        occ_idx = (occ.layer == layer).nonzero().squeeze(-1)
+        if occ_idx.numel() == 0:
+            out.append(None)
+            continue
+        feats, occ_u = torch.unique(occ.feat[occ_idx], return_inverse=True)
+        rows = clt.decoder_rows(layer, feats).to(dtype)
+        out.append(LayerRows(feats, rows, occ_u.to(rows.device), occ_idx))
+    return out
+
+
+@dataclass
+class Variants:
+    """V removal variants (COO). Variant v acts on batch row ``prompt[v]``; entry e puts
+    occurrence ``occ[e]`` into variant ``var[e]`` with weight ``weight[e]`` (1 = fully removed).
+    ``complement[v]`` flips the meaning: the listed occurrences are *kept*, all others removed.
+    """
+
+    prompt: torch.Tensor
+    var: torch.Tensor
+    occ: torch.Tensor
+    complement: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.prompt.numel()
+
+    @staticmethod
+    def concat(parts: list["Variants"]) -> "Variants":
+        shift, vs = 0, []
+        for p in parts:
+            vs.append(p.var + shift)
+            shift += p.n
+        w = None
+        if any(p.weight is not None for p in parts):
+            w = torch.cat([p.weight if p.weight is not None else torch.ones(p.occ.numel()) for p in parts])
+        return Variants(
+            prompt=torch.cat([p.prompt for p in parts]), var=torch.cat(vs), occ=torch.cat([p.occ for p in parts]),
+            complement=torch.cat([p.complement for p in parts]), weight=w,
+        )
+
+    @staticmethod
+    def singles(prompt: torch.Tensor, occ: torch.Tensor) -> "Variants":
+        """One variant per occurrence ``occ[v]`` (removed alone) of prompt ``prompt[v]``."""
+        v = torch.arange(occ.numel())
+        return Variants(prompt, v, occ, torch.zeros(occ.numel(), dtype=torch.bool))
+
+    @staticmethod
+    def from_sets(prompt: torch.Tensor, members: torch.Tensor, complement: bool) -> "Variants":
+        """Variants from a membership mask ``members`` ``[V, N]`` (bool over batch occurrences)."""
+        var, occ = members.nonzero(as_tuple=True)
+        return Variants(prompt, var, occ, torch.full((prompt.numel(),), complement, dtype=torch.bool))
+
+
+@dataclass
+class PatchResult:
+    """Per-variant outcomes: metric ``[V]``, KL(clean || patched) ``[V]``, argmax changed ``[V]``."""
+
+    metric: torch.Tensor
+    kl: torch.Tensor
+    pred_change: torch.Tensor
+
+
+def last_token_kl(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_clean || P_patched) over the vocabulary at the last position, ``[B, V] -> [B]``."""
+    lp = torch.log_softmax(clean_logits.float(), -1)
+    lq = torch.log_softmax(patched_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+
+
+class PatchEvaluator:
+    """Runs removal variants of one batch in the real model.
+
+    Args:
+        model, clt: the model and its CLT.
+        batch: the pairs; occ: their active occurrences; rows: :func:`gather_rows` output.
+        corruption: "corrupted" (Δa = a_clean - a_corr) or "zero" (Δa = a_clean).
+        metric: the behaviour metric m.
+        clean_logits: ``[B, V]`` last-token logits of the clean runs.
+        chunk: variants per forward.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        clt: CrossLayerTranscoder,
+        batch: PairBatch,
+        occ: Occurrences,
+        rows: list[LayerRows | None],
+        corruption: Corruption,
+        metric: MetricKind,
+        clean_logits: torch.Tensor,
+        chunk: int = 64,
+    ) -> None:
+        self.model, self.clt, self.batch, self.occ, self.rows = model, clt, batch, occ, rows
+        self.metric = metric
+        self.delta = occ.delta(corruption)
+        self.clean_logits = clean_logits.float()
+        self.chunk = chunk
+        self._null: torch.Tensor | None = None
+        self.n_forwards = 0
+        dev = self.clean_logits.device
+        self.m_clean = metric_value(self.clean_logits, batch.correct.to(dev), batch.wrong.to(dev), "logit_diff") \
+            if metric == "logit_diff" else None
+
+    # -------------------------------------------------------------- offsets
+    def _offsets(self, var: torch.Tensor, occ_idx: torch.Tensor, weight: torch.Tensor | None, n_var: int) -> torch.Tensor:
+        """Summed delta writes ``[L, n_var, T, D]`` of entries (variant ``var[e]``, occurrence ``occ_idx[e]``)."""
+        L, T = self.clt.n_layers, self.batch.seq_len
+        D = self.clt.d_model
+        out = torch.zeros(L, n_var, T, D, device=self.model.device, dtype=torch.float32)
+        coef = self.delta[occ_idx]
+        if weight is not None:
+            coef = coef * weight.to(coef)
+        layer_of = self.occ.layer[occ_idx]
+        for layer, lr in enumerate(self.rows):
+            if lr is None:
+                continue
+            sel = (layer_of == layer).nonzero().squeeze(-1)
+            if sel.numel() == 0:
+                continue
+            # position of each selected occurrence inside this layer's list -> its decoder row
+            local = torch.searchsorted(lr.occ_idx, occ_idx[sel])
+            u = lr.occ_u[local.to(lr.occ_u.device)]
+            C = torch.zeros(n_var, T, lr.feats.numel(), device=lr.rows.device, dtype=lr.rows.dtype)
+            C.index_put_((var[sel].to(C.device), self.occ.pos[occ_idx[sel]].to(C.device), u), coef[sel].to(C), accumulate=True)
+            n_out = lr.rows.shape[1]
+            w = torch.einsum("vtu,usd->svtd", C, lr.rows)
+            out[layer : layer + n_out] += w.to(out.device, out.dtype)
+        return out
+
+    def null_offsets(self) -> torch.Tensor:
+        """``[L, B, T, D]``: every active occurrence of each prompt removed."""
+        if self._null is None:
+            self._null = self._offsets(self.occ.prompt, torch.arange(len(self.occ)), None, self.batch.size)
+        return self._null
+
+    # -------------------------------------------------------------- forwards
+    def run(self, variants: Variants, extra_offsets: torch.Tensor | None = None) -> PatchResult:
+        """Evaluate every variant; forwards are batched ``chunk`` variants at a time.
+
+        Args:
+            variants: what each variant removes.
+            extra_offsets: optional ``[L, B, T, D]`` added to every variant of prompt b (a shared
+                base state, e.g. ACDC's current removals), by linearity of the offsets.
+        """
+        V = variants.n
+        metric = torch.empty(V)
+        kl = torch.empty(V)
+        change = torch.empty(V, dtype=torch.bool)
+        order = torch.argsort(variants.var, stable=True)
+        var_sorted = variants.var[order]
+        for start in range(0, V, self.chunk):
+            stop = min(V, start + self.chunk)
+            lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
+            ent = order[lo:hi]
+            w = variants.weight[ent] if variants.weight is not None else None
+            off = self._offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start)
+            prompts = variants.prompt[start:stop]
+            comp = variants.complement[start:stop]
+            if comp.any():
+                null = self.null_offsets()[:, prompts.to(self.model.device)]
+                c = comp.to(off.device)[None, :, None, None]
+                off = torch.where(c, null - off, off)
+            if extra_offsets is not None:
+                off = off + extra_offsets[:, prompts.to(extra_offsets.device)].to(off)
+            ids = self.batch.clean_ids[prompts]
+            logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
+            self.n_forwards += 1
+            logits = logits.float()
+            clean = self.clean_logits[prompts.to(self.clean_logits.device)]
+            kl[start:stop] = last_token_kl(clean, logits).cpu()
+            change[start:stop] = (clean.argmax(-1) != logits.argmax(-1)).cpu()
+            if self.metric == "logit_diff":
+                metric[start:stop] = metric_value(logits, self.batch.correct[prompts], self.batch.wrong[prompts], "logit_diff").cpu()
+            else:
+                metric[start:stop] = lse.float().cpu()
+        return PatchResult(metric, kl, change)
+
+    def clean_metric(self) -> torch.Tensor:
+        """``[B]`` metric of the unpatched clean runs."""
+        if self.m_clean is None:  # logsumexp needs every position: run the zero-offset forward once
+            res = self.run(Variants(torch.arange(self.batch.size), torch.zeros(0, dtype=torch.long),
+                                    torch.zeros(0, dtype=torch.long), torch.zeros(self.batch.size, dtype=torch.bool)))
+            self.m_clean = res.metric
+        return self.m_clean.cpu().float()

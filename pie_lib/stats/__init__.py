@@ -1,0 +1,50 @@
+"""Statistics for PIE results tables (one row per method, K, seed, prompt): what the reviewers
+asked for (spec §9) -- multi-seed mean ± std with bootstrap CIs, paired tests, TOST equivalence
+behind "K=50 matches K=75", the effective budget with its CI, and the matched-seed ablation of
+the reranking. Everything is seeded and vectorised; imports are lazy.
+
+- :func:`summarize` -- mean / std / median / bootstrap CI per (method, K), per-seed means.
+- :func:`paired_test` -- paired t, Wilcoxon, bootstrap CI, Cohen's dz of two (method, K) cells.
+- :func:`tost` -- two one-sided paired t-tests for equivalence within ±margin.
+- :func:`effective_budget` -- K at which a baseline's mean curve matches the reference at k_ref.
+- :func:`matched_seed_ablation` -- ablated - full per K and seed (the reranking's effect alone).
+- :func:`effective_budget_table`, :func:`format_effective_budget_table`, :func:`to_markdown`,
+  :func:`to_latex` -- the report table.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "summarize": "pie_lib.stats.bootstrap",
+    "bootstrap_indices": "pie_lib.stats.bootstrap",
+    "bootstrap_means": "pie_lib.stats.bootstrap",
+    "bootstrap_mean_ci": "pie_lib.stats.bootstrap",
+    "percentile_ci": "pie_lib.stats.bootstrap",
+    "BootstrapCI": "pie_lib.stats.bootstrap",
+    "paired_test": "pie_lib.stats.paired",
+    "PairedTestResult": "pie_lib.stats.paired",
+    "matched_seed_ablation": "pie_lib.stats.paired",
+    "tost": "pie_lib.stats.equivalence",
+    "TostResult": "pie_lib.stats.equivalence",
+    "effective_budget": "pie_lib.stats.budget",
+    "EffectiveBudgetResult": "pie_lib.stats.budget",
+    "crossing_budget": "pie_lib.stats.budget",
+    "cost_saving": "pie_lib.stats.budget",
+    "effective_budget_table": "pie_lib.stats.tables",
+    "format_effective_budget_table": "pie_lib.stats.tables",
+    "to_markdown": "pie_lib.stats.tables",
+    "to_latex": "pie_lib.stats.tables",
+    "MissingResultError": "pie_lib.stats._frame",
+    "UnpairedDataError": "pie_lib.stats._frame",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pie_lib.stats' has no attribute {name!r}")

@@ -1,0 +1,181 @@
+"""The Effective-Budget table (one row per baseline) and dependency-free Markdown / LaTeX writers.
+
+``tabulate`` is not a dependency, so :func:`to_markdown` and :func:`to_latex` format any
+DataFrame themselves (plain strings; floats with a fixed number of digits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pie_lib.stats.budget import Better, effective_budget
+from pie_lib.stats.equivalence import tost
+from pie_lib.stats.paired import paired_test
+
+
+def effective_budget_table(
+    df: pd.DataFrame,
+    reference: str = "fap-synergy",
+    k_ref: int = 50,
+    k_cmp: int | None = 75,
+    baselines: Sequence[str] | None = None,
+    value: str = "kl",
+    margin: float = 0.05,
+    relative: bool = False,
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    ks: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    better: Better = "lower",
+) -> pd.DataFrame:
+    """Tidy numeric table behind the claim "reference at k_ref matches the baselines at k_cmp".
+
+    One row per baseline. K_eff columns come from :func:`effective_budget`; the comparison at
+    ``k_cmp`` pairs ``(reference, k_ref)`` with ``(baseline, k_cmp)`` over all (seed, prompt)
+    units: :func:`tost` (difference = reference - baseline, bounds ±margin) and
+    :func:`paired_test`. ``k_cmp=None`` leaves those columns out.
+
+    Returns:
+        DataFrame ``baseline, n_seeds, k_eff_mean, k_eff_std, k_eff, k_eff_ci_low, k_eff_ci_high,
+        frac_no_crossing, cost_saving, cost_saving_ci_low, cost_saving_ci_high, k_min, k_max,
+        ref_mean`` and, with ``k_cmp``: ``cmp_mean, mean_diff, tost_delta, tost_p, equivalent,
+        paired_p_t, paired_p_wilcoxon``. ``k_eff`` is the pooled estimate; inf = beyond the
+        ladder, NaN = below it. ``attrs`` records the settings (used by
+        :func:`format_effective_budget_table`).
+    """
+    eb = effective_budget(df, reference, k_ref, baselines, value, n_boot, seed, level, ks, seeds, better)
+    s = eb.summary
+    out = pd.DataFrame(
+        {
+            "baseline": s["baseline"],
+            "n_seeds": s["n_seeds"],
+            "k_eff_mean": s["k_eff_mean"],
+            "k_eff_std": s["k_eff_std"],
+            "k_eff": s["k_eff"],
+            "k_eff_ci_low": s["ci_low"],
+            "k_eff_ci_high": s["ci_high"],
+            "frac_no_crossing": s["frac_no_crossing"],
+            "cost_saving": s["cost_saving"],
+            "cost_saving_ci_low": s["saving_ci_low"],
+            "cost_saving_ci_high": s["saving_ci_high"],
+            "k_min": s["k_min"],
+            "k_max": s["k_max"],
+            "ref_mean": s["ref_mean"],
+        }
+    )
+    if k_cmp is not None:
+        cmp = []
+        for base in out["baseline"]:
+            t = tost(df, (reference, k_ref), (base, k_cmp), value, margin, relative, alpha, seeds)
+            p = paired_test(df, (reference, k_ref), (base, k_cmp), value, seeds, n_boot, seed, level)
+            cmp.append(
+                {"cmp_mean": t.mean_b, "mean_diff": t.mean_diff, "tost_delta": t.delta, "tost_p": t.p_value,
+                 "equivalent": t.equivalent, "paired_p_t": p.p_t, "paired_p_wilcoxon": p.p_wilcoxon}
+            )
+        out = pd.concat([out, pd.DataFrame(cmp, index=out.index)], axis=1)
+    out.attrs.update(reference=reference, k_ref=k_ref, k_cmp=k_cmp, value=value, margin=margin,
+                     relative=relative, alpha=alpha, level=level, n_boot=n_boot, seed=seed)
+    return out
+
+
+def _k(x: float, k_min: float, k_max: float, digits: int) -> str:
+    if np.isposinf(x):
+        return f"> {k_max:g}"
+    if np.isnan(x):
+        return f"< {k_min:g}"
+    return f"{x:.{digits}f}"
+
+
+def _pct(x: float, bound: str | None = None) -> str:
+    return bound if (np.isnan(x) and bound) else ("–" if np.isnan(x) else f"{100 * x:.0f}%")
+
+
+def _p(x: float) -> str:
+    return "–" if np.isnan(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
+
+
+def format_effective_budget_table(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """Human-readable strings of :func:`effective_budget_table` (one column per reported quantity).
+
+    K values beyond the ladder print as ``> K_max``, below it as ``< K_min``; savings print as
+    percentages, bounded (``> x%``) when K_eff is beyond the ladder.
+    """
+    a = table.attrs
+    k_ref, k_cmp = a.get("k_ref", "k_ref"), a.get("k_cmp")
+    lvl = f"{100 * a.get('level', 0.95):.0f}%"
+    rows = []
+    for _, r in table.iterrows():
+        kmin, kmax = r["k_min"], r["k_max"]
+        floor = f"> {100 * (1 - k_ref / kmax):.0f}%" if isinstance(k_ref, (int, float)) else None
+        ceil = f"< {100 * (1 - k_ref / kmin):.0f}%" if isinstance(k_ref, (int, float)) else None
+
+        def sv(x: float, k: float) -> str:
+            return _pct(x, floor if np.isposinf(k) else ceil)
+
+        mean = _k(r["k_eff_mean"], kmin, kmax, digits)
+        row = {
+            "Baseline": r["baseline"],
+            "K_eff (seeds)": mean if np.isnan(r["k_eff_std"]) or not np.isfinite(r["k_eff_mean"])
+            else f"{mean} ± {r['k_eff_std']:.{digits}f}",
+            f"K_eff pooled [{lvl} CI]": f"{_k(r['k_eff'], kmin, kmax, digits)} "
+            f"[{_k(r['k_eff_ci_low'], kmin, kmax, digits)}, {_k(r['k_eff_ci_high'], kmin, kmax, digits)}]",
+            "No crossing": f"{100 * r['frac_no_crossing']:.0f}%",
+            f"Cost saving [{lvl} CI]": f"{sv(r['cost_saving'], r['k_eff'])} "
+            f"[{sv(r['cost_saving_ci_low'], r['k_eff_ci_low'])}, {sv(r['cost_saving_ci_high'], r['k_eff_ci_high'])}]",
+        }
+        if k_cmp is not None and "tost_p" in table.columns:
+            row[f"TOST p (@{k_ref} vs @{k_cmp})"] = _p(r["tost_p"])
+            row["Equivalent"] = "yes" if r["equivalent"] else "no"
+            row["Paired p (t / W)"] = f"{_p(r['paired_p_t'])} / {_p(r['paired_p_wilcoxon'])}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cells(df: pd.DataFrame, floatfmt: str, index: bool) -> tuple[list[str], list[list[str]]]:
+    def fmt(v: object) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "–" if math.isnan(v) else (("inf" if v > 0 else "-inf") if math.isinf(v) else format(v, floatfmt))
+        return "" if v is pd.NA or v is None else str(v)
+
+    head = ([str(df.index.name or "")] if index else []) + [str(c) for c in df.columns]
+    body = [([fmt(i)] if index else []) + [fmt(v) for v in row] for i, row in zip(df.index, df.itertuples(index=False))]
+    return head, body
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False) -> str:
+    """A GitHub-flavoured Markdown table of ``df`` (no ``tabulate`` needed); ``|`` is escaped."""
+    head, body = _cells(df, floatfmt, index)
+    esc = [[c.replace("|", "\\|") for c in row] for row in [head, *body]]
+    width = [max(3, *(len(row[j]) for row in esc)) for j in range(len(head))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, width)) + " |"  # noqa: E731
+    return "\n".join([line(esc[0]), "| " + " | ".join("-" * w for w in width) + " |", *map(line, esc[1:])]) + "\n"
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+          "±": r"$\pm$", "≤": r"$\le$", "≥": r"$\ge$", "<": r"$<$", ">": r"$>$", "–": "--"}
+
+
+def _tex(s: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in s)
+
+
+def to_latex(
+    df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False, caption: str | None = None, label: str | None = None
+) -> str:
+    """A booktabs ``tabular`` of ``df`` (special characters escaped; ± ≤ ≥ < > as math)."""
+    head, body = _cells(df, floatfmt, index)
+    lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(map(_tex, head)) + r" \\",
+             r"\midrule", *(" & ".join(map(_tex, row)) + r" \\" for row in body), r"\bottomrule", r"\end{tabular}"]
+    if caption or label:
+        inner = [r"\begin{table}[t]", r"\centering", *lines]
+        inner += [rf"\caption{{{_tex(caption)}}}"] if caption else []
+        inner += [rf"\label{{{label}}}"] if label else []
+        lines = [*inner, r"\end{table}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""Crash-safe result files: append-only JSONL for rows as they finish, atomic rewrites otherwise.
+
+A kill can interrupt an append mid-line; readers drop an incomplete *last* line (it was never
+acknowledged as finished) and the next append first truncates it away. Whole files (parquet,
+json) are written to a temp file and renamed into place, so they are either old or new, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from pie_lib.errors import DataFormatError
+
+
+def _clean_tail(path: Path) -> None:
+    """Cut an unterminated last line (left by a kill mid-append)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        data = fh.seek(0) or fh.read()
+        cut = data.rfind(b"\n") + 1
+        fh.truncate(cut)
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Append rows as one write, flushed and fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_tail(path)
+    payload = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+    if not payload:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read rows; an incomplete last line is ignored, a malformed line elsewhere is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    complete = lines[:-1]  # the text after the last newline is incomplete (or empty)
+    rows = []
+    for i, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{path}:{i}: corrupt line ({exc.msg}); delete the file to recompute it") from None
+    return rows
+
+
+def write_atomic(path: str | os.PathLike, writer) -> Path:
+    """Call ``writer(tmp_path)`` then rename the temp file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    return write_atomic(path, lambda p: df.to_parquet(p, index=False))
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    return write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_jsonable)))
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
