@@ -109,6 +109,18 @@ class LoadedModel:
             )
 
 
+def _nnsight_class():
+    """nnsight >= 0.8 names it TransformersModel (LanguageModel is deprecated there)."""
+    try:
+        from nnsight.modeling.transformers import TransformersModel
+
+        return lambda *a, **kw: TransformersModel(*a, task="text-generation", **kw)
+    except ImportError:  # pragma: no cover - older nnsight
+        from nnsight import LanguageModel
+
+        return LanguageModel
+
+
 def _looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not Path(s).exists()
 
@@ -130,8 +142,9 @@ def load_model(
     Returns:
         A :class:`LoadedModel`. Unknown architectures raise ``UnknownArchitectureError``.
     """
-    from nnsight import LanguageModel
     from transformers import AutoConfig
+
+    LanguageModel = _nnsight_class()
 
     name = str(name_or_path)
     if device is None:
@@ -167,8 +180,7 @@ def load_model(
 
 def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str = "in-memory", remote: Remote = False) -> LoadedModel:
     """Wrap an already-built ``transformers`` model (tests, notebooks building tiny models)."""
-    from nnsight import LanguageModel
-
+    LanguageModel = _nnsight_class()
     arch = arch_for(hf_model)
     lm = LanguageModel(hf_model.eval(), tokenizer=tokenizer)
     return LoadedModel(lm=lm, arch=arch, tokenizer=tokenizer, name=name, remote=remote)

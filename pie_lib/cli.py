@@ -1,0 +1,168 @@
+"""The ``pie`` command: ``pie prune``, ``pie interpret``, ``pie evaluate``, ``pie toy``.
+
+Bad input ends in a non-zero exit with one line naming the problem and the fix (``PieError``);
+``--traceback`` shows the full stack for debugging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from pie_lib.errors import PieError
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_prune_parser(sub: argparse._SubParsersAction) -> None:
+    from pie_lib.prune.sweep import DEFAULT_LADDER, DEFAULT_METHODS
+
+    p = sub.add_parser("prune", help="score, select and evaluate K-budget circuits (Stage I)",
+                       description="Prune: FAP, FAP-Synergy and baselines over a K ladder and seeds. "
+                                   "Defaults to the embedded toy world.")
+    p.add_argument("--model", default="toy", help="HF folder or hub id; 'toy' or 'toy:gpt2' for the toy world")
+    p.add_argument("--clt", default="toy", help="CLT folder or hub id (circuit-tracer format); 'toy' for the toy world")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="JSONL of pairs (text_clean, text_corr, io_clean, s_clean)")
+    src.add_argument("--task", choices=["ioi", "docstring"], default="ioi", help="generate pairs of this task")
+    p.add_argument("--n", type=int, default=32, help="number of pairs (generated, or first N of --data)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of generated pairs; -1 = each sweep seed draws its own prompts")
+    p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS), help="comma list; see `pie methods`")
+    p.add_argument("--k", type=_ints, default=list(DEFAULT_LADDER), help="budgets K (occurrences per prompt)")
+    p.add_argument("--k-frac", type=_floats, default=[], help="budgets as fractions of each prompt's active set")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    p.add_argument("--out", default="runs/prune", help="output folder (results.parquet, selections.jsonl)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--remote", action="store_true", help="run every trace on NDIF (nnsight remote execution)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--min-tokens", type=int, default=0, help="skip prompts shorter than this (reference: 8)")
+    p.add_argument("--gradient", choices=["replacement", "full"], default="replacement")
+    p.add_argument("--corruption", choices=["corrupted", "zero"], default="corrupted")
+    p.add_argument("--metric", choices=["logit_diff", "logsumexp"], default="logit_diff")
+    p.add_argument("--chunk", type=int, default=64, help="patch variants per forward")
+    p.add_argument("--lambda-syn", type=float, default=3.0, help="FAP-Synergy λ (paper 3.0; reference script 5.0)")
+    p.add_argument("--boundary-percent", type=float, default=25.0, help="FAP-Synergy bp (paper 25; script 50)")
+    p.add_argument("--boundary-cap", type=int, default=32)
+    p.add_argument("--partners", type=int, default=32, help="partners per refresh")
+    p.add_argument("--partners-per-candidate", type=int, default=8)
+    p.add_argument("--gamma", type=float, default=0.2, help="FAP-Signal γ in (0, 0.5)")
+    p.add_argument("--acdc-tau", type=float, default=None, help="ACDC threshold on KL increase")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_prune)
+
+
+def prune_config_from_args(a: argparse.Namespace):
+    """Build a :class:`PruneConfig` from parsed ``pie prune`` arguments."""
+    from pie_lib.prune.context import ScoringConfig
+    from pie_lib.prune.methods import MethodParams
+    from pie_lib.prune.select import SynergyConfig
+    from pie_lib.prune.sweep import PruneConfig
+
+    return PruneConfig(
+        model=a.model, clt=a.clt, data=a.data, task=a.task, n=a.n,
+        data_seed=None if a.data_seed == -1 else a.data_seed, methods=a.methods, k=a.k, k_frac=a.k_frac,
+        seeds=a.seeds, out=a.out, device=a.device, dtype=a.dtype, remote=a.remote, batch_size=a.batch_size,
+        min_tokens=a.min_tokens,
+        scoring=ScoringConfig(gradient=a.gradient, corruption=a.corruption, metric=a.metric, chunk=a.chunk),
+        params=MethodParams(
+            synergy=SynergyConfig(lam=a.lambda_syn, boundary_percent=a.boundary_percent, boundary_cap=a.boundary_cap,
+                                  partners=a.partners, partners_per_candidate=a.partners_per_candidate),
+            signal_gamma=a.gamma, acdc_tau=a.acdc_tau,
+        ),
+        progress=not a.no_progress,
+    )
+
+
+def _run_prune(a: argparse.Namespace) -> int:
+    from pie_lib.prune.sweep import run_prune
+
+    cfg = prune_config_from_args(a)
+    df = run_prune(cfg)
+    summary = df.groupby(["method", "budget", "k"], sort=True)["kl"].agg(["mean", "std", "count"])
+    print(summary.to_string())
+    print(f"wrote {cfg.out}/results.parquet and {cfg.out}/selections.jsonl ({len(df)} rows)")
+    return 0
+
+
+def _run_methods(a: argparse.Namespace) -> int:
+    from pie_lib.prune.methods import METHODS, _load_related
+
+    _load_related()
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        print(f"{name:22s} {'seeded' if m.seeded else '      '}  {m.description}")
+    return 0
+
+
+def _run_toy(a: argparse.Namespace) -> int:
+    from pie_lib.toy import build
+
+    return int(build.main(a.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pie", description="PIE: Prune, Interpret, Evaluate on CLT features")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_prune_parser(sub)
+    try:
+        from pie_lib.interpret.cli import add_evaluate_parser, add_interpret_parser
+
+        add_interpret_parser(sub)
+        add_evaluate_parser(sub)
+    except ImportError as exc:  # pragma: no cover - only while the package is incomplete
+        logging.getLogger(__name__).debug("interpret/evaluate unavailable: %s", exc)
+    m = sub.add_parser("methods", help="list the circuit-discovery methods")
+    m.set_defaults(func=_run_methods)
+    t = sub.add_parser("toy", help="rebuild the embedded toy world (python -m pie_lib.toy.build)")
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_run_toy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except PieError as exc:
+        if args.traceback:
+            raise
+        print(f"pie {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        if args.traceback:
+            raise
+        print(f"pie {args.command}: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pie {args.command}: interrupted; finished rows are saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
