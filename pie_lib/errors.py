@@ -33,3 +33,15 @@ class ConfigMismatchError(PieError):
 
 class WeightsUnavailableError(PieError):
     """Model or CLT weights cannot be found locally or fetched from the hub."""
+
+
+class LLMConfigError(PieError):
+    """An LLM backend is misconfigured (no model name, no API key, unknown backend)."""
+
+
+class LLMRequestError(PieError):
+    """An LLM request failed for good (after retries); the message never contains the API key."""
+
+
+class MissingDependencyError(PieError):
+    """An optional package (datasets, openai...) is needed for this and is not installed."""

@@ -1,0 +1,423 @@
+"""Stage III, Evaluate: FADE-style scores of every description (spec §8).
+
+For each described feature:
+
+1. **Clarity** -- the generator writes texts expressing the description; their activations
+   (value at the token of largest |activation|, BOS excluded) against the activations of every
+   natural corpus context: ``|gini|``.
+2. **Responsiveness / Purity** -- natural contexts sampled per the protocol are rated 0/1/2;
+   ``|gini|`` and average precision of activation for rated-2 versus rated-0 samples.
+3. **Faithfulness** -- the feature is steered (factors x its max natural |activation| x its
+   decoder rows added to the MLP outputs of its target layers, all positions; greedy decoding)
+   from natural prompts; continuations are rated; ``max(max_f p2(f) - p2(0), 0) / (1 - p2(0))``.
+
+Protocols: ``fade`` (FADE's defaults: ~500 rated samples, 10% top + 4 percentile bins, 15
+generation calls, 50 prompts x 30 tokens, faithfulness only when clarity and responsiveness are
+>= 0.5) and ``pie`` (the PIE reference's lighter version: 10 top + 10 random samples rated, 5
+generated texts; it reports no faithfulness, so ours -- 10 prompts x 16 tokens, no gate -- is our
+addition). Whether faithfulness was computed, and why not, is in ``faithfulness_status``.
+
+Work is resumable: every finished feature is written to ``fade_<protocol>/rows/`` at once; a
+feature whose LLM requests failed is marked ``request_failed`` and retried by a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pie_lib.errors import DataFormatError, LLMRequestError
+from pie_lib.fade.judges import ConceptGenerator, Rater
+from pie_lib.fade.metrics import clarity as clarity_score
+from pie_lib.fade.metrics import faithfulness_score, responsiveness_purity
+from pie_lib.fade.sampling import FADE_PERCENTILES, fade_sample, pie_sample
+from pie_lib.fade.steering import steered_generate
+from pie_lib.interpret.corpus import CorpusConfig, make_contexts
+from pie_lib.interpret.examples import (
+    ActivationStore, FeatureKey, encode_features, features_by_layer, pad_batch, pad_id_of, write_json_atomic,
+    write_parquet_atomic,
+)
+from pie_lib.interpret.pipeline import _check_same_config, collect_rows, resolve_world
+from pie_lib.llm import LLMConfig, Usage, make_chat
+
+log = logging.getLogger("pie_lib.fade")
+
+ProtocolName = Literal["fade", "pie"]
+
+FADE_COLUMNS = [
+    "layer", "feature", "description", "clarity", "responsiveness", "purity", "faithfulness", "faithfulness_status",
+    "n_rated", "n_rated_0", "n_rated_1", "n_rated_2", "n_unrated", "n_generated", "n_natural", "parse_failures",
+    "calls", "prompt_tokens", "completion_tokens", "cache_hits", "protocol", "backend", "llm_model", "max_act",
+    "status", "error", "p2_by_factor",
+]
+
+
+@dataclass
+class ProtocolConfig:
+    """One evaluation protocol. Build with :meth:`named` ("fade" or "pie") and adjust fields.
+
+    Attributes:
+        sampling: "stratified" (FADE: ``n_samples``, ``top_fraction`` from the top, the rest over
+            ``percentiles`` bins) or "top_random" (``n_top`` + ``n_random``).
+        n_generation_calls, n_per_generation, n_generated: generator requests, texts asked per
+            request, texts kept (None: all unique).
+        rating_batch_size, max_failed_retries: rater settings (FADE: 15 texts / call, 1 re-ask).
+        factors: steering factors (x the max natural |activation|); 0 is the unsteered baseline.
+        n_steer_prompts, steer_prompt_tokens, gen_tokens: faithfulness prompts (natural contexts
+            cut to one length, BOS included) and continuation length.
+        faithfulness_gate: compute faithfulness only when clarity and responsiveness reach it
+            (None: always).
+    """
+
+    name: str = "pie"
+    sampling: Literal["stratified", "top_random"] = "top_random"
+    n_samples: int = 500
+    top_fraction: float = 0.1
+    percentiles: tuple[int, ...] = FADE_PERCENTILES
+    n_top: int = 10
+    n_random: int = 10
+    n_generation_calls: int = 1
+    n_per_generation: int = 5
+    n_generated: int | None = 5
+    rating_batch_size: int = 15
+    max_failed_retries: int = 1
+    factors: tuple[float, ...] = (-50, -10, -1, 0, 1, 10, 50)
+    n_steer_prompts: int = 10
+    steer_prompt_tokens: int = 8
+    gen_tokens: int = 16
+    faithfulness_gate: float | None = None
+    generate_temperature: float = 0.7
+    rate_temperature: float = 0.0
+    seed: int = 0
+    features_per_chunk: int = 8
+    steer_batch_size: int = 64
+    text_batch_size: int = 32
+    ctx_len: int = 64
+
+    @classmethod
+    def named(cls, name: ProtocolName | str) -> "ProtocolConfig":
+        if name == "pie":
+            return cls()
+        if name == "fade":
+            return cls(name="fade", sampling="stratified", n_samples=500, top_fraction=0.1, n_generation_calls=15,
+                       n_per_generation=10, n_generated=None, n_steer_prompts=50, steer_prompt_tokens=16, gen_tokens=30,
+                       faithfulness_gate=0.5)
+        raise DataFormatError(f"unknown protocol {name!r}; use 'pie' or 'fade'")
+
+
+@dataclass
+class _FeatureState:
+    """Working state of one feature while it is evaluated."""
+
+    layer: int
+    feature: int
+    description: str | None
+    max_act: float
+    usage: Usage = field(default_factory=Usage)
+    parse_failures: int = 0
+    generated: list[str] = field(default_factory=list)
+    natural_idx: np.ndarray | None = None
+    ratings: np.ndarray | None = None
+    error: str | None = None
+    row: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- activations of texts
+def text_activations(model: Any, clt: Any, token_lists: Sequence[Sequence[int]], keys: Sequence[FeatureKey],
+                     batch_size: int = 32) -> np.ndarray:
+    """Activation of feature ``keys[i]`` on text ``token_lists[i]``: the value at its token of
+    largest |activation|, BOS excluded.
+
+    One ``run_with_cache`` per batch and one restricted encode per source layer in the batch.
+
+    Returns:
+        ``[n]`` float64.
+    """
+    from pie_lib.engine.traces import run_with_cache
+
+    out = np.zeros(len(token_lists), dtype=np.float64)
+    pad = pad_id_of(model.tokenizer)
+    for lo in range(0, len(token_lists), batch_size):
+        toks, ks = token_lists[lo : lo + batch_size], keys[lo : lo + batch_size]
+        ids, valid = pad_batch(toks, pad)
+        cache = run_with_cache(model, ids)
+        for layer, feats in features_by_layer(ks).items():
+            rows = torch.tensor([i for i, (l, _) in enumerate(ks) if l == layer])
+            col_of = {int(f): j for j, f in enumerate(feats.tolist())}
+            cols = torch.tensor([col_of[int(ks[i][1])] for i in rows.tolist()])
+            acts = encode_features(clt, cache.resid_mid[layer][rows], layer, feats).float().cpu()  # [r, T, U]
+            vals = acts[torch.arange(len(rows)), :, cols] * valid[rows]  # [r, T]
+            best = vals.abs().argmax(dim=1)
+            out[lo + rows.numpy()] = vals[torch.arange(len(rows)), best].numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- evaluate
+def _resolve_descriptions(descriptions: str | os.PathLike | pd.DataFrame) -> tuple[pd.DataFrame, Path | None]:
+    if isinstance(descriptions, pd.DataFrame):
+        return descriptions, None
+    path = Path(descriptions)
+    if path.is_dir():
+        path = path / "descriptions.parquet"
+    if not path.exists():
+        raise DataFormatError(f"descriptions file {path} does not exist; run `pie interpret` first")
+    return pd.read_parquet(path), path.parent
+
+
+def evaluate(
+    descriptions: str | os.PathLike | pd.DataFrame,
+    *,
+    protocol: ProtocolName | ProtocolConfig = "pie",
+    backend: str | None = None,
+    llm: LLMConfig | None = None,
+    model: Any = None,
+    clt: Any = None,
+    device: str | None = None,
+    remote: bool | str | None = None,
+    examples: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    max_features: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """FADE scores of every description.
+
+    Args:
+        descriptions: ``descriptions.parquet`` of ``pie interpret`` (or its folder, or the table).
+        protocol: "pie" (default), "fade", or a :class:`ProtocolConfig`.
+        backend, llm: generator / rater backend (default offline; the API key comes from the
+            environment and is never written).
+        model, clt, device, remote: default: those recorded by ``pie interpret`` next to the
+            descriptions (``interpret_config.json``).
+        examples: the activation store folder (default ``<descriptions folder>/examples``).
+        out: output folder (default: the descriptions' folder).
+    Returns:
+        One row per feature with columns :data:`FADE_COLUMNS` (also written to
+        ``out/fade_<protocol>.parquet``).
+    """
+    table, where = _resolve_descriptions(descriptions)
+    pc = protocol if isinstance(protocol, ProtocolConfig) else ProtocolConfig.named(protocol)
+    run_cfg: dict = {}
+    if where is not None and (where / "interpret_config.json").exists():
+        run_cfg = json.loads((where / "interpret_config.json").read_text())
+    store_dir = Path(examples) if examples is not None else (where / "examples" if where is not None else None)
+    if store_dir is None:
+        raise DataFormatError("evaluate needs the activation store of `pie interpret`: pass examples=<out>/examples")
+    store = ActivationStore(store_dir)
+    out = Path(out) if out is not None else (where or Path("pie_out/evaluate"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows_dir = out / f"fade_{pc.name}" / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out / f"fade_{pc.name}" / "config.json", {"protocol": asdict(pc)})
+    llm_cfg = replace(llm or LLMConfig())  # a copy: the caller's config is not modified
+    if backend is not None:
+        llm_cfg.backend = backend  # type: ignore[assignment]
+    if llm_cfg.backend != "offline" and llm_cfg.cache_dir is None:
+        llm_cfg.cache_dir = out / "llm_cache"
+    llm_cfg = llm_cfg.resolved()
+    chat = make_chat(llm_cfg)
+    generator = ConceptGenerator(chat, temperature=pc.generate_temperature)
+    rater = Rater(chat, temperature=pc.rate_temperature, batch_size=pc.rating_batch_size,
+                  max_failed_retries=pc.max_failed_retries)
+
+    if remote is None:
+        remote = run_cfg.get("remote", False)
+    lm, tc, _ = resolve_world(model if model is not None else run_cfg.get("model"),
+                              clt if clt is not None else run_cfg.get("clt"),
+                              device or (run_cfg.get("device") if model is None else None), remote)
+
+    if max_features is not None:
+        table = table.head(max_features)
+    keys = [(int(l), int(f)) for l, f in zip(table["layer"], table["feature"])]
+    stats = store.feature_stats(keys).set_index(["layer", "feature"])
+
+    states: list[_FeatureState] = []
+    for (l, f), desc in zip(keys, table["description"]):
+        p = rows_dir / f"L{l}_F{f}.json"
+        if p.exists():
+            r = json.loads(p.read_text())
+            if r["status"] != "request_failed" and r["description"] == desc and r["backend"] == chat.kind \
+                    and r["llm_model"] == chat.model:
+                continue
+        desc = None if desc is None or (isinstance(desc, float) and math.isnan(desc)) else str(desc)
+        states.append(_FeatureState(l, f, desc, float(stats.loc[(l, f), "max_act"])))
+
+    natural = {}  # (l, f) -> [N] activations of every corpus context
+    rng = np.random.default_rng(pc.seed)
+    steer_prompts = _steer_prompts(store, pc, rng)
+    workers = max(1, llm_cfg.workers)
+    bar = tqdm(total=len(states), desc=f"evaluate ({pc.name}, {chat.kind})", disable=not progress, unit="feature")
+    for c0 in range(0, len(states), pc.features_per_chunk):
+        chunk = states[c0 : c0 + pc.features_per_chunk]
+        for s in chunk:
+            natural[(s.layer, s.feature)] = store.dense_acts(s.layer, s.feature)
+        live = [s for s in chunk if s.description is not None and s.max_act != 0]
+        # --- LLM: concept texts and natural-sample ratings (one thread per feature)
+        _parallel(workers, lambda s: _judge_natural(s, store, natural[(s.layer, s.feature)], pc, generator, rater), live)
+        live = [s for s in live if s.error is None]
+        # --- model: clarity activations of the generated texts, all features of the chunk at once
+        _score_activation_metrics(lm, tc, live, natural, pc)
+        # --- faithfulness for the features that pass the gate
+        steer = [s for s in live if _gate(s, pc) == "computed"]
+        if steer:
+            _faithfulness(lm, tc, steer, steer_prompts, pc, rater, workers, progress)
+        for s in chunk:
+            row = _final_row(s, pc, chat)
+            write_json_atomic(row, rows_dir / f"L{s.layer}_F{s.feature}.json")
+            natural.pop((s.layer, s.feature), None)  # [N] per feature: keep only the chunk's in memory
+        bar.update(len(chunk))
+    bar.close()
+    n_failed = sum(s.error is not None for s in states)
+    if n_failed:
+        log.warning("%d of %d features hit LLM request failures; rerun to retry them", n_failed, len(states))
+    res = collect_rows(rows_dir, keys)
+    res = res[FADE_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)
+    write_parquet_atomic(res, out / f"fade_{pc.name}.parquet")
+    return res
+
+
+def _parallel(workers: int, fn: Callable[[Any], None], items: list) -> None:
+    if workers > 1 and len(items) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(fn, items))
+    else:
+        for it in items:
+            fn(it)
+
+
+def _judge_natural(s: _FeatureState, store: ActivationStore, acts: np.ndarray, pc: ProtocolConfig,
+                   generator: ConceptGenerator, rater: Rater) -> None:
+    """Generator texts and ratings of the sampled natural contexts for one feature."""
+    rng = np.random.default_rng([pc.seed, s.layer, s.feature])
+    if pc.sampling == "stratified":
+        idx = fade_sample(acts, pc.n_samples, pc.top_fraction, pc.percentiles, rng)
+    else:
+        idx = pie_sample(acts, pc.n_top, pc.n_random, rng)
+    s.natural_idx = idx
+    texts = store.contexts["text"].to_numpy()[idx].tolist()
+    try:
+        g = generator.generate(str(s.description), pc.n_generation_calls, pc.n_per_generation, pc.n_generated)
+        s.usage, s.parse_failures, s.generated = s.usage + g.usage, s.parse_failures + g.parse_failures, g.texts
+        r = rater.rate(str(s.description), texts)
+        s.usage, s.parse_failures, s.ratings = s.usage + r.usage, s.parse_failures + r.parse_failures, r.ratings
+    except LLMRequestError as exc:
+        s.error = str(exc)
+
+
+def _tokens(model: Any, texts: list[str], ctx_len: int) -> list[list[int]]:
+    cfg = CorpusConfig(ctx_len=ctx_len, max_chunks_per_doc=1)
+    ctxs = make_contexts(model.tokenizer, texts, cfg)
+    return [c.token_ids for c in ctxs]
+
+
+def _score_activation_metrics(model: Any, clt: Any, states: list[_FeatureState], natural: dict, pc: ProtocolConfig) -> None:
+    texts, keys, owner = [], [], []
+    for j, s in enumerate(states):
+        toks = _tokens(model, s.generated, pc.ctx_len) if s.generated else []
+        texts += toks
+        keys += [(s.layer, s.feature)] * len(toks)
+        owner += [j] * len(toks)
+    acts = text_activations(model, clt, texts, keys, pc.text_batch_size) if texts else np.zeros(0)
+    owner_arr = np.asarray(owner, dtype=np.int64)
+    for j, s in enumerate(states):
+        nat = natural[(s.layer, s.feature)]
+        syn = acts[owner_arr == j]
+        s.row["n_generated"] = int(len(syn))
+        s.row["clarity"] = clarity_score(nat, syn)
+        assert s.natural_idx is not None and s.ratings is not None
+        resp, pur = responsiveness_purity(nat[s.natural_idx], s.ratings)
+        s.row["responsiveness"], s.row["purity"] = resp, pur
+
+
+def _gate(s: _FeatureState, pc: ProtocolConfig) -> str:
+    if s.description is None:
+        return "not computed: no description"
+    if s.max_act == 0:
+        return "not computed: feature never active on the corpus"
+    if s.error is not None:
+        return "failed: LLM request error"
+    if pc.faithfulness_gate is None:
+        return "computed"
+    c, r = s.row.get("clarity", math.nan), s.row.get("responsiveness", math.nan)
+    if math.isnan(c) or math.isnan(r):
+        return "skipped: clarity or responsiveness undefined (FADE gate)"
+    if c < pc.faithfulness_gate or r < pc.faithfulness_gate:
+        return f"skipped: clarity or responsiveness < {pc.faithfulness_gate:g} (FADE gate)"
+    return "computed"
+
+
+def _steer_prompts(store: ActivationStore, pc: ProtocolConfig, rng: np.random.Generator) -> torch.Tensor:
+    """``[P, T0]`` prompts: random natural contexts cut to one length (BOS included)."""
+    toks = store.contexts["token_ids"].map(list).tolist()
+    lens = np.array([len(t) for t in toks])
+    long_enough = np.flatnonzero(lens >= min(pc.steer_prompt_tokens, lens.max()))
+    pick = rng.choice(long_enough, min(pc.n_steer_prompts, len(long_enough)), replace=False)
+    T0 = int(min(pc.steer_prompt_tokens, lens[pick].min()))
+    return torch.tensor([toks[i][:T0] for i in pick], dtype=torch.long)
+
+
+def _faithfulness(model: Any, clt: Any, states: list[_FeatureState], prompts: torch.Tensor, pc: ProtocolConfig,
+                  rater: Rater, workers: int, progress: bool) -> None:
+    keys = [(s.layer, s.feature) for s in states]
+    scales = [abs(s.max_act) for s in states]
+    gen = steered_generate(model, clt, keys, scales, prompts, pc.factors, pc.gen_tokens, pc.steer_batch_size)  # [U,K,P,G]
+    tok = model.tokenizer
+    U, K, P, _ = gen.shape
+    conts = [[[tok.decode(gen[u, k, p].tolist(), skip_special_tokens=True) for p in range(P)] for k in range(K)]
+             for u in range(U)]
+
+    def rate_one(j: int) -> None:
+        s = states[j]
+        flat = [t for k in range(K) for t in conts[j][k]]
+        try:
+            r = rater.rate(str(s.description), flat)
+        except LLMRequestError as exc:
+            s.error = str(exc)
+            return
+        s.usage, s.parse_failures = s.usage + r.usage, s.parse_failures + r.parse_failures
+        ratings = r.ratings.reshape(K, P)
+        p2 = {}
+        for k, f in enumerate(pc.factors):
+            rated = ratings[k][ratings[k] >= 0]
+            p2[float(f)] = float((rated == 2).mean()) if len(rated) else math.nan
+        p2 = {f: v for f, v in p2.items() if not math.isnan(v)}
+        s.row["faithfulness"] = faithfulness_score(p2)
+        s.row["p2_by_factor"] = json.dumps(p2)
+
+    _parallel(workers, rate_one, list(range(len(states))))
+
+
+def _final_row(s: _FeatureState, pc: ProtocolConfig, chat: Any) -> dict:
+    ratings = s.ratings if s.ratings is not None else np.zeros(0, dtype=np.int64)
+    status = "ok" if s.error is None else "request_failed"
+    if s.description is None:
+        status = "no_description"
+    elif s.max_act == 0:
+        status = "never_active"
+    fstatus = _gate(s, pc)
+    if fstatus == "computed" and "faithfulness" not in s.row:
+        fstatus = "failed: LLM request error" if s.error else "not computed: no rated continuation"
+    nan = math.nan
+    return {
+        "layer": s.layer, "feature": s.feature, "description": s.description,
+        "clarity": s.row.get("clarity", nan), "responsiveness": s.row.get("responsiveness", nan),
+        "purity": s.row.get("purity", nan), "faithfulness": s.row.get("faithfulness", nan) if s.error is None else nan,
+        "faithfulness_status": fstatus,
+        "n_rated": int((ratings >= 0).sum()), "n_rated_0": int((ratings == 0).sum()), "n_rated_1": int((ratings == 1).sum()),
+        "n_rated_2": int((ratings == 2).sum()), "n_unrated": int((ratings < 0).sum()),
+        "n_generated": int(s.row.get("n_generated", 0)), "n_natural": int(len(s.natural_idx)) if s.natural_idx is not None else 0,
+        "parse_failures": s.parse_failures, **s.usage.to_dict(), "protocol": pc.name, "backend": chat.kind,
+        "llm_model": chat.model, "max_act": s.max_act, "status": status, "error": s.error,
+        "p2_by_factor": s.row.get("p2_by_factor"),
+    }

@@ -1,0 +1,294 @@
+"""Stage II, Interpret: selections in, ``descriptions.parquet`` out.
+
+Flow of :func:`interpret`: read the selections written by ``pie prune`` -> the union over prompts
+of kept (layer, feature) pairs -> activation examples over a corpus (:mod:`.examples`) -> one
+description per feature (:mod:`.explainers`). Every finished feature is written at once
+(``descriptions/rows/L<layer>_F<feature>.json``), so an interrupted or failing run loses nothing
+and a rerun only does what is missing (features whose request failed are retried).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pie_lib.errors import ConfigMismatchError, DataFormatError, WeightsUnavailableError
+from pie_lib.interpret.corpus import CorpusConfig
+from pie_lib.interpret.examples import ActivationStore, ExampleConfig, FeatureKey, write_json_atomic, write_parquet_atomic
+from pie_lib.interpret.explainers import ExplainConfig, Explanation, make_explainer
+from pie_lib.llm import LLMConfig
+
+log = logging.getLogger("pie_lib.interpret")
+
+DESCRIPTION_COLUMNS = [
+    "layer", "feature", "description", "status", "parse_failures", "calls", "prompt_tokens", "completion_tokens",
+    "cache_hits", "backend", "llm_model", "n_examples", "max_act", "n_active", "density", "n_circuits", "error",
+]
+FINAL_STATUSES = ("ok", "parse_failed", "no_examples")
+
+
+@dataclass
+class InterpretConfig:
+    """Everything :func:`interpret` can be told (the CLI flags map onto these fields)."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    examples: ExampleConfig = field(default_factory=ExampleConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    max_features: int | None = None  # explain only the first N features (smoke runs)
+
+
+# --------------------------------------------------------------------------- selections
+def read_selections(path: str | os.PathLike) -> list[dict]:
+    """Read a ``selections.jsonl`` written by ``pie prune``.
+
+    Each line: ``{"method", "k", "seed", "prompt_idx", "n_active", "occurrences": [[layer,
+    position, feature], ...], "scores": [...]}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(f"selections file {path} does not exist; run `pie prune` first or pass the right --selections")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON") from None
+            occ = obj.get("occurrences") if isinstance(obj, dict) else None
+            if not isinstance(occ, list) or any(not isinstance(o, (list, tuple)) or len(o) != 3 for o in occ):
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected an object with \"occurrences\": [[layer, position, feature], ...]"
+                )
+            out.append(obj)
+    return out
+
+
+def features_from_selections(
+    selections: Sequence[dict] | str | os.PathLike,
+    method: str | None = None,
+    k: int | None = None,
+    seed: int | None = None,
+) -> pd.DataFrame:
+    """The features to explain: the union over prompts of kept (layer, feature) pairs (spec §7).
+
+    Args:
+        selections: the records of :func:`read_selections` (or its path).
+        method, k, seed: keep only records with these values (None: all).
+    Returns:
+        layer, feature, n_circuits (how many selections -- circuits -- contain the feature).
+    """
+    recs = read_selections(selections) if isinstance(selections, (str, os.PathLike)) else list(selections)
+    rows = []
+    for i, r in enumerate(recs):
+        if method is not None and r.get("method") != method:
+            continue
+        if k is not None and int(r.get("k", -1)) != int(k):
+            continue
+        if seed is not None and int(r.get("seed", -1)) != int(seed):
+            continue
+        for layer, _pos, feat in r["occurrences"]:
+            rows.append((int(layer), int(feat), i))
+    if not rows:
+        raise DataFormatError(
+            f"no selections match method={method!r} k={k!r} seed={seed!r}; "
+            f"available: {sorted({(r.get('method'), r.get('k')) for r in recs})}"
+        )
+    df = pd.DataFrame(rows, columns=["layer", "feature", "circuit"]).drop_duplicates()
+    return df.groupby(["layer", "feature"]).size().rename("n_circuits").reset_index()
+
+
+# --------------------------------------------------------------------------- world
+def resolve_world(model: Any = None, clt: Any = None, device: str | None = None, remote: bool | str = False,
+                  arch: str = "llama") -> tuple[Any, Any, dict[str, Any]]:
+    """Load model and CLT (default: the toy world's ``arch``); return them and their identity."""
+    from pie_lib.clt import load_clt
+    from pie_lib.models.loading import LoadedModel, load_model
+
+    if model is None or clt is None:
+        from pie_lib.toy import toy_clt_path, toy_model_path
+
+        if model is None:
+            model = toy_model_path(arch)
+        if clt is None:
+            clt = toy_clt_path(arch)
+        for p in (model, clt):
+            if isinstance(p, Path) and not p.exists():
+                raise WeightsUnavailableError(
+                    f"the toy world is not built ({p} is missing); run `python -m pie_lib.toy.build` "
+                    "or pass --model and --clt"
+                )
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, remote=remote)
+    tc = clt if not isinstance(clt, (str, os.PathLike)) else load_clt(clt, device=str(lm.device))
+    lm.check_clt(tc)
+    identity = {"model": str(model if not isinstance(model, LoadedModel) else model.name),
+                "clt": str(clt) if isinstance(clt, (str, os.PathLike)) else "in-memory"}
+    return lm, tc, identity
+
+
+# --------------------------------------------------------------------------- rows
+def _row(e: Explanation, stats: dict, n_circuits: int, backend: str, model: str) -> dict:
+    return {
+        "layer": e.layer, "feature": e.feature, "description": e.description, "status": e.status,
+        "parse_failures": e.parse_failures, **{k: v for k, v in e.usage.to_dict().items()},
+        "backend": backend, "llm_model": model, "n_examples": e.n_examples,
+        "max_act": float(stats.get("max_act", 0.0)), "n_active": int(stats.get("n_active", 0)),
+        "density": float(stats.get("density", 0.0)), "n_circuits": int(n_circuits), "error": e.error,
+    }
+
+
+def _row_path(rows_dir: Path, layer: int, feature: int) -> Path:
+    return rows_dir / f"L{layer}_F{feature}.json"
+
+
+def collect_rows(rows_dir: Path, keys: Iterable[FeatureKey] | None = None) -> pd.DataFrame:
+    """The per-feature row files of a run, as one table (only ``keys`` when given)."""
+    rows = []
+    wanted = set(keys) if keys is not None else None
+    for p in sorted(rows_dir.glob("L*_F*.json")):
+        r = json.loads(p.read_text())
+        if wanted is None or (r["layer"], r["feature"]) in wanted:
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def _check_same_config(path: Path, settings: dict) -> None:
+    """Refuse to mix rows produced under different settings in one output folder."""
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ConfigMismatchError(
+                f"{path.parent} holds results made with other {', '.join(changed)} settings; "
+                "pass a fresh --out folder (or delete that one) to use the new settings"
+            )
+    else:
+        write_json_atomic(settings, path)
+
+
+# --------------------------------------------------------------------------- main entry
+def interpret(
+    selections: str | os.PathLike | Sequence[dict] | None = None,
+    *,
+    features: Iterable[FeatureKey] | None = None,
+    method: str | None = None,
+    k: int | None = None,
+    model: Any = None,
+    clt: Any = None,
+    device: str | None = None,
+    remote: bool | str = False,
+    corpus: str | CorpusConfig = "toy",
+    backend: str | None = None,
+    llm: LLMConfig | None = None,
+    out: str | os.PathLike = "pie_out/interpret",
+    config: InterpretConfig | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Describe every feature of the selected circuits.
+
+    Args:
+        selections: ``selections.jsonl`` of ``pie prune`` (or its records); or pass ``features``.
+        features: explicit (layer, feature) pairs instead of selections.
+        method, k: filter the selections.
+        model, clt: paths / hub ids or loaded objects; default the toy world (llama).
+        device, remote: where the model runs (``remote`` is passed to every nnsight trace).
+        corpus: "toy", a .txt / .jsonl path, a Hugging Face dataset name, or a CorpusConfig.
+        backend: "offline" (default), "openai" or "hf" (shorthand for ``llm.backend``).
+        llm: full LLM settings; the API key comes from the environment and is never written.
+        out: output folder (resumable).
+    Returns:
+        The descriptions table (also written to ``out/descriptions.parquet``), one row per feature
+        with columns :data:`DESCRIPTION_COLUMNS`.
+    """
+    cfg = config or InterpretConfig()
+    if isinstance(corpus, CorpusConfig):
+        cfg.corpus = corpus
+    elif corpus is not None:
+        cfg.corpus.source = str(corpus)
+    llm_cfg = replace(llm or cfg.llm)  # a copy: the caller's config is not modified
+    if backend is not None:
+        llm_cfg.backend = backend  # type: ignore[assignment]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if llm_cfg.backend != "offline" and llm_cfg.cache_dir is None:
+        llm_cfg.cache_dir = out / "llm_cache"
+    llm_cfg = llm_cfg.resolved()
+
+    if features is not None:
+        feats = pd.DataFrame(sorted({(int(l), int(f)) for l, f in features}), columns=["layer", "feature"]).assign(n_circuits=0)
+    elif selections is not None:
+        feats = features_from_selections(selections, method=method, k=k)
+    else:
+        raise DataFormatError("interpret needs --selections (from `pie prune`) or an explicit feature list")
+    if cfg.max_features is not None:
+        feats = feats.head(cfg.max_features)
+    keys = [(int(l), int(f)) for l, f in zip(feats["layer"], feats["feature"])]
+    write_parquet_atomic(feats, out / "features.parquet")
+
+    lm, tc, identity = resolve_world(model, clt, device, remote)
+    write_json_atomic({
+        **identity, "device": str(lm.device), "remote": remote, "selections": None if selections is None or not isinstance(
+            selections, (str, os.PathLike)) else str(selections), "method": method, "k": k,
+        "corpus": asdict(cfg.corpus), "examples": asdict(cfg.examples), "explain": asdict(cfg.explain), "llm": llm_cfg.public(),
+    }, out / "interpret_config.json")
+
+    store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
+    examples = store.select_examples(keys, cfg.examples)
+    write_parquet_atomic(examples, out / "examples" / "examples.parquet")
+    stats_df = store.feature_stats(keys)
+    stats = stats_df.set_index(["layer", "feature"])
+
+    explainer = make_explainer(llm_cfg, cfg.explain)
+    rows_dir = out / "descriptions" / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out / "descriptions" / "config.json", {"explain": asdict(cfg.explain), "examples": asdict(cfg.examples)})
+    n_circ = dict(zip(keys, feats["n_circuits"].astype(int)))
+    todo = []
+    for key in keys:
+        p = _row_path(rows_dir, *key)
+        if p.exists():
+            r = json.loads(p.read_text())
+            if r["status"] in FINAL_STATUSES and r["backend"] == explainer.backend and r["llm_model"] == explainer.model:
+                continue
+        todo.append(key)
+
+    stats_rows = {(int(l), int(f)): r for (l, f), r in stats.to_dict("index").items()}
+    examples.attrs["_groups"] = examples.groupby(["layer", "feature"]).indices if len(examples) else {}
+
+    def work(key: FeatureKey) -> dict:
+        fx = store.feature_examples(examples, *key, stats=stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])])
+        e = explainer.explain(fx)
+        row = _row(e, stats_rows[key], n_circ[key], explainer.backend, explainer.model)
+        write_json_atomic(row, _row_path(rows_dir, *key))
+        return row
+
+    n_failed = 0
+    bar = tqdm(total=len(todo), desc=f"explain ({explainer.backend})", disable=not progress, unit="feature")
+    if llm_cfg.workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=llm_cfg.workers) as pool:
+            for fut in as_completed([pool.submit(work, key) for key in todo]):
+                n_failed += fut.result()["status"] == "request_failed"
+                bar.update()
+    else:
+        for key in todo:
+            n_failed += work(key)["status"] == "request_failed"
+            bar.update()
+    bar.close()
+    if n_failed:
+        log.warning("%d of %d features could not be explained (request failures); rerun to retry them", n_failed, len(todo))
+
+    table = collect_rows(rows_dir, keys)
+    table = table[DESCRIPTION_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)
+    write_parquet_atomic(table, out / "descriptions.parquet")
+    return table
