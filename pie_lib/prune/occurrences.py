@@ -192,7 +192,9 @@ def active_occurrences(
     t = (uniq // F) % T
     l = (uniq // (F * T)) % L
     b = uniq // (F * T * L)
-    return Occurrences(prompt=b, layer=l, pos=t, feat=f, a_clean=a_c.float(), a_corr=a_o.float(), n_prompts=B)
+    # Occurrence bookkeeping lives on the CPU (it is small); rows, gradients and forwards stay on the device.
+    return Occurrences(prompt=b.cpu(), layer=l.cpu(), pos=t.cpu(), feat=f.cpu(), a_clean=a_c.float().cpu(),
+                       a_corr=a_o.float().cpu(), n_prompts=B)
 
 
 def run_pair_caches(model: LoadedModel, batch: PairBatch, corruption: Corruption) -> tuple[ForwardCache, ForwardCache | None]:
