@@ -85,8 +85,20 @@ class LoadedModel:
         return self.lm.trace(*inputs, **kwargs)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids with the tokenizer's special tokens (BOS) for each text."""
-        return [self.tokenizer(t)["input_ids"] for t in texts]
+        """Token ids of each text, always starting with BOS.
+
+        Llama/Gemma tokenizers add BOS themselves; GPT-2's does not, and TransformerLens (which the
+        reference implementation runs on) prepends ``<|endoftext|>`` -- so do we, so that position 0
+        is a BOS everywhere and its activations are the ones excluded.
+        """
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        out = []
+        for t in texts:
+            ids = list(self.tokenizer(t)["input_ids"])
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+            out.append(ids)
+        return out
 
     def target_token(self, text: str) -> int:
         """A target string's token is the LAST token of its tokenisation (spec §1)."""
