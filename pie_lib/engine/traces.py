@@ -61,6 +61,11 @@ def _logits(model: LoadedModel) -> Any:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def _last_only(model: LoadedModel) -> dict[str, int]:
+    """Ask HF to project only the last position onto the vocabulary (big vocabularies, soft-caps)."""
+    return {"logits_to_keep": 1} if model.arch.supports_logits_to_keep else {}
+
+
 def run_with_cache(model: LoadedModel, input_ids: torch.Tensor) -> ForwardCache:
     """One forward of ``input_ids`` ``[B, T]`` saving resid_mid, mlp_out and last-token logits."""
     arch = model.arch
@@ -76,7 +81,7 @@ def run_with_cache(model: LoadedModel, input_ids: torch.Tensor) -> ForwardCache:
     if arch.mlp_out == arch.resid_mid:  # pragma: no cover - no such architecture today
         raise AssertionError("resid_mid and mlp_out must be different modules")
     actions[arch.mlp_out] = read_out
-    with torch.no_grad(), model.trace(input_ids.to(model.device)):
+    with torch.no_grad(), model.trace(input_ids.to(model.device), **_last_only(model)):
         _walk_layers(model, actions)
         last = _logits(model)[:, -1].save()
     return ForwardCache(
@@ -188,7 +193,8 @@ def mlp_out_gradients(
     correct = correct.to(model.device)
     wrong = wrong.to(model.device)
     grads: list[Any] = []  # created outside the trace: nnsight only pushes back saved names
-    with torch.enable_grad(), model.trace(input_ids.to(model.device)):
+    keep = _last_only(model) if metric == "logit_diff" else {}
+    with torch.enable_grad(), model.trace(input_ids.to(model.device), **keep):
         _walk_layers(model, actions)
         if freeze:
             fn = get_path(model.lm, arch.final_norm)
@@ -225,7 +231,8 @@ def patched_last_logits(
         env.output = env.output - offsets[layer].to(env.output.dtype)
 
     lse = None
-    with torch.no_grad(), model.trace(input_ids.to(model.device)):
+    keep = {} if with_logsumexp else _last_only(model)
+    with torch.no_grad(), model.trace(input_ids.to(model.device), **keep):
         _walk_layers(model, {model.arch.mlp_out: sub})
         logits = _logits(model)
         last = logits[:, -1].save()
@@ -263,7 +270,7 @@ def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, e
         rec = clt.b_dec[layer].to(error.dtype) + (accum[layer] if accum[layer] is not None else 0)
         env.output = (rec + error[layer]).to(env.output.dtype)
 
-    with torch.no_grad(), model.trace(input_ids.to(model.device)):
+    with torch.no_grad(), model.trace(input_ids.to(model.device), **_last_only(model)):
         _walk_layers(model, {arch.resid_mid: encode, arch.mlp_out: write})
         last = _logits(model)[:, -1].save()
     return _val(last)

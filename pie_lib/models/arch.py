@@ -52,6 +52,7 @@ class ArchSpec:
     pattern_inputs: tuple[PatternInput, ...]
     layer_order: tuple[str, ...] = ()  # every module above, in forward order (nnsight needs it)
     logit_softcap_attr: str | None = None  # config attribute of a final logit soft-cap
+    supports_logits_to_keep: bool = True  # HF forward accepts logits_to_keep (last-position logits only)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {

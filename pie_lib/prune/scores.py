@@ -28,11 +28,11 @@ def project_gradients(grads: torch.Tensor, rows: list[LayerRows | None], occ: Oc
             continue
         n_out = lr.rows.shape[1]
         g = grads[layer : layer + n_out].to(lr.rows.device, lr.rows.dtype)  # [S, B, T, D]
-        # gather only the (prompt, position) of this layer's occurrences: [S, N_l, D]
-        b = occ.prompt[lr.occ_idx].to(g.device)
-        t = occ.pos[lr.occ_idx].to(g.device)
-        g_occ = g[:, b, t]
-        out[lr.occ_idx] = torch.einsum("snd,nsd->n", g_occ, lr.rows[lr.occ_u]).float().cpu()
+        # one matmul over the batch's features of this layer, then a gather: [B, T, U]
+        proj = torch.einsum("sbtd,usd->btu", g, lr.rows)
+        b = occ.prompt[lr.occ_idx].to(proj.device)
+        t = occ.pos[lr.occ_idx].to(proj.device)
+        out[lr.occ_idx] = proj[b, t, lr.occ_u].float().cpu()
     return out
 
 

@@ -162,19 +162,29 @@ def synergy_rerank(
         base_scale = max(float(base_vals.median()), 1e-6)
         plans.append(dict(ob=ob, K=K, half=half, core_k=core_k, boundary=boundary, partners=partners, base_scale=base_scale))
 
-    # Round 1: single removals of partners and candidates with a nonzero write.
-    singles = torch.cat([torch.cat([p["partners"], p["boundary"]]) for p in plans if p] or [torch.zeros(0, dtype=torch.long)])
-    singles = torch.unique(singles[delta[singles] != 0])
+    # A prompt whose boundary is no longer than the number of free slots keeps every candidate
+    # whatever its boosted score: its selection is plain top-K and needs no forwards (K >= 400 at
+    # the paper's settings). Its generator draws cannot change anything either.
+    for p in plans:
+        if p is not None:
+            p["forced"] = p["boundary"].numel() <= p["K"] - p["core_k"]
+
+    # Round 1: single removals of partners and candidates with a nonzero write. Effects are cached
+    # on the evaluator, so a K ladder (same prompts, overlapping partners) pays for each once.
+    cache_single = _effect_cache(evaluator, "_synergy_single", len(occ))
+    need = [torch.cat([p["partners"], p["boundary"]]) for p in plans if p and not p["forced"]]
+    singles = torch.unique(torch.cat(need)) if need else torch.zeros(0, dtype=torch.long)
+    singles = singles[(delta[singles] != 0) & torch.isnan(cache_single[singles])]
     m_clean = evaluator.clean_metric()
-    eff = torch.zeros(len(occ))
     if singles.numel():
         res = evaluator.run(Variants.singles(prompt[singles], singles))
-        eff[singles] = m_clean[prompt[singles]] - res.metric
+        cache_single[singles] = m_clean[prompt[singles]] - res.metric
+    eff = torch.nan_to_num(cache_single, nan=0.0)  # zero-write occurrences have no effect
 
     # Partner draws, per prompt, exactly as the reference consumes its generator.
     pair_c, pair_p, draws = [], [], []
     for b, p in enumerate(plans):
-        if p is None:
+        if p is None or p["forced"]:
             draws.append([])
             continue
         rng = random.Random(cfg.seed + 1337)
@@ -193,23 +203,29 @@ def synergy_rerank(
                     pair_p.append(m)
         draws.append(per_cand)
 
-    # Round 2: pair removals M({c, p}), only where both single effects are positive.
-    pair_eff: dict[tuple[int, int], float] = {}
-    if pair_c:
-        pc, pp = torch.tensor(pair_c), torch.tensor(pair_p)
+    # Round 2: pair removals M({c, p}), only where both single effects are positive (cached too).
+    pair_eff: dict[tuple[int, int], float] = evaluator.__dict__.setdefault("_synergy_pairs", {})
+    todo = sorted({(c, q) for c, q in zip(pair_c, pair_p) if (c, q) not in pair_eff})
+    if todo:
+        pc, pp = torch.tensor([t[0] for t in todo]), torch.tensor([t[1] for t in todo])
         V = pc.numel()
         var = torch.arange(V).repeat_interleave(2)
         ent = torch.stack([pc, pp], 1).flatten()
         res = evaluator.run(Variants(prompt[pc], var, ent, torch.zeros(V, dtype=torch.bool)))
-        m_pair = m_clean[prompt[pc]] - res.metric
-        syn = m_pair - eff[pc] - eff[pp]
-        pair_eff = {(c, q): float(s) for c, q, s in zip(pair_c, pair_p, syn.tolist())}
+        syn = (m_clean[prompt[pc]] - res.metric) - eff[pc] - eff[pp]
+        pair_eff.update({t: float(v) for t, v in zip(todo, syn.tolist())})
 
     trace = SynergyTrace([], [], [], evaluator.n_forwards)
     for b, p in enumerate(plans):
         if p is None:
             for lst in (trace.core, trace.boundary, trace.boosted):
                 lst.append([])
+            continue
+        if p["forced"]:
+            keep[p["ob"][: p["K"]]] = True
+            trace.core.append(p["ob"][: p["core_k"]].tolist())
+            trace.boundary.append(p["boundary"].tolist())
+            trace.boosted.append([])
             continue
         keep[p["ob"][: p["core_k"]]] = True
         part_eff = [float(eff[i]) for i in p["partners"].tolist()]
@@ -237,6 +253,15 @@ def synergy_rerank(
         trace.boosted.append([s for s, _ in cands])
     trace.n_forwards = evaluator.n_forwards - trace.n_forwards
     return (keep, trace) if return_trace else keep
+
+
+def _effect_cache(evaluator: PatchEvaluator, name: str, n: int) -> torch.Tensor:
+    """A NaN-initialised ``[n]`` tensor stored on the evaluator (one per batch)."""
+    cache = getattr(evaluator, name, None)
+    if cache is None or cache.numel() != n:
+        cache = torch.full((n,), float("nan"))
+        setattr(evaluator, name, cache)
+    return cache
 
 
 def acdc_select(
