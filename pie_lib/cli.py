@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from pie_lib.errors import PieError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``pie prune: error: ... (see pie prune --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _ints(s: str) -> list[int]:
@@ -67,6 +76,9 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partners-per-candidate", type=int, default=8)
     p.add_argument("--gamma", type=float, default=0.2, help="FAP-Signal γ in (0, 0.5)")
     p.add_argument("--acdc-tau", type=float, default=None, help="ACDC threshold on KL increase")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="hyper-parameter of a related method, repeatable (e.g. ep_steps=100, hap_mult=4, "
+                        "ens_members=fap,clt-relp); see pie_lib/related/config.py")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_prune)
 
@@ -87,10 +99,32 @@ def prune_config_from_args(a: argparse.Namespace):
         params=MethodParams(
             synergy=SynergyConfig(lam=a.lambda_syn, boundary_percent=a.boundary_percent, boundary_cap=a.boundary_cap,
                                   partners=a.partners, partners_per_candidate=a.partners_per_candidate),
-            signal_gamma=a.gamma, acdc_tau=a.acdc_tau,
+            signal_gamma=a.gamma, acdc_tau=a.acdc_tau, extra=_key_values(a.param),
         ),
         progress=not a.no_progress,
     )
+
+
+def _quiet_progress() -> None:
+    """No progress bars from transformers / huggingface_hub either (``--no-progress``)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    """``["ep_steps=100", ...]`` -> ``{"ep_steps": "100"}`` (values are parsed by each method's config)."""
+    from pie_lib.errors import BudgetError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BudgetError(f"--param {item!r} must look like KEY=VALUE (e.g. ep_steps=100)")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _run_prune(a: argparse.Namespace) -> int:
@@ -121,7 +155,7 @@ def _run_toy(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pie", description="PIE: Prune, Interpret, Evaluate on CLT features")
+    parser = _Parser(prog="pie", description="PIE: Prune, Interpret, Evaluate on CLT features")
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,22 +180,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    if getattr(args, "no_progress", False):
+        _quiet_progress()
     try:
         return int(func(args) or 0)
     except PieError as exc:
         if args.traceback:
             raise
-        print(f"pie {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pie {args.command}: error: {_NEWLINES.sub(' ', str(exc).strip())}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except OSError as exc:  # missing / unreadable / not-a-folder paths, disk full ...
         if args.traceback:
             raise
-        print(f"pie {args.command}: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"pie {args.command}: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pie {args.command}: interrupted; finished rows are saved, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # never a bare traceback: one line, the stack on request
+        if args.traceback:
+            raise
+        from pie_lib.prune.patching import is_out_of_memory
+
+        if is_out_of_memory(exc):
+            print(f"pie {args.command}: error: out of memory ({_one_line(exc)}); lower --batch-size, use "
+                  "--dtype bfloat16, a larger device, or --remote", file=sys.stderr)
+            return 2
+        print(f"pie {args.command}: internal error: {_one_line(exc)} (rerun with --traceback for the full stack)",
+              file=sys.stderr)
+        return 1
+
+
+_NEWLINES = re.compile(r"\s*\n\s*")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

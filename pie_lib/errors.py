@@ -45,3 +45,15 @@ class LLMRequestError(PieError):
 
 class MissingDependencyError(PieError):
     """An optional package (datasets, openai...) is needed for this and is not installed."""
+
+
+class SettingError(PieError):
+    """A run setting has an invalid value (batch size, chunk, device, dtype, a method parameter...)."""
+
+
+class OutputPathError(PieError):
+    """The output folder cannot be used (it is a file, lies under a file, or holds an unreadable config)."""
+
+
+class NumericalError(PieError):
+    """A model or CLT produced NaN/Inf values (corrupt weights, or a dtype that overflows)."""

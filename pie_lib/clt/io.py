@@ -131,7 +131,8 @@ def load_clt(
         device, dtype: where the encoders live and where decoder rows are delivered.
         lazy: memory-map decoders and fetch rows on demand. Default: lazy when the decoders hold
             more than :data:`EAGER_DECODER_VALUES` values.
-        check_finite: refuse NaN/Inf weights (encoders always; decoders when loaded eagerly).
+        check_finite: refuse NaN/Inf weights (encoders and biases always; decoders when loaded
+            eagerly, and row by row as they are fetched when lazy -- see ``LazyDecoder``).
     Returns:
         A :class:`CrossLayerTranscoder`.
     """
@@ -171,6 +172,9 @@ def _load_clt_folder(folder: Path, config: CLTConfig, lazy: bool | None, check_f
     F, D = W_enc[0].shape
     for i in range(L):
         where = folder / f"W_enc_{i}.safetensors"
+        for name, t in ((f"W_enc_{i}", W_enc[i]), (f"b_enc_{i}", b_enc[i]), (f"b_dec_{i}", b_dec[i])):
+            if not t.is_floating_point():
+                raise CLTFormatError(f"{where}: {name} has dtype {t.dtype}, expected a floating-point dtype")
         _expect(W_enc[i].shape, (F, D), f"{where}: W_enc_{i}")
         _expect(b_enc[i].shape, (F,), f"{where}: b_enc_{i}")
         _expect(b_dec[i].shape, (D,), f"{where}: b_dec_{i}")
@@ -185,7 +189,13 @@ def _load_clt_folder(folder: Path, config: CLTConfig, lazy: bool | None, check_f
     sources: list = decs if lazy else [d.full() for d in decs]
     enc = torch.stack(W_enc)
     if check_finite:
-        _check_finite(enc, f"{folder}: W_enc")
+        for i in range(L):
+            where = folder / f"W_enc_{i}.safetensors"
+            _check_finite(W_enc[i], f"{where}: W_enc_{i}")
+            _check_finite(b_enc[i], f"{where}: b_enc_{i}")
+            _check_finite(b_dec[i], f"{where}: b_dec_{i}")
+            if thr:
+                _check_finite(thr[i], f"{where}: threshold_{i}")
         for i, s in enumerate(sources):
             if isinstance(s, torch.Tensor):
                 _check_finite(s, f"{folder}: W_dec_{i}")
@@ -224,8 +234,9 @@ def _load_plt(folder: Path, config: CLTConfig, check_finite: bool) -> CrossLayer
         _expect(W_dec[i].shape, (F, 1, D), f"layer_{i}.safetensors: W_dec (as [F, 1, D])")
     enc = torch.stack(W_enc)
     if check_finite:
-        _check_finite(enc, f"{folder}: W_enc")
-        _check_finite(torch.stack(W_dec), f"{folder}: W_dec")
+        for name, ts in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec), ("threshold", thr)):
+            for i, t in zip(layers, ts):
+                _check_finite(t, f"{folder / f'layer_{i}.safetensors'}: {name}")
     config.activation = "jumprelu" if thr else config.activation
     config.n_layers, config.d_model, config.n_features = len(layers), D, F
     return CrossLayerTranscoder(

@@ -88,10 +88,14 @@ class LazyDecoder:
     Args:
         sources: per layer either an in-memory tensor ``[F, n_out, D]`` or a :class:`MemmapTensor`.
         cache_rows: how many rows per layer to keep cached on the target device (0 = no cache).
+        check_finite: refuse memory-mapped rows holding NaN/Inf as they are read (a lazily loaded
+            CLT is never scanned whole, so a corrupt row is caught when first used).
     """
 
-    def __init__(self, sources: list[torch.Tensor | MemmapTensor], cache_rows: int = 65536) -> None:
+    def __init__(self, sources: list[torch.Tensor | MemmapTensor], cache_rows: int = 65536,
+                 check_finite: bool = True) -> None:
         self.sources = sources
+        self.check_finite = check_finite
         self.device = torch.device("cpu")
         self.dtype: torch.dtype | None = None
         self.cache_rows = cache_rows
@@ -128,6 +132,13 @@ class LazyDecoder:
         src = self.sources[layer]
         if isinstance(src, MemmapTensor):
             t = src.full() if index is None else src.rows(index)
+            if self.check_finite and not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t.float())).flatten(1).any(1).nonzero().squeeze(-1)
+                feats = (bad if index is None else torch.from_numpy(np.asarray(index))[bad]).tolist()
+                raise CLTFormatError(
+                    f"{src.path}: decoder rows of feature(s) {feats[:8]} contain NaN or Inf values; "
+                    "the checkpoint is corrupt -- re-download it"
+                )
         else:
             t = src if index is None else src[torch.from_numpy(index)]
         return t.to(device=self.device, dtype=self.dtype or t.dtype)
@@ -160,7 +171,7 @@ class LazyDecoder:
         slots = self._slots[layer]
         missing = torch.unique(idx[slots[idx] < 0])
         if missing.numel():
-            cap = max(self.cache_rows, int(missing.numel()))
+            cap = max(min(self.cache_rows, n_feat), int(missing.numel()))  # never more rows than the layer has
             if self._used[layer] + missing.numel() > cap:
                 slots.fill_(-1)
                 self._blocks[layer] = None

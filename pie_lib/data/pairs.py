@@ -43,7 +43,22 @@ def load_pairs(path: str | os.PathLike, limit: int | None = None) -> list[Pair]:
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such file; pass a JSONL file of pairs or use --task ioi|docstring")
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a folder; pass a JSONL file of pairs")
     pairs: list[Pair] = []
+    try:
+        _read_lines(path, limit, pairs)
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}); "
+            "expected JSONL, one pair object per line"
+        ) from None
+    if not pairs:
+        raise DataFormatError(f"{path}: the file holds no pairs (it is empty); expected one JSON object per line")
+    return pairs
+
+
+def _read_lines(path: Path, limit: int | None, pairs: list[Pair]) -> None:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -65,9 +80,6 @@ def load_pairs(path: str | os.PathLike, limit: int | None = None) -> list[Pair]:
             pairs.append(Pair(*(obj[k] for k in REQUIRED_KEYS), meta=meta))
             if limit is not None and len(pairs) >= limit:
                 break
-    if not pairs:
-        raise DataFormatError(f"{path}: the file holds no pairs (it is empty)")
-    return pairs
 
 
 def save_pairs(pairs: list[Pair], path: str | os.PathLike) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pie_lib.errors import ShapeMismatchError, WeightsUnavailableError
+from pie_lib.errors import SettingError, ShapeMismatchError, WeightsUnavailableError
 from pie_lib.models.arch import ArchSpec, arch_for, get_path
 
 Remote = bool | str  # False, True (NDIF), or "local" (nnsight's local simulation of remote)
@@ -133,6 +133,46 @@ def _nnsight_class():
         return LanguageModel
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut), for one-line error messages."""
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0][:limit]}" if msg else type(exc).__name__
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """Parse ``device`` and make sure it exists here; a clear :class:`SettingError` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise SettingError(f"--device {str(device)!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(f"--device {str(device)!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SettingError(
+                f"--device {str(device)!r}: no such GPU (this machine has {torch.cuda.device_count()}); "
+                "use cuda:0 ... or cpu"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SettingError(f"--device {str(device)!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise SettingError(f"--device {str(device)!r} is not supported; use cpu, cuda or cuda:<index>")
+    return dev
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a clear :class:`SettingError` for anything not a float dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise SettingError(
+            f"--dtype {str(dtype)!r} is not a floating-point torch dtype; use float32, bfloat16 or float16"
+        )
+    return value
+
+
 def _looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not Path(s).exists()
 
@@ -161,16 +201,30 @@ def load_model(
     name = str(name_or_path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    if remote is not True:  # remote runs keep only a meta skeleton here
+        device = check_device(device)
+    dtype = check_dtype(dtype)
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise WeightsUnavailableError(
+            f"model {name!r} is a file; pass the folder that holds config.json, weights and tokenizer"
+        )
+    if not local.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+        raise WeightsUnavailableError(
+            f"model {name!r}: no such local folder, and not a Hugging Face repo id (owner/name)"
+        )
     try:
         cfg = AutoConfig.from_pretrained(name)
     except Exception as exc:
-        where = "the Hugging Face hub" if _looks_like_hub_id(name) else "that folder"
+        if local.is_dir():
+            raise WeightsUnavailableError(
+                f"model folder {name!r}: config.json could not be read ({_first_line(exc)}); "
+                "the folder needs a valid config.json, weights (*.safetensors) and tokenizer files"
+            ) from None
         raise WeightsUnavailableError(
-            f"model {name!r}: its config could not be read from {where} ({type(exc).__name__}). "
+            f"model {name!r}: its config could not be read from the Hugging Face hub ({_first_line(exc)}). "
             "Pass a local folder with config.json, weights and tokenizer, or run where the hub is reachable "
             "(gated models such as meta-llama need `huggingface-cli login`)"
         ) from None
@@ -181,10 +235,16 @@ def load_model(
     else:
         try:
             lm = LanguageModel(name, device_map=str(device), dispatch=True, dtype=dtype)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # missing/truncated weights, missing tokenizer, bad config values
+            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+                raise SettingError(
+                    f"model {name!r} does not fit in memory on {device} ({_first_line(exc)}); use a device with more "
+                    "memory, --dtype bfloat16, or --remote"
+                ) from None
             raise WeightsUnavailableError(
-                f"model {name!r}: weights could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-                "Download them where there is network and pass the local folder"
+                f"model {name!r}: weights or tokenizer could not be loaded ({_first_line(exc)}); the folder needs "
+                "config.json, complete weights (*.safetensors) and tokenizer files -- re-download them where "
+                "there is network and pass the local folder"
             ) from None
         lm.eval()
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)

@@ -16,7 +16,7 @@ import torch
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.data.pairs import Pair
 from pie_lib.engine.traces import ForwardCache, run_with_cache
-from pie_lib.errors import ShapeMismatchError
+from pie_lib.errors import NumericalError, SettingError, ShapeMismatchError
 from pie_lib.models.loading import LoadedModel
 
 Corruption = Literal["corrupted", "zero"]
@@ -67,20 +67,38 @@ def tokenize_pairs(
     *shorter* is an error naming the pair. Prompts shorter than ``min_tokens`` are skipped and
     reported (the reference skips prompts under 8 tokens; pass 8 to match it).
     """
+    if batch_size < 1:
+        raise SettingError(f"batch size {batch_size}: must be a positive integer")
     clean = model.tokenize([p.text_clean for p in pairs])
     corr = model.tokenize([p.text_corr for p in pairs])
+    cfg = model.config
+    n_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     groups: dict[int, list[int]] = {}
     skipped: dict[int, str] = {}
     rows: list[tuple[list[int], list[int], int, int]] = []
     for i, (p, c, k) in enumerate(zip(pairs, clean, corr)):
         if max_tokens is not None:
             c = c[:max_tokens]
+        if isinstance(n_pos, int) and len(c) > n_pos:
+            raise ShapeMismatchError(
+                f"pair {i}: clean prompt has {len(c)} tokens, more than the model's {n_pos} positions; "
+                "shorten it (or pass max_tokens)"
+            )
         if len(k) < len(c):
             raise ShapeMismatchError(
                 f"pair {i}: corrupted prompt has {len(k)} tokens but the clean prompt has {len(c)}; "
                 "corrupted prompts must be at least as long as clean ones (they are cut to the clean length)"
             )
-        rows.append((c, k[: len(c)], model.target_token(p.io_clean), model.target_token(p.s_clean)))
+        targets = []
+        for key in ("io_clean", "s_clean"):
+            try:
+                targets.append(model.target_token(getattr(p, key)))
+            except ShapeMismatchError:
+                raise ShapeMismatchError(
+                    f"pair {i}: {key} {getattr(p, key)!r} tokenises to nothing; a target must hold at least one "
+                    "token (its last token is the target)"
+                ) from None
+        rows.append((c, k[: len(c)], *targets))
         if len(c) < max(min_tokens, 2):
             skipped[i] = f"{len(c)} tokens < min_tokens={max(min_tokens, 2)}"
             continue
@@ -198,10 +216,23 @@ def active_occurrences(
 
 
 def run_pair_caches(model: LoadedModel, batch: PairBatch, corruption: Corruption) -> tuple[ForwardCache, ForwardCache | None]:
-    """Clean and corrupted forwards of a batch in one trace (the corrupted half only when needed)."""
+    """Clean and corrupted forwards of a batch in one trace (the corrupted half only when needed).
+
+    NaN/Inf logits (corrupt weights, or a dtype that overflows) are an error naming the pairs.
+    """
+    ids = batch.clean_ids if corruption == "zero" else torch.cat([batch.clean_ids, batch.corr_ids])
+    both = run_with_cache(model, ids)
+    bad = ~torch.isfinite(both.last_logits.float()).all(-1)
+    if bad.any():
+        B = batch.size
+        rows = sorted({int(batch.prompt_idx[i % B]) for i in bad.nonzero().squeeze(-1).tolist()})
+        raise NumericalError(
+            f"model {model.name} produced NaN/Inf logits on pair(s) {rows[:8]}; "
+            + ("its weights are corrupt (NaN/Inf values)" if model.dtype == torch.float32 else
+               f"its weights are corrupt or {model.dtype} overflows (try --dtype float32)")
+        )
     if corruption == "zero":
-        return run_with_cache(model, batch.clean_ids), None
-    both = run_with_cache(model, torch.cat([batch.clean_ids, batch.corr_ids]))
+        return both, None
     B = batch.size
     clean = ForwardCache(both.resid_mid[:, :B], both.mlp_out[:, :B], both.last_logits[:B])
     corr = ForwardCache(both.resid_mid[:, B:], both.mlp_out[:, B:], both.last_logits[B:])

@@ -11,14 +11,27 @@ offsets are ``null − kept`` where ``null`` (everything removed) is computed on
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.engine.traces import MetricKind, metric_value, patched_last_logits
+from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
+
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA OOM, or a CPU allocator failure (torch raises both as RuntimeError)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 @dataclass
@@ -119,7 +132,8 @@ class PatchEvaluator:
         corruption: "corrupted" (Δa = a_clean - a_corr) or "zero" (Δa = a_clean).
         metric: the behaviour metric m.
         clean_logits: ``[B, V]`` last-token logits of the clean runs.
-        chunk: variants per forward.
+        chunk: variants per forward. A forward that runs out of memory is retried with half as
+            many variants (down to 1), and the smaller chunk is kept for the rest of the batch.
     """
 
     def __init__(
@@ -138,6 +152,8 @@ class PatchEvaluator:
         self.metric = metric
         self.delta = occ.delta(corruption)
         self.clean_logits = clean_logits.float()
+        if chunk < 1:
+            raise SettingError(f"chunk {chunk}: patch variants per forward must be a positive integer")
         self.chunk = chunk
         self._null: torch.Tensor | None = None
         self.n_forwards = 0
@@ -192,32 +208,58 @@ class PatchEvaluator:
         change = torch.empty(V, dtype=torch.bool)
         order = torch.argsort(variants.var, stable=True)
         var_sorted = variants.var[order]
-        for start in range(0, V, self.chunk):
+        start = 0
+        while start < V:
             stop = min(V, start + self.chunk)
-            lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
-            ent = order[lo:hi]
-            w = variants.weight[ent] if variants.weight is not None else None
-            off = self._offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start)
-            prompts = variants.prompt[start:stop]
-            comp = variants.complement[start:stop]
-            if comp.any():
-                null = self.null_offsets()[:, prompts.to(self.model.device)]
-                c = comp.to(off.device)[None, :, None, None]
-                off = torch.where(c, null - off, off)
-            if extra_offsets is not None:
-                off = off + extra_offsets[:, prompts.to(extra_offsets.device)].to(off)
-            ids = self.batch.clean_ids[prompts]
-            logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
-            self.n_forwards += 1
-            logits = logits.float()
-            clean = self.clean_logits[prompts.to(self.clean_logits.device)]
-            kl[start:stop] = last_token_kl(clean, logits).cpu()
-            change[start:stop] = (clean.argmax(-1) != logits.argmax(-1)).cpu()
-            if self.metric == "logit_diff":
-                metric[start:stop] = metric_value(logits, self.batch.correct[prompts], self.batch.wrong[prompts], "logit_diff").cpu()
-            else:
-                metric[start:stop] = lse.float().cpu()
+            try:
+                res = self._run_range(variants, order, var_sorted, start, stop, extra_offsets)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if stop - start <= 1:
+                    raise SettingError(
+                        f"out of memory evaluating a single patch variant on {self.model.device} "
+                        f"({type(exc).__name__}); use --batch-size 1, --dtype bfloat16, a larger device, or --remote"
+                    ) from None
+                res = None
+            if res is None:  # out of memory: halve the chunk (kept for the rest) and retry this range
+                self.chunk = max(1, (stop - start) // 2)
+                log.warning("out of memory with %d patch variants per forward; retrying with %d",
+                            stop - start, self.chunk)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            metric[start:stop], kl[start:stop], change[start:stop] = res
+            start = stop
         return PatchResult(metric, kl, change)
+
+    def _run_range(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor, start: int, stop: int,
+                   extra_offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Metric, KL and argmax change of variants ``start:stop`` (one forward)."""
+        lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
+        ent = order[lo:hi]
+        w = variants.weight[ent] if variants.weight is not None else None
+        off = self._offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start)
+        prompts = variants.prompt[start:stop]
+        comp = variants.complement[start:stop]
+        if comp.any():
+            null = self.null_offsets()[:, prompts.to(self.model.device)]
+            c = comp.to(off.device)[None, :, None, None]
+            off = torch.where(c, null - off, off)
+        if extra_offsets is not None:
+            off = off + extra_offsets[:, prompts.to(extra_offsets.device)].to(off)
+        ids = self.batch.clean_ids[prompts]
+        logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
+        self.n_forwards += 1
+        logits = logits.float()
+        clean = self.clean_logits[prompts.to(self.clean_logits.device)]
+        kl = last_token_kl(clean, logits).cpu()
+        change = (clean.argmax(-1) != logits.argmax(-1)).cpu()
+        if self.metric == "logit_diff":
+            metric = metric_value(logits, self.batch.correct[prompts], self.batch.wrong[prompts], "logit_diff").cpu()
+        else:
+            metric = lse.float().cpu()
+        return metric, kl, change
 
     def clean_metric(self) -> torch.Tensor:
         """``[B]`` metric of the unpatched clean runs."""

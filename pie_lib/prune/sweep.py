@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pie_lib.data.pairs import Pair, load_pairs
-from pie_lib.errors import BudgetError, ConfigMismatchError
+from pie_lib.errors import (BudgetError, ConfigMismatchError, DataFormatError, OutputPathError, SettingError,
+                            WeightsUnavailableError)
 from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.evaluate import evaluate_keep_masks
 from pie_lib.prune.methods import MethodParams, get_methods
@@ -92,6 +93,31 @@ class PruneConfig:
             raise BudgetError(f"budget fractions {badf} must be in (0, 1]")
         return [(str(k), float(k)) for k in self.k] + [(f"f{f:g}", float(f)) for f in self.k_frac]
 
+    def validate(self) -> None:
+        """Refuse settings that cannot run, before anything is loaded or written."""
+        if not self.seeds:
+            raise BudgetError("no seeds given; pass --seeds 0,1,2")
+        if self.n < 0 or (self.n == 0 and not self.data):
+            raise SettingError(
+                f"--n {self.n}: the number of pairs must be a positive integer (0 = all, with --data only)"
+            )
+        for flag, value in (("--batch-size", self.batch_size), ("--chunk", self.scoring.chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise SettingError(f"{flag} {value}: must be a positive integer")
+        if self.min_tokens < 0:
+            raise SettingError(f"--min-tokens {self.min_tokens}: must be >= 0")
+        syn = self.params.synergy
+        if not 0 <= syn.boundary_percent <= 100:
+            raise SettingError(f"--boundary-percent {syn.boundary_percent:g}: must be in [0, 100]")
+        for flag, value in (("--boundary-cap", syn.boundary_cap), ("--partners", syn.partners),
+                            ("--partners-per-candidate", syn.partners_per_candidate)):
+            if value < 0:
+                raise SettingError(f"{flag} {value}: must be >= 0")
+        if not math.isfinite(syn.lam):
+            raise SettingError(f"--lambda-syn {syn.lam}: must be a finite number")
+        if "fap-signal" in self.methods and not 0 < self.params.signal_gamma < 0.5:
+            raise BudgetError(f"FAP-Signal gamma={self.params.signal_gamma:g} must be in (0, 0.5); pass --gamma 0.2")
+
     def identity(self) -> dict[str, Any]:
         """Fields that must match for rows of one folder to be comparable."""
         sc = dataclasses.asdict(self.scoring)
@@ -112,7 +138,13 @@ def resolve_checkpoints(model: str, clt: str) -> tuple[str, str]:
     def res(x: str, kind: str) -> str:
         if x == "toy" or x.startswith("toy:"):
             arch = x.split(":", 1)[1] if ":" in x else "llama"
-            return str(toy.toy_model_path(arch) if kind == "model" else toy.toy_clt_path(arch))
+            path = toy.toy_model_path(arch) if kind == "model" else toy.toy_clt_path(arch)
+            if not Path(path).exists():
+                raise WeightsUnavailableError(
+                    f"the toy world ({x}) is not built: {path} is missing; run `python -m pie_lib.toy.build` "
+                    "or pass --model and --clt"
+                )
+            return str(path)
         return x
 
     return res(model, "model"), res(clt, "clt")
@@ -127,19 +159,46 @@ def _pairs_for_seed(cfg: PruneConfig, model: Any, seed: int) -> list[Pair]:
     return generate_task(cfg.task, model.tokenizer, cfg.n, seed=data_seed).pairs
 
 
-def _check_config(out: Path, cfg: PruneConfig) -> None:
+def _check_out(out: Path) -> None:
+    """The output folder must be a folder (or creatable as one)."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"--out {out}: {parent} is a file, not a directory; pass another folder")
+            break
+
+
+def _check_config(out: Path, cfg: PruneConfig, fingerprints: dict[str, str | None] | None = None) -> None:
+    """Refuse a folder whose rows came from another configuration or other checkpoint / data contents."""
     path = out / "config.json"
     if not path.exists():
         return
     import json
 
-    old = json.loads(path.read_text()).get("identity", {})
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OutputPathError(
+            f"{path}: corrupt config file ({exc}); it is not a pie prune results folder, or it was damaged -- "
+            "use a new --out folder"
+        ) from None
+    if not isinstance(stored, dict):
+        raise OutputPathError(f"{path}: not a pie prune config (expected a JSON object); use a new --out folder")
+    old = stored.get("identity", {})
     new = json.loads(json.dumps(cfg.identity(), default=str))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ConfigMismatchError(
             f"{out} holds results of a different configuration (differs in {diff}); "
             "use a new --out folder, or delete the old one to start over"
+        )
+    changed = sorted(k for k, v in (fingerprints or {}).items() if k in stored and stored[k] != v)
+    if changed:
+        raise ConfigMismatchError(
+            f"{out} holds results of other file contents: {changed} differ (the model, CLT or data at the same "
+            "path changed since its rows were written); use a new --out folder, or delete the old one to start over"
         )
 
 
@@ -153,37 +212,62 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     from pie_lib.models.loading import load_model
     from pie_lib.provenance import checkpoint_fingerprint, file_sha256, versions
 
+    # Everything that can be checked is checked before anything is written: bad input leaves no
+    # output folder behind (or an existing one untouched).
     methods = get_methods(cfg.methods)
     ladder = cfg.ladder()
-    if not cfg.seeds:
-        raise BudgetError("no seeds given; pass --seeds 0,1,2")
+    cfg.validate()
     out = Path(cfg.out)
-    _check_config(out, cfg)
+    _check_out(out)
+    file_pairs = load_pairs(cfg.data, limit=cfg.n if cfg.n else None) if cfg.data else None
     model_path, clt_path = resolve_checkpoints(cfg.model, cfg.clt)
+    fingerprints = {"model_hash": checkpoint_fingerprint(model_path), "clt_hash": checkpoint_fingerprint(clt_path),
+                    "data_sha256": file_sha256(cfg.data) if cfg.data else None}
+    _check_config(out, cfg, fingerprints)
+    own_clt = clt is None
+    if own_clt:  # cheap, so a broken CLT fails before the model is loaded
+        clt = load_clt(clt_path, device="cpu")
     if model is None:
         model = load_model(model_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote)
-    if clt is None:
-        clt = load_clt(clt_path, device=model.device if not cfg.remote else "cpu")
+    if own_clt and not cfg.remote:
+        clt.to(device=model.device)
     model.check_clt(clt)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({
-        "identity": cfg.identity(), "methods": cfg.methods, "k": cfg.k, "k_frac": cfg.k_frac, "seeds": cfg.seeds,
-        "versions": versions(), "model_path": model_path, "clt_path": clt_path,
-        "model_hash": checkpoint_fingerprint(model_path), "clt_hash": checkpoint_fingerprint(clt_path),
-        "data_sha256": file_sha256(cfg.data) if cfg.data else None,
-    }, out / "config.json")
-
-    res_path, sel_path = out / "results.jsonl", out / "selections.jsonl"
-    done = {(r["method"], _label(r), int(r["seed"]), int(r["prompt_idx"])) for r in read_jsonl(res_path)}
-    task_name = "data" if cfg.data else cfg.task
-    clipped = 0
     # When every seed sees the same prompts (a data file, or a fixed data_seed), one batch context
     # serves all seeds and seed-independent methods are selected and evaluated once.
     shared = cfg.data is not None or cfg.data_seed is not None
-    groups = [(list(cfg.seeds), _pairs_for_seed(cfg, model, cfg.seeds[0]))] if shared else \
+    groups = [(list(cfg.seeds), file_pairs or _pairs_for_seed(cfg, model, cfg.seeds[0]))] if shared else \
         [([s], _pairs_for_seed(cfg, model, s)) for s in cfg.seeds]
-    for seeds, pairs in groups:
-        tok = tokenize_pairs(model, pairs, batch_size=cfg.batch_size, min_tokens=cfg.min_tokens)
+    tokenized = [(seeds, tokenize_pairs(model, pairs, batch_size=cfg.batch_size, min_tokens=cfg.min_tokens))
+                 for seeds, pairs in groups]
+    for (seeds, pairs), (_, tok) in zip(groups, tokenized):
+        if not tok.batches:
+            first = next(iter(tok.skipped.items()), (None, "no pairs"))
+            raise DataFormatError(
+                f"no usable pairs for seeds {seeds}: all {len(pairs)} pair(s) were skipped (e.g. pair {first[0]}: "
+                f"{first[1]}); use longer prompts or a lower --min-tokens"
+            )
+    res_path, sel_path = out / "results.jsonl", out / "selections.jsonl"
+    done = _finished_rows(res_path)
+    started = False
+
+    def start_folder() -> None:
+        """Create the folder and (re)write config.json just before the first rows are written."""
+        nonlocal started
+        if started:
+            return
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+        write_json({
+            "identity": cfg.identity(), "methods": cfg.methods, "k": cfg.k, "k_frac": cfg.k_frac, "seeds": cfg.seeds,
+            "versions": versions(), "model_path": model_path, "clt_path": clt_path, **fingerprints,
+        }, out / "config.json")
+        started = True
+
+    task_name = "data" if cfg.data else cfg.task
+    clipped = 0
+    for seeds, tok in tokenized:
         if tok.skipped:
             log.warning("skipped %d pair(s): %s", len(tok.skipped), dict(list(tok.skipped.items())[:3]))
         bar = tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch")
@@ -245,14 +329,30 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                             "seed": seed, "prompt_idx": p, "n_active": int(ev1["n_active"][b]),
                             "occurrences": ctx.occ.triples(kept), "scores": [round(float(x), 7) for x in sc[kept]],
                         })
+                start_folder()
                 append_jsonl(sel_path, sels)  # selections first: a row is finished once its result is written
                 append_jsonl(res_path, rows)
                 done.update((r["method"], _label(r), r["seed"], r["prompt_idx"]) for r in rows)
     if clipped:
         warnings.warn(f"{clipped} (prompt, K) budgets exceeded the active set and were clipped to it (k_eff < k)")
+    start_folder()  # also when every row was already there
     df = load_results(out)
     write_parquet(df, out / "results.parquet")
     return df
+
+
+def _finished_rows(res_path: Path) -> set[tuple[str, str, int, int]]:
+    """Keys (method, budget label, seed, prompt_idx) of the rows a folder already holds."""
+    done = set()
+    for i, r in enumerate(read_jsonl(res_path), start=1):
+        try:
+            done.add((r["method"], _label(r), int(r["seed"]), int(r["prompt_idx"])))
+        except (KeyError, TypeError, ValueError):
+            raise DataFormatError(
+                f"{res_path}: row {i} is not a pie prune result (needs method, k, budget, seed, prompt_idx); "
+                "delete the file to recompute it"
+            ) from None
+    return done
 
 
 def load_results(out: str | Path) -> pd.DataFrame:

@@ -1,0 +1,523 @@
+"""Bad inputs for the reliability tests: broken CLT folders, models, data files and flags.
+
+Every case is a function ``case(world, folder) -> list[str]`` that builds its broken input under
+``folder`` (copying from a good tiny world) and returns the ``pie prune`` arguments that use it.
+``CASES`` maps a case name to (builder, regex the one-line error must match). The regexes ask
+for the *thing* that is wrong (file, field, shape, pair) and, where it matters, what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+#: Keep subprocesses from oversubscribing the (shared) CPU cores.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@dataclass
+class CLIResult:
+    args: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.stderr.splitlines() if "error" in ln.lower()]
+
+
+def run_cli(args: list[str], timeout: float = 120, cwd: str | Path | None = None) -> CLIResult:
+    """``python -m pie_lib <args>`` in a fresh process."""
+    import os
+
+    env = {**os.environ, **SUBPROCESS_ENV}
+    p = subprocess.run([sys.executable, "-m", "pie_lib", *args], capture_output=True, text=True, timeout=timeout,
+                       env=env, cwd=cwd)
+    return CLIResult(list(args), p.returncode, p.stdout, p.stderr)
+
+
+def prune_args(world, out: Path, *, model=None, clt=None, data=None, extra: list[str] | None = None) -> list[str]:
+    """``pie prune`` on the tiny world, small and quiet; override any input."""
+    return ["prune", "--model", str(model or world.model_dir), "--clt", str(clt or world.clt_dir),
+            "--data", str(data or world.pairs_path), "--n", "4", "--methods", "fap,random", "--k", "5",
+            "--seeds", "0", "--out", str(out), "--device", "cpu", "--no-progress", *(extra or [])]
+
+
+# ----------------------------------------------------------------------------- builders
+def copy_clt(world, folder: Path) -> Path:
+    dst = folder / "clt"
+    shutil.copytree(world.clt_dir, dst)
+    return dst
+
+
+def copy_model(world, folder: Path) -> Path:
+    dst = folder / "model"
+    shutil.copytree(world.model_dir, dst)
+    return dst
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(ln + "\n" for ln in lines))
+    return path
+
+
+def pair_line(clean="w1 w2 w3 w4 w5 w6", corr="w1 w2 w9 w4 w8 w6", io=" w30", s=" w22", **extra) -> str:
+    return json.dumps({"text_clean": clean, "text_corr": corr, "io_clean": io, "s_clean": s, **extra})
+
+
+def _rewrite(path: Path, fn: Callable[[dict], dict]) -> None:
+    save_file({k: v.contiguous() for k, v in fn(load_file(str(path))).items()}, str(path))
+
+
+def clt_missing_layer(world, folder):
+    c = copy_clt(world, folder)
+    (c / "W_dec_1.safetensors").unlink()
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_missing_last_layer(world, folder):
+    c = copy_clt(world, folder)
+    (c / "W_enc_2.safetensors").unlink()
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_truncated(world, folder):
+    c = copy_clt(world, folder)
+    p = c / "W_dec_0.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_corrupt_header(world, folder):
+    c = copy_clt(world, folder)
+    p = c / "W_enc_1.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + p.read_bytes()[24:])
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_empty_file(world, folder):
+    c = copy_clt(world, folder)
+    (c / "W_enc_0.safetensors").write_bytes(b"")
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_wrong_shape(world, folder):
+    c = copy_clt(world, folder)
+    _rewrite(c / "W_dec_1.safetensors", lambda t: {"W_dec_1": t["W_dec_1"][:, :1]})
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_wrong_enc_shape(world, folder):
+    c = copy_clt(world, folder)
+    _rewrite(c / "W_enc_2.safetensors", lambda t: {**t, "b_enc_2": t["b_enc_2"][:-3]})
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_missing_key(world, folder):
+    c = copy_clt(world, folder)
+    _rewrite(c / "W_enc_0.safetensors", lambda t: {k: v for k, v in t.items() if k != "b_dec_0"})
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_nan_encoder(world, folder):
+    c = copy_clt(world, folder)
+
+    def f(t):
+        t["W_enc_1"][3, 2] = float("nan")
+        return t
+
+    _rewrite(c / "W_enc_1.safetensors", f)
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_inf_decoder(world, folder):
+    c = copy_clt(world, folder)
+
+    def f(t):
+        t["W_dec_0"][5, 1, 3] = float("inf")
+        return t
+
+    _rewrite(c / "W_dec_0.safetensors", f)
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_nan_threshold(world, folder):
+    c = copy_clt(world, folder)
+
+    def f(t):
+        t["threshold_2"][0] = float("nan")
+        return t
+
+    _rewrite(c / "W_enc_2.safetensors", f)
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_int_dtype(world, folder):
+    c = copy_clt(world, folder)
+    _rewrite(c / "W_enc_0.safetensors", lambda t: {**t, "W_enc_0": (t["W_enc_0"] * 100).to(torch.int32)})
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_int_decoder(world, folder):
+    c = copy_clt(world, folder)
+    _rewrite(c / "W_dec_1.safetensors", lambda t: {"W_dec_1": t["W_dec_1"].to(torch.int16)})
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_unknown_kind(world, folder):
+    c = copy_clt(world, folder)
+    (c / "config.yaml").write_text("model_kind: sparse_autoencoder\n")
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_bad_yaml(world, folder):
+    c = copy_clt(world, folder)
+    (c / "config.yaml").write_text("model_kind: [unclosed\n  : :\n")
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_is_a_file(world, folder):
+    return prune_args(world, folder / "out", clt=world.clt_dir / "W_enc_0.safetensors")
+
+
+def clt_no_such_folder(world, folder):
+    return prune_args(world, folder / "out", clt=folder / "nope")
+
+
+def clt_empty_folder(world, folder):
+    (folder / "empty").mkdir()
+    return prune_args(world, folder / "out", clt=folder / "empty")
+
+
+def model_small_d(world, folder):
+    from pie_lib.models.random_init import save_random_model
+
+    from conftest import WORDS
+
+    m = save_random_model(folder / "model", "llama", WORDS, hidden_size=16, intermediate_size=32)
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_two_layers(world, folder):
+    from pie_lib.models.random_init import save_random_model
+
+    from conftest import WORDS
+
+    m = save_random_model(folder / "model", "llama", WORDS, num_hidden_layers=2)
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_unknown_arch(world, folder):
+    """A tiny random ``MistralForCausalLM``: transformers knows it, pie_lib has no ArchSpec for it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from pie_lib.models.random_init import word_tokenizer
+
+    from conftest import WORDS
+
+    tok = word_tokenizer(WORDS)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    MistralForCausalLM(cfg).save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return prune_args(world, folder / "out", model=folder / "model")
+
+
+def model_broken_config(world, folder):
+    m = copy_model(world, folder)
+    (m / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": ')
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_config_wrong_values(world, folder):
+    m = copy_model(world, folder)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["num_attention_heads"] = 5  # 32 is not divisible by 5
+    (m / "config.json").write_text(json.dumps(cfg))
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_no_tokenizer(world, folder):
+    m = copy_model(world, folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (m / f).unlink(missing_ok=True)
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_no_weights(world, folder):
+    m = copy_model(world, folder)
+    (m / "model.safetensors").unlink()
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_truncated_weights(world, folder):
+    m = copy_model(world, folder)
+    p = m / "model.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_nan_weights(world, folder):
+    m = copy_model(world, folder)
+
+    def f(t):
+        key = next(k for k in t if "layers.1.mlp.down_proj" in k)
+        t[key][0, 0] = float("nan")
+        return t
+
+    _rewrite(m / "model.safetensors", f)
+    return prune_args(world, folder / "out", model=m)
+
+
+def model_no_such_folder(world, folder):
+    return prune_args(world, folder / "out", model=folder / "nope")
+
+
+def data_bad_json(world, folder):
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", [pair_line(), "{not json"]))
+
+
+def data_missing_key(world, folder):
+    line = json.dumps({"text_clean": "w1 w2 w3", "text_corr": "w1 w2 w4", "io_clean": " w5"})
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", [line]))
+
+
+def data_wrong_type(world, folder):
+    line = json.dumps({"text_clean": "w1 w2 w3", "text_corr": "w1 w2 w4", "io_clean": 5, "s_clean": " w6"})
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", [line]))
+
+
+def data_not_object(world, folder):
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", ['["w1", "w2"]']))
+
+
+def data_empty(world, folder):
+    (folder / "d.jsonl").write_text("")
+    return prune_args(world, folder / "out", data=folder / "d.jsonl")
+
+
+def data_blank_lines(world, folder):
+    (folder / "d.jsonl").write_text("\n  \n\n")
+    return prune_args(world, folder / "out", data=folder / "d.jsonl")
+
+
+def data_binary(world, folder):
+    (folder / "d.jsonl").write_bytes(b"\xff\xfe\x00garbage\x80\x81\n")
+    return prune_args(world, folder / "out", data=folder / "d.jsonl")
+
+
+def data_no_such_file(world, folder):
+    return prune_args(world, folder / "out", data=folder / "nope.jsonl")
+
+
+def data_is_a_folder(world, folder):
+    return prune_args(world, folder / "out", data=folder)
+
+
+def data_corrupt_shorter(world, folder):
+    lines = [pair_line(), pair_line(clean="w1 w2 w3 w4 w5 w6 w7", corr="w1 w2 w3 w4")]
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", lines))
+
+
+def data_empty_target(world, folder):
+    lines = [pair_line(), pair_line(io="   ")]
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", lines))
+
+
+def data_too_long(world, folder):
+    lines = [pair_line(), pair_line(clean=" ".join(["w1"] * 200), corr=" ".join(["w2"] * 200))]
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", lines))
+
+
+def toy_not_built(world, folder):
+    from pie_lib import toy
+
+    if toy.toy_clt_path("llama").exists():
+        return prune_args(world, folder / "out", model="toy:nosuch", clt="toy:nosuch")
+    return prune_args(world, folder / "out", model="toy", clt="toy")
+
+
+def data_all_too_short(world, folder):
+    lines = [pair_line(clean="w1 w2", corr="w3 w4"), pair_line(clean="   ", corr="w3")]
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", lines), extra=["--min-tokens", "4"])
+
+
+def k_zero(world, folder):
+    return prune_args(world, folder / "out", extra=["--k", "0"])
+
+
+def k_negative(world, folder):
+    return prune_args(world, folder / "out", extra=["--k=-5"])
+
+
+def k_negative_spaced(world, folder):
+    return prune_args(world, folder / "out", extra=["--k", "-5"])
+
+
+def k_not_a_number(world, folder):
+    return prune_args(world, folder / "out", extra=["--k", "ten"])
+
+
+def k_frac_too_big(world, folder):
+    return prune_args(world, folder / "out", extra=["--k-frac", "1.5"])
+
+
+def methods_empty(world, folder):
+    return prune_args(world, folder / "out", extra=["--methods", ","])
+
+
+def methods_duplicate(world, folder):
+    return prune_args(world, folder / "out", extra=["--methods", "fap,random,fap"])
+
+
+def methods_unknown(world, folder):
+    return prune_args(world, folder / "out", extra=["--methods", "fap,magic"])
+
+
+def seeds_empty(world, folder):
+    return prune_args(world, folder / "out", extra=["--seeds", ","])
+
+
+def n_negative(world, folder):
+    return prune_args(world, folder / "out", extra=["--n=-2"])
+
+
+def batch_size_zero(world, folder):
+    return prune_args(world, folder / "out", extra=["--batch-size", "0"])
+
+
+def chunk_zero(world, folder):
+    return prune_args(world, folder / "out", extra=["--chunk", "0"])
+
+
+def gamma_out_of_range(world, folder):
+    return prune_args(world, folder / "out", extra=["--methods", "fap-signal", "--gamma", "0.7"])
+
+
+def dtype_unknown(world, folder):
+    return prune_args(world, folder / "out", extra=["--dtype", "float77"])
+
+
+def device_unknown(world, folder):
+    return prune_args(world, folder / "out", extra=["--device", "tpu:9"])
+
+
+def device_cuda_absent(world, folder):
+    if torch.cuda.is_available():  # pragma: no cover - only meaningful without a GPU
+        return prune_args(world, folder / "out", extra=["--device", "cuda:99"])
+    return prune_args(world, folder / "out", extra=["--device", "cuda"])
+
+
+def out_is_a_file(world, folder):
+    (folder / "out").write_text("I am a file\n")
+    return prune_args(world, folder / "out")
+
+
+def out_under_a_file(world, folder):
+    (folder / "f").write_text("I am a file\n")
+    return prune_args(world, folder / "f" / "out")
+
+
+def out_corrupt_config(world, folder):
+    (folder / "out").mkdir()
+    (folder / "out" / "config.json").write_text('{"identity": {"model": ')
+    return prune_args(world, folder / "out")
+
+
+def out_other_config(world, folder):
+    """A results folder written by a different configuration (here: another CLT)."""
+    (folder / "out").mkdir()
+    (folder / "out" / "config.json").write_text(json.dumps({"identity": {"model": str(world.model_dir),
+                                                                       "clt": "/some/other/clt"}}))
+    return prune_args(world, folder / "out")
+
+
+def out_corrupt_results(world, folder):
+    """A results.jsonl whose middle line is garbage (not a torn last line): refuse, say which line."""
+    args = prune_args(world, folder / "out")
+    from pie_lib.cli import build_parser, prune_config_from_args
+
+    cfg = prune_config_from_args(build_parser().parse_args(args))
+    (folder / "out").mkdir()
+    identity = json.loads(json.dumps(cfg.identity(), default=str))
+    (folder / "out" / "config.json").write_text(json.dumps({"identity": identity}))
+    (folder / "out" / "results.jsonl").write_text('{"method": "fap"}\n#garbage#\n{"method": "fap"}\n')
+    return args
+
+
+#: name -> (builder, regex that the one-line error must match (case-insensitive))
+CASES: dict[str, tuple[Callable, str]] = {
+    "clt_missing_layer": (clt_missing_layer, r"layer.*\[1\].*missing"),
+    "clt_missing_last_layer": (clt_missing_last_layer, r"(encoder layers.*decoder layers|layer.*missing)"),
+    "clt_truncated": (clt_truncated, r"W_dec_0\.safetensors.*(truncated|corrupt)"),
+    "clt_corrupt_header": (clt_corrupt_header, r"W_enc_1\.safetensors.*(corrupt|not a readable|truncated)"),
+    "clt_empty_file": (clt_empty_file, r"W_enc_0\.safetensors.*(truncated|corrupt)"),
+    "clt_wrong_shape": (clt_wrong_shape, r"W_dec_1 has shape \(48, 1, 32\), expected \(48, 2, 32\)"),
+    "clt_wrong_enc_shape": (clt_wrong_enc_shape, r"b_enc_2 has shape \(45,\), expected \(48,\)"),
+    "clt_missing_key": (clt_missing_key, r"W_enc_0\.safetensors.*missing tensor 'b_dec_0'"),
+    "clt_nan_encoder": (clt_nan_encoder, r"W_enc.*NaN or Inf"),
+    "clt_inf_decoder": (clt_inf_decoder, r"W_dec_0.*NaN or Inf"),
+    "clt_nan_threshold": (clt_nan_threshold, r"threshold.*NaN or Inf"),
+    "clt_int_dtype": (clt_int_dtype, r"W_enc_0 has dtype torch\.int32, expected a floating-point dtype"),
+    "clt_int_decoder": (clt_int_decoder, r"W_dec_1.*unsupported dtype I16"),
+    "clt_unknown_kind": (clt_unknown_kind, r"config\.yaml: model_kind 'sparse_autoencoder' is not supported"),
+    "clt_bad_yaml": (clt_bad_yaml, r"config\.yaml.*invalid YAML"),
+    "clt_is_a_file": (clt_is_a_file, r"W_enc_0\.safetensors is a file"),
+    "clt_no_such_folder": (clt_no_such_folder, r"CLT .*nope.*no such local folder"),
+    "clt_empty_folder": (clt_empty_folder, r"empty.*no W_enc_<i>\.safetensors"),
+    "model_small_d": (model_small_d, r"d_model 32 != model d_model 16"),
+    "model_two_layers": (model_two_layers, r"CLT has 3 layers but model .* has 2"),
+    "model_unknown_arch": (model_unknown_arch, r"'MistralForCausalLM' is not supported.*LlamaForCausalLM"),
+    "model_broken_config": (model_broken_config, r"model .*config\.json.*(could not be read|not a valid JSON)"),
+    "model_config_wrong_values": (model_config_wrong_values, r"model .*(config|weights)"),
+    "model_no_tokenizer": (model_no_tokenizer, r"model .*tokenizer"),
+    "model_no_weights": (model_no_weights, r"model .*weights"),
+    "model_truncated_weights": (model_truncated_weights, r"model .*weights"),
+    "model_nan_weights": (model_nan_weights, r"NaN/Inf logits on pair\(s\) \[0.*weights are corrupt"),
+    "model_no_such_folder": (model_no_such_folder, r"model .*nope.*(could not be read|no such)"),
+    "data_bad_json": (data_bad_json, r"d\.jsonl:2: invalid JSON"),
+    "data_missing_key": (data_missing_key, r"d\.jsonl:1: missing key.*s_clean"),
+    "data_wrong_type": (data_wrong_type, r"d\.jsonl:1: .*io_clean.*non-empty strings"),
+    "data_not_object": (data_not_object, r"d\.jsonl:1: expected a JSON object"),
+    "data_empty": (data_empty, r"d\.jsonl.*no pairs"),
+    "data_blank_lines": (data_blank_lines, r"d\.jsonl.*no pairs"),
+    "data_binary": (data_binary, r"d\.jsonl.*(UTF-8|invalid JSON)"),
+    "data_no_such_file": (data_no_such_file, r"nope\.jsonl.*no such file"),
+    "data_is_a_folder": (data_is_a_folder, r"is a (folder|directory)"),
+    "data_corrupt_shorter": (data_corrupt_shorter, r"pair 1: corrupted prompt has 5 tokens but the clean prompt has 8"),
+    "data_empty_target": (data_empty_target, r"pair 1: io_clean '   ' tokenises to nothing"),
+    "data_too_long": (data_too_long, r"pair 1: clean prompt has 201 tokens, more than the model's 128 positions"),
+    "toy_not_built": (toy_not_built, r"toy world .* is not built.*pie_lib\.toy\.build"),
+    "data_all_too_short": (data_all_too_short, r"no usable pairs.*min_tokens"),
+    "k_zero": (k_zero, r"budgets \[0\] must be positive"),
+    "k_negative": (k_negative, r"budgets \[-5\] must be positive"),
+    "k_negative_spaced": (k_negative_spaced, r"(--k.*expected one argument|budgets \[-5\] must be positive)"),
+    "k_not_a_number": (k_not_a_number, r"--k.*comma-separated integers.*'ten'"),
+    "k_frac_too_big": (k_frac_too_big, r"fractions \[1\.5\] must be in \(0, 1\]"),
+    "methods_empty": (methods_empty, r"no methods given"),
+    "methods_duplicate": (methods_duplicate, r"\['fap'\] listed twice"),
+    "methods_unknown": (methods_unknown, r"unknown method.*'magic'.*choose from"),
+    "seeds_empty": (seeds_empty, r"no seeds"),
+    "n_negative": (n_negative, r"--n.*-2"),
+    "batch_size_zero": (batch_size_zero, r"--batch-size.*0.*positive"),
+    "chunk_zero": (chunk_zero, r"--chunk.*0.*positive"),
+    "gamma_out_of_range": (gamma_out_of_range, r"gamma=0\.7 must be in \(0, 0\.5\)"),
+    "dtype_unknown": (dtype_unknown, r"dtype.*float77"),
+    "device_unknown": (device_unknown, r"device.*tpu:9"),
+    "device_cuda_absent": (device_cuda_absent, r"device.*cuda.*(not available|no such)"),
+    "out_is_a_file": (out_is_a_file, r"--out .*out.* is a file"),
+    "out_under_a_file": (out_under_a_file, r"--out .*f.*(is a file|not a directory)"),
+    "out_corrupt_config": (out_corrupt_config, r"config\.json.*(corrupt|invalid JSON)"),
+    "out_other_config": (out_other_config, r"different configuration.*clt"),
+    "out_corrupt_results": (out_corrupt_results, r"results\.jsonl:2: corrupt line"),
+}
