@@ -180,12 +180,38 @@ class PatchEvaluator:
             # position of each selected occurrence inside this layer's list -> its decoder row
             local = torch.searchsorted(lr.occ_idx, occ_idx[sel])
             u = lr.occ_u[local.to(lr.occ_u.device)]
-            C = torch.zeros(n_var, T, lr.feats.numel(), device=lr.rows.device, dtype=lr.rows.dtype)
-            C.index_put_((var[sel].to(C.device), self.occ.pos[occ_idx[sel]].to(C.device), u), coef[sel].to(C), accumulate=True)
+            v_e = var[sel].to(lr.rows.device)
+            t_e = self.occ.pos[occ_idx[sel]].to(lr.rows.device)
+            c_e = coef[sel].to(lr.rows.device, lr.rows.dtype)
             n_out = lr.rows.shape[1]
-            w = torch.einsum("vtu,usd->svtd", C, lr.rows)
-            out[layer : layer + n_out] += w.to(out.device, out.dtype)
+            if sel.numel() * 8 >= n_var * T * lr.feats.numel():
+                # dense: many entries per (variant, position) -- one matmul over the layer's features
+                C = torch.zeros(n_var, T, lr.feats.numel(), device=lr.rows.device, dtype=lr.rows.dtype)
+                C.index_put_((v_e, t_e, u), c_e, accumulate=True)
+                out[layer : layer + n_out] += torch.einsum("vtu,usd->svtd", C, lr.rows).to(out.dtype)
+            else:
+                self._scatter_writes(out, layer, v_e, t_e, u, c_e, lr.rows, n_var)
         return out
+
+    @staticmethod
+    def _scatter_writes(out: torch.Tensor, layer: int, v: torch.Tensor, t: torch.Tensor, u: torch.Tensor,
+                        coef: torch.Tensor, rows: torch.Tensor, n_var: int, max_values: int = 1 << 24) -> None:
+        """Sparse path: add ``coef_e · rows[u_e, s]`` at (layer + s, v_e, t_e) for every entry e.
+
+        Few entries per variant (single or pair removals, kept sets of small K): gathering their rows
+        costs E·n_out·D instead of the dense path's V·T·U·n_out·D. Entries go in chunks so the
+        gathered rows stay under ``max_values`` values.
+        """
+        L, _, T, D = out.shape
+        n_out = rows.shape[1]
+        flat = out.view(-1, D)
+        s = torch.arange(n_out, device=out.device)
+        step = max(1, max_values // (n_out * D))
+        for lo in range(0, u.numel(), step):
+            hi = lo + step
+            w = rows[u[lo:hi]] * coef[lo:hi, None, None]  # [E, n_out, D]
+            idx = ((layer + s[None, :]) * n_var + v[lo:hi, None].to(out.device)) * T + t[lo:hi, None].to(out.device)
+            flat.index_add_(0, idx.flatten(), w.reshape(-1, D).to(out.dtype))
 
     def null_offsets(self) -> torch.Tensor:
         """``[L, B, T, D]``: every active occurrence of each prompt removed."""
