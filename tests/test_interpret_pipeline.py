@@ -9,6 +9,8 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+
+from pie_lib.errors import PieError
 import torch
 
 from fake_llm_server import FakeLLMServer, build_tiny_world
@@ -263,8 +265,13 @@ def test_cli_parsers_run_offline(world, tmp_path):
     args = parser.parse_args(["evaluate", "--descriptions", str(out / "descriptions.parquet"), "--protocol", "pie",
                               "--no-progress"])
     assert args.func(args) == 0 and len(pd.read_parquet(out / "fade_pie.parquet")) == 2
-    args = parser.parse_args(["interpret", "--selections", str(tmp_path / "missing.jsonl"), "--out", str(out)])
-    assert args.func(args) == 2
+    from pie_lib.cli import main
+
+    # errors travel to the `pie` entry point, which prints one line and exits 2
+    with pytest.raises(PieError, match="missing.jsonl"):
+        args = parser.parse_args(["interpret", "--selections", str(tmp_path / "missing.jsonl"), "--out", str(out)])
+        args.func(args)
+    assert main(["interpret", "--selections", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
 
 
 def test_effective_budget_cost_saving_from_measured_counts():

@@ -102,31 +102,24 @@ def _parse_features(spec: str) -> list[tuple[int, int]]:
         raise PieError(f"--features {spec!r}: expected 'layer:feature,layer:feature'") from None
 
 
-def _fail(exc: PieError) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
-
-
 def run_interpret(args: argparse.Namespace) -> int:
     """Handler of ``pie interpret``."""
     from pie_lib.interpret.pipeline import InterpretConfig, interpret
 
-    try:
-        cfg = InterpretConfig(max_features=args.max_features)
-        cfg.corpus.source, cfg.corpus.n_docs, cfg.corpus.ctx_len = args.corpus, args.n_docs, args.ctx_len
-        cfg.corpus.text_field, cfg.corpus.split, cfg.corpus.hf_config = args.text_field, args.split, args.hf_config
-        cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
-        cfg.explain.max_examples = args.max_examples
-        if args.selections is None and args.features is None:
-            raise PieError("pie interpret needs --selections (from `pie prune`) or --features")
-        table = interpret(
-            args.selections, features=_parse_features(args.features) if args.features else None,
-            method=args.method, k=args.k, model=args.model, clt=args.clt, device=args.device,
-            remote=bool(args.remote), corpus=None, llm=_llm_config(args), out=args.out, config=cfg,
-            progress=not args.no_progress,
-        )
-    except PieError as exc:
-        return _fail(exc)
+    # PieErrors propagate to pie_lib.cli.main, which prints "pie interpret: error: ..." and exits 2
+    cfg = InterpretConfig(max_features=args.max_features)
+    cfg.corpus.source, cfg.corpus.n_docs, cfg.corpus.ctx_len = args.corpus, args.n_docs, args.ctx_len
+    cfg.corpus.text_field, cfg.corpus.split, cfg.corpus.hf_config = args.text_field, args.split, args.hf_config
+    cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
+    cfg.explain.max_examples = args.max_examples
+    if args.selections is None and args.features is None:
+        raise PieError("pie interpret needs --selections (from `pie prune`) or --features")
+    table = interpret(
+        args.selections, features=_parse_features(args.features) if args.features else None,
+        method=args.method, k=args.k, model=args.model, clt=args.clt, device=args.device,
+        remote=bool(args.remote), corpus=None, llm=_llm_config(args), out=args.out, config=cfg,
+        progress=not args.no_progress,
+    )
     counts = table["status"].value_counts().to_dict()
     print(f"{len(table)} features -> {args.out}/descriptions.parquet; status {counts}; "
           f"{int(table['calls'].sum())} calls, {int(table['prompt_tokens'].sum())} + "
@@ -138,15 +131,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``pie evaluate``."""
     from pie_lib.fade.protocol import ProtocolConfig, evaluate
 
-    try:
-        pc = ProtocolConfig.named(args.protocol)
-        pc.seed = args.seed
-        table = evaluate(
-            args.descriptions, protocol=pc, llm=_llm_config(args), model=args.model, clt=args.clt, device=args.device,
-            remote=args.remote, out=args.out, max_features=args.max_features, progress=not args.no_progress,
-        )
-    except PieError as exc:
-        return _fail(exc)
+    pc = ProtocolConfig.named(args.protocol)
+    pc.seed = args.seed
+    table = evaluate(
+        args.descriptions, protocol=pc, llm=_llm_config(args), model=args.model, clt=args.clt, device=args.device,
+        remote=args.remote, out=args.out, max_features=args.max_features, progress=not args.no_progress,
+    )
     means = table[["clarity", "responsiveness", "purity", "faithfulness"]].mean(numeric_only=True).round(3).to_dict()
     print(f"{len(table)} features scored ({args.protocol}); means {means}; status {table['status'].value_counts().to_dict()}")
     return 1 if (table["status"] == "request_failed").any() else 0

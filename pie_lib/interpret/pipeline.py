@@ -220,7 +220,6 @@ def interpret(
     if backend is not None:
         llm_cfg.backend = backend  # type: ignore[assignment]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if llm_cfg.backend != "offline" and llm_cfg.cache_dir is None:
         llm_cfg.cache_dir = out / "llm_cache"
     llm_cfg = llm_cfg.resolved()
@@ -234,9 +233,17 @@ def interpret(
     if cfg.max_features is not None:
         feats = feats.head(cfg.max_features)
     keys = [(int(l), int(f)) for l, f in zip(feats["layer"], feats["feature"])]
-    write_parquet_atomic(feats, out / "features.parquet")
 
     lm, tc, identity = resolve_world(model, clt, device, remote)
+    bad = [(l, f) for l, f in keys if not (0 <= l < tc.n_layers and 0 <= f < tc.n_features)]
+    if bad:
+        raise DataFormatError(
+            f"feature(s) {bad[:5]} do not exist in this CLT ({tc.n_layers} layers x {tc.n_features} features); "
+            "were the selections made with another CLT?"
+        )
+    # nothing is written before the inputs have been checked
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(feats, out / "features.parquet")
     write_json_atomic({
         **identity, "device": str(lm.device), "remote": remote, "selections": None if selections is None or not isinstance(
             selections, (str, os.PathLike)) else str(selections), "method": method, "k": k,
