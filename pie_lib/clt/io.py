@@ -274,6 +274,7 @@ def save_clt(
         _expect(w.shape, (F, L - i, D), f"save_clt: W_dec[{i}]")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a checkpoint folder should be readable like any other
     cfg = {
         "model_kind": "cross_layer_transcoder",
         "feature_input_hook": "hook_resid_mid",

@@ -331,11 +331,10 @@ def docstring_pairs(
         descs = [random_description(rng) for _ in range(k)]
         if pair_filter is not None and not pair_filter(clean_args, k):
             return None
-        # The corrupted prompt keeps the docstring (documenting the clean names) but not the def.
         clean = docstring_text(fn, clean_args, descs, doc, k)
-        corr = DOCSTRING_HEADER.format(fn=fn, args=", ".join(corr_args), desc=doc) + clean[
-            len(DOCSTRING_HEADER.format(fn=fn, args=", ".join(clean_args), desc=doc)) :
-        ]
+        # The corrupted prompt keeps the docstring (documenting the clean names) but not the def.
+        clean_header = DOCSTRING_HEADER.format(fn=fn, args=", ".join(clean_args), desc=doc)
+        corr = DOCSTRING_HEADER.format(fn=fn, args=", ".join(corr_args), desc=doc) + clean[len(clean_header) :]
         meta = {"task": "docstring", "function": fn, "args": clean_args, "corr_args": corr_args, "target_index": k}
         return clean, corr, clean_args[k], corr_args[k], meta
 

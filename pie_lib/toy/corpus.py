@@ -60,8 +60,8 @@ FILLER_TEMPLATES: tuple[str, ...] = (
 class CorpusConfig:
     """Mixture weights of the training corpus (they need not sum to 1)."""
 
-    p_ioi: float = 0.45
-    p_docstring: float = 0.30
+    p_ioi: float = 0.30
+    p_docstring: float = 0.45  # the Doc-String circuit takes longer to form than IOI's
     p_filler: float = 0.25
     min_args: int = 3
     max_args: int = 5
@@ -106,22 +106,29 @@ def _filler(rng: random.Random) -> str:
     )
 
 
-def training_texts(n: int, seed: int, cfg: CorpusConfig | None = None) -> list[str]:
-    """``n`` training texts (one IOI sentence, function or filler sentence each), seeded."""
+KINDS: tuple[str, ...] = ("ioi", "docstring", "filler")
+
+
+def training_texts(n: int, seed: int, cfg: CorpusConfig | None = None) -> tuple[list[str], list[str]]:
+    """``n`` training texts (one IOI sentence, function or filler sentence each), seeded.
+
+    Returns:
+        (texts, kinds) with each kind in :data:`KINDS`.
+    """
     cfg = cfg or CorpusConfig()
     rng = random.Random(seed)
-    kinds = ("ioi", "docstring", "filler")
     weights = (cfg.p_ioi, cfg.p_docstring, cfg.p_filler)
-    out = []
+    texts, kinds = [], []
     for _ in range(n):
-        kind = rng.choices(kinds, weights)[0]
+        kind = rng.choices(KINDS, weights)[0]
         if kind == "ioi":
-            out.append(_ioi_sentence(rng, IOI_TRAIN_TEMPLATES, heldout=False))
+            texts.append(_ioi_sentence(rng, IOI_TRAIN_TEMPLATES, heldout=False))
         elif kind == "docstring":
-            out.append(_docstring_function(rng, cfg))
+            texts.append(_docstring_function(rng, cfg))
         else:
-            out.append(_filler(rng))
-    return out
+            texts.append(_filler(rng))
+        kinds.append(kind)
+    return texts, kinds
 
 
 def heldout_texts(n: int, seed: int) -> list[str]:
