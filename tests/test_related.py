@@ -343,7 +343,11 @@ def test_run_prune_end_to_end(world, tmp_path):
     assert len(df) == len(methods) * 3 * 4
     assert (df.n_kept == df.k_eff).all()
     full = df[df.k == 1000]
-    assert np.allclose(full.faithfulness.dropna(), 1.0, atol=1e-4)  # keeping everything = the clean run
+    # keeping everything = the clean run (compare metrics: the faithfulness ratio is ill-conditioned
+    # when m_clean is close to m_null)
+    assert np.allclose(full.m_circuit, full.m_clean, atol=1e-4, rtol=1e-4) and (full.kl < 1e-5).all()
+    ok = (full.m_clean - full.m_null).abs() > 0.1
+    assert np.allclose(full.faithfulness[ok], 1.0, atol=1e-3)
     out = cpr_cmd(df)
     assert set(out.method) == set(methods) and out.cpr.notna().all()
     t = mask_timings()
