@@ -497,7 +497,7 @@ CASES: dict[str, tuple[Callable, str]] = {
     "data_corrupt_shorter": (data_corrupt_shorter, r"pair 1: corrupted prompt has 5 tokens but the clean prompt has 8"),
     "data_empty_target": (data_empty_target, r"pair 1: io_clean '   ' tokenises to nothing"),
     "data_too_long": (data_too_long, r"pair 1: clean prompt has 201 tokens, more than the model's 128 positions"),
-    "toy_not_built": (toy_not_built, r"toy world .* is not built.*pie_lib\.toy\.build"),
+    "toy_not_built": (toy_not_built, r"(toy world .* is not built.*pie_lib\.toy\.build|unknown toy arch 'nosuch')"),
     "data_all_too_short": (data_all_too_short, r"no usable pairs.*min_tokens"),
     "k_zero": (k_zero, r"budgets \[0\] must be positive"),
     "k_negative": (k_negative, r"budgets \[-5\] must be positive"),

@@ -19,19 +19,23 @@ from pie_lib.prune.occurrences import Occurrences
 from pie_lib.prune.patching import PatchEvaluator, Variants
 
 
-def rank_within(groups: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_within(groups: torch.Tensor, key: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank of every element inside its group by descending ``key`` (stable: ties keep index order).
 
     Args:
-        groups: ``[N]`` int group id (prompt, or prompt*L + layer); key: ``[N]``.
+        groups: ``[N]`` int group id (prompt, or prompt*L + layer).
+        key: ``[N]``, or a list of ``[N]`` keys, most significant first (lexicographic).
     Returns:
         (order ``[N]``: indices sorted by (group, -key); rank ``[N]``: 0 = best in its group).
     """
-    n = key.numel()
+    keys = key if isinstance(key, list) else [key]
+    n = groups.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    by_key = torch.argsort(-key.double(), stable=True)
-    order = by_key[torch.argsort(groups[by_key], stable=True)]
+    order = torch.arange(n)
+    for k in reversed(keys):  # least significant first; each stable sort keeps the earlier order
+        order = order[torch.argsort(-k.double()[order], stable=True)]
+    order = order[torch.argsort(groups[order], stable=True)]
     sorted_groups = groups[order]
     first = torch.ones(n, dtype=torch.bool)
     first[1:] = sorted_groups[1:] != sorted_groups[:-1]

@@ -138,6 +138,10 @@ def resolve_checkpoints(model: str, clt: str) -> tuple[str, str]:
     def res(x: str, kind: str) -> str:
         if x == "toy" or x.startswith("toy:"):
             arch = x.split(":", 1)[1] if ":" in x else "llama"
+            if arch not in toy.ARCHS:
+                raise WeightsUnavailableError(
+                    f"unknown toy arch {arch!r} in --{kind} {x}; the toy world has {', '.join(toy.ARCHS)} (e.g. toy:gpt2)"
+                )
             path = toy.toy_model_path(arch) if kind == "model" else toy.toy_clt_path(arch)
             if not Path(path).exists():
                 raise WeightsUnavailableError(

@@ -9,26 +9,13 @@ from __future__ import annotations
 import torch
 
 from pie_lib.prune.occurrences import Occurrences
-from pie_lib.prune.select import Budget, budget_per_prompt
+from pie_lib.prune.select import Budget, budget_per_prompt, rank_within
 
 
 def lex_rank_within(groups: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
     """Rank ``[N]`` (0 = best) of every element inside its group, by ``keys`` descending,
     most significant key first; ties beyond the last key keep index order."""
-    n = groups.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long)
-    order = torch.arange(n)
-    for key in reversed(keys):  # least significant first; each stable sort keeps the earlier order
-        order = order[torch.argsort(-key.double()[order], stable=True)]
-    order = order[torch.argsort(groups[order], stable=True)]
-    sg = groups[order]
-    first = torch.ones(n, dtype=torch.bool)
-    first[1:] = sg[1:] != sg[:-1]
-    starts = torch.cummax(torch.where(first, torch.arange(n), torch.zeros(n, dtype=torch.long)), 0).values
-    rank = torch.empty(n, dtype=torch.long)
-    rank[order] = torch.arange(n) - starts
-    return rank
+    return rank_within(groups, list(keys))[1]
 
 
 def topk_lex(occ: Occurrences, keys: list[torch.Tensor], k: Budget) -> torch.Tensor:
