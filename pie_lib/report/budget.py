@@ -1,0 +1,78 @@
+"""The Effective-Budget report: tables and figure of "reference at K_ref matches baselines at K_cmp".
+
+One call per (K_ref, K_cmp) comparison writes, from the sweep rows only:
+
+- ``effective_budget_means[<sfx>]`` -- the paper's line: mean ± std of the reference at K_ref and
+  of FAP / CLT-RelP at K_cmp (:func:`pie_lib.report.tables.effective_budget_means`);
+- ``effective_budget[<sfx>]`` -- K_eff per baseline with its bootstrap CI, the budget saving
+  ``1 - K_ref / K_eff``, TOST of reference@K_ref against baseline@K_cmp and paired tests
+  (:func:`pie_lib.stats.effective_budget_table`);
+- the figure ``effective_budget[<sfx>]`` (:func:`pie_lib.report.plots.plot_effective_budget`).
+
+``<sfx>`` is empty for the paper's K=50 vs 75 and ``_k<ref>_<cmp>`` otherwise (e.g. the toy
+world's unsaturated analog K=8 vs 12); figure names get the model suffix of
+:func:`pie_lib.report.runs.fig_name`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from pie_lib.report import plots, tables
+from pie_lib.report.runs import fig_name, slug
+
+
+def suffix(k_ref: int, k_cmp: int) -> str:
+    """"" for the paper's comparison (50 vs 75), "_k<ref>_<cmp>" for any other."""
+    return "" if (int(k_ref), int(k_cmp)) == (50, 75) else f"_k{int(k_ref)}_{int(k_cmp)}"
+
+
+def effective_budget_report(
+    df: pd.DataFrame,
+    figures: str | Path,
+    model: str = "toy",
+    reference: str = "fap-synergy",
+    k_ref: int = 50,
+    k_cmp: int = 75,
+    baselines: Sequence[str] = ("fap", "clt-relp", "act-mag", "random"),
+    margin: float = 0.1,
+    relative: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
+    """Write the Effective-Budget tables and figure of one comparison; return the tables.
+
+    Args:
+        df: sweep rows with absolute budgets (``budget == "abs"``) including ``k_ref``, ``k_cmp``
+            and a ladder around them, for the reference and every baseline, over >= 1 seed.
+        figures: figure folder (tables go to ``<figures>/tables``). model: names the files.
+        margin, relative: TOST bounds ±margin (relative: a fraction of the baseline's mean).
+    Returns:
+        ``{"line": ..., "line_data": ..., "table": ..., "table_data": ...}`` (formatted / numeric).
+    """
+    from pie_lib.stats import effective_budget_table, format_effective_budget_table
+
+    d = df[df["budget"] == "abs"] if "budget" in df.columns else df
+    sfx = suffix(k_ref, k_cmp)
+    tab_dir = Path(figures) / "tables"
+    pair = [b for b in ("fap", "clt-relp") if b in baselines] or list(baselines)[:1]
+    line, line_data = tables.effective_budget_means(d, reference, k_ref, k_cmp, pair, model=slug(model))
+    tables.write_table(line, fig_name(f"effective_budget_means{sfx}", model), tab_dir, data=line_data,
+                       caption=f"Effective budget: {tables.label(reference)} at K={k_ref} vs baselines at K={k_cmp} "
+                               "(mean ± std of last-token KL over seeds and prompts)")
+    eb = effective_budget_table(d, reference, k_ref, k_cmp, list(baselines), margin=margin, relative=relative,
+                                n_boot=n_boot, seed=seed)
+    eb_fmt = format_effective_budget_table(eb)
+    kind = f"±{100 * margin:g}% of the baseline's mean" if relative else f"±{margin:g}"
+    tables.write_table(eb_fmt, fig_name(f"effective_budget{sfx}", model), tab_dir, data=eb,
+                       caption=f"Effective budget of {tables.label(reference)} at K={k_ref}: K_eff with 95% CI, "
+                               f"budget saving, TOST at K={k_cmp} (margin {kind})")
+    plots.plot_effective_budget(d, figures, fig_name(f"effective_budget{sfx}", model), reference, k_ref, k_cmp,
+                                [b for b in baselines if b != "random"] or list(baselines), eb_table=eb, n_boot=n_boot)
+    return {"line": line, "line_data": line_data, "table": eb_fmt, "table_data": eb}
+
+
+__all__ = ["effective_budget_report", "suffix"]
