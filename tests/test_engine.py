@@ -150,3 +150,45 @@ def _mismatch(worlds):
     clt = copy.copy(worlds["llama"].clt)
     clt.W_enc = clt.W_enc[:2]
     worlds["llama"].model.check_clt(clt)
+
+
+def test_foreign_clt_on_gpt2_reconstructs_with_independent_fvu(tiny_worlds, tmp_path):
+    """A CLT folder written by hand (as another tool would), on a GPT-2 model in a local folder:
+    pie_lib's FVU equals a numpy computation from the raw safetensors and hooks."""
+    import numpy as np
+    import yaml
+    from safetensors.numpy import load_file, save_file
+
+    from pie_lib.clt import load_clt
+    from pie_lib.models.loading import load_model
+
+    w = tiny_worlds["gpt2"]
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder",
+                                                        "feature_input_hook": "hook_resid_mid",
+                                                        "feature_output_hook": "hook_mlp_out"}))
+    for i in range(w.clt.n_layers):
+        src_enc = load_file(str(w.clt_dir / f"W_enc_{i}.safetensors"))
+        save_file({k: v.copy() for k, v in src_enc.items()}, str(folder / f"W_enc_{i}.safetensors"))
+        save_file(load_file(str(w.clt_dir / f"W_dec_{i}.safetensors")), str(folder / f"W_dec_{i}.safetensors"))
+    model = load_model(w.model_dir, device="cpu")
+    clt = load_clt(folder)
+    ids = _ids(w)
+    cache = run_with_cache(model, ids)
+    ours = fvu(clt.decode(clt.encode(cache.resid_mid)), cache.mlp_out)
+    resid, outs, _ = _torch_hook_capture(model, ids)
+    L = clt.n_layers
+    acts = []
+    for l in range(L):
+        t = load_file(str(folder / f"W_enc_{l}.safetensors"))
+        pre = resid[l].numpy().astype(np.float64) @ t[f"W_enc_{l}"].T.astype(np.float64) + t[f"b_enc_{l}"]
+        acts.append(pre * (pre > t[f"threshold_{l}"]))
+    expected = []
+    for s in range(L):
+        rec = load_file(str(folder / f"W_enc_{s}.safetensors"))[f"b_dec_{s}"].astype(np.float64)
+        rec = rec + sum(acts[l] @ load_file(str(folder / f"W_dec_{l}.safetensors"))[f"W_dec_{l}"][:, s - l] for l in range(s + 1))
+        y = outs[s].numpy().astype(np.float64).reshape(-1, rec.shape[-1])
+        r = rec.reshape(-1, y.shape[-1])
+        expected.append(((y - r) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    np.testing.assert_allclose(ours.numpy(), np.array(expected), rtol=1e-4)
