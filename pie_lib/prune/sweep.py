@@ -284,55 +284,29 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
             t0 = time.perf_counter()
             ctx = BatchContext(model, clt, batch, cfg.scoring)
             counts = ctx.occ.counts().cpu()
-            memo: dict[tuple[str, str], tuple] = {}  # seed-independent (method, K) -> (keep, scores, ev, j)
+            # (method, K label, seed or None for seed-independent methods) -> its outcome, so a
+            # deterministic method is selected and evaluated once however many seeds share the prompts
+            outcomes: dict[tuple[str, str, int | None], _Outcome] = {}
             for seed in seeds:
                 if not todo[seed]:
                     continue
-                keeps, scores_of, labels, fresh = [], [], [], []
-                for m, lab, val in todo[seed]:
-                    key = (m.name, lab)
-                    if not m.seeded and key in memo:
-                        labels.append((m.name, lab, memo[key][3]))
-                        continue
-                    if lab.startswith("f"):
-                        kv = torch.clamp(torch.ceil(val * counts.double()).long(), min=1)
-                    else:
-                        kv = torch.full((batch.size,), int(val), dtype=torch.long)
+                wanted = [(m, lab, val, (m.name, lab, seed if m.seeded else None)) for m, lab, val in todo[seed]]
+                fresh = [w for w in wanted if w[3] not in outcomes]
+                selected = []
+                for m, lab, val, key in fresh:
+                    kv = _budgets(lab, val, counts)
                     clipped += int((kv > counts).sum())
-                    keep, sc = m.select(ctx, kv, seed, cfg.params)
-                    fresh.append((key, keep, sc, kv, m.seeded))
-                    labels.append((m.name, lab, kv))
-                if fresh:
-                    ev = evaluate_keep_masks(ctx, torch.stack([f[1] for f in fresh]))
-                    for j, (key, keep, sc, kv, seeded) in enumerate(fresh):
-                        entry = (keep, sc, {n: (v[j] if v.dim() == 2 else v) for n, v in ev.items()}, kv)
-                        memo[key] = entry if not seeded else memo.get(key, entry)
-                        if seeded:
-                            memo[("seeded",) + key] = entry
+                    selected.append((key, *m.select(ctx, kv, seed, cfg.params), kv))
+                if selected:
+                    ev = evaluate_keep_masks(ctx, torch.stack([x[1] for x in selected]))
+                    for j, (key, keep, sc, kv) in enumerate(selected):
+                        outcomes[key] = _Outcome(keep, sc, {n: (v[j] if v.dim() == 2 else v) for n, v in ev.items()}, kv)
                 secs = (time.perf_counter() - t0) / batch.size
                 rows, sels = [], []
-                for name, lab, kv in labels:
-                    m_seeded = next(m.seeded for m in methods if m.name == name)
-                    keep, sc, ev1, kv = memo[("seeded", name, lab)] if m_seeded else memo[(name, lab)]
-                    for b, p in enumerate(pidx):
-                        if (name, lab, seed, p) in done:
-                            continue
-                        rows.append({
-                            "method": name, "k": _k_value(lab), "budget": "frac" if lab.startswith("f") else "abs",
-                            "seed": seed, "prompt_idx": p, "n_active": int(ev1["n_active"][b]),
-                            "k_eff": int(min(kv[b], ev1["n_active"][b])), "n_kept": int(ev1["n_kept"][b]),
-                            "kl": float(ev1["kl"][b]), "pred_change": bool(ev1["pred_change"][b]),
-                            "faithfulness": float(ev1["faithfulness"][b]), "completeness": float(ev1["completeness"][b]),
-                            "m_clean": float(ev1["m_clean"][b]), "m_null": float(ev1["m_null"][b]),
-                            "m_circuit": float(ev1["m_circuit"][b]), "m_complement": float(ev1["m_complement"][b]),
-                            "kl_null": float(ev1["kl_null"][b]), "task": task_name, "seconds": secs,
-                        })
-                        kept = (keep & (ctx.occ.prompt.cpu() == b)).nonzero().squeeze(-1)
-                        sels.append({
-                            "method": name, "k": _k_value(lab), "budget": "frac" if lab.startswith("f") else "abs",
-                            "seed": seed, "prompt_idx": p, "n_active": int(ev1["n_active"][b]),
-                            "occurrences": ctx.occ.triples(kept), "scores": [round(float(x), 7) for x in sc[kept]],
-                        })
+                for m, lab, _, key in wanted:
+                    r, sl = _rows(outcomes[key], ctx, m.name, lab, seed, pidx, done, task_name, secs)
+                    rows += r
+                    sels += sl
                 start_folder()
                 append_jsonl(sel_path, sels)  # selections first: a row is finished once its result is written
                 append_jsonl(res_path, rows)
@@ -343,6 +317,47 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     df = load_results(out)
     write_parquet(df, out / "results.parquet")
     return df
+
+
+@dataclass
+class _Outcome:
+    """One (method, K) selection of a batch and its evaluation (``ev`` values are ``[B]``)."""
+
+    keep: torch.Tensor
+    scores: torch.Tensor
+    ev: dict[str, torch.Tensor]
+    budgets: torch.Tensor
+
+
+def _budgets(label: str, value: float, counts: torch.Tensor) -> torch.Tensor:
+    """``[B]`` budget per prompt: K itself, or ceil(fraction × active set) for a fraction ladder."""
+    if label.startswith("f"):
+        return torch.clamp(torch.ceil(value * counts.double()).long(), min=1)
+    return torch.full((counts.numel(),), int(value), dtype=torch.long)
+
+
+def _rows(o: _Outcome, ctx: BatchContext, name: str, label: str, seed: int, pidx: list[int],
+          done: set, task: str, secs: float) -> tuple[list[dict], list[dict]]:
+    """Result rows and selection records of one outcome, for the prompts not finished yet."""
+    rows, sels = [], []
+    ev, prompt = o.ev, ctx.occ.prompt.cpu()
+    base = {"method": name, "k": _k_value(label), "budget": "frac" if label.startswith("f") else "abs", "seed": seed}
+    for b, p in enumerate(pidx):
+        if (name, label, seed, p) in done:
+            continue
+        n_active = int(ev["n_active"][b])
+        rows.append({
+            **base, "prompt_idx": p, "n_active": n_active, "k_eff": int(min(o.budgets[b], n_active)),
+            "n_kept": int(ev["n_kept"][b]), "kl": float(ev["kl"][b]), "pred_change": bool(ev["pred_change"][b]),
+            "faithfulness": float(ev["faithfulness"][b]), "completeness": float(ev["completeness"][b]),
+            "m_clean": float(ev["m_clean"][b]), "m_null": float(ev["m_null"][b]),
+            "m_circuit": float(ev["m_circuit"][b]), "m_complement": float(ev["m_complement"][b]),
+            "kl_null": float(ev["kl_null"][b]), "task": task, "seconds": secs,
+        })
+        kept = (o.keep & (prompt == b)).nonzero().squeeze(-1)
+        sels.append({**base, "prompt_idx": p, "n_active": n_active, "occurrences": ctx.occ.triples(kept),
+                     "scores": [round(float(x), 7) for x in o.scores[kept]]})
+    return rows, sels
 
 
 def _finished_rows(res_path: Path) -> set[tuple[str, str, int, int]]:
