@@ -78,6 +78,20 @@ def write_atomic(path: str | os.PathLike, writer) -> Path:
     return path
 
 
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> int:
+    """Delete temp files that :func:`write_atomic` left for ``names`` when a run was killed mid-write.
+
+    They are named ``.<name>.<random>``; only this module creates them, so they are never real data.
+    """
+    folder = Path(folder)
+    n = 0
+    for name in names:
+        for tmp in folder.glob(f".{name}.*"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda p: df.to_parquet(p, index=False))
 

@@ -303,3 +303,14 @@ def test_sweep_determinism_resume_and_columns(llama_world, tmp_path):
     piv = df[df.k == 5].pivot_table(index=["method", "prompt_idx"], columns="seed", values="kl")
     assert np.allclose(piv.loc["fap"][0], piv.loc["fap"][1])
     assert not np.allclose(piv.loc["random"][0], piv.loc["random"][1])
+
+
+def test_stale_atomic_write_temps_are_removed_on_rerun(llama_world, tmp_path):
+    out = tmp_path / "o"
+    cfg = PruneConfig(model=str(llama_world.model_dir), clt=str(llama_world.clt_dir), data=str(llama_world.pairs_path),
+                      n=2, methods=["fap"], k=[5], seeds=[0], out=str(out), batch_size=2, progress=False)
+    run_prune(cfg, model=llama_world.model, clt=llama_world.clt)
+    stale = out / ".results.parquet.abc123"  # what a SIGKILL inside write_atomic leaves behind
+    stale.write_bytes(b"half a parquet")
+    run_prune(cfg, model=llama_world.model, clt=llama_world.clt)
+    assert not stale.exists() and (out / "results.parquet").exists()

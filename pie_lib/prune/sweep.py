@@ -34,7 +34,7 @@ from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.evaluate import evaluate_keep_masks
 from pie_lib.prune.methods import MethodParams, get_methods
 from pie_lib.prune.occurrences import tokenize_pairs
-from pie_lib.store import append_jsonl, read_jsonl, write_json, write_parquet
+from pie_lib.store import remove_stale_temps, append_jsonl, read_jsonl, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+        remove_stale_temps(out, ["config.json", "results.parquet"])  # left by a kill during an atomic write
         write_json({
             "identity": cfg.identity(), "methods": cfg.methods, "k": cfg.k, "k_frac": cfg.k_frac, "seeds": cfg.seeds,
             "versions": versions(), "model_path": model_path, "clt_path": clt_path, **fingerprints,
