@@ -71,3 +71,23 @@ def tiny_worlds(tmp_path_factory) -> dict[str, TinyWorld]:
 @pytest.fixture(scope="session")
 def llama_world(tiny_worlds) -> TinyWorld:
     return tiny_worlds["llama"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """2 shared cores: torch's intra-op threads oversubscribe and make tiny matmuls ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def interp_world(tmp_path_factory):
+    """(model folder, CLT folder, loaded model, loaded CLT) of the interpret/FADE tests' tiny world."""
+    from fake_llm_server import build_tiny_world
+    from pie_lib.interpret.pipeline import resolve_world
+
+    m, c = build_tiny_world(tmp_path_factory.mktemp("world"))
+    lm, clt, _ = resolve_world(str(m), str(c), device="cpu")
+    return m, c, lm, clt

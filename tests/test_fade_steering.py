@@ -15,19 +15,12 @@ from pie_lib.interpret.pipeline import resolve_world
 KEYS = [(0, 1), (2, 7), (1, 3)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    m, c = build_tiny_world(tmp_path_factory.mktemp("world"))
-    lm, clt, _ = resolve_world(str(m), str(c), device="cpu")
-    return lm, clt
+def world(interp_world):
+    return interp_world[2:]
 
 
 def _reference_generate(lm, prompts: torch.Tensor, vecs: dict[int, torch.Tensor], n: int) -> torch.Tensor:

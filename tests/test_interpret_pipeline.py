@@ -27,20 +27,12 @@ SECRET = "sk-test-SECRET"
 FEATURES = [(0, 1), (0, 5), (1, 3), (2, 7), (2, 40)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2 shared cores: torch's intra-op threads oversubscribe and make tiny matmuls 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    m, c = build_tiny_world(tmp_path_factory.mktemp("world"))
-    lm, clt, _ = resolve_world(str(m), str(c), device="cpu")
-    return m, c, lm, clt
+def world(interp_world):
+    return interp_world
 
 
 def _cfg(n_docs: int = 120) -> InterpretConfig:
