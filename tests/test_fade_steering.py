@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fake_llm_server import build_tiny_world
 from pie_lib.fade.protocol import text_activations
 from pie_lib.fade.steering import steered_generate, steering_vectors
 from pie_lib.interpret.examples import encode_features
-from pie_lib.interpret.pipeline import resolve_world
 
 KEYS = [(0, 1), (2, 7), (1, 3)]
 

@@ -13,14 +13,14 @@ import pytest
 from pie_lib.errors import PieError
 import torch
 
-from fake_llm_server import FakeLLMServer, build_tiny_world
+from fake_llm_server import FakeLLMServer
 from pie_lib.errors import DataFormatError, MissingDependencyError
 from pie_lib.interpret import prompts as P
 from pie_lib.interpret.corpus import CorpusConfig, iter_documents, make_contexts
 from pie_lib.interpret.costs import effective_budget_cost_saving
 from pie_lib.interpret.examples import ActivationStore, ExampleConfig, encode_features
 from pie_lib.interpret.explainers import ExplainConfig
-from pie_lib.interpret.pipeline import InterpretConfig, features_from_selections, interpret, resolve_world
+from pie_lib.interpret.pipeline import InterpretConfig, features_from_selections, interpret
 from pie_lib.llm import LLMConfig, RetryPolicy
 
 SECRET = "sk-test-SECRET"

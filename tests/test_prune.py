@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pie_lib.engine.traces import mlp_out_gradients, patched_last_logits, run_with_cache
+from pie_lib.engine.traces import patched_last_logits, run_with_cache
 from pie_lib.errors import BudgetError
 from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.evaluate import evaluate_keep_masks

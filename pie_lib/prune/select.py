@@ -7,7 +7,6 @@ stable sorts, so selections are deterministic.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
