@@ -708,10 +708,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     title = (f"prune_speed: {world} ({model.n_layers} layers, d_model {model.d_model}, {clt.n_features} features/layer), "
              f"{model.device} {model.dtype}, {len(cfg.methods)} methods x {len(budgets(torch.ones(1), cfg))} budgets")
     print(format_table(result, title))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    if cfg.naive and not result["check"]["ok"]:
+    return finish(result, args.json, cfg.naive)
+
+
+def finish(result: dict, json_path: str | None, checked: bool) -> dict:
+    """Save the result table (``--json``) and exit 1 when pie_lib and the naive reference disagree."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+    if checked and not result["check"]["ok"]:
         print("pie_lib and the naive reference DISAGREE", file=sys.stderr)
         sys.exit(1)
     return result

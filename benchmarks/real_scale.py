@@ -256,13 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = max(result["pie"]["peak_mb"].values()) / 1024
     print(f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: {peak:.2f} GiB "
           f"(model load {load_s:.1f} s; CLT decoders {'lazy (memory-mapped)' if result['config']['lazy_decoder'] else 'in memory'})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    if cfg.naive and not result["check"]["ok"]:
-        print("pie_lib and the naive reference DISAGREE", file=sys.stderr)
-        sys.exit(1)
-    return result
+    return ps.finish(result, args.json, cfg.naive)
 
 
 if __name__ == "__main__":

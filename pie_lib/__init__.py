@@ -9,8 +9,7 @@ The public surface is small and imported lazily so ``import pie_lib`` stays fast
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pie_lib._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -27,8 +26,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pie_lib' has no attribute {name!r}")
+__getattr__ = lazy_getattr("pie_lib", _LAZY)

@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pie_lib._lazy import lazy_getattr
 
 _LAZY = {
     "evaluate": "pie_lib.fade.protocol",
@@ -29,8 +28,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pie_lib.fade' has no attribute {name!r}")
+__getattr__ = lazy_getattr("pie_lib.fade", _LAZY)

@@ -10,8 +10,7 @@ Names are imported lazily so ``import pie_lib.interpret`` stays fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pie_lib._lazy import lazy_getattr
 
 _LAZY = {
     "interpret": "pie_lib.interpret.pipeline",
@@ -36,8 +35,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pie_lib.interpret' has no attribute {name!r}")
+__getattr__ = lazy_getattr("pie_lib.interpret", _LAZY)

@@ -14,8 +14,7 @@ the reranking. Everything is seeded and vectorised; imports are lazy.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pie_lib._lazy import lazy_getattr
 
 _LAZY = {
     "summarize": "pie_lib.stats.bootstrap",
@@ -43,8 +42,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pie_lib.stats' has no attribute {name!r}")
+__getattr__ = lazy_getattr("pie_lib.stats", _LAZY)
