@@ -14,8 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import nnsight
 import torch
 
+from pie_lib.engine import remote as remote_
+from pie_lib.errors import SettingError
 from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identity_rule
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
@@ -45,15 +48,20 @@ def _val(x: Any) -> torch.Tensor:
 
 
 def _walk_layers(model: LoadedModel, actions: dict[str, Callable[[int, Any], None]]) -> None:
-    """Call ``actions[rel_path](layer, envoy)`` for every layer, in forward order.
+    """Call ``actions[rel_path](layer, envoy)`` for every layer, in forward order (local traces only:
+    the actions are pie_lib closures, which a remote server cannot unpickle)."""
+    for layer, rel, env in _forward_steps(model, actions):
+        actions[rel](layer, env)
 
-    nnsight requires modules to be touched in the order the forward reaches them.
+
+def _forward_steps(model: LoadedModel, rels: Any) -> list[tuple[int, str, Any]]:
+    """``(layer, rel_path, envoy)`` for every layer and every path in ``rels``, in forward order.
+
+    Built outside a trace; engine blocks loop over it, so they read envoys and strings only
+    (nnsight requires modules to be touched in the order the forward reaches them).
     """
-    arch = model.arch
-    for layer in range(model.n_layers):
-        for rel in arch.layer_order:
-            if rel in actions:
-                actions[rel](layer, model.envoy(layer, rel))
+    return [(layer, rel, model.envoy(layer, rel))
+            for layer in range(model.n_layers) for rel in model.arch.layer_order if rel in rels]
 
 
 def _logits(model: LoadedModel) -> Any:
@@ -67,28 +75,28 @@ def _last_only(model: LoadedModel) -> dict[str, int]:
 
 
 def run_with_cache(model: LoadedModel, input_ids: torch.Tensor) -> ForwardCache:
-    """One forward of ``input_ids`` ``[B, T]`` saving resid_mid, mlp_out and last-token logits."""
+    """One forward of ``input_ids`` ``[B, T]`` saving resid_mid, mlp_out and last-token logits.
+
+    The per-layer reads are stacked inside the block into names bound there, so they come back
+    from a remote server too.
+    """
     arch = model.arch
-    resid, mlp = [], []
-
-    def read_in(layer: int, env: Any) -> None:
-        resid.append(env.input.save())
-
-    def read_out(layer: int, env: Any) -> None:
-        mlp.append(env.output.save())
-
-    actions = {arch.resid_mid: read_in}
     if arch.mlp_out == arch.resid_mid:  # pragma: no cover - no such architecture today
         raise AssertionError("resid_mid and mlp_out must be different modules")
-    actions[arch.mlp_out] = read_out
-    with torch.no_grad(), model.trace(input_ids.to(model.device), **_last_only(model)):
-        _walk_layers(model, actions)
-        last = _logits(model)[:, -1].save()
-    return ForwardCache(
-        resid_mid=torch.stack([_val(r) for r in resid]),
-        mlp_out=torch.stack([_val(m) for m in mlp]),
-        last_logits=_val(last),
-    )
+    steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
+    lm = model.lm
+    with torch.no_grad(), model.trace(remote_.host(model, input_ids), kind="cache", **_last_only(model)):
+        reads_in, reads_out = [], []
+        for is_input, env in steps:
+            if is_input:
+                reads_in.append(env.input)
+            else:
+                reads_out.append(env.output)
+        resid_mid = nnsight.save(torch.stack(reads_in))
+        mlp_out = nnsight.save(torch.stack(reads_out))
+        out = lm.output
+        last_logits = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
+    return ForwardCache(resid_mid=_val(resid_mid), mlp_out=_val(mlp_out), last_logits=_val(last_logits))
 
 
 def metric_value(logits: torch.Tensor, correct: torch.Tensor, wrong: torch.Tensor, kind: MetricKind) -> torch.Tensor:
@@ -125,90 +133,95 @@ def mlp_out_gradients(
       - ``relp``: CLT-RelP's relevance: patterns and norm scales frozen as above, MLPs traversed with
         the LRP identity rule on the activation and the half rule on the gated product.
 
+    Every MLP output is marked ``requires_grad`` inside the block (a server's weights have
+    ``requires_grad=False``, so nothing upstream of the first one carries a graph there); the
+    gradient w.r.t. a tensor does not depend on whether its inputs carry one.
+
     Args:
         input_ids: ``[B, T]`` clean prompts; correct, wrong: ``[B]`` target token ids.
     Returns:
         (grads ``[L, B, T, D]``, metric ``[B]``). Prompts in a batch do not interact, so the
         gradient of the summed metric gives each prompt its own gradient.
     """
+    if metric not in ("logit_diff", "logsumexp"):
+        raise ValueError(f"unknown metric {metric!r}; use 'logit_diff' or 'logsumexp'")
     arch = model.arch
-    outs: list[Any] = []
     freeze = mode in ("replacement", "relp")
+    replacement = mode == "replacement"
+    norm_kind = arch.norm_kind
 
-    def norm_action(layer: int, env: Any) -> None:
+    def norm_op(env: Any) -> tuple:
         mod = env._module if hasattr(env, "_module") else None
         eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-5)))
-        w = getattr(mod, "weight", None)
-        env.output = frozen_norm(arch.norm_kind, env.input, env.output, w, eps)
+        return ("norm", env, eps, getattr(mod, "weight", None) is not None)
 
-    def pattern_action(fraction: tuple[int, int]) -> Callable[[int, Any], None]:
-        def act(layer: int, env: Any) -> None:
-            env.output = detach_leading(env.output, fraction)
-
-        return act
-
-    def relp_mlp(env: Any) -> None:
-        if arch.mlp_kind == "gated":
-            gate = get_path(env, arch.mlp_in[0])
-            act_env = get_path(env, arch.mlp_act)
-            z = gate.output
-            act_env.output = identity_rule(z, act_env.output)
-            a = act_env.output
-            u = get_path(env, arch.mlp_in[1]).output
-            get_path(env, arch.mlp_down).input = half_rule(a, u)
-        else:
-            act_env = get_path(env, arch.mlp_act)
-            act_env.output = identity_rule(act_env.input, act_env.output)
-
-    def out_action(layer: int, env: Any) -> None:
-        if arch.mlp_out == arch.mlp and mode == "relp":
-            relp_mlp(env)
-        if mode == "replacement":
-            leaf = env.output.detach().requires_grad_(True)
-            env.output = leaf
-            outs.append(leaf)
-        else:
-            if mode == "full":
-                env.output.requires_grad_(True)
-            outs.append(env.output)
-
-    actions: dict[str, Callable[[int, Any], None]] = {}
-    if freeze:
-        for n in arch.norms:
-            actions[n] = norm_action
-        for p in arch.pattern_inputs:
-            actions[p.path] = pattern_action(p.fraction)
-    if mode == "relp" and arch.mlp != arch.mlp_out:
-        actions[arch.mlp] = lambda layer, env: relp_mlp(env)
-    prev = actions.get(arch.mlp_out)
-    if prev is not None:  # Gemma-2: mlp_out is a (frozen) norm: freeze, then capture
-        def both(layer: int, env: Any, prev=prev) -> None:
-            prev(layer, env)
-            out_action(layer, env)
-
-        actions[arch.mlp_out] = both
-    else:
-        actions[arch.mlp_out] = out_action
-
-    correct = correct.to(model.device)
-    wrong = wrong.to(model.device)
-    grads: list[Any] = []  # created outside the trace: nnsight only pushes back saved names
+    # the plan: plain tuples of (op, envoy, values...), in forward order, read by the block below
+    plan: list[tuple] = []
+    pattern = {p.path: p.fraction for p in arch.pattern_inputs}
+    rels = set(arch.layer_order)
+    for layer, rel, env in _forward_steps(model, rels):
+        if freeze and rel in arch.norms:
+            plan.append(norm_op(env))
+        if freeze and rel in pattern:
+            plan.append(("pattern", env, pattern[rel]))
+        if mode == "relp" and rel == arch.mlp:
+            if arch.mlp_kind == "gated":
+                plan.append(("relp_gated", env, get_path(env, arch.mlp_in[0]), get_path(env, arch.mlp_act),
+                             get_path(env, arch.mlp_in[1]), get_path(env, arch.mlp_down)))
+            else:
+                plan.append(("relp_plain", env, get_path(env, arch.mlp_act)))
+        if rel == arch.mlp_out:
+            plan.append(("out", env))
+    final = norm_op(get_path(model.lm, arch.final_norm)) if freeze else None
+    lm = model.lm
+    correct, wrong = remote_.host(model, correct), remote_.host(model, wrong)
     keep = _last_only(model) if metric == "logit_diff" else {}
-    with torch.enable_grad(), model.trace(input_ids.to(model.device), **keep):
-        _walk_layers(model, actions)
-        if freeze:
-            fn = get_path(model.lm, arch.final_norm)
-            mod = fn._module if hasattr(fn, "_module") else None
-            eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-5)))
-            fn.output = frozen_norm(arch.norm_kind, fn.input, fn.output, getattr(mod, "weight", None), eps)
-        logits = _logits(model)
-        m = metric_value(logits, correct, wrong, metric)
-        m_saved = m.detach().save()
+    with torch.enable_grad(), model.trace(remote_.host(model, input_ids), kind="gradient", **keep):
+        leaves = []
+        for op in plan:
+            env = op[1]
+            if op[0] == "norm":
+                env.output = frozen_norm(norm_kind, env.input, env.output, env._module.weight if op[3] else None, op[2])
+            elif op[0] == "pattern":
+                env.output = detach_leading(env.output, op[2])
+            elif op[0] == "relp_gated":
+                z = op[2].output
+                op[3].output = identity_rule(z, op[3].output)
+                a = op[3].output
+                u = op[4].output
+                op[5].input = half_rule(a, u)
+            elif op[0] == "relp_plain":
+                op[2].output = identity_rule(op[2].input, op[2].output)
+            elif replacement:
+                leaf = env.output.detach().requires_grad_(True)
+                env.output = leaf
+                leaves.append(leaf)
+            else:
+                leaf = env.output
+                if not leaf.requires_grad:
+                    leaf.requires_grad_(True)
+                leaves.append(leaf)
+        if final is not None:
+            fn = final[1]
+            fn.output = frozen_norm(norm_kind, fn.input, fn.output, fn._module.weight if final[3] else None, final[2])
+        out = lm.output
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if metric == "logit_diff":
+            last = logits[:, -1]
+            rows = torch.arange(last.shape[0], device=last.device)
+            m = last[rows, correct.to(last.device)] - last[rows, wrong.to(last.device)]
+        else:
+            m = torch.logsumexp(logits.float(), dim=-1).sum(-1)
+        m_saved = nnsight.save(m.detach())
         with m.sum().backward():
-            for o in reversed(outs):  # nnsight wants .grad in reverse forward order
-                grads.append(o.grad.save())
-    grads = [_val(g) for g in reversed(grads)]
-    return torch.stack(grads), _val(m_saved)
+            grads_rev = [leaf.grad for leaf in reversed(leaves)]  # nnsight wants .grad in reverse forward order
+            grads = nnsight.save(torch.stack(grads_rev[::-1]))
+    return _val(grads), _val(m_saved)
+
+
+def _patch_steps(model: LoadedModel) -> list[Any]:
+    """The ``mlp_out`` envoy of every layer, in order."""
+    return [env for _, _, env in _forward_steps(model, (model.arch.mlp_out,))]
 
 
 def patched_last_logits(
@@ -225,20 +238,63 @@ def patched_last_logits(
     Returns:
         (``[B, V]`` last-token logits, ``[B]`` logsumexp metric or None).
     """
-    offsets = offsets.to(model.device)
-
-    def sub(layer: int, env: Any) -> None:
-        env.output = env.output - offsets[layer].to(env.output.dtype)
-
+    steps = _patch_steps(model)
+    off = remote_.host(model, offsets)
+    lm = model.lm
     lse = None
     keep = {} if with_logsumexp else _last_only(model)
-    with torch.no_grad(), model.trace(input_ids.to(model.device), **keep):
-        _walk_layers(model, {model.arch.mlp_out: sub})
-        logits = _logits(model)
-        last = logits[:, -1].save()
+    with torch.no_grad(), model.trace(remote_.host(model, input_ids), kind="patch", **keep):
+        for layer, env in enumerate(steps):
+            y = env.output
+            env.output = y - off[layer].to(y.device, y.dtype)
+        out = lm.output
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        last = nnsight.save(logits[:, -1])
         if with_logsumexp:
-            lse = torch.logsumexp(logits.float(), dim=-1).sum(-1).save()
+            lse = nnsight.save(torch.logsumexp(logits.float(), dim=-1).sum(-1))
     return _val(last), (_val(lse) if lse is not None else None)
+
+
+def patched_last_logits_many(
+    model: LoadedModel, jobs: list[tuple[torch.Tensor, torch.Tensor]], with_logsumexp: bool = False,
+    max_request_bytes: int = 256 << 20,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`patched_last_logits` of many ``(input_ids, offsets)`` jobs, as few requests as possible.
+
+    Remote: the jobs go as one ``model.session`` per ``max_request_bytes`` of offsets (each job
+    one trace inside it), instead of one request per job. Local: one trace per job.
+    """
+    if not remote_.is_remote(model):
+        return [patched_last_logits(model, ids, off, with_logsumexp) for ids, off in jobs]
+    groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    size = 0
+    for ids, off in jobs:
+        nbytes = off.numel() * off.element_size()
+        if groups[-1] and size + nbytes > max_request_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((remote_.host(model, ids), remote_.host(model, off)))
+        size += nbytes
+    steps = _patch_steps(model)
+    lm = model.lm
+    keep = {} if with_logsumexp else _last_only(model)
+    results: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for group in groups:
+        with torch.no_grad(), remote_.session(model, "patch-session"):  # one request per group
+            saved = nnsight.save([])
+            for ids, off in group:
+                with lm.trace(ids, **keep):
+                    for layer, env in enumerate(steps):
+                        y = env.output
+                        env.output = y - off[layer].to(y.device, y.dtype)
+                    out = lm.output
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    if with_logsumexp:
+                        saved.append((logits[:, -1], torch.logsumexp(logits.float(), dim=-1).sum(-1)))
+                    else:
+                        saved.append((logits[:, -1], None))
+        results += [(_val(a), None if b is None else _val(b)) for a, b in _val(saved)]
+    return results
 
 
 def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
@@ -251,6 +307,11 @@ def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, e
     Returns:
         ``[B, V]`` last-token logits.
     """
+    if remote_.is_remote(model):
+        raise SettingError(
+            "spliced_last_logits runs the CLT inside the forward and is local-only (the server has no CLT); "
+            "run it without --remote"
+        )
     arch = model.arch
     L = model.n_layers
     accum: list[torch.Tensor | None] = [None] * L

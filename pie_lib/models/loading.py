@@ -58,9 +58,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where this process keeps tensors for the model: its parameters' device; the CPU when
+        remote (the local skeleton is on meta, and a tensor moved there loses its values)."""
+        if self.remote is True:
+            return torch.device("cpu")
         try:
             return next(self.hf.parameters()).device
-        except StopIteration:  # meta / remote
+        except StopIteration:
             return torch.device("cpu")
 
     @property
@@ -77,12 +81,28 @@ class LoadedModel:
     def envoy(self, layer: int, rel_path: str) -> Any:
         return get_path(self.layer(layer), rel_path)
 
-    def trace(self, *inputs: Any, **kwargs: Any):
-        """``lm.trace`` with this model's ``remote`` setting (every pie_lib trace goes through here)."""
+    def trace(self, *inputs: Any, kind: str = "trace", **kwargs: Any):
+        """``lm.trace`` with this model's ``remote`` setting (every pie_lib trace goes through here).
+
+        A remote trace is one request, counted under ``kind`` (traces inside an engine session are
+        opened on ``lm`` directly, in the session's block, and are part of its one request).
+        """
+        return self._open(self.lm.trace, inputs, kind, kwargs)
+
+    def generate(self, *inputs: Any, kind: str = "generate", **kwargs: Any):
+        """``lm.generate`` (nnsight's generation trace) with this model's ``remote`` setting."""
+        return self._open(self.lm.generate, inputs, kind, kwargs)
+
+    def _open(self, opener: Any, inputs: tuple, kind: str, kwargs: dict) -> Any:
+        from pie_lib.engine import remote as _remote
+
         kwargs.setdefault("remote", self.remote)
         if kwargs["remote"] is False:
             kwargs.pop("remote")
-        return self.lm.trace(*inputs, **kwargs)
+        else:
+            _remote.ship_rules()
+            _remote.note_request(self, kind)
+        return opener(*inputs, **kwargs)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, always starting with BOS.
@@ -230,8 +250,20 @@ def load_model(
         ) from None
     arch = arch_for((cfg.architectures or [type(cfg).__name__])[0])
     if remote is True:
-        # NDIF holds the weights: load only the meta skeleton here.
-        lm = LanguageModel(name)
+        # NDIF holds the weights: load only the meta skeleton here. The tokenizer is passed in:
+        # nnsight 0.8.1 infers it from transformers' pipeline task table, whose "impl" became a
+        # string in transformers 5.23, so without it the meta build fails ("Impossible to guess
+        # which tokenizer to use").
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            lm = LanguageModel(name, tokenizer=tokenizer)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                f"model {name!r}: the remote model skeleton could not be built ({_first_line(exc)}); the folder or "
+                "hub repo needs config.json and tokenizer files"
+            ) from None
     else:
         try:
             lm = LanguageModel(name, device_map=str(device), dispatch=True, dtype=dtype)
