@@ -264,7 +264,7 @@ def patched_last_logits_many(
     Remote: the jobs go as one ``model.session`` per ``max_request_bytes`` of offsets (each job
     one trace inside it), instead of one request per job. Local: one trace per job.
     """
-    if not remote_.is_remote(model):
+    if not remote_.is_remote(model) or not jobs:
         return [patched_last_logits(model, ids, off, with_logsumexp) for ids, off in jobs]
     groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
     size = 0

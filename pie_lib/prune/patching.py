@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
-from pie_lib.engine.traces import MetricKind, metric_value, patched_last_logits
+from pie_lib.engine.remote import is_remote
+from pie_lib.engine.traces import MetricKind, metric_value, patched_last_logits, patched_last_logits_many
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
@@ -134,6 +135,8 @@ class PatchEvaluator:
         clean_logits: ``[B, V]`` last-token logits of the clean runs.
         chunk: variants per forward. A forward that runs out of memory is retried with half as
             many variants (down to 1), and the smaller chunk is kept for the rest of the batch.
+        request_bytes: remote only: the offsets one request (session) may carry; the chunks of
+            one :meth:`run` go as ``ceil(offset bytes / request_bytes)`` requests.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class PatchEvaluator:
         metric: MetricKind,
         clean_logits: torch.Tensor,
         chunk: int = 64,
+        request_bytes: int = 256 << 20,
     ) -> None:
         self.model, self.clt, self.batch, self.occ, self.rows = model, clt, batch, occ, rows
         self.metric = metric
@@ -155,6 +159,7 @@ class PatchEvaluator:
         if chunk < 1:
             raise SettingError(f"chunk {chunk}: patch variants per forward must be a positive integer")
         self.chunk = chunk
+        self.request_bytes = request_bytes
         self._null: torch.Tensor | None = None
         self.n_forwards = 0
         dev = self.clean_logits.device
@@ -234,6 +239,9 @@ class PatchEvaluator:
         change = torch.empty(V, dtype=torch.bool)
         order = torch.argsort(variants.var, stable=True)
         var_sorted = variants.var[order]
+        if is_remote(self.model):
+            self._run_remote(variants, order, var_sorted, extra_offsets, metric, kl, change)
+            return PatchResult(metric, kl, change)
         start = 0
         while start < V:
             stop = min(V, start + self.chunk)
@@ -259,9 +267,47 @@ class PatchEvaluator:
             start = stop
         return PatchResult(metric, kl, change)
 
+    def _run_remote(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor,
+                    extra_offsets: torch.Tensor | None, metric: torch.Tensor, kl: torch.Tensor,
+                    change: torch.Tensor) -> None:
+        """Remote: the chunks of this call go as one request (one session of traces), or one per
+        ``request_bytes`` of offsets; offsets are built group by group so memory stays bounded."""
+        V = variants.n
+        pending: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            outs = patched_last_logits_many(self.model, [(ids, off) for _, _, ids, off, _ in pending],
+                                            with_logsumexp=self.metric == "logsumexp", max_request_bytes=1 << 62)
+            for (lo, hi, _, _, prompts), (logits, lse) in zip(pending, outs):
+                metric[lo:hi], kl[lo:hi], change[lo:hi] = self._finish_range(prompts, logits, lse)
+            self.n_forwards += len(pending)
+            pending.clear()
+            size = 0
+
+        for lo in range(0, V, self.chunk):
+            hi = min(V, lo + self.chunk)
+            ids, off, prompts = self._prepare_range(variants, order, var_sorted, lo, hi, extra_offsets)
+            nbytes = off.numel() * off.element_size()
+            if pending and size + nbytes > self.request_bytes:
+                flush()
+            pending.append((lo, hi, ids, off, prompts))
+            size += nbytes
+        if pending:
+            flush()
+
     def _run_range(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor, start: int, stop: int,
                    extra_offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Metric, KL and argmax change of variants ``start:stop`` (one forward)."""
+        ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets)
+        logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
+        self.n_forwards += 1
+        return self._finish_range(prompts, logits, lse)
+
+    def _prepare_range(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor, start: int, stop: int,
+                       extra_offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids ``[v, T]``, offsets ``[L, v, T, D]`` and batch rows ``[v]`` of variants ``start:stop``."""
         lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
         ent = order[lo:hi]
         w = variants.weight[ent] if variants.weight is not None else None
@@ -274,9 +320,11 @@ class PatchEvaluator:
             off = torch.where(c, null - off, off)
         if extra_offsets is not None:
             off = off + extra_offsets[:, prompts.to(extra_offsets.device)].to(off)
-        ids = self.batch.clean_ids[prompts]
-        logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
-        self.n_forwards += 1
+        return self.batch.clean_ids[prompts], off, prompts
+
+    def _finish_range(self, prompts: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Metric, KL and argmax change from one forward's last-token logits."""
         logits = logits.float()
         clean = self.clean_logits[prompts.to(self.clean_logits.device)]
         kl = last_token_kl(clean, logits).cpu()
