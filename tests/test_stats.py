@@ -68,10 +68,15 @@ def test_summarize_matches_pandas_and_is_deterministic():
     assert not np.allclose(out["ci_low"], other["ci_low"])
     row = out[(out["method"] == "fap") & (out["k"] == 100)].iloc[0]
     cell = df[(df["method"] == "fap") & (df["k"] == 100)]
-    assert row["n"] == 120 and row["n_seeds"] == 3
+    # same prompt_idx under every seed, no prompt id column: prompts shared by index, the prompt is the unit
+    per_prompt = cell.groupby("prompt_idx")["kl"].mean()
+    assert (row["n"], row["n_prompts"], row["n_rows"], row["n_seeds"]) == (40, 40, 120, 3)
+    assert (row["unit"], row["design"]) == ("prompt", "shared prompts")
     assert row["mean"] == pytest.approx(cell["kl"].mean())
-    assert row["std"] == pytest.approx(cell["kl"].std(ddof=1))
-    assert row["median"] == pytest.approx(cell["kl"].median())
+    assert row["std"] == pytest.approx(per_prompt.std(ddof=1))
+    assert row["median"] == pytest.approx(per_prompt.median())
+    assert row["median_ci_low"] <= row["median"] <= row["median_ci_high"]
+    assert row["gmean"] == pytest.approx(np.exp(np.log(cell["kl"]).mean()))
     assert row["ci_low"] < row["mean"] < row["ci_high"]
     seed_means = cell.groupby("seed")["kl"].mean()
     assert row["mean_seed_1"] == pytest.approx(seed_means[1])
@@ -162,12 +167,12 @@ def pair_table(shift: float, n: int = 200, noise: float = 0.05, seeds=(0, 1)) ->
 
 
 def test_paired_test_matches_scipy():
-    df = pair_table(0.03)
+    df = pair_table(0.03, seeds=(0,))
     r = paired_test(df, ("fap-synergy", 50), ("fap", 75), n_boot=500)
     a = df[df["method"] == "fap-synergy"].sort_values(["seed", "prompt_idx"])["kl"].to_numpy()
     b = df[df["method"] == "fap"].sort_values(["seed", "prompt_idx"])["kl"].to_numpy()
     d = a - b
-    assert r.n == 400 and r.n_seeds == 2
+    assert r.n == r.n_prompts == 200 and r.n_seeds == 1 and r.unit == "prompt"
     assert r.mean_diff == pytest.approx(d.mean())
     assert r.p_t == pytest.approx(sps.ttest_rel(a, b).pvalue, rel=1e-10)
     assert r.t_stat == pytest.approx(sps.ttest_rel(a, b).statistic, rel=1e-10)
@@ -177,6 +182,12 @@ def test_paired_test_matches_scipy():
     assert list(r.diffs.columns) == ["seed", "prompt_idx", "a", "b", "diff"]
     again = paired_test(df, ("fap-synergy", 50), ("fap", 75), n_boot=500)
     assert (again.ci_low, again.ci_high) == (r.ci_low, r.ci_high)
+    # two seeds on the same prompt indexes: the prompt is the unit, seeds averaged within it
+    two = pair_table(0.03)
+    r2 = paired_test(two, ("fap-synergy", 50), ("fap", 75), n_boot=200)
+    cells = {m: two[two["method"] == m].groupby("prompt_idx")["kl"].mean() for m in ("fap-synergy", "fap")}
+    assert (r2.n, r2.n_rows, r2.n_seeds) == (200, 400, 2)
+    assert r2.p_t == pytest.approx(sps.ttest_rel(cells["fap-synergy"], cells["fap"]).pvalue, rel=1e-10)
 
 
 def test_tost_matches_hand_computation():
@@ -228,7 +239,8 @@ def test_matched_seed_ablation_per_seed_and_pooled():
     assert len(out) == 3 * 4 and (out["scope"] == "pooled").sum() == 3
     pooled = out[out["scope"] == "pooled"].set_index("k")
     assert pooled.loc[50, "mean_diff"] == pytest.approx(0.1, abs=0.01) and pooled.loc[50, "p_t"] < 1e-10
-    assert pooled.loc[50, "n"] == 300 and pooled.loc[50, "p_seed_t"] < 0.01
+    # seeds share prompt indexes (no prompt id): 100 prompts; p_seed_t only for seed-specific prompts
+    assert pooled.loc[50, "n"] == 100 and pooled.loc[50, "n_seeds"] == 3 and np.isnan(pooled.loc[50, "p_seed_t"])
     assert pooled.loc[400, "mean_diff"] == 0 and np.isnan(pooled.loc[400, "p_t"])
     seed_rows = out[(out["scope"] == "seed") & (out["k"] == 50)]
     assert list(seed_rows["seed"]) == [0, 1, 2] and (seed_rows["ci_low"] > 0).all()

@@ -52,10 +52,11 @@ def values_of(df: pd.DataFrame, value: str) -> np.ndarray:
 
 def check_cell(df: pd.DataFrame, method: str, k: int | None = None, seeds: Sequence[int] | None = None) -> None:
     """Raise :class:`MissingResultError` if ``method`` (at ``k``, for ``seeds``) has no rows."""
-    methods = df["method"].unique()
-    if method not in methods:
+    mask = df["method"].to_numpy() == method
+    if not mask.any():
+        methods = df["method"].unique()
         raise MissingResultError(f"method {method!r} is not in the results; methods present: {_fmt(methods)}")
-    rows = df[df["method"] == method]
+    rows = df[mask]
     if k is not None and k not in set(rows["k"].tolist()):
         raise MissingResultError(f"method {method!r} has no rows at K={k}; its budgets: {_fmt(rows['k'].tolist())}")
     if seeds is not None:
@@ -68,6 +69,37 @@ def check_cell(df: pd.DataFrame, method: str, k: int | None = None, seeds: Seque
             raise MissingResultError(f"{where} has no rows for seed(s) {lack}; its seeds: {_fmt(have)}")
 
 
+def cell_keys(df: pd.DataFrame, method: str, k: int, seeds: Sequence[int] | None = None) -> pd.Series | None:
+    """The prompt identity (:data:`~pie_lib.stats.design.PROMPT_ID_COLUMNS`) of cell ``(method, k)``
+    indexed by unit ``(seed, prompt_idx)``, or None when the table has no such column."""
+    from pie_lib.stats.design import prompt_id_column
+
+    col = prompt_id_column(df)
+    if col is None:
+        return None
+    mask = (df["method"].to_numpy() == method) & (df["k"].to_numpy() == k)
+    if seeds is not None:
+        mask &= np.isin(df["seed"].to_numpy(), list(seeds))
+    seed = df["seed"].to_numpy(dtype=np.int64)[mask]
+    pidx = df["prompt_idx"].to_numpy(dtype=np.int64)[mask]
+    keys = df[col].to_numpy()[mask].astype(str)
+    order = np.lexsort((pidx, seed))
+    index = pd.MultiIndex.from_arrays([seed[order], pidx[order]], names=UNIT)
+    return pd.Series(keys[order], index=index, name=col)
+
+
+def design_of(index: pd.MultiIndex, keys: pd.Series | None):
+    """The :class:`~pie_lib.stats.design.Design` of units ``index`` (seed, prompt_idx) with prompt ids ``keys``."""
+    from pie_lib.stats.design import detect_design
+
+    seed = index.get_level_values("seed").to_numpy()
+    pidx = index.get_level_values("prompt_idx").to_numpy()
+    if keys is None:
+        return detect_design(seed, pidx)
+    keys = keys if keys.index.equals(index) else keys.reindex(index)
+    return detect_design(seed, pidx, keys.to_numpy(), basis=str(keys.name))
+
+
 def cell_values(df: pd.DataFrame, method: str, k: int, value: str, seeds: Sequence[int] | None = None) -> pd.Series:
     """The ``value`` of cell ``(method, k)`` as a float Series indexed by unit ``(seed, prompt_idx)``.
 
@@ -77,21 +109,29 @@ def cell_values(df: pd.DataFrame, method: str, k: int, value: str, seeds: Sequen
     """
     check_columns(df, ["method", "k", *UNIT, value])
     check_cell(df, method, k, seeds)
-    rows = df[(df["method"] == method) & (df["k"] == k)]
+    mask = (df["method"].to_numpy() == method) & (df["k"].to_numpy() == k)
     if seeds is not None:
-        rows = rows[rows["seed"].isin(list(seeds))]
-    dup = rows.duplicated(UNIT)
+        mask &= np.isin(df["seed"].to_numpy(), list(seeds))
+    rows = df[mask]
+    seed = rows["seed"].to_numpy(dtype=np.int64)
+    pidx = rows["prompt_idx"].to_numpy(dtype=np.int64)
+    order = np.lexsort((pidx, seed))
+    seed, pidx = seed[order], pidx[order]
+    dup = np.zeros(seed.size, dtype=bool)
+    dup[1:] = (seed[1:] == seed[:-1]) & (pidx[1:] == pidx[:-1])
     if dup.any():
-        ex = rows.loc[dup, UNIT].head(3).to_records(index=False).tolist()
+        ex = list(zip(seed[dup].tolist(), pidx[dup].tolist()))[:3]
         raise DataFormatError(
             f"cell ({method!r}, K={k}) has {int(dup.sum())} duplicated (seed, prompt_idx) row(s), e.g. {ex}"
         )
-    index = pd.MultiIndex.from_frame(rows[UNIT].astype(np.int64))
-    return pd.Series(values_of(rows, value), index=index, name=f"{method}@{k}").sort_index()
+    index = pd.MultiIndex.from_arrays([seed, pidx], names=UNIT)
+    return pd.Series(values_of(rows, value)[order], index=index, name=f"{method}@{k}")
 
 
 def require_same_units(left: pd.Index, right: pd.Index, what_left: str, what_right: str) -> None:
     """Raise :class:`UnpairedDataError` unless the two unit indexes hold the same (seed, prompt_idx)."""
+    if left.equals(right):
+        return
     only_l = left.difference(right)
     only_r = right.difference(left)
     if len(only_l) or len(only_r):
@@ -118,7 +158,27 @@ def paired_cells(df: pd.DataFrame, a: Cell, b: Cell, value: str, seeds: Sequence
     va = cell_values(df, a[0], a[1], value, seeds)
     vb = cell_values(df, b[0], b[1], value, seeds)
     require_same_units(va.index, vb.index, f"({a[0]!r}, K={a[1]})", f"({b[0]!r}, K={b[1]})")
-    return pd.DataFrame({"a": va, "b": vb.reindex(va.index)})
+    out = pd.DataFrame({"a": va, "b": vb.reindex(va.index)})
+    ka, kb = cell_keys(df, a[0], a[1], seeds), cell_keys(df, b[0], b[1], seeds)
+    if ka is not None:
+        kb = kb if kb.index.equals(ka.index) else kb.reindex(ka.index)
+        differ = ka != kb
+        if differ.any():
+            ex = list(ka.index[differ][:3])
+            raise UnpairedDataError(
+                f"({a[0]!r}, K={a[1]}) and ({b[0]!r}, K={b[1]}) hold different prompts under the same "
+                f"(seed, prompt_idx) for {int(differ.sum())} unit(s), e.g. {ex} ({ka.name} differs); "
+                "compare rows of one sweep folder"
+            )
+    out.attrs["keys"] = ka  # read by paired_units; dropped by any later pandas operation
+    return out
+
+
+def paired_units(df: pd.DataFrame, a: Cell, b: Cell, value: str, seeds: Sequence[int] | None = None):
+    """:func:`paired_cells` and the :class:`~pie_lib.stats.design.Design` of its units."""
+    pair = paired_cells(df, a, b, value, seeds)
+    keys = pair.attrs.pop("keys", None)
+    return pair, design_of(pair.index, keys)
 
 
 def method_curve_matrix(

@@ -1,4 +1,4 @@
-"""Seeded, vectorised percentile bootstrap over prompts, and the per-(method, K) summary table.
+"""Seeded, vectorised bootstrap over prompts, and the per-(method, K) summary table.
 
 All resamples of one statistic are drawn as a single index matrix ``idx`` of shape
 ``[n_boot, n]`` (row b = the units of resample b, drawn with replacement) from
@@ -102,6 +102,42 @@ def bootstrap_mean_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0, level: f
     return BootstrapCI(float(x.mean()), float(lo), float(hi), level, int(x.size), n_boot, seed)
 
 
+def describe(x: np.ndarray, design, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Unit-aware summary of rows ``x`` ``[n_rows]`` laid out by ``design``
+    (:class:`~pie_lib.stats.design.Design`).
+
+    Per-unit values ``u`` = the mean over a prompt's seeds (shared prompts) or the rows
+    themselves; every statistic below is over units, never over copies of a prompt:
+
+    - ``mean``, ``std`` (ddof=1, between units), ``se`` and ``dof`` (:func:`~pie_lib.stats.resample.mean_t`);
+    - ``ci_low, ci_high``: BCa interval of the mean (:func:`~pie_lib.stats.resample.mean_ci`);
+    - ``median, median_ci_low, median_ci_high``: median of ``u``, percentile bootstrap interval;
+    - ``gmean, gmean_ci_low, gmean_ci_high``: geometric mean ``exp(mean of per-unit mean log x)``
+      with the exponentiated BCa interval of that mean (NaN, with ``n_nonpositive`` > 0, when a
+      value is <= 0: the log scale is then undefined, nothing is floored);
+    - ``seed_sd``: the seed component (:func:`~pie_lib.stats.design.seed_spread`).
+    """
+    from pie_lib.stats.design import seed_spread, unit_matrix
+    from pie_lib.stats.resample import log_values, mean_ci, mean_t, median_ci
+
+    u = unit_matrix(x, design)
+    g = design.unit_groups()
+    t = mean_t(u, g)
+    lo, hi = mean_ci(u, g, n_boot, seed, level)
+    med, mlo, mhi = median_ci(u, g, n_boot, seed, level)
+    logs, bad = log_values(x)
+    if logs is None:
+        gm = glo = ghi = np.nan
+    else:
+        lu = unit_matrix(logs, design)
+        llo, lhi = mean_ci(lu, g, n_boot, seed, level)
+        gm, glo, ghi = float(np.exp(lu.mean())), float(np.exp(llo)), float(np.exp(lhi))
+    return {"mean": t.mean, "std": t.sd_units, "se": t.se, "dof": t.dof, "ci_low": float(lo), "ci_high": float(hi),
+            "median": med, "median_ci_low": mlo, "median_ci_high": mhi,
+            "gmean": gm, "gmean_ci_low": glo, "gmean_ci_high": ghi, "n_nonpositive": bad,
+            "seed_sd": seed_spread(x, design)}
+
+
 def summarize(
     df: pd.DataFrame,
     by: Sequence[str] = ("method", "k"),
@@ -110,45 +146,49 @@ def summarize(
     seed: int = 0,
     level: float = 0.95,
 ) -> pd.DataFrame:
-    """Mean, std, median and bootstrap CI of ``value`` per group, plus its per-seed means.
+    """Mean, median, geometric mean with their intervals per group, on the right unit, plus seed spread.
 
-    Units are the rows of a group, i.e. ``(seed, prompt_idx)`` prompts pooled over seeds.
-
-    - ``mean = (1/n) sum_i x_i``; ``std`` with ddof=1 (the spread over prompts, as in the
-      paper's "mean ± std"); ``median``.
-    - ``ci_low, ci_high``: percentile bootstrap CI (``level``) of the mean over prompts.
-    - ``mean_seed_<s>``: mean over the prompts of seed s; ``seed_mean`` and ``seed_std``
-      (ddof=1, NaN with one seed) are the mean and spread of those per-seed means -- the
-      "mean ± std over seeds" of a multi-seed report. Omitted when ``"seed"`` is in ``by``.
+    The unit is the prompt (:mod:`pie_lib.stats.design`): when seeds share prompts a prompt's
+    value is its mean over seeds and prompts are resampled as clusters; when each seed has its
+    own prompts the resampling is hierarchical (seeds, then prompts). Statistics: see
+    :func:`describe`. Besides them: ``n_prompts, n_seeds, unit, design, basis`` (what decided
+    prompt identity), ``n`` (= n_prompts, the number of independent prompts; kept for older
+    readers), ``n_rows``; ``mean_seed_<s>`` = mean over the rows of seed s, ``seed_mean`` /
+    ``seed_std`` (ddof=1, NaN with one seed) the mean and spread of those per-seed means.
 
     Args:
-        df: results, one row per (method, k, seed, prompt_idx); needs ``by``, ``value``, ``seed``.
+        df: results, one row per (method, k, seed, prompt_idx); needs ``by``, ``value``, ``seed``
+            (and ``prompt_idx`` unless ``by`` holds it; a prompt id column is used when present).
         by: grouping columns. value: column to summarise (bools count as 0/1).
         n_boot, seed, level: bootstrap resamples, generator seed, CI level.
     Returns:
-        DataFrame: ``*by, n, n_seeds, mean, std, median, ci_low, ci_high, seed_mean, seed_std,
-        mean_seed_<s>...``, one row per group, sorted by ``by``.
+        DataFrame, one row per group, sorted by ``by``.
     """
+    from pie_lib.stats.design import detect_design, prompt_id_column
+
     by = list(by)
     check_columns(df, [*by, value, "seed"])
-    order = [*by, "seed"] + (["prompt_idx"] if "prompt_idx" in df.columns and "prompt_idx" not in by else [])
-    data = df[list(dict.fromkeys([*order, value]))].sort_values(order, kind="stable")
+    has_idx = "prompt_idx" in df.columns
+    idcol = prompt_id_column(df)
+    order = [*by, "seed"] + (["prompt_idx"] if has_idx and "prompt_idx" not in by else [])
+    cols = list(dict.fromkeys([*order, value] + ([idcol] if idcol else []) + (["prompt_idx"] if has_idx else [])))
+    data = df[cols].sort_values(order, kind="stable")
     data = data.assign(_x=values_of(data, value))
     rows = []
     for key, g in data.groupby(by, sort=True):
         x = g["_x"].to_numpy()
-        ci = bootstrap_mean_ci(x, n_boot, seed, level)
+        pidx = g["prompt_idx"].to_numpy() if has_idx else np.arange(len(g))
+        design = detect_design(g["seed"].to_numpy(), pidx, g[idcol].to_numpy() if idcol else None, idcol)
+        st = describe(x, design, n_boot, seed, level)
         seed_means = g.groupby("seed")["_x"].mean()
         rows.append(
             {
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
-                "n": x.size,
-                "n_seeds": int(seed_means.size),
-                "mean": ci.estimate,
-                "std": float(x.std(ddof=1)) if x.size > 1 else np.nan,
-                "median": float(np.median(x)),
-                "ci_low": ci.low,
-                "ci_high": ci.high,
+                **design.info(),
+                "basis": design.basis,
+                "n": design.n_prompts,
+                "n_rows": design.n_rows,
+                **st,
                 "seed_mean": float(seed_means.mean()),
                 "seed_std": float(seed_means.std(ddof=1)) if seed_means.size > 1 else np.nan,
             }
@@ -158,5 +198,5 @@ def summarize(
         per_seed = data.groupby([*by, "seed"])["_x"].mean().unstack("seed")
         per_seed.columns = [f"mean_seed_{s}" for s in per_seed.columns]
         out = out.merge(per_seed.reset_index(), on=by, how="left")
-    out.attrs.update(value=value, level=level, n_boot=n_boot, seed=seed)
+    out.attrs.update(value=value, level=level, n_boot=n_boot, seed=seed, ci_method="BCa")
     return out

@@ -14,9 +14,11 @@ baseline never reaches the reference inside the ladder (K_eff > K_L, status "abo
 "below_ladder"). Cost saving of using the reference at k_ref instead of the baseline at K_eff:
 ``saving = 1 - k_ref / K_eff`` (NaN when K_eff is not finite).
 
-Uncertainty: a paired percentile bootstrap over prompts -- each resample draws units
-``(seed, prompt_idx)`` and recomputes both R and the whole curve from the same units, then
-K_eff; ``frac_above`` / ``frac_below`` are the fractions of resamples without a crossing inside
+Uncertainty: a paired percentile bootstrap over prompts on the right unit
+(:mod:`pie_lib.stats.design`): shared prompts are resampled as clusters with all their seeds,
+seed-specific prompts hierarchically (seeds, then prompts; :mod:`pie_lib.stats.resample`); each
+resample recomputes both R and the whole curve from the same units, then K_eff (a percentile
+interval: K_eff is censored at the ladder's ends, where BCa's smoothness assumptions fail); ``frac_above`` / ``frac_below`` are the fractions of resamples without a crossing inside
 the ladder on either side (``frac_no_crossing`` their sum). For the interval, censored
 resamples are ordered as +inf (above) / -inf (below); an interval bound landing there is
 reported as inf / NaN.
@@ -33,13 +35,17 @@ import pandas as pd
 
 from pie_lib.stats._frame import (
     MissingResultError,
+    cell_keys,
     cell_values,
     check_cell,
     check_columns,
     method_curve_matrix,
+    design_of,
     require_same_units,
 )
-from pie_lib.stats.bootstrap import bootstrap_indices, bootstrap_weights, percentile_ci
+from pie_lib.stats.bootstrap import percentile_ci
+from pie_lib.stats.design import Design, detect_design, unit_matrix
+from pie_lib.stats.resample import shrunk_values, unit_weights
 
 Better = Literal["lower", "higher"]
 
@@ -89,20 +95,29 @@ def _status(k: float) -> str:
 
 
 def _crossing_with_ci(
-    ladder: np.ndarray, v: np.ndarray, r: np.ndarray, k_ref: int, better: Better, n_boot: int, seed: int, level: float
+    ladder: np.ndarray, v: np.ndarray, r: np.ndarray, k_ref: int, better: Better, n_boot: int, seed: int, level: float,
+    design: Design | None = None,
 ) -> dict[str, float | str]:
-    """Point K_eff and paired bootstrap CI for one curve matrix ``v`` ``[n, L]`` and reference ``r`` ``[n]``."""
-    n = r.size
-    k_hat = float(crossing_budget(ladder, v.mean(axis=0), np.asarray(r.mean()), better))
-    w = bootstrap_weights(bootstrap_indices(n, n_boot, seed), n)
-    kb = crossing_budget(ladder, (w @ v) / n, (w @ r) / n, better)
+    """Point K_eff and paired bootstrap CI for curve rows ``v`` ``[n_rows, L]`` and reference rows ``r`` ``[n_rows]``.
+
+    Rows become units by ``design`` (None: each row is a prompt of one seed); resampling is that
+    of :mod:`pie_lib.stats.resample` (prompts as clusters; seeds then prompts for seed-specific prompts).
+    """
+    if design is None:
+        design = detect_design(np.zeros(r.size, dtype=np.int64), np.arange(r.size))
+    u = unit_matrix(np.column_stack([v, r]), design)  # [n_units, L + 1]
+    g = design.unit_groups()
+    k_hat = float(crossing_budget(ladder, u[:, :-1].mean(axis=0), np.asarray(u[:, -1].mean()), better))
+    w = unit_weights(g, n_boot, seed)
+    means = (w @ shrunk_values(u, g)) / w.sum(axis=1, keepdims=True)
+    kb = crossing_budget(ladder, means[:, :-1], means[:, -1], better)
     above, below = np.isposinf(kb), np.isnan(kb)
     lo, hi = percentile_ci(np.where(below, -np.inf, kb), level)
     lo, hi = (float(x) if x != -np.inf else np.nan for x in (lo, hi))
     s_lo, s_hi = cost_saving(k_ref, lo), cost_saving(k_ref, hi)
     return {
-        "n_prompts": int(n),
-        "ref_mean": float(r.mean()),
+        **design.info(),
+        "ref_mean": float(u[:, -1].mean()),
         "k_eff": k_hat,
         "status": _status(k_hat),
         "ci_low": lo,
@@ -182,6 +197,7 @@ def effective_budget(
         seeds = sorted(set(df.loc[(df["method"] == reference) & (df["k"] == k_ref), "seed"].tolist()))
     seeds = [int(s) for s in seeds]
     ref = cell_values(df, reference, k_ref, value, seeds)
+    design = design_of(ref.index, cell_keys(df, reference, k_ref, seeds))
     if baselines is None:
         baselines = sorted(m for m in df["method"].unique() if m != reference)
     per_seed, summary, curves = [], [], []
@@ -201,8 +217,9 @@ def effective_budget(
             row = _crossing_with_ci(ladder, v_all[m], r_all[m], k_ref, better, n_boot, seed, level)
             per_seed.append({"baseline": base, "seed": s, **row})
             curves.append(pd.DataFrame({"baseline": base, "seed": s, "k": ladder_ks, "mean": v_all[m].mean(axis=0)}))
-        pooled = _crossing_with_ci(ladder, v_all, r_all, k_ref, better, n_boot, seed, level)
-        curves.append(pd.DataFrame({"baseline": base, "seed": pd.NA, "k": ladder_ks, "mean": v_all.mean(axis=0)}))
+        u_curve = unit_matrix(v_all, design)
+        pooled = _crossing_with_ci(ladder, v_all, r_all, k_ref, better, n_boot, seed, level, design)
+        curves.append(pd.DataFrame({"baseline": base, "seed": pd.NA, "k": ladder_ks, "mean": u_curve.mean(axis=0)}))
         ke = np.array([r["k_eff"] for r in per_seed if r["baseline"] == base])
         sv = cost_saving(k_ref, ke)
         summary.append(

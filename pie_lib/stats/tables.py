@@ -33,28 +33,40 @@ def effective_budget_table(
     ks: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
     better: Better = "lower",
+    ratio_margin: float | None = 0.05,
 ) -> pd.DataFrame:
     """Tidy numeric table behind the claim "reference at k_ref matches the baselines at k_cmp".
 
     One row per baseline. K_eff columns come from :func:`effective_budget`; the comparison at
-    ``k_cmp`` pairs ``(reference, k_ref)`` with ``(baseline, k_cmp)`` over all (seed, prompt)
-    units: :func:`tost` (difference = reference - baseline, bounds ±margin) and
-    :func:`paired_test`. ``k_cmp=None`` leaves those columns out.
+    ``k_cmp`` pairs ``(reference, k_ref)`` with ``(baseline, k_cmp)`` on the prompt as unit
+    (:mod:`pie_lib.stats.design`): :func:`tost` (difference = reference - baseline, bounds
+    ±margin; and, with ``ratio_margin``, the geometric-mean ratio within x(1 ± ratio_margin)) and
+    :func:`paired_test`. Beside them, the baseline's *own* change from ``k_ref`` to ``k_cmp`` on
+    the same prompts (``own_change`` = mean(baseline@k_cmp) - mean(baseline@k_ref), with its CI,
+    and ``own_ratio`` = the geometric-mean ratio): when the margin or the equivalence bound is
+    wider than that change, "equivalent at k_cmp" could not tell k_ref from k_cmp either.
+    ``k_cmp=None`` leaves those columns out.
 
     Returns:
-        DataFrame ``baseline, n_seeds, k_eff_mean, k_eff_std, k_eff, k_eff_ci_low, k_eff_ci_high,
-        frac_no_crossing, cost_saving, cost_saving_ci_low, cost_saving_ci_high, k_min, k_max,
-        ref_mean`` and, with ``k_cmp``: ``cmp_mean, mean_diff, tost_delta, tost_p, equivalent,
-        paired_p_t, paired_p_wilcoxon``. ``k_eff`` is the pooled estimate; inf = beyond the
-        ladder, NaN = below it. ``attrs`` records the settings (used by
-        :func:`format_effective_budget_table`).
+        DataFrame ``baseline, n_prompts, n_seeds, unit, design, k_eff_mean, k_eff_std, k_eff,
+        k_eff_ci_low, k_eff_ci_high, frac_no_crossing, cost_saving, cost_saving_ci_low,
+        cost_saving_ci_high, k_min, k_max, ref_mean`` and, with ``k_cmp``: ``cmp_mean, mean_diff,
+        diff_ci_low, diff_ci_high, margin, tost_delta, tost_p, equivalent, equivalence_bound,
+        gm_ratio, ratio_ci_low, ratio_ci_high, ratio_margin, ratio_p, ratio_equivalent,
+        ratio_bound, own_change, own_change_ci_low, own_change_ci_high, own_ratio, paired_p_t,
+        paired_p_wilcoxon``. ``k_eff`` is the pooled estimate; inf = beyond the ladder, NaN =
+        below it; ``k_eff_std`` is the spread of the per-seed K_eff (the seed component).
+        ``attrs`` records the settings (used by :func:`format_effective_budget_table`).
     """
     eb = effective_budget(df, reference, k_ref, baselines, value, n_boot, seed, level, ks, seeds, better)
     s = eb.summary
     out = pd.DataFrame(
         {
             "baseline": s["baseline"],
+            "n_prompts": s["n_prompts"],
             "n_seeds": s["n_seeds"],
+            "unit": s["unit"],
+            "design": s["design"],
             "k_eff_mean": s["k_eff_mean"],
             "k_eff_std": s["k_eff_std"],
             "k_eff": s["k_eff"],
@@ -72,15 +84,25 @@ def effective_budget_table(
     if k_cmp is not None:
         cmp = []
         for base in out["baseline"]:
-            t = tost(df, (reference, k_ref), (base, k_cmp), value, margin, relative, alpha, seeds)
+            t = tost(df, (reference, k_ref), (base, k_cmp), value, margin, relative, alpha, seeds, ratio_margin)
             p = paired_test(df, (reference, k_ref), (base, k_cmp), value, seeds, n_boot, seed, level)
+            own = dict(own_change=np.nan, own_change_ci_low=np.nan, own_change_ci_high=np.nan, own_ratio=np.nan)
+            if k_ref != k_cmp and set(df.loc[df["method"] == base, "k"].tolist()) >= {k_ref, k_cmp}:
+                o = paired_test(df, (base, k_cmp), (base, k_ref), value, seeds, n_boot, seed, level)
+                own = dict(own_change=o.mean_diff, own_change_ci_low=o.ci_low, own_change_ci_high=o.ci_high,
+                           own_ratio=o.gm_ratio)
             cmp.append(
-                {"cmp_mean": t.mean_b, "mean_diff": t.mean_diff, "tost_delta": t.delta, "tost_p": t.p_value,
-                 "equivalent": t.equivalent, "paired_p_t": p.p_t, "paired_p_wilcoxon": p.p_wilcoxon}
+                {"cmp_mean": t.mean_b, "mean_diff": t.mean_diff, "diff_ci_low": p.ci_low, "diff_ci_high": p.ci_high,
+                 "margin": t.margin, "tost_delta": t.delta, "tost_p": t.p_value, "equivalent": t.equivalent,
+                 "equivalence_bound": t.equivalence_bound, "gm_ratio": t.gm_ratio, "ratio_ci_low": t.ratio_ci_low,
+                 "ratio_ci_high": t.ratio_ci_high, "ratio_margin": t.ratio_margin, "ratio_p": t.ratio_p_value,
+                 "ratio_equivalent": t.ratio_equivalent, "ratio_bound": t.ratio_bound, **own,
+                 "paired_p_t": p.p_t, "paired_p_wilcoxon": p.p_wilcoxon}
             )
         out = pd.concat([out, pd.DataFrame(cmp, index=out.index)], axis=1)
     out.attrs.update(reference=reference, k_ref=k_ref, k_cmp=k_cmp, value=value, margin=margin,
-                     relative=relative, alpha=alpha, level=level, n_boot=n_boot, seed=seed)
+                     relative=relative, alpha=alpha, level=level, n_boot=n_boot, seed=seed,
+                     ratio_margin=ratio_margin)
     return out
 
 
@@ -129,9 +151,24 @@ def format_effective_budget_table(table: pd.DataFrame, digits: int = 1) -> pd.Da
             f"Cost saving [{lvl} CI]": f"{sv(r['cost_saving'], r['k_eff'])} "
             f"[{sv(r['cost_saving_ci_low'], r['k_eff_ci_low'])}, {sv(r['cost_saving_ci_high'], r['k_eff_ci_high'])}]",
         }
+        row["Prompts × seeds (unit)"] = f"{r['n_prompts']} × {r['n_seeds']} ({r['unit']})" if "unit" in r else ""
         if k_cmp is not None and "tost_p" in table.columns:
-            row[f"TOST p (@{k_ref} vs @{k_cmp})"] = _p(r["tost_p"])
+            g = lambda x: "–" if np.isnan(x) else f"{x:.3g}"  # noqa: E731
+            pc = lambda x: "–" if np.isnan(x) else f"{100 * (x - 1):+.1f}%"  # noqa: E731
+            row[f"Ref@{k_ref} − base@{k_cmp} [{lvl} CI]"] = (f"{g(r['mean_diff'])} [{g(r['diff_ci_low'])}, "
+                                                          f"{g(r['diff_ci_high'])}]")
+            margin_txt = f"±{g(r['tost_delta'])}" + (" (rel.)" if a.get("relative") else "")
+            row["TOST margin / bound"] = f"{margin_txt} / {g(r['equivalence_bound'])}"
+            row["TOST p"] = _p(r["tost_p"])
             row["Equivalent"] = "yes" if r["equivalent"] else "no"
+            rm = r.get("ratio_margin", np.nan)
+            row[f"GM ratio [{100 * (1 - 2 * a.get('alpha', 0.05)):.0f}% CI]"] = f"{pc(r['gm_ratio'])} [{pc(r['ratio_ci_low'])}, {pc(r['ratio_ci_high'])}]"
+            row["Ratio margin / bound"] = (f"±{100 * rm:g}%" if not np.isnan(rm) else "–") + \
+                (f" / {100 * r['ratio_bound']:.1f}%" if not np.isnan(r["ratio_bound"]) else " / –")
+            row["Ratio equiv."] = "–" if np.isnan(rm) or np.isnan(r["gm_ratio"]) else \
+                ("yes" if r["ratio_equivalent"] else "no")
+            row[f"Own change @{k_ref}→@{k_cmp}"] = "–" if np.isnan(r["own_change"]) else \
+                f"{g(r['own_change'])} ({pc(r['own_ratio'])})"
             row["Paired p (t / W)"] = f"{_p(r['paired_p_t'])} / {_p(r['paired_p_wilcoxon'])}"
         rows.append(row)
     return pd.DataFrame(rows)
