@@ -87,8 +87,10 @@ def test_kl_summary_matches_pandas_and_flags_clipping(df):
     s = tables.kl_summary(d, ks=[50, 100, 200])
     ref = d[(d.budget == "abs") & (d.task == "ioi") & (d.method == "fap") & (d.k == 100)]["kl"]
     row = s[(s.task == "ioi") & (s.method == "fap") & (s.k == 100)].iloc[0]
-    assert row["n"] == len(ref) == 24 and row["n_seeds"] == 3
-    assert row["mean"] == pytest.approx(ref.mean()) and row["std"] == pytest.approx(ref.std(ddof=1))
+    # 8 prompts shared by 3 seeds: the prompt is the unit (seeds averaged within it), not the 24 rows
+    per_prompt = d.loc[ref.index].groupby("prompt_idx")["kl"].mean()
+    assert len(ref) == 24 and (row["n"], row["n_prompts"], row["n_seeds"], row["unit"]) == (8, 8, 3, "prompt")
+    assert row["mean"] == pytest.approx(ref.mean()) and row["std"] == pytest.approx(per_prompt.std(ddof=1))
     assert s[s.k == 200]["clipped"].eq(1.0).all() and s[s.k == 50]["clipped"].eq(0.0).all()
     assert s[s.task == "ioi"]["method"].drop_duplicates().tolist() == ["fap", "fap-synergy", "clt-relp", "act-mag", "random"]
     t = tables.format_kl_table(s, model="toy")
@@ -100,10 +102,11 @@ def test_kl_summary_matches_pandas_and_flags_clipping(df):
 
 def test_effective_budget_means_is_the_papers_line(df):
     fmt, num = tables.effective_budget_means(df[df.task == "ioi"], "fap-synergy", 50, 75, ["fap", "clt-relp"])
-    assert list(fmt.columns) == ["Model", "FAP-Synergy K=50", "FAP K=75", "CLT-RelP K=75"]
+    assert list(fmt.columns) == ["Model", "FAP-Synergy K=50", "FAP K=75", "CLT-RelP K=75", "Prompts × seeds"]
+    assert fmt["Prompts × seeds"].iloc[0] == "8 × 3 (prompt)"
     x = df[(df.task == "ioi") & (df.method == "fap") & (df.k == 75) & (df.budget == "abs")]["kl"]
     assert num.set_index("method").loc["fap", "mean"] == pytest.approx(x.mean())
-    assert num["n"].eq(24).all() and num["seed_std"].notna().all()
+    assert num["n"].eq(8).all() and num["n_seeds"].eq(3).all() and num["seed_std"].notna().all()
 
 
 def test_format_ablation_table(df):

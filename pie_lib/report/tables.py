@@ -94,24 +94,30 @@ def kl_summary(
     value: str = "kl",
     budget: str = "abs",
 ) -> pd.DataFrame:
-    """Mean ± std over prompts (all seeds pooled) of ``value`` per (task, method, K).
+    """Mean ± std over prompts of ``value`` per (task, method, K), the prompt as unit.
+
+    Seeds that share a prompt are averaged within it first (:mod:`pie_lib.stats.design`), so
+    ``std`` is the spread over prompts and ``n`` counts prompts, not prompt copies.
 
     Args:
         df: sweep rows. ks: budgets. methods: order and subset (default: all, paper order).
         value: column. budget: "abs" (K occurrences) or "frac" (K = fraction of the active set).
     Returns:
-        ``task, method, k, n, n_seeds, mean, std, clipped`` where ``clipped`` is the fraction of
-        rows whose budget exceeded the prompt's active set (k_eff < k).
+        ``task, method, k, n, n_prompts, n_seeds, unit, mean, std, seed_sd, clipped`` where
+        ``clipped`` is the fraction of rows whose budget exceeded the prompt's active set
+        (k_eff < k) and ``seed_sd`` the seed component (:func:`pie_lib.stats.design.seed_spread`).
     """
+    from pie_lib.stats import summarize
+
     d = df[(df["budget"] == budget) & df["k"].isin(list(ks))]
     if methods is not None:
         d = d[d["method"].isin(list(methods))]
     if "task" not in d.columns:
         d = d.assign(task="?")
     x = d.assign(_v=d[value].astype(float), _clip=(d["k_eff"] < d["k"]) if budget == "abs" else False)
-    g = x.groupby(["task", "method", "k"], sort=False)
-    out = g.agg(n=("_v", "size"), n_seeds=("seed", "nunique"), mean=("_v", "mean"), std=("_v", "std"),
-                clipped=("_clip", "mean")).reset_index()
+    by = ["task", "method", "k"]
+    s = summarize(x, by=by, value="_v", n_boot=0)[[*by, "n", "n_prompts", "n_seeds", "unit", "mean", "std", "seed_sd"]]
+    out = s.merge(x.groupby(by)["_clip"].mean().rename("clipped").reset_index(), on=by)
     order = _order(out["method"], methods)
     out["_m"] = out["method"].map({m: i for i, m in enumerate(order)})
     return out.sort_values(["task", "_m", "k"]).drop(columns="_m").reset_index(drop=True)
@@ -149,32 +155,41 @@ def effective_budget_means(
     digits: int = 2,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The paper's Effective-Budget line: mean ``value`` of the reference at ``k_ref`` and of
-    each baseline at ``k_cmp`` (over every seed and prompt).
+    each baseline at ``k_cmp``, over prompts (seeds sharing a prompt averaged within it).
 
     Returns:
-        (formatted one-row table ``Model, <Ref> K=50, <Base> K=75, ...`` of "mean±std", numeric
-        tidy table ``model, method, k, n, mean, std, seed_std``) -- ``seed_std`` is the spread of
-        the per-seed means.
+        (formatted one-row table ``Model, <Ref> K=50, <Base> K=75, ..., Prompts × seeds`` of
+        "mean±std", numeric tidy table ``model, method, k, n, n_prompts, n_seeds, unit, mean,
+        std, seed_sd, seed_std``) -- ``std`` is the spread over prompts, ``seed_sd`` the seed
+        component, ``seed_std`` the spread of the per-seed means.
     """
+    from pie_lib.stats import summarize
+
     d = df[df["budget"] == "abs"] if "budget" in df.columns else df
     cells = [(reference, k_ref)] + [(b, k_cmp) for b in baselines]
     rows, fmt = [], {"Model": model}
     for m, k in cells:
         x = d[(d["method"] == m) & (d["k"] == k)]
-        v = x[value].astype(float)
-        seed_means = x.assign(_v=v).groupby("seed")["_v"].mean()
-        rows.append({"model": model, "method": m, "k": k, "n": int(v.size), "mean": float(v.mean()) if v.size else np.nan,
-                     "std": float(v.std(ddof=1)) if v.size > 1 else np.nan,
-                     "seed_std": float(seed_means.std(ddof=1)) if seed_means.size > 1 else np.nan})
+        if x.empty:
+            rows.append({"model": model, "method": m, "k": k, "n": 0, "n_prompts": 0, "n_seeds": 0, "unit": "",
+                         "mean": np.nan, "std": np.nan, "seed_sd": np.nan, "seed_std": np.nan})
+        else:
+            s = summarize(x.assign(_v=x[value].astype(float)), value="_v", n_boot=0).iloc[0]
+            rows.append({"model": model, "method": m, "k": k,
+                         **{c: s[c] for c in ("n", "n_prompts", "n_seeds", "unit", "mean", "std", "seed_sd", "seed_std")}})
         fmt[f"{label(m)} K={k}"] = pm(rows[-1]["mean"], rows[-1]["std"], digits)
+    first = rows[0]
+    fmt["Prompts × seeds"] = f"{first['n_prompts']} × {first['n_seeds']} ({first['unit']})"
     return pd.DataFrame([fmt]), pd.DataFrame(rows)
 
 
 def format_ablation_table(ablation: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """Human-readable :func:`pie_lib.stats.matched_seed_ablation` (pooled rows, then per seed).
 
-    Columns: ``K, Scope, n, <ablated>, <full>, Δ (ablated − full) [CI], p (t), p (Wilcoxon),
-    p (seeds)``; Δ > 0 on KL means the reranking lowers KL.
+    Columns: ``K, Scope, Prompts × seeds, <ablated>, <full>, Δ (ablated − full) [CI], p (t),
+    p (Wilcoxon), Seed sd of Δ, p (seeds)``; Δ > 0 on KL means the reranking lowers KL. ``p (seeds)``
+    is shown only for seed-specific prompts (NaN "–" when seeds share prompts, see
+    :func:`pie_lib.stats.matched_seed_ablation`).
     """
     a = ablation.attrs
     full, abl = label(a.get("full", "full")), label(a.get("ablated", "ablated"))
@@ -189,12 +204,14 @@ def format_ablation_table(ablation: pd.DataFrame, digits: int = 3) -> pd.DataFra
         rows.append({
             "K": int(r["k"]),
             "Scope": "pooled" if r["scope"] == "pooled" else f"seed {int(r['seed'])}",
-            "n": int(r["n"]),
+            "Prompts × seeds": f"{int(r['n_prompts'])} × {int(r['n_seeds'])}" if "n_prompts" in r else str(int(r["n"])),
             abl: f"{r['mean_ablated']:.{digits}f}",
             full: f"{r['mean_full']:.{digits}f}",
             f"Δ [{lvl} CI]": f"{r['mean_diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]",
             "p (t)": p(r["p_t"]),
             "p (Wilcoxon)": p(r["p_wilcoxon"]),
+            "Seed sd of Δ": f"{r['seed_sd_diff']:.{digits}f}" if r["scope"] == "pooled" and pd.notna(r.get("seed_sd_diff"))
+            else "",
             "p (seeds)": p(r.get("p_seed_t")) if r["scope"] == "pooled" else "",
         })
     return pd.DataFrame(rows)

@@ -116,6 +116,8 @@ def describe(x: np.ndarray, design, n_boot: int = 2000, seed: int = 0, level: fl
       with the exponentiated BCa interval of that mean (NaN, with ``n_nonpositive`` > 0, when a
       value is <= 0: the log scale is then undefined, nothing is floored);
     - ``seed_sd``: the seed component (:func:`~pie_lib.stats.design.seed_spread`).
+
+    ``n_boot=0`` skips the bootstrap (intervals NaN): the point estimates alone, cheaply.
     """
     from pie_lib.stats.design import seed_spread, unit_matrix
     from pie_lib.stats.resample import log_values, mean_ci, mean_t, median_ci
@@ -123,14 +125,15 @@ def describe(x: np.ndarray, design, n_boot: int = 2000, seed: int = 0, level: fl
     u = unit_matrix(x, design)
     g = design.unit_groups()
     t = mean_t(u, g)
-    lo, hi = mean_ci(u, g, n_boot, seed, level)
-    med, mlo, mhi = median_ci(u, g, n_boot, seed, level)
+    boot = n_boot > 0
+    lo, hi = mean_ci(u, g, n_boot, seed, level) if boot else (np.nan, np.nan)
+    med, mlo, mhi = median_ci(u, g, n_boot, seed, level) if boot else (float(np.median(u)), np.nan, np.nan)
     logs, bad = log_values(x)
     if logs is None:
         gm = glo = ghi = np.nan
     else:
         lu = unit_matrix(logs, design)
-        llo, lhi = mean_ci(lu, g, n_boot, seed, level)
+        llo, lhi = mean_ci(lu, g, n_boot, seed, level) if boot else (np.nan, np.nan)
         gm, glo, ghi = float(np.exp(lu.mean())), float(np.exp(llo)), float(np.exp(lhi))
     return {"mean": t.mean, "std": t.sd_units, "se": t.se, "dof": t.dof, "ci_low": float(lo), "ci_high": float(hi),
             "median": med, "median_ci_low": mlo, "median_ci_high": mhi,
