@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh clone:
 #   make paper   -- create .venv if missing, install, regenerate every notebook/figure/table on the toy world
 #   make test    -- create .venv if missing, install, run the test suite
+#   make lint    -- the import-layer, lint and format gates (.ci/run runs lint, then test)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test paper toy bench clean
+.PHONY: install lint test paper toy bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +19,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the gates of .ci/run: import layers (pyproject [tool.importlinter]), ruff lint, ruff format
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 paper: $(STAMP)
-	$(PY) -m pie_lib.paper
+	$(PY) -m pie_lib.experiments.paper
 
 toy: $(STAMP)
 	$(PY) -m pie_lib.toy.build

@@ -214,8 +214,10 @@ class NaiveReference:
             ``[B]`` m_null, kl_null.
         """
         J, B = keeps.shape[0], self.occ.n_prompts
-        out = {k: torch.zeros(J, B, dtype=torch.float64) for k in
-               ("kl", "faithfulness", "completeness", "m_circuit", "m_complement")}
+        out = {
+            k: torch.zeros(J, B, dtype=torch.float64)
+            for k in ("kl", "faithfulness", "completeness", "m_circuit", "m_complement")
+        }
         out["pred_change"] = torch.zeros(J, B, dtype=torch.bool)
         m_null, kl_null = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
         for b in range(B):

@@ -43,8 +43,17 @@ def build_random(folder: Path, d_model: int, layers: int, n_features: int, n_pai
 
     words = [f"w{i}" for i in range(200)]
     heads = max(1, d_model // 64) if d_model >= 64 else 4
-    save_random_model(folder / "model", "llama", words, seed=0, hidden_size=d_model, intermediate_size=4 * d_model,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
+    save_random_model(
+        folder / "model",
+        "llama",
+        words,
+        seed=0,
+        hidden_size=d_model,
+        intermediate_size=4 * d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
     r = random.Random(0)
     pairs = []
     for _ in range(n_pairs):
@@ -79,8 +88,12 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random", action="store_true", help="use a random model even when the toy world exists")
-    ap.add_argument("--world", type=Path, default=None,
-                    help="a toy-world arch folder with model/ and clt/ (default: pie_lib.toy's llama assets)")
+    ap.add_argument(
+        "--world",
+        type=Path,
+        default=None,
+        help="a toy-world arch folder with model/ and clt/ (default: pie_lib.toy's llama assets)",
+    )
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--features", type=int, default=256)
@@ -99,8 +112,8 @@ def main() -> None:
     from pie_lib.prune.context import BatchContext, ScoringConfig
     from pie_lib.prune.methods import fap
     from pie_lib.prune.patching import last_token_kl
+    from pie_lib.prune.related.pahq import fast_dtype, pahq_patched_last_logits, reduced_precision, source_layers
     from pie_lib.prune.select import topk_global
-    from pie_lib.related.pahq import fast_dtype, pahq_patched_last_logits, reduced_precision, source_layers
 
     model_dir = args.world / "model" if args.world else toy.toy_model_path("llama")
     clt_dir = args.world / "clt" if args.world else toy.toy_clt_path("llama")
@@ -142,10 +155,16 @@ def main() -> None:
 
     kept_cat = torch.cat(kept_all)
     by_layer = torch.bincount(ctx.occ.layer[kept_cat], minlength=model.n_layers)
-    sets = {"none": [], "sources": source_layers(ctx.occ, kept_cat), f"layer{int(by_layer.argmax())}": [int(by_layer.argmax())]}
+    sets = {
+        "none": [],
+        "sources": source_layers(ctx.occ, kept_cat),
+        f"layer{int(by_layer.argmax())}": [int(by_layer.argmax())],
+    }
     dtype = fast_dtype(model.device)
-    print(f"world: {world}; batch {B} prompts x {batch.seq_len} tokens; {len(ctx.occ)} active occurrences; "
-          f"{ids.shape[0]} patched forwards per call; fast dtype {dtype}; torch threads {torch.get_num_threads()}")
+    print(
+        f"world: {world}; batch {B} prompts x {batch.seq_len} tokens; {len(ctx.occ)} active occurrences; "
+        f"{ids.shape[0]} patched forwards per call; fast dtype {dtype}; torch threads {torch.get_num_threads()}"
+    )
 
     t_full, (ref, _) = timed(lambda: patched_last_logits(model, ids, offsets), args.repeats)
     kl_ref = last_token_kl(clean, ref.float())
@@ -161,10 +180,12 @@ def main() -> None:
         for j, lab in enumerate(labels):
             sl = slice(j * B, (j + 1) * B)
             parts.append(f"{lab}: KL {kl_ref[sl].mean():.4f}->{kl_lo[sl].mean():.4f}")
-        print(f"fp32 layers={str(keep_layers):14s} reduced={len(reduced)}/{model.n_layers}  "
-              f"{t_amort * 1e3:8.2f} ms/call amortised ({t_full / t_amort:4.2f}x), {t_call * 1e3:8.2f} ms with cast "
-              f"({t_full / t_call:4.2f}x)  KL(fp32||pahq) mean {err.mean():.2e} max {err.max():.2e}  |  "
-              + "; ".join(parts))
+        print(
+            f"fp32 layers={str(keep_layers):14s} reduced={len(reduced)}/{model.n_layers}  "
+            f"{t_amort * 1e3:8.2f} ms/call amortised ({t_full / t_amort:4.2f}x), {t_call * 1e3:8.2f} ms with cast "
+            f"({t_full / t_call:4.2f}x)  KL(fp32||pahq) mean {err.mean():.2e} max {err.max():.2e}  |  "
+            + "; ".join(parts)
+        )
     tmp.cleanup()
 
 

@@ -48,9 +48,10 @@ from pie_lib.clt import load_clt, save_clt  # noqa: E402
 from pie_lib.engine.traces import run_with_cache  # noqa: E402
 from pie_lib.models.loading import LoadedModel, load_model  # noqa: E402
 from pie_lib.prune.context import BatchContext, ScoringConfig  # noqa: E402
-from pie_lib.prune.evaluate import evaluate_keep_masks  # noqa: E402
-from pie_lib.prune.methods import MethodParams, get_methods  # noqa: E402
 from pie_lib.prune.occurrences import PairBatch, tokenize_pairs  # noqa: E402
+from pie_lib.prune.params import MethodParams  # noqa: E402
+from pie_lib.prune.registry import get_methods  # noqa: E402
+from pie_lib.prune.retention import evaluate_keep_masks  # noqa: E402
 from pie_lib.prune.scores import fap_scores  # noqa: E402
 from pie_lib.prune.select import SynergyConfig, synergy_rerank  # noqa: E402
 
@@ -83,8 +84,11 @@ class PeakMemory:
                 self.can_reset = True
             except OSError:
                 pass
-        self.kind = "cuda max_memory_allocated" if self.cuda else (
-            "peak RSS (VmHWM, reset per phase)" if self.can_reset else "ru_maxrss (process peak)")
+        self.kind = (
+            "cuda max_memory_allocated"
+            if self.cuda
+            else ("peak RSS (VmHWM, reset per phase)" if self.can_reset else "ru_maxrss (process peak)")
+        )
 
     def reset(self) -> float:
         """Reset the peak; returns the current level (MB) it starts from."""
@@ -214,7 +218,9 @@ def trace_overhead(model: LoadedModel, batch: PairBatch, rows: int, repeats: int
 
 
 def format_profile(rec: Instrument, n_prompts: int, overhead: dict[str, float] | None, total_s: float) -> str:
-    lines = [f"where the time goes (pie_lib, one pass, {n_prompts} prompts; seconds per prompt, share of {total_s / n_prompts:.4f})"]
+    lines = [
+        f"where the time goes (pie_lib, one pass, {n_prompts} prompts; seconds per prompt, share of {total_s / n_prompts:.4f})"
+    ]
     sec = dict(rec.seconds)
     run_total = sec.pop("PatchEvaluator.run (total)", 0.0)
     inside = sec.get("patch offsets", 0.0) + sec.get("patch forwards (traces)", 0.0)
@@ -227,17 +233,24 @@ def format_profile(rec: Instrument, n_prompts: int, overhead: dict[str, float] |
             extra += f", {rec.rows[k] / n_prompts:.0f} sequences/prompt"
         lines.append(f"  {k:<36}{v / n_prompts:>10.4f}  {100 * v / max(total_s, 1e-12):5.1f}%{extra}")
     if overhead:
-        n_traces = rec.calls.get("patch forwards (traces)", 0) + rec.calls.get("gradients (fwd+bwd traces)", 0) \
+        n_traces = (
+            rec.calls.get("patch forwards (traces)", 0)
+            + rec.calls.get("gradients (fwd+bwd traces)", 0)
             + rec.calls.get("caches: clean+corrupted forwards", 0)
+        )
         est = overhead["overhead_s"] * n_traces
-        lines.append(f"  nnsight trace overhead: {1e3 * overhead['overhead_s']:.1f} ms per trace "
-                     f"({1e3 * overhead['trace_s']:.1f} ms traced vs {1e3 * overhead['plain_s']:.1f} ms plain, "
-                     f"{overhead['rows']} rows); x {n_traces} traces = ~{est / n_prompts:.4f} s/prompt "
-                     f"({100 * est / max(total_s, 1e-12):.1f}%)")
+        lines.append(
+            f"  nnsight trace overhead: {1e3 * overhead['overhead_s']:.1f} ms per trace "
+            f"({1e3 * overhead['trace_s']:.1f} ms traced vs {1e3 * overhead['plain_s']:.1f} ms plain, "
+            f"{overhead['rows']} rows); x {n_traces} traces = ~{est / n_prompts:.4f} s/prompt "
+            f"({100 * est / max(total_s, 1e-12):.1f}%)"
+        )
     return "\n".join(lines)
 
 
-def profile_pass(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchConfig, top: int = 20) -> dict[str, Any]:
+def profile_pass(
+    model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchConfig, top: int = 20
+) -> dict[str, Any]:
     """One instrumented pie_lib pass under ``torch.profiler``; prints the breakdown and top ops."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -266,8 +279,12 @@ def hardware() -> dict[str, Any]:
     except OSError:
         pass
     info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
@@ -327,8 +344,9 @@ def random_clt_for(
     return W_enc, b_enc, None, torch.zeros(L, D, device=dev), thr, dec_scale
 
 
-def build_synthetic_world(folder: Path, seed: int = 0, n_features: int = 512, active_per_token: float = 60.0,
-                          rebuild: bool = False) -> tuple[Path, Path]:
+def build_synthetic_world(
+    folder: Path, seed: int = 0, n_features: int = 512, active_per_token: float = 60.0, rebuild: bool = False
+) -> tuple[Path, Path]:
     """A random Llama of the toy's shapes + a calibrated random CLT, cached in ``folder``."""
     from pie_lib.models.random_init import random_model
     from pie_lib.toy.tokenizer import build_tokenizer
@@ -340,9 +358,19 @@ def build_synthetic_world(folder: Path, seed: int = 0, n_features: int = 512, ac
         return model_dir, clt_dir
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(ioi_vocabulary_texts())
-    hf = random_model("llama", vocab_size=len(tok), seed=seed, hidden_size=96, intermediate_size=256,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    hf = random_model(
+        "llama",
+        vocab_size=len(tok),
+        seed=seed,
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     hf.save_pretrained(model_dir)
     tok.save_pretrained(str(model_dir))
     model = load_model(model_dir, device="cpu", dtype="float32")
@@ -429,8 +457,9 @@ class PassOutput:
     ev: dict[str, torch.Tensor]
 
 
-def pie_pass(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchConfig, mem: PeakMemory,
-             log: PhaseLog) -> list[PassOutput]:
+def pie_pass(
+    model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchConfig, mem: PeakMemory, log: PhaseLog
+) -> list[PassOutput]:
     """One timed pass of pie_lib over every batch."""
     dev = model.device
     methods = get_methods(cfg.methods)
@@ -444,7 +473,9 @@ def pie_pass(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchC
                 ctx.grads("relp")
         with log.phase("fap", dev, mem):
             mode = cfg.scoring.gradient
-            s = ctx.cached(f"fap:{mode}", lambda: fap_scores(ctx.occ, ctx.grads(mode), ctx.rows, cfg.scoring.corruption))
+            s = ctx.cached(
+                f"fap:{mode}", lambda: fap_scores(ctx.occ, ctx.grads(mode), ctx.rows, cfg.scoring.corruption)
+            )
         counts = ctx.occ.counts().cpu()
         with log.phase("synergy", dev, mem):
             syn_cfg = SynergyConfig(**{**cfg.params.synergy.__dict__, "seed": cfg.seed})
@@ -533,9 +564,11 @@ def _compare(o: PassOutput, s: torch.Tensor, syn_keep: torch.Tensor, keeps: dict
 
 def median_log(logs: list[PhaseLog]) -> PhaseLog:
     names = list(logs[0].seconds)
-    return PhaseLog({n: statistics.median(l.seconds.get(n, 0.0) for l in logs) for n in names},
-                    {n: max(l.peak_mb.get(n, 0.0) for l in logs) for n in names},
-                    {n: max(l.growth_mb.get(n, 0.0) for l in logs) for n in names})
+    return PhaseLog(
+        {n: statistics.median(l.seconds.get(n, 0.0) for l in logs) for n in names},
+        {n: max(l.peak_mb.get(n, 0.0) for l in logs) for n in names},
+        {n: max(l.growth_mb.get(n, 0.0) for l in logs) for n in names},
+    )
 
 
 def run_benchmark(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchConfig) -> dict[str, Any]:
@@ -557,7 +590,8 @@ def run_benchmark(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: B
         logs.append(log)
     pie = median_log(logs)
     result: dict[str, Any] = {
-        "n_prompts": n_prompts, "memory_kind": mem.kind,
+        "n_prompts": n_prompts,
+        "memory_kind": mem.kind,
         "n_active": _stats(torch.cat([o.ctx.occ.counts().cpu().float() for o in outs])),
         "pie_forwards_per_prompt": sum(o.ctx.evaluator.n_forwards for o in outs) / n_prompts,
         "pie": _per_prompt(pie, n_prompts),
@@ -565,7 +599,9 @@ def run_benchmark(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: B
     if cfg.naive:
         unsupported = set(cfg.methods) - NAIVE_METHODS
         if unsupported:
-            raise SystemExit(f"the naive reference implements {sorted(NAIVE_METHODS)}; drop {sorted(unsupported)} or pass --no-naive")
+            raise SystemExit(
+                f"the naive reference implements {sorted(NAIVE_METHODS)}; drop {sorted(unsupported)} or pass --no-naive"
+            )
         nlogs, check, fw = [], CheckReport(), 0
         for _ in range(cfg.naive_repeats):
             nlog = PhaseLog()
@@ -579,8 +615,10 @@ def run_benchmark(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: B
             naive.growth_mb[shared] = pie.growth_mb[shared]
         result["naive"] = _per_prompt(naive, n_prompts)
         result["naive_forwards_per_prompt"] = fw / n_prompts
-        result["speedup"] = {k: result["naive"]["seconds_per_prompt"][k] / v if v > 0 else None
-                             for k, v in result["pie"]["seconds_per_prompt"].items()}
+        result["speedup"] = {
+            k: result["naive"]["seconds_per_prompt"][k] / v if v > 0 else None
+            for k, v in result["pie"]["seconds_per_prompt"].items()
+        }
         result["check"] = {**check.__dict__, "ok": check.ok}
     result["wall_seconds"] = time.perf_counter() - t_all
     return result
@@ -606,6 +644,7 @@ def format_table(result: dict[str, Any], title: str = "") -> str:
     naive = result.get("naive")
     names = list(pie["seconds_per_prompt"])
     lines = [title] if title else []
+
     def mem(side: dict, n: str) -> str:
         if n not in side["peak_mb"]:
             return ""
@@ -624,16 +663,20 @@ def format_table(result: dict[str, Any], title: str = "") -> str:
             sp = "shared" if shared else (f"{q / p:.1f}x" if p > 0 else "-")
             row += f"{q:>16.4f}{mem(naive, n):>18}{sp:>10}"
         lines.append(row)
-    lines.append(f"prompts: {result['n_prompts']}; active occurrences per prompt: {result['n_active']}; "
-                 f"pie_lib patch forwards/prompt: {result['pie_forwards_per_prompt']:.1f}"
-                 + (f"; naive forwards/prompt: {result['naive_forwards_per_prompt']:.0f}" if naive else ""))
+    lines.append(
+        f"prompts: {result['n_prompts']}; active occurrences per prompt: {result['n_active']}; "
+        f"pie_lib patch forwards/prompt: {result['pie_forwards_per_prompt']:.1f}"
+        + (f"; naive forwards/prompt: {result['naive_forwards_per_prompt']:.0f}" if naive else "")
+    )
     lines.append(f"memory: {result['memory_kind']}")
     if "check" in result:
         c = result["check"]
-        lines.append(f"agreement: {'OK' if c['ok'] else 'MISMATCH'} -- selections {c['selections_equal']}/{c['selections_total']} "
-                     f"equal, synergy equal={c['syn_equal']}, FAP max rel err {c['fap_max_rel_err']:.1e}, "
-                     f"KL max err {c['kl_max_abs_err']:.1e}, faithfulness max err {c['faith_max_abs_err']:.1e}"
-                     + ("" if c["pred_change_equal"] else ", pred-change flags differ (near-tie argmax)"))
+        lines.append(
+            f"agreement: {'OK' if c['ok'] else 'MISMATCH'} -- selections {c['selections_equal']}/{c['selections_total']} "
+            f"equal, synergy equal={c['syn_equal']}, FAP max rel err {c['fap_max_rel_err']:.1e}, "
+            f"KL max err {c['kl_max_abs_err']:.1e}, faithfulness max err {c['faith_max_abs_err']:.1e}"
+            + ("" if c["pred_change_equal"] else ", pred-change flags differ (near-tie argmax)")
+        )
         for m in c["mismatches"][:10]:
             lines.append(f"  ! {m}")
     return "\n".join(lines)
@@ -659,26 +702,43 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--chunk", type=int, default=64, help="patch variants per forward (pie_lib)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared, oversubscribed CPU, OpenMP spin-waits make "
-                        "2 threads up to 100x slower than 1; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared, oversubscribed CPU, OpenMP spin-waits make "
+        "2 threads up to 100x slower than 1; 0 = torch's default)",
+    )
     p.add_argument("--json", default=None, help="write the result table as JSON here")
-    p.add_argument("--profile", action="store_true",
-                   help="also run one instrumented pass under torch.profiler and print where the time goes")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run one instrumented pass under torch.profiler and print where the time goes",
+    )
 
 
 def bench_config(args: argparse.Namespace, naive: bool) -> BenchConfig:
     ints = [int(x) for x in args.k.split(",") if x.strip()]
     fracs = [float(x) for x in args.k_frac.split(",") if x.strip()]
     return BenchConfig(
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], k=ints, k_frac=fracs,
-        syn_k=args.syn_k, syn_frac=args.syn_frac, seed=args.seed, repeats=args.repeats, warmup=args.warmup,
-        naive=naive, naive_repeats=args.naive_repeats, scoring=ScoringConfig(chunk=args.chunk),
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        k=ints,
+        k_frac=fracs,
+        syn_k=args.syn_k,
+        syn_frac=args.syn_frac,
+        seed=args.seed,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        naive=naive,
+        naive_repeats=args.naive_repeats,
+        scoring=ScoringConfig(chunk=args.chunk),
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(p)
     p.add_argument("--world", choices=("auto", "toy", "synthetic"), default="auto")
     p.add_argument("--model", default=None, help="local model folder (with --clt)")
@@ -699,14 +759,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_benchmark(model, clt, batches, cfg)
     if args.profile:
         result["profile"] = profile_pass(model, clt, batches, cfg)
-    result.update(world=world, model=str(model_dir), clt=str(clt_dir), device=str(model.device),
-                  dtype=str(model.dtype), hardware=hw, config={
-                      "methods": cfg.methods, "k": cfg.k, "k_frac": cfg.k_frac, "syn_k": cfg.syn_k,
-                      "syn_frac": cfg.syn_frac, "seed": cfg.seed, "repeats": cfg.repeats, "warmup": cfg.warmup,
-                      "naive_repeats": cfg.naive_repeats, "batch_size": args.batch_size, "chunk": args.chunk})
+    result.update(
+        world=world,
+        model=str(model_dir),
+        clt=str(clt_dir),
+        device=str(model.device),
+        dtype=str(model.dtype),
+        hardware=hw,
+        config={
+            "methods": cfg.methods,
+            "k": cfg.k,
+            "k_frac": cfg.k_frac,
+            "syn_k": cfg.syn_k,
+            "syn_frac": cfg.syn_frac,
+            "seed": cfg.seed,
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "naive_repeats": cfg.naive_repeats,
+            "batch_size": args.batch_size,
+            "chunk": args.chunk,
+        },
+    )
     result["hardware"]["loadavg_end"] = list(os.getloadavg())
-    title = (f"prune_speed: {world} ({model.n_layers} layers, d_model {model.d_model}, {clt.n_features} features/layer), "
-             f"{model.device} {model.dtype}, {len(cfg.methods)} methods x {len(budgets(torch.ones(1), cfg))} budgets")
+    title = (
+        f"prune_speed: {world} ({model.n_layers} layers, d_model {model.d_model}, {clt.n_features} features/layer), "
+        f"{model.device} {model.dtype}, {len(cfg.methods)} methods x {len(budgets(torch.ones(1), cfg))} budgets"
+    )
     print(format_table(result, title))
     return finish(result, args.json, cfg.naive)
 

@@ -66,9 +66,13 @@ def scaled_shape(shape: str, scale: int) -> tuple[str, dict[str, Any], int]:
             kv -= 1
         head_dim = max(8, cfg["head_dim"] // scale)
         cfg.update(
-            hidden_size=max(16, cfg["hidden_size"] // scale), intermediate_size=max(32, cfg["intermediate_size"] // scale),
-            num_hidden_layers=max(2, cfg["num_hidden_layers"] // scale), num_attention_heads=heads,
-            num_key_value_heads=kv, head_dim=head_dim, vocab_size=max(512, cfg["vocab_size"] // scale),
+            hidden_size=max(16, cfg["hidden_size"] // scale),
+            intermediate_size=max(32, cfg["intermediate_size"] // scale),
+            num_hidden_layers=max(2, cfg["num_hidden_layers"] // scale),
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            vocab_size=max(512, cfg["vocab_size"] // scale),
         )
         if "query_pre_attn_scalar" in cfg:
             cfg["query_pre_attn_scalar"] = head_dim
@@ -76,8 +80,16 @@ def scaled_shape(shape: str, scale: int) -> tuple[str, dict[str, Any], int]:
     return arch, cfg, F
 
 
-def _stream_write_clt(folder: Path, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, thr: torch.Tensor,
-                      make_dec, model_name: str, dtype: torch.dtype) -> Path:
+def _stream_write_clt(
+    folder: Path,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    thr: torch.Tensor,
+    make_dec,
+    model_name: str,
+    dtype: torch.dtype,
+) -> Path:
     """circuit-tracer CLT layout written one layer at a time (the decoders never sit in memory whole).
 
     Same files, keys and config as :func:`pie_lib.clt.save_clt`; ``make_dec(l)`` returns W_dec_l.
@@ -88,8 +100,12 @@ def _stream_write_clt(folder: Path, W_enc: torch.Tensor, b_enc: torch.Tensor, b_
     L = W_enc.shape[0]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    cfg = {"model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
-           "feature_output_hook": "hook_mlp_out", "model_name": model_name}
+    cfg = {
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": "hook_resid_mid",
+        "feature_output_hook": "hook_mlp_out",
+        "model_name": model_name,
+    }
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     for i in range(L):
         enc = {f"W_enc_{i}": W_enc[i], f"b_enc_{i}": b_enc[i], f"b_dec_{i}": b_dec[i], f"threshold_{i}": thr[i]}
@@ -103,9 +119,18 @@ def _stream_write_clt(folder: Path, W_enc: torch.Tensor, b_enc: torch.Tensor, b_
     return folder
 
 
-def build_real_scale(folder: Path, shape: str, scale: int = 1, seed: int = 0, active_per_token: float = 300.0,
-                     device: str = "cpu", disk_dtype: torch.dtype = torch.bfloat16, stream: bool | None = None,
-                     rebuild: bool = False, log=print) -> tuple[Path, Path, dict[str, Any]]:
+def build_real_scale(
+    folder: Path,
+    shape: str,
+    scale: int = 1,
+    seed: int = 0,
+    active_per_token: float = 300.0,
+    device: str = "cpu",
+    disk_dtype: torch.dtype = torch.bfloat16,
+    stream: bool | None = None,
+    rebuild: bool = False,
+    log=print,
+) -> tuple[Path, Path, dict[str, Any]]:
     """Build (once) the random model and calibrated random CLT of ``shape`` / ``scale``.
 
     Returns:
@@ -113,8 +138,16 @@ def build_real_scale(folder: Path, shape: str, scale: int = 1, seed: int = 0, ac
     """
     arch, cfg, F = scaled_shape(shape, scale)
     model_dir, clt_dir, stamp = folder / "model", folder / "clt", folder / "build.json"
-    spec = {"version": 1, "shape": shape, "scale": scale, "seed": seed, "active_per_token": active_per_token,
-            "disk_dtype": str(disk_dtype), "features": F, "config": dict(cfg)}
+    spec = {
+        "version": 1,
+        "shape": shape,
+        "scale": scale,
+        "seed": seed,
+        "active_per_token": active_per_token,
+        "disk_dtype": str(disk_dtype),
+        "features": F,
+        "config": dict(cfg),
+    }
     if not rebuild and stamp.exists():
         info = json.loads(stamp.read_text())
         if info.get("spec") == spec:
@@ -122,8 +155,10 @@ def build_real_scale(folder: Path, shape: str, scale: int = 1, seed: int = 0, ac
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     vocab = cfg.pop("vocab_size")
-    log(f"building random {shape} (scale {scale}): {cfg['num_hidden_layers']} layers, d_model {cfg['hidden_size']}, "
-        f"vocab {vocab}, CLT {F} features/layer -> {folder}")
+    log(
+        f"building random {shape} (scale {scale}): {cfg['num_hidden_layers']} layers, d_model {cfg['hidden_size']}, "
+        f"vocab {vocab}, CLT {F} features/layer -> {folder}"
+    )
     hf = random_model(arch, vocab_size=vocab, seed=seed, **cfg)
     hf.to(disk_dtype).save_pretrained(model_dir)
     word_tokenizer([f"t{i}" for i in range(64)]).save_pretrained(str(model_dir))  # ids are random anyway
@@ -134,8 +169,9 @@ def build_real_scale(folder: Path, shape: str, scale: int = 1, seed: int = 0, ac
     g = torch.Generator().manual_seed(seed + 1)
     calib = torch.randint(3, vocab, (8, 18), generator=g)
     calib[:, 0] = BOS
-    W_enc, b_enc, _, b_dec, thr, dec_scale = ps.random_clt_for(model, calib, F, active_per_token, seed,
-                                                               round_dtype=disk_dtype)
+    W_enc, b_enc, _, b_dec, thr, dec_scale = ps.random_clt_for(
+        model, calib, F, active_per_token, seed, round_dtype=disk_dtype
+    )
     gdev = torch.Generator(device=model.device).manual_seed(seed + 2)
 
     def make_dec(l: int) -> torch.Tensor:
@@ -149,8 +185,15 @@ def build_real_scale(folder: Path, shape: str, scale: int = 1, seed: int = 0, ac
         _stream_write_clt(clt_dir, W_enc, b_enc, b_dec, thr, make_dec, name, disk_dtype)
     else:
         W_dec = [make_dec(l).to(disk_dtype) for l in range(L)]
-        save_clt(clt_dir, W_enc.to(disk_dtype), b_enc.to(disk_dtype), W_dec, b_dec.to(disk_dtype), thr.to(disk_dtype),
-                 model_name=name)
+        save_clt(
+            clt_dir,
+            W_enc.to(disk_dtype),
+            b_enc.to(disk_dtype),
+            W_dec,
+            b_dec.to(disk_dtype),
+            thr.to(disk_dtype),
+            model_name=name,
+        )
         del W_dec
     # what actually fires with the stored (bf16) weights, on fresh random prompts
     clt = load_clt(clt_dir, device=model.device, dtype=torch.float32)
@@ -160,16 +203,25 @@ def build_real_scale(folder: Path, shape: str, scale: int = 1, seed: int = 0, ac
 
     resid = run_with_cache(model, probe).resid_mid[:, :, 1:].float()
     l0 = sum(float((clt.encode(resid[l], layer=l) != 0).sum(-1).float().mean()) for l in range(L))
-    info = {"spec": spec, "active_per_token_measured": l0, "decoder_values": n_dec, "streamed": bool(stream),
-            "build_seconds": time.perf_counter() - t0,
-            "disk_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+    info = {
+        "spec": spec,
+        "active_per_token_measured": l0,
+        "decoder_values": n_dec,
+        "streamed": bool(stream),
+        "build_seconds": time.perf_counter() - t0,
+        "disk_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+    }
     stamp.write_text(json.dumps(info, indent=2))
-    log(f"built in {info['build_seconds']:.1f} s; {info['disk_bytes'] / 2**30:.2f} GiB on disk; "
-        f"measured active features per token: {l0:.1f}")
+    log(
+        f"built in {info['build_seconds']:.1f} s; {info['disk_bytes'] / 2**30:.2f} GiB on disk; "
+        f"measured active features per token: {l0:.1f}"
+    )
     return model_dir, clt_dir, info
 
 
-def random_pair_batches(n: int, vocab: int, seed: int, batch_size: int, lengths: tuple[int, int] = (15, 20)) -> list[PairBatch]:
+def random_pair_batches(
+    n: int, vocab: int, seed: int, batch_size: int, lengths: tuple[int, int] = (15, 20)
+) -> list[PairBatch]:
     """IOI-shaped pairs of random token ids, grouped by length.
 
     Clean: BOS + random ids (15-20 tokens). Corrupted: the same with three "name" positions
@@ -193,21 +245,30 @@ def random_pair_batches(n: int, vocab: int, seed: int, batch_size: int, lengths:
         idx = groups[T]
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
-            batches.append(PairBatch(
-                clean_ids=torch.stack([rows[i][0] for i in chunk]), corr_ids=torch.stack([rows[i][1] for i in chunk]),
-                correct=torch.tensor([rows[i][2] for i in chunk]), wrong=torch.tensor([rows[i][3] for i in chunk]),
-                prompt_idx=torch.tensor(chunk)))
+            batches.append(
+                PairBatch(
+                    clean_ids=torch.stack([rows[i][0] for i in chunk]),
+                    corr_ids=torch.stack([rows[i][1] for i in chunk]),
+                    correct=torch.tensor([rows[i][2] for i in chunk]),
+                    wrong=torch.tensor([rows[i][3] for i in chunk]),
+                    prompt_idx=torch.tensor(chunk),
+                )
+            )
     return batches
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ps.add_common_args(p)
     p.set_defaults(n=16, batch_size=16, repeats=1, warmup=1)
     p.add_argument("--shape", choices=sorted(REAL_SHAPES), default="llama-3.2-1b")
     p.add_argument("--scale", type=int, default=1, help="divide layers (min 2), widths, vocab and features by this")
     p.add_argument("--active-per-token", type=float, default=300.0, help="CLT features firing per token (all layers)")
-    p.add_argument("--cache", default="~/.cache/pie_lib/real_scale", help="build folder (one subfolder per shape/scale)")
+    p.add_argument(
+        "--cache", default="~/.cache/pie_lib/real_scale", help="build folder (one subfolder per shape/scale)"
+    )
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--stream", choices=("auto", "yes", "no"), default="auto", help="write the CLT layer by layer")
     p.add_argument("--rows-dtype", default="float32", help="dtype of gathered decoder rows (pie_lib default float32)")
@@ -217,11 +278,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     hw = ps.hardware()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sub = args.shape + (f"-s{args.scale}" if args.scale > 1 else "") + (f"-a{args.active_per_token:g}" if args.active_per_token != 300 else "")
+    sub = (
+        args.shape
+        + (f"-s{args.scale}" if args.scale > 1 else "")
+        + (f"-a{args.active_per_token:g}" if args.active_per_token != 300 else "")
+    )
     folder = Path(args.cache).expanduser() / sub
     stream = {"auto": None, "yes": True, "no": False}[args.stream]
-    model_dir, clt_dir, info = build_real_scale(folder, args.shape, args.scale, args.seed, args.active_per_token,
-                                                device=device, stream=stream, rebuild=args.rebuild)
+    model_dir, clt_dir, info = build_real_scale(
+        folder,
+        args.shape,
+        args.scale,
+        args.seed,
+        args.active_per_token,
+        device=device,
+        stream=stream,
+        rebuild=args.rebuild,
+    )
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=dtype)
@@ -236,25 +309,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["profile"] = ps.profile_pass(model, clt, batches, cfg)
     per_prompt = result["pie"]["seconds_per_prompt"]
     target = {k: per_prompt[k] * 500 / 60 for k in ("fap_total", "synergy", "ladder_total", "total")}
-    result.update(shape=args.shape, scale=args.scale, build=info, load_seconds=load_s, device=str(model.device),
-                  dtype=str(model.dtype), hardware=hw, projected_minutes_for_500_pairs=target,
-                  config={"methods": cfg.methods, "k": cfg.k, "k_frac": cfg.k_frac, "syn_k": cfg.syn_k,
-                          "repeats": cfg.repeats, "warmup": cfg.warmup, "batch_size": args.batch_size,
-                          "chunk": args.chunk, "rows_dtype": args.rows_dtype,
-                          "lazy_decoder": isinstance(clt.decoder.sources[0], MemmapTensor)})
+    result.update(
+        shape=args.shape,
+        scale=args.scale,
+        build=info,
+        load_seconds=load_s,
+        device=str(model.device),
+        dtype=str(model.dtype),
+        hardware=hw,
+        projected_minutes_for_500_pairs=target,
+        config={
+            "methods": cfg.methods,
+            "k": cfg.k,
+            "k_frac": cfg.k_frac,
+            "syn_k": cfg.syn_k,
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "batch_size": args.batch_size,
+            "chunk": args.chunk,
+            "rows_dtype": args.rows_dtype,
+            "lazy_decoder": isinstance(clt.decoder.sources[0], MemmapTensor),
+        },
+    )
     result["hardware"]["loadavg_end"] = list(os.getloadavg())
-    title = (f"real_scale: random {args.shape}" + (f" / scale {args.scale}" if args.scale > 1 else "")
-             + f" ({model.n_layers} layers, d_model {model.d_model}, vocab {model.vocab_size}, {clt.n_features} CLT "
-             f"features/layer, {info['active_per_token_measured']:.0f} active/token), {model.device} {model.dtype}, "
-             f"{len(cfg.methods)} methods x {len(ps.budgets(torch.ones(1), cfg))} budgets")
+    title = (
+        f"real_scale: random {args.shape}"
+        + (f" / scale {args.scale}" if args.scale > 1 else "")
+        + f" ({model.n_layers} layers, d_model {model.d_model}, vocab {model.vocab_size}, {clt.n_features} CLT "
+        f"features/layer, {info['active_per_token_measured']:.0f} active/token), {model.device} {model.dtype}, "
+        f"{len(cfg.methods)} methods x {len(ps.budgets(torch.ones(1), cfg))} budgets"
+    )
     print(ps.format_table(result, title))
-    print(f"projected for 500 pairs on this device (minutes): FAP {target['fap_total']:.2f}, FAP-Synergy@{cfg.syn_k} {target['synergy']:.2f}, "
-          f"K-ladder {target['ladder_total']:.2f}, everything {target['total']:.2f}"
-          + (" (target: < 5 at full scale on one H200)" if args.scale == 1 and "cuda" in str(model.device) else
-             " (the < 5 min target is for full scale on one H200; this is not that run)"))
+    print(
+        f"projected for 500 pairs on this device (minutes): FAP {target['fap_total']:.2f}, FAP-Synergy@{cfg.syn_k} {target['synergy']:.2f}, "
+        f"K-ladder {target['ladder_total']:.2f}, everything {target['total']:.2f}"
+        + (
+            " (target: < 5 at full scale on one H200)"
+            if args.scale == 1 and "cuda" in str(model.device)
+            else " (the < 5 min target is for full scale on one H200; this is not that run)"
+        )
+    )
     peak = max(result["pie"]["peak_mb"].values()) / 1024
-    print(f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: {peak:.2f} GiB "
-          f"(model load {load_s:.1f} s; CLT decoders {'lazy (memory-mapped)' if result['config']['lazy_decoder'] else 'in memory'})")
+    print(
+        f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: {peak:.2f} GiB "
+        f"(model load {load_s:.1f} s; CLT decoders {'lazy (memory-mapped)' if result['config']['lazy_decoder'] else 'in memory'})"
+    )
     return ps.finish(result, args.json, cfg.naive)
 
 

@@ -20,8 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 #: Keep subprocesses from oversubscribing the (shared) CPU cores.
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+SUBPROCESS_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 
 
 @dataclass
@@ -41,16 +46,37 @@ def run_cli(args: list[str], timeout: float = 120, cwd: str | Path | None = None
     import os
 
     env = {**os.environ, **SUBPROCESS_ENV}
-    p = subprocess.run([sys.executable, "-m", "pie_lib", *args], capture_output=True, text=True, timeout=timeout,
-                       env=env, cwd=cwd)
+    p = subprocess.run(
+        [sys.executable, "-m", "pie_lib", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
     return CLIResult(list(args), p.returncode, p.stdout, p.stderr)
 
 
 def prune_args(world, out: Path, *, model=None, clt=None, data=None, extra: list[str] | None = None) -> list[str]:
     """``pie prune`` on the tiny world, small and quiet; override any input."""
-    return ["prune", "--model", str(model or world.model_dir), "--clt", str(clt or world.clt_dir),
-            "--data", str(data or world.pairs_path), "--n", "4", "--methods", "fap,random", "--k", "5",
-            "--seeds", "0", "--out", str(out), "--device", "cpu", "--no-progress", *(extra or [])]
+    return [
+        "prune",
+        "--model",
+        str(model or world.model_dir),
+        "--clt",
+        str(clt or world.clt_dir),
+        "--data",
+        str(data or world.pairs_path),
+        "--n",
+        "4",
+        "--methods",
+        "fap,random",
+        "--k",
+        "5",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *(extra or []),
+    ]
 
 
 # ----------------------------------------------------------------------------- builders
@@ -200,18 +226,18 @@ def clt_empty_folder(world, folder):
 
 
 def model_small_d(world, folder):
-    from pie_lib.models.random_init import save_random_model
-
     from conftest import WORDS
+
+    from pie_lib.models.random_init import save_random_model
 
     m = save_random_model(folder / "model", "llama", WORDS, hidden_size=16, intermediate_size=32)
     return prune_args(world, folder / "out", model=m)
 
 
 def model_two_layers(world, folder):
-    from pie_lib.models.random_init import save_random_model
-
     from conftest import WORDS
+
+    from pie_lib.models.random_init import save_random_model
 
     m = save_random_model(folder / "model", "llama", WORDS, num_hidden_layers=2)
     return prune_args(world, folder / "out", model=m)
@@ -219,15 +245,21 @@ def model_two_layers(world, folder):
 
 def model_unknown_arch(world, folder):
     """A tiny random ``MistralForCausalLM``: transformers knows it, pie_lib has no ArchSpec for it."""
+    from conftest import WORDS
     from transformers import MistralConfig, MistralForCausalLM
 
     from pie_lib.models.random_init import word_tokenizer
 
-    from conftest import WORDS
-
     tok = word_tokenizer(WORDS)
-    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     MistralForCausalLM(cfg).save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     return prune_args(world, folder / "out", model=folder / "model")
@@ -437,8 +469,9 @@ def out_corrupt_config(world, folder):
 def out_other_config(world, folder):
     """A results folder written by a different configuration (here: another CLT)."""
     (folder / "out").mkdir()
-    (folder / "out" / "config.json").write_text(json.dumps({"identity": {"model": str(world.model_dir),
-                                                                       "clt": "/some/other/clt"}}))
+    (folder / "out" / "config.json").write_text(
+        json.dumps({"identity": {"model": str(world.model_dir), "clt": "/some/other/clt"}})
+    )
     return prune_args(world, folder / "out")
 
 

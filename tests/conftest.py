@@ -86,6 +86,7 @@ def one_torch_thread():
 def interp_world(tmp_path_factory):
     """(model folder, CLT folder, loaded model, loaded CLT) of the interpret/FADE tests' tiny world."""
     from fake_llm_server import build_tiny_world
+
     from pie_lib.interpret.pipeline import resolve_world
 
     m, c = build_tiny_world(tmp_path_factory.mktemp("world"))

@@ -35,8 +35,12 @@ def _offline_answer(messages: list[dict]) -> str:
 
 
 class FakeLLMServer:
-    def __init__(self, behaviours: list[str] | None = None, responder: Callable[[list[dict]], str] | None = None,
-                 slow_s: float = 1.5) -> None:
+    def __init__(
+        self,
+        behaviours: list[str] | None = None,
+        responder: Callable[[list[dict]], str] | None = None,
+        slow_s: float = 1.5,
+    ) -> None:
         self.behaviours = list(behaviours or ["ok"])
         self.responder = responder or _offline_answer
         self.slow_s = slow_s
@@ -85,12 +89,19 @@ class FakeLLMServer:
                     content = f"[EXPLANATION]: your header was {auth}"
                 else:
                     content = server.responder(body.get("messages", []))
-                self._send(200, {
-                    "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model", "fake"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "fake"),
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+                    },
+                )
 
             def _send(self, status: int, payload: dict) -> None:
                 data = json.dumps(payload).encode()

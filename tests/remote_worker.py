@@ -53,8 +53,7 @@ def _run(header, payload):
     model = _model(header["model_key"])
     lines, sources, blocks = dict(linecache.cache), dict(SOURCES), dict(BLOCKS)
     try:
-        tracer = RequestModel.deserialize(payload, model._remoteable_persistent_objects(),
-                                          compress=header["compress"])
+        tracer = RequestModel.deserialize(payload, model._remoteable_persistent_objects(), compress=header["compress"])
         inc()
         try:
             tracer.execute(tracer.info.code)

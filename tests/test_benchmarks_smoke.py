@@ -41,10 +41,25 @@ def _assert_agree(result: dict) -> None:
 
 def test_prune_speed_synthetic_world_agrees_with_naive(tmp_path):
     out = tmp_path / "bench.json"
-    result = prune_speed.main(TINY + [
-        "--world", "synthetic", "--cache", str(tmp_path / "cache"), "--active-per-token", "24",
-        "--k", "5,20", "--k-frac", "0.5", "--syn-k", "20", "--json", str(out),
-    ])
+    result = prune_speed.main(
+        TINY
+        + [
+            "--world",
+            "synthetic",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--active-per-token",
+            "24",
+            "--k",
+            "5,20",
+            "--k-frac",
+            "0.5",
+            "--syn-k",
+            "20",
+            "--json",
+            str(out),
+        ]
+    )
     _assert_agree(result)
     saved = json.loads(out.read_text())
     assert saved["n_prompts"] == 2
@@ -57,13 +72,13 @@ def test_prune_speed_synthetic_world_agrees_with_naive(tmp_path):
 
 def test_naive_synergy_matches_with_wide_boundary(tmp_path):
     """bp=100 puts many candidates (and pair forwards) in the boundary: still identical."""
+    from naive_reference import NaiveReference
+
     from pie_lib.clt import load_clt
     from pie_lib.models.loading import load_model
     from pie_lib.prune.context import BatchContext, ScoringConfig
     from pie_lib.prune.scores import fap_scores
     from pie_lib.prune.select import SynergyConfig, synergy_rerank
-
-    from naive_reference import NaiveReference
 
     torch.set_num_threads(1)
     model_dir, clt_dir = prune_speed.build_synthetic_world(tmp_path / "w", active_per_token=16)
@@ -83,24 +98,62 @@ def test_naive_synergy_matches_with_wide_boundary(tmp_path):
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "gemma-2-2b"])
 def test_real_scale_reduced_runs_and_agrees(tmp_path, shape):
     out = tmp_path / "rs.json"
-    result = real_scale.main(TINY + [
-        "--shape", shape, "--scale", "64", "--active-per-token", "24", "--cache", str(tmp_path / "cache"),
-        "--k", "5,10", "--syn-k", "10", "--naive", "--json", str(out),
-    ] + (["--stream", "yes"] if shape == "gemma-2-2b" else []))  # exercise the layer-by-layer writer too
+    result = real_scale.main(
+        TINY
+        + [
+            "--shape",
+            shape,
+            "--scale",
+            "64",
+            "--active-per-token",
+            "24",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--k",
+            "5,10",
+            "--syn-k",
+            "10",
+            "--naive",
+            "--json",
+            str(out),
+        ]
+        + (["--stream", "yes"] if shape == "gemma-2-2b" else [])
+    )  # exercise the layer-by-layer writer too
     _assert_agree(result)
     saved = json.loads(out.read_text())
     assert saved["scale"] == 64 and saved["build"]["active_per_token_measured"] > 0
     assert saved["build"]["streamed"] == (shape == "gemma-2-2b")
     assert saved["projected_minutes_for_500_pairs"]["total"] > 0
     # the cached build is reused, not rebuilt
-    again = real_scale.main(TINY + ["--shape", shape, "--scale", "64", "--active-per-token", "24", "--cache",
-                                    str(tmp_path / "cache"), "--k", "5", "--syn-k", "5"])
+    again = real_scale.main(
+        TINY
+        + [
+            "--shape",
+            shape,
+            "--scale",
+            "64",
+            "--active-per-token",
+            "24",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--k",
+            "5",
+            "--syn-k",
+            "5",
+        ]
+    )
     assert again["build"]["build_seconds"] == saved["build"]["build_seconds"]
 
 
 def test_real_scale_shapes_divide():
     arch, cfg, F = real_scale.scaled_shape("llama-3.2-1b", 1)
-    assert (arch, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"], F) == ("llama", 16, 2048, 128256, 32768)
+    assert (arch, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"], F) == (
+        "llama",
+        16,
+        2048,
+        128256,
+        32768,
+    )
     arch, cfg, F = real_scale.scaled_shape("gemma-2-2b", 16)
     assert (arch, cfg["num_hidden_layers"], cfg["hidden_size"], F) == ("gemma2", 2, 144, 1024)
     assert cfg["num_attention_heads"] % cfg["num_key_value_heads"] == 0

@@ -17,21 +17,33 @@ L, F, D = 3, 20, 8
 def _tensors(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return dict(
-        W_enc=torch.randn(L, F, D, generator=g).to(dtype), b_enc=torch.randn(L, F, generator=g).to(dtype),
+        W_enc=torch.randn(L, F, D, generator=g).to(dtype),
+        b_enc=torch.randn(L, F, generator=g).to(dtype),
         W_dec=[torch.randn(F, L - i, D, generator=g).to(dtype) for i in range(L)],
-        b_dec=torch.randn(L, D, generator=g).to(dtype), threshold=torch.rand(L, F, generator=g).to(dtype),
+        b_dec=torch.randn(L, D, generator=g).to(dtype),
+        threshold=torch.rand(L, F, generator=g).to(dtype),
     )
 
 
 def _write_foreign(folder, t, with_threshold=True):
     """Write the format by hand, the way another tool would (not through save_clt)."""
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
-        "feature_output_hook": "hook_mlp_out", "model_name": "some/model"}))
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model_kind": "cross_layer_transcoder",
+                "feature_input_hook": "hook_resid_mid",
+                "feature_output_hook": "hook_mlp_out",
+                "model_name": "some/model",
+            }
+        )
+    )
     for i in range(L):
-        enc = {f"W_enc_{i}": t["W_enc"][i].contiguous(), f"b_enc_{i}": t["b_enc"][i].contiguous(),
-               f"b_dec_{i}": t["b_dec"][i].contiguous()}
+        enc = {
+            f"W_enc_{i}": t["W_enc"][i].contiguous(),
+            f"b_enc_{i}": t["b_enc"][i].contiguous(),
+            f"b_dec_{i}": t["b_dec"][i].contiguous(),
+        }
         if with_threshold:
             enc[f"threshold_{i}"] = t["threshold"][i].contiguous()
         save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
@@ -97,9 +109,16 @@ def test_plt_layout_loads_as_single_target(tmp_path):
     for i in range(L):
         W_dec = torch.randn(F, D, generator=g)
         decs.append(W_dec)
-        save_file({"W_enc": torch.randn(F, D, generator=g), "W_dec": W_dec, "b_enc": torch.zeros(F),
-                   "b_dec": torch.zeros(D), "activation_function.threshold": torch.full((F,), 0.1)},
-                  str(folder / f"layer_{i}.safetensors"))
+        save_file(
+            {
+                "W_enc": torch.randn(F, D, generator=g),
+                "W_dec": W_dec,
+                "b_enc": torch.zeros(F),
+                "b_dec": torch.zeros(D),
+                "activation_function.threshold": torch.full((F,), 0.1),
+            },
+            str(folder / f"layer_{i}.safetensors"),
+        )
     clt = load_clt(folder)
     assert not clt.config.is_cross_layer and clt.n_out(0) == 1 and list(clt.targets(1)) == [1]
     assert torch.equal(clt.decoder_rows(2, torch.tensor([3]))[:, 0], decs[2][[3]])

@@ -25,7 +25,9 @@ def _torch_hook_capture(model, ids):
     hf, arch = model.hf, model.arch
     resid, outs, handles = [], [], []
     for layer in get_path(hf, arch.layers):
-        handles.append(get_path(layer, arch.resid_mid).register_forward_hook(lambda m, i, o: resid.append(i[0].detach())))
+        handles.append(
+            get_path(layer, arch.resid_mid).register_forward_hook(lambda m, i, o: resid.append(i[0].detach()))
+        )
         handles.append(get_path(layer, arch.mlp_out).register_forward_hook(lambda m, i, o: outs.append(o.detach())))
     with torch.no_grad():
         logits = hf(ids).logits
@@ -142,8 +144,9 @@ def test_traces_under_nnsight_remote_simulation(tiny_worlds, arch):
 
 def test_clt_shape_mismatch_with_model_is_clear(tiny_worlds):
     with pytest.raises(ShapeMismatchError, match="d_model|layers"):
-        tiny_worlds["llama"].model.check_clt(tiny_worlds["gemma2"].clt) if tiny_worlds["gemma2"].clt.n_layers != 3 \
-            else _mismatch(tiny_worlds)
+        tiny_worlds["llama"].model.check_clt(tiny_worlds["gemma2"].clt) if tiny_worlds[
+            "gemma2"
+        ].clt.n_layers != 3 else _mismatch(tiny_worlds)
 
 
 def _mismatch(worlds):
@@ -165,9 +168,15 @@ def test_foreign_clt_on_gpt2_reconstructs_with_independent_fvu(tiny_worlds, tmp_
     w = tiny_worlds["gpt2"]
     folder = tmp_path / "foreign"
     folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder",
-                                                        "feature_input_hook": "hook_resid_mid",
-                                                        "feature_output_hook": "hook_mlp_out"}))
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model_kind": "cross_layer_transcoder",
+                "feature_input_hook": "hook_resid_mid",
+                "feature_output_hook": "hook_mlp_out",
+            }
+        )
+    )
     for i in range(w.clt.n_layers):
         src_enc = load_file(str(w.clt_dir / f"W_enc_{i}.safetensors"))
         save_file({k: v.copy() for k, v in src_enc.items()}, str(folder / f"W_enc_{i}.safetensors"))
@@ -187,7 +196,9 @@ def test_foreign_clt_on_gpt2_reconstructs_with_independent_fvu(tiny_worlds, tmp_
     expected = []
     for s in range(L):
         rec = load_file(str(folder / f"W_enc_{s}.safetensors"))[f"b_dec_{s}"].astype(np.float64)
-        rec = rec + sum(acts[l] @ load_file(str(folder / f"W_dec_{l}.safetensors"))[f"W_dec_{l}"][:, s - l] for l in range(s + 1))
+        rec = rec + sum(
+            acts[l] @ load_file(str(folder / f"W_dec_{l}.safetensors"))[f"W_dec_{l}"][:, s - l] for l in range(s + 1)
+        )
         y = outs[s].numpy().astype(np.float64).reshape(-1, rec.shape[-1])
         r = rec.reshape(-1, y.shape[-1])
         expected.append(((y - r) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())

@@ -7,10 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from pie_lib.fade.metrics import (
-    auroc, average_precision, clarity, faithfulness_score, gini, gini_and_ap, responsiveness_purity,
+from pie_lib.evaluate.metrics import (
+    auroc,
+    average_precision,
+    clarity,
+    faithfulness_score,
+    gini,
+    gini_and_ap,
+    responsiveness_purity,
 )
-from pie_lib.fade.sampling import fade_sample, pie_sample
+from pie_lib.evaluate.sampling import fade_sample, pie_sample
 
 
 def test_auroc_no_ties():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pie_lib.fade.protocol import text_activations
-from pie_lib.fade.steering import steered_generate, steering_vectors
+from pie_lib.evaluate.protocol import text_activations
+from pie_lib.evaluate.steering import steered_generate, steering_vectors
 from pie_lib.interpret.examples import encode_features
 
 KEYS = [(0, 1), (2, 7), (1, 3)]
@@ -34,7 +34,7 @@ def _reference_generate(lm, prompts: torch.Tensor, vecs: dict[int, torch.Tensor]
     finally:
         for h in hooks:
             h.remove()
-    return ids[:, prompts.shape[1]:]
+    return ids[:, prompts.shape[1] :]
 
 
 def test_steering_vectors_layout(world):
@@ -86,7 +86,9 @@ def test_text_activations_match_single_texts(world):
     keys = [KEYS[0], KEYS[1], KEYS[0], KEYS[2]]
     got = text_activations(lm, clt, toks, keys, batch_size=3)
     for t, (layer, f), g in zip(toks, keys, got):
-        a = encode_features(clt, run_with_cache(lm, torch.tensor([t])).resid_mid[layer], layer, torch.tensor([f]))[0, 1:, 0]
+        a = encode_features(clt, run_with_cache(lm, torch.tensor([t])).resid_mid[layer], layer, torch.tensor([f]))[
+            0, 1:, 0
+        ]
         want = float(a[a.abs().argmax()]) if len(a) else 0.0
         assert g == pytest.approx(want, abs=1e-6)
     assert np.isfinite(got).all()

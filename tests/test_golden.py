@@ -30,17 +30,42 @@ TOL = 1e-6
 
 
 def _run(arch: str, task: str, out: Path) -> dict:
-    cfg = PruneConfig(model=f"toy:{arch}", clt=f"toy:{arch}", task=task, n=3, data_seed=0, methods=METHODS,
-                      k=[4, 12], k_frac=[], seeds=[0, 1], out=str(out), device="cpu", batch_size=3, progress=False)
+    cfg = PruneConfig(
+        model=f"toy:{arch}",
+        clt=f"toy:{arch}",
+        task=task,
+        n=3,
+        data_seed=0,
+        methods=METHODS,
+        k=[4, 12],
+        k_frac=[],
+        seeds=[0, 1],
+        out=str(out),
+        device="cpu",
+        batch_size=3,
+        progress=False,
+    )
     run_prune(cfg)
     rows = load_results(out).sort_values(["method", "k", "seed", "prompt_idx"])
     sels = sorted(load_selections(out), key=lambda r: (r["method"], r["k"], r["seed"], r["prompt_idx"]))
     return {
-        "rows": [{"key": [r.method, int(r.k), int(r.seed), int(r.prompt_idx)],
-                  **{c: float(getattr(r, c)) for c in NUMBERS}, **{c: int(getattr(r, c)) for c in INTS},
-                  "pred_change": bool(r.pred_change)} for r in rows.itertuples()],
-        "selections": [{"key": [s["method"], int(s["k"]), int(s["seed"]), int(s["prompt_idx"])],
-                        "occurrences": s["occurrences"], "scores": s["scores"]} for s in sels],
+        "rows": [
+            {
+                "key": [r.method, int(r.k), int(r.seed), int(r.prompt_idx)],
+                **{c: float(getattr(r, c)) for c in NUMBERS},
+                **{c: int(getattr(r, c)) for c in INTS},
+                "pred_change": bool(r.pred_change),
+            }
+            for r in rows.itertuples()
+        ],
+        "selections": [
+            {
+                "key": [s["method"], int(s["k"]), int(s["seed"]), int(s["prompt_idx"])],
+                "occurrences": s["occurrences"],
+                "scores": s["scores"],
+            }
+            for s in sels
+        ],
     }
 
 
@@ -68,8 +93,13 @@ def test_golden_fixture(produced) -> None:
             for c in INTS + ["pred_change"]:
                 assert g[c] == w[c], (case, w["key"], c)
             for c in NUMBERS:
-                assert math.isclose(g[c], w[c], rel_tol=0, abs_tol=TOL) or (math.isnan(g[c]) and math.isnan(w[c])), \
-                    (case, w["key"], c, g[c], w[c])
+                assert math.isclose(g[c], w[c], rel_tol=0, abs_tol=TOL) or (math.isnan(g[c]) and math.isnan(w[c])), (
+                    case,
+                    w["key"],
+                    c,
+                    g[c],
+                    w[c],
+                )
         assert [s["key"] for s in got["selections"]] == [s["key"] for s in want["selections"]], case
         for g, w in zip(got["selections"], want["selections"]):
             assert g["occurrences"] == w["occurrences"], (case, w["key"])

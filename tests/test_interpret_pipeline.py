@@ -9,12 +9,10 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-
-from pie_lib.errors import PieError
 import torch
-
 from fake_llm_server import FakeLLMServer
-from pie_lib.errors import DataFormatError, MissingDependencyError
+
+from pie_lib.errors import DataFormatError, MissingDependencyError, PieError
 from pie_lib.interpret import prompts as P
 from pie_lib.interpret.corpus import CorpusConfig, iter_documents, make_contexts
 from pie_lib.interpret.costs import effective_budget_cost_saving
@@ -41,14 +39,42 @@ def _cfg(n_docs: int = 120) -> InterpretConfig:
 
 def _selections() -> list[dict]:
     return [
-        {"method": "fap-synergy", "k": 50, "seed": 0, "prompt_idx": 0, "n_active": 30,
-         "occurrences": [[0, 3, 1], [0, 4, 1], [1, 2, 3]], "scores": [1.0, 0.5, 0.2]},
-        {"method": "fap-synergy", "k": 50, "seed": 0, "prompt_idx": 1, "n_active": 30,
-         "occurrences": [[0, 1, 5], [1, 2, 3]], "scores": [1.0, 0.5]},
-        {"method": "fap", "k": 75, "seed": 0, "prompt_idx": 0, "n_active": 30,
-         "occurrences": [[0, 3, 1], [1, 2, 3], [2, 5, 7]], "scores": [1.0, 0.5, 0.2]},
-        {"method": "fap", "k": 75, "seed": 0, "prompt_idx": 1, "n_active": 30,
-         "occurrences": [[0, 1, 5], [2, 2, 40], [2, 3, 7]], "scores": [1.0, 0.5, 0.1]},
+        {
+            "method": "fap-synergy",
+            "k": 50,
+            "seed": 0,
+            "prompt_idx": 0,
+            "n_active": 30,
+            "occurrences": [[0, 3, 1], [0, 4, 1], [1, 2, 3]],
+            "scores": [1.0, 0.5, 0.2],
+        },
+        {
+            "method": "fap-synergy",
+            "k": 50,
+            "seed": 0,
+            "prompt_idx": 1,
+            "n_active": 30,
+            "occurrences": [[0, 1, 5], [1, 2, 3]],
+            "scores": [1.0, 0.5],
+        },
+        {
+            "method": "fap",
+            "k": 75,
+            "seed": 0,
+            "prompt_idx": 0,
+            "n_active": 30,
+            "occurrences": [[0, 3, 1], [1, 2, 3], [2, 5, 7]],
+            "scores": [1.0, 0.5, 0.2],
+        },
+        {
+            "method": "fap",
+            "k": 75,
+            "seed": 0,
+            "prompt_idx": 1,
+            "n_active": 30,
+            "occurrences": [[0, 1, 5], [2, 2, 40], [2, 3, 7]],
+            "scores": [1.0, 0.5, 0.1],
+        },
     ]
 
 
@@ -110,7 +136,9 @@ def test_corpus_files_and_missing_datasets(tmp_path, monkeypatch):
 
 def test_contexts_keep_spans_and_bos(world):
     _, _, lm, _ = world
-    ctxs = make_contexts(lm.tokenizer, ["When Mary went to the store , John gave a drink to Mary ."], CorpusConfig(ctx_len=6))
+    ctxs = make_contexts(
+        lm.tokenizer, ["When Mary went to the store , John gave a drink to Mary ."], CorpusConfig(ctx_len=6)
+    )
     c = ctxs[0]
     assert len(c.token_ids) == 6 and c.token_ids[0] == lm.tokenizer.bos_token_id
     assert [c.text[s:e] for s, e in zip(c.starts[1:], c.ends[1:])] == ["When", "Mary", "went", "to", "the"]
@@ -174,7 +202,7 @@ def test_store_top_examples_nonzero_and_resumable(world, tmp_path):
 # --------------------------------------------------------------------------- end to end
 def test_offline_end_to_end_interpret_and_evaluate(world, tmp_path):
     m, c, _, _ = world
-    from pie_lib.fade.protocol import evaluate
+    from pie_lib.evaluate.protocol import evaluate
 
     sel = tmp_path / "selections.jsonl"
     sel.write_text("\n".join(json.dumps(r) for r in _selections()))
@@ -204,8 +232,13 @@ def test_misbehaving_server_run_finishes_and_resumes(world, tmp_path, monkeypatc
     cfg = _cfg()
     cfg.explain = ExplainConfig(parse_retries=1)
     with FakeLLMServer(["ok", "malformed", "malformed", "ok", "500"]) as srv:
-        llm = LLMConfig(backend="openai", model="fake", base_url=srv.base_url, workers=1,
-                        retry=RetryPolicy(max_retries=1, base_delay_s=0.01, max_delay_s=0.02))
+        llm = LLMConfig(
+            backend="openai",
+            model="fake",
+            base_url=srv.base_url,
+            workers=1,
+            retry=RetryPolicy(max_retries=1, base_delay_s=0.01, max_delay_s=0.02),
+        )
         d = interpret(features=FEATURES, model=str(m), clt=str(c), llm=llm, out=out, config=cfg, progress=False)
         # feature 1 ok; feature 2 two malformed answers -> parse_failed; feature 3 ok; the rest: 500s
         assert d.status.tolist() == ["ok", "parse_failed", "ok", "request_failed", "request_failed"]
@@ -218,7 +251,7 @@ def test_misbehaving_server_run_finishes_and_resumes(world, tmp_path, monkeypatc
         assert srv.n_requests == n_first + 2  # only the two failed features were asked again
         assert d2.status.tolist() == ["ok", "parse_failed", "ok", "ok", "ok"]
         assert d2.loc[:2, "description"].equals(d.loc[:2, "description"])  # finished work kept
-        from pie_lib.fade.protocol import evaluate
+        from pie_lib.evaluate.protocol import evaluate
 
         r = evaluate(out / "descriptions.parquet", protocol="pie", llm=llm, progress=False)
         assert (r.backend == "openai").all() and r.loc[r.status == "ok", "calls"].gt(0).all()
@@ -235,7 +268,9 @@ def test_hf_backend_explainer_counts_real_tokens(world, tmp_path):
     cfg = _cfg(n_docs=40)
     cfg.explain = ExplainConfig(max_tokens=8, parse_retries=0)
     llm = LLMConfig(backend="hf", model=str(m), device="cpu")
-    d = interpret(features=FEATURES[:2], model=str(m), clt=str(c), llm=llm, out=tmp_path / "hf", config=cfg, progress=False)
+    d = interpret(
+        features=FEATURES[:2], model=str(m), clt=str(c), llm=llm, out=tmp_path / "hf", config=cfg, progress=False
+    )
     # a random model cannot write "[EXPLANATION]:": each answer is counted, never scored
     assert (d.status == "parse_failed").all() and (d.parse_failures == 1).all()
     assert (d.completion_tokens == 8).all() and (d.prompt_tokens > 100).all() and (d.backend == "hf").all()
@@ -244,18 +279,34 @@ def test_hf_backend_explainer_counts_real_tokens(world, tmp_path):
 
 def test_cli_parsers_run_offline(world, tmp_path):
     m, c, _, _ = world
-    from pie_lib.interpret.cli import add_evaluate_parser, add_interpret_parser
+    from pie_lib.cli.evaluate import add_evaluate_parser
+    from pie_lib.cli.interpret import add_interpret_parser
 
     parser = argparse.ArgumentParser(prog="pie")
     sub = parser.add_subparsers(dest="cmd")
     add_interpret_parser(sub)
     add_evaluate_parser(sub)
     out = tmp_path / "cli"
-    args = parser.parse_args(["interpret", "--features", "0:1,1:3", "--model", str(m), "--clt", str(c),
-                              "--n-docs", "40", "--out", str(out), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "interpret",
+            "--features",
+            "0:1,1:3",
+            "--model",
+            str(m),
+            "--clt",
+            str(c),
+            "--n-docs",
+            "40",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert args.func(args) == 0 and (out / "descriptions.parquet").exists()
-    args = parser.parse_args(["evaluate", "--descriptions", str(out / "descriptions.parquet"), "--protocol", "pie",
-                              "--no-progress"])
+    args = parser.parse_args(
+        ["evaluate", "--descriptions", str(out / "descriptions.parquet"), "--protocol", "pie", "--no-progress"]
+    )
     assert args.func(args) == 0 and len(pd.read_parquet(out / "fade_pie.parquet")) == 2
     from pie_lib.cli import main
 
@@ -267,10 +318,15 @@ def test_cli_parsers_run_offline(world, tmp_path):
 
 
 def test_effective_budget_cost_saving_from_measured_counts():
-    desc = pd.DataFrame({
-        "layer": [0, 0, 1, 2, 2], "feature": [1, 5, 3, 7, 40],
-        "calls": [1, 1, 2, 1, 1], "prompt_tokens": [100, 200, 300, 100, 100], "completion_tokens": [10, 10, 20, 10, 10],
-    })
+    desc = pd.DataFrame(
+        {
+            "layer": [0, 0, 1, 2, 2],
+            "feature": [1, 5, 3, 7, 40],
+            "calls": [1, 1, 2, 1, 1],
+            "prompt_tokens": [100, 200, 300, 100, 100],
+            "completion_tokens": [10, 10, 20, 10, 10],
+        }
+    )
     res = effective_budget_cost_saving(desc, _selections(), 50, 75, "fap-synergy", "fap")
     t = res.table.set_index("k")
     # K=50 circuits: {(0,1),(1,3)} and {(0,5),(1,3)} -> tokens (110+320) and (210+320)
@@ -294,7 +350,7 @@ def _toy_built() -> bool:
 @pytest.mark.skipif(not _toy_built(), reason="toy world assets not built (python -m pie_lib.toy.build)")
 def test_toy_world_defaults(tmp_path):
     """The defaults (toy world llama, toy corpus, offline backend) run end to end."""
-    from pie_lib.fade.protocol import evaluate
+    from pie_lib.evaluate.protocol import evaluate
 
     feats = [(0, 0), (0, 1), (1, 2)]
     d = interpret(features=feats, out=tmp_path / "toy", config=_cfg(n_docs=200), progress=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fake_llm_server import FakeLLMServer
+
 from pie_lib.errors import LLMConfigError, LLMRequestError
 from pie_lib.interpret.examples import Example, FeatureExamples
 from pie_lib.interpret.explainers import ChatExplainer, ExplainConfig
@@ -22,8 +22,16 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 def _cfg(server: FakeLLMServer, tmp: Path | None, **kw) -> LLMConfig:
     retry = kw.pop("retry", RetryPolicy(max_retries=2, base_delay_s=0.01, max_delay_s=0.05))
-    return LLMConfig(backend="openai", model="fake-model", base_url=server.base_url, api_key=SECRET,
-                     timeout_s=kw.pop("timeout_s", 5.0), retry=retry, cache_dir=tmp, **kw)
+    return LLMConfig(
+        backend="openai",
+        model="fake-model",
+        base_url=server.base_url,
+        api_key=SECRET,
+        timeout_s=kw.pop("timeout_s", 5.0),
+        retry=retry,
+        cache_dir=tmp,
+        **kw,
+    )
 
 
 def _fx() -> FeatureExamples:
@@ -105,7 +113,8 @@ def test_slow_answer_times_out_then_retries(tmp_path):
     with FakeLLMServer(["slow"], slow_s=1.0) as srv:
         with pytest.raises(LLMRequestError, match="timed out"):
             make_chat(_cfg(srv, None, timeout_s=0.2, retry=RetryPolicy(1, 0.01, 0.02))).complete(
-                MESSAGES, temperature=0.0, max_tokens=10)
+                MESSAGES, temperature=0.0, max_tokens=10
+            )
         assert srv.n_requests == 2
     with FakeLLMServer(["slow", "ok"], slow_s=1.0) as srv:
         r = make_chat(_cfg(srv, None, timeout_s=0.2)).complete(MESSAGES, temperature=0.0, max_tokens=10)

@@ -1,6 +1,6 @@
 """The paper notebooks: thin papermill sources, and every one runs with tiny parameters.
 
-The smoke run executes every notebook through ``python -m pie_lib.paper --tiny --out <tmp>``
+The smoke run executes every notebook through ``python -m pie_lib.experiments.paper --tiny --out <tmp>``
 (few prompts, one seed, two methods, a small ladder), so the repository's ``figures/`` is never
 touched, and checks that no cell errored, nothing was skipped, and every figure (PNG + PDF) and
 table (CSV + Markdown + LaTeX) was written.
@@ -14,8 +14,8 @@ import os
 import nbformat
 import pytest
 
-from pie_lib import paper
-from pie_lib.report.runs import toy_world_missing
+from pie_lib.experiments import paper
+from pie_lib.experiments.runs import toy_world_missing
 
 COMMON = {"model", "clt", "device", "remote", "out", "figures", "tiny"}
 
@@ -81,10 +81,19 @@ def test_unfetchable_weights_fail_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     target = tmp_path / "01.ipynb"
     with pytest.raises(pm.PapermillExecutionError) as info:
-        pm.execute_notebook(str(paper.NOTEBOOK_DIR / "01_prune.ipynb"), str(target), cwd=str(paper.REPO),
-                            parameters={"model": str(tmp_path / "no_such_model"), "clt": str(tmp_path / "no_such_clt"),
-                                        "out": str(tmp_path / "runs"), "figures": str(tmp_path / "fig"), "tiny": True},
-                            progress_bar=False)
+        pm.execute_notebook(
+            str(paper.NOTEBOOK_DIR / "01_prune.ipynb"),
+            str(target),
+            cwd=str(paper.REPO),
+            parameters={
+                "model": str(tmp_path / "no_such_model"),
+                "clt": str(tmp_path / "no_such_clt"),
+                "out": str(tmp_path / "runs"),
+                "figures": str(tmp_path / "fig"),
+                "tiny": True,
+            },
+            progress_bar=False,
+        )
     assert info.value.ename == "WeightsUnavailableError"
     (err,) = _outputs(nbformat.read(target, as_version=4), "error")
     assert len(err.traceback) == 1 and err.traceback[0].startswith("WeightsUnavailableError: model ")

@@ -12,13 +12,13 @@ import torch
 from pie_lib.engine.traces import patched_last_logits, run_with_cache
 from pie_lib.errors import BudgetError
 from pie_lib.prune.context import BatchContext, ScoringConfig
-from pie_lib.prune.evaluate import evaluate_keep_masks
-from pie_lib.prune.methods import MethodParams, get_methods
 from pie_lib.prune.occurrences import Occurrences, tokenize_pairs
+from pie_lib.prune.params import MethodParams
 from pie_lib.prune.patching import Variants
-from pie_lib.prune.scores import fap_scores, factp_scores, hash_uniform
-from pie_lib.prune.select import (SynergyConfig, fap_signal, rank_within, synergy_rerank, topk_global,
-                                  topk_per_layer)
+from pie_lib.prune.registry import get_methods
+from pie_lib.prune.retention import evaluate_keep_masks
+from pie_lib.prune.scores import factp_scores, fap_scores, hash_uniform
+from pie_lib.prune.select import SynergyConfig, fap_signal, rank_within, synergy_rerank, topk_global, topk_per_layer
 from pie_lib.prune.sweep import PruneConfig, load_selections, run_prune
 
 
@@ -75,7 +75,7 @@ def _frozen_gpt2_metric(model, ids, offsets, correct, wrong):
         x_clean = out.hidden_states[l]
         a = frozen_ln(block.ln_1, x, x_clean)
         qkv = block.attn.c_attn(a)
-        v = qkv[..., 2 * model.d_model:]
+        v = qkv[..., 2 * model.d_model :]
         H = block.attn.num_heads
         v = v.view(*v.shape[:2], H, -1).transpose(1, 2)
         att = (out.attentions[l] @ v).transpose(1, 2).reshape(x.shape)
@@ -97,12 +97,14 @@ def test_fap_matches_finite_difference_of_replacement_model(tiny_worlds):
     s = fap_scores(c.occ, c.grads("replacement"), c.rows)
     # removing a single occurrence scaled by eps: m changes by -eps * S (the model is linear here)
     eps = 1e-2
-    base = _frozen_gpt2_metric(w.model, b.clean_ids, torch.zeros(w.model.n_layers, *b.clean_ids.shape, w.model.d_model),
-                               b.correct, b.wrong)
+    base = _frozen_gpt2_metric(
+        w.model, b.clean_ids, torch.zeros(w.model.n_layers, *b.clean_ids.shape, w.model.d_model), b.correct, b.wrong
+    )
     picks = torch.argsort(s.abs(), descending=True)[:5]
     for n in picks.tolist():
-        v = Variants(c.occ.prompt[[n]], torch.tensor([0]), torch.tensor([n]), torch.tensor([False]),
-                     weight=torch.tensor([eps]))
+        v = Variants(
+            c.occ.prompt[[n]], torch.tensor([0]), torch.tensor([n]), torch.tensor([False]), weight=torch.tensor([eps])
+        )
         off = c.evaluator._offsets(v.var, v.occ, v.weight, 1)  # [L, 1, T, D] for that prompt
         full = torch.zeros(w.model.n_layers, *b.clean_ids.shape, w.model.d_model)
         full[:, int(c.occ.prompt[n])] = off[:, 0]
@@ -195,7 +197,8 @@ class FakeEvaluator:
         for v in range(V):
             members = variants.occ[variants.var == v].tolist()
             M[v] = sum(self.eff[i] for i in members) + sum(
-                self.syn.get((min(a, b), max(a, b)), 0.0) for a in members for b in members if a < b)
+                self.syn.get((min(a, b), max(a, b)), 0.0) for a in members for b in members if a < b
+            )
         return type("R", (), {"metric": 10.0 - M, "kl": M.abs(), "pred_change": M > 0})()
 
 
@@ -272,9 +275,19 @@ def test_zero_active_features(llama_world, tmp_path):
 
 
 def test_sweep_determinism_resume_and_columns(llama_world, tmp_path):
-    cfg = PruneConfig(model=str(llama_world.model_dir), clt=str(llama_world.clt_dir), data=str(llama_world.pairs_path),
-                      n=8, methods=["fap", "fap-synergy", "random"], k=[5, 20], k_frac=[0.25], seeds=[0, 1],
-                      out=str(tmp_path / "a"), batch_size=4, progress=False)
+    cfg = PruneConfig(
+        model=str(llama_world.model_dir),
+        clt=str(llama_world.clt_dir),
+        data=str(llama_world.pairs_path),
+        n=8,
+        methods=["fap", "fap-synergy", "random"],
+        k=[5, 20],
+        k_frac=[0.25],
+        seeds=[0, 1],
+        out=str(tmp_path / "a"),
+        batch_size=4,
+        progress=False,
+    )
     df = run_prune(cfg, model=llama_world.model, clt=llama_world.clt)
     for col in ["method", "k", "seed", "prompt_idx", "n_active", "kl", "pred_change", "faithfulness", "completeness"]:
         assert col in df.columns
@@ -307,8 +320,18 @@ def test_sweep_determinism_resume_and_columns(llama_world, tmp_path):
 
 def test_stale_atomic_write_temps_are_removed_on_rerun(llama_world, tmp_path):
     out = tmp_path / "o"
-    cfg = PruneConfig(model=str(llama_world.model_dir), clt=str(llama_world.clt_dir), data=str(llama_world.pairs_path),
-                      n=2, methods=["fap"], k=[5], seeds=[0], out=str(out), batch_size=2, progress=False)
+    cfg = PruneConfig(
+        model=str(llama_world.model_dir),
+        clt=str(llama_world.clt_dir),
+        data=str(llama_world.pairs_path),
+        n=2,
+        methods=["fap"],
+        k=[5],
+        seeds=[0],
+        out=str(out),
+        batch_size=2,
+        progress=False,
+    )
     run_prune(cfg, model=llama_world.model, clt=llama_world.clt)
     stale = out / ".results.parquet.abc123"  # what a SIGKILL inside write_atomic leaves behind
     stale.write_bytes(b"half a parquet")

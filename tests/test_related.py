@@ -1,4 +1,4 @@
-"""pie_lib.related: Edge Pruning / HAP / ensembles on CLT occurrences, MIB metrics, PAHQ precision.
+"""pie_lib.prune.related: Edge Pruning / HAP / ensembles on CLT occurrences, MIB metrics, PAHQ precision.
 
 A tiny random Llama (initializer_range 0.3 so patching moves its logits) and a JumpReLU CLT whose
 thresholds make ~15% of features fire; one batch of 4 equal-length pairs.
@@ -22,9 +22,10 @@ from pie_lib.errors import BudgetError
 from pie_lib.models.loading import load_model
 from pie_lib.models.random_init import save_random_model
 from pie_lib.prune.context import BatchContext, ScoringConfig
-from pie_lib.prune.methods import METHODS, MethodParams, get_methods
 from pie_lib.prune.occurrences import tokenize_pairs
+from pie_lib.prune.params import MethodParams
 from pie_lib.prune.patching import last_token_kl
+from pie_lib.prune.registry import METHODS, get_methods
 
 WORDS = [f"w{i}" for i in range(40)]
 FAST = {"ep_steps": 4, "ep_warmup": 2}
@@ -83,17 +84,24 @@ def counts_ok(ctx: BatchContext, keep: torch.Tensor, kv: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- registry / config
 def test_registry_exposes_all_names():
-    from pie_lib.related import RELATED_METHODS
+    from pie_lib.prune.related import RELATED_METHODS
 
-    assert set(RELATED_METHODS) == {"edge-pruning", "edge-pruning-shared", "hap", "ensemble-mean", "ensemble-min",
-                                    "ensemble-max", "ensemble-seq"}
+    assert set(RELATED_METHODS) == {
+        "edge-pruning",
+        "edge-pruning-shared",
+        "hap",
+        "ensemble-mean",
+        "ensemble-min",
+        "ensemble-max",
+        "ensemble-seq",
+    }
     got = get_methods(",".join(RELATED_METHODS))
     assert [m.name for m in got] == list(RELATED_METHODS)
     assert all(name in METHODS for name in RELATED_METHODS)
 
 
 def test_config_from_extra_types_and_errors():
-    from pie_lib.related.config import EnsembleConfig, HapConfig, MaskConfig, config_from_extra
+    from pie_lib.prune.related.config import EnsembleConfig, HapConfig, MaskConfig, config_from_extra
 
     cfg = config_from_extra(MaskConfig, {"ep_steps": "7", "ep_lr": "0.5", "hap_mult": 2, "other": 1})
     assert cfg.steps == 7 and cfg.lr == 0.5 and cfg.warmup == MaskConfig().warmup
@@ -107,7 +115,7 @@ def test_config_from_extra_types_and_errors():
 
 # ----------------------------------------------------------------------------- masks
 def test_hard_concrete_distribution():
-    from pie_lib.related.masks import HardConcrete
+    from pie_lib.prune.related.masks import HardConcrete
 
     hc = HardConcrete()
     la = torch.tensor([10.0, 0.0, -10.0])
@@ -120,7 +128,7 @@ def test_hard_concrete_distribution():
 
 
 def test_delta_writer_matches_evaluator_and_is_differentiable(world):
-    from pie_lib.related.masks import DeltaWriter, frozen_parameters, masked_last_logits
+    from pie_lib.prune.related.masks import DeltaWriter, frozen_parameters, masked_last_logits
 
     ctx = world.ctx
     N = len(ctx.occ)
@@ -140,8 +148,8 @@ def test_delta_writer_matches_evaluator_and_is_differentiable(world):
 def test_mask_objective_decreases(world):
     """Without sparsity pressure (λ fixed at 0), training from a half-removed mask lowers the KL;
     with the default schedule the expected density follows the target down."""
-    from pie_lib.related.config import MaskConfig
-    from pie_lib.related.masks import learn_masks
+    from pie_lib.prune.related.config import MaskConfig
+    from pie_lib.prune.related.masks import learn_masks
 
     ctx = world.ctx
     N, B = len(ctx.occ), ctx.occ.n_prompts
@@ -158,8 +166,10 @@ def test_mask_objective_decreases(world):
     assert dens[0] > 0.99 and dens[-1] < 0.5 and tgt[-1] == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("name", ["edge-pruning", "edge-pruning-shared", "hap", "ensemble-seq", "ensemble-mean",
-                                  "ensemble-min", "ensemble-max"])
+@pytest.mark.parametrize(
+    "name",
+    ["edge-pruning", "edge-pruning-shared", "hap", "ensemble-seq", "ensemble-mean", "ensemble-min", "ensemble-max"],
+)
 def test_binarisation_hits_k_exactly(world, name):
     ctx = world.ctx
     B = ctx.occ.n_prompts
@@ -185,10 +195,10 @@ def test_mask_methods_are_seeded_and_deterministic(world):
 
 def test_hap_pool_and_timings(world):
     from pie_lib.prune.methods import fap
+    from pie_lib.prune.related.config import HapConfig
+    from pie_lib.prune.related.masks import clear_mask_timings, mask_timings
+    from pie_lib.prune.related.selectors import hap_pool
     from pie_lib.prune.select import topk_global
-    from pie_lib.related.config import HapConfig
-    from pie_lib.related.masks import clear_mask_timings, mask_timings
-    from pie_lib.related.selectors import hap_pool
 
     ctx = world.ctx
     B = ctx.occ.n_prompts
@@ -208,7 +218,7 @@ def test_hap_pool_and_timings(world):
 
 
 def test_shared_mask_units(world):
-    from pie_lib.related.selectors import shared_units
+    from pie_lib.prune.related.selectors import shared_units
 
     ctx = world.ctx
     occ, F, T = ctx.occ, ctx.clt.n_features, ctx.batch.seq_len
@@ -235,14 +245,15 @@ def test_ensemble_of_one_equals_member(world, member, how):
 
 
 def test_ensemble_combinations_and_errors(world):
-    from pie_lib.related.selectors import ensemble_combine, member_ranks
+    from pie_lib.prune.related.selectors import ensemble_combine, member_ranks
 
     ctx = world.ctx
     ranks = member_ranks(ctx, ("fap", "act-mag"), 4, 0, MethodParams())
     assert ranks.shape == (2, len(ctx.occ)) and ranks.min() >= 0 and ranks.max() <= 1
     # every prompt has exactly one best (rank 1) occurrence per member
-    assert torch.equal(torch.bincount(ctx.occ.prompt[ranks[0] == 1], minlength=ctx.occ.n_prompts),
-                       (ctx.occ.counts() > 0).long())
+    assert torch.equal(
+        torch.bincount(ctx.occ.prompt[ranks[0] == 1], minlength=ctx.occ.n_prompts), (ctx.occ.counts() > 0).long()
+    )
     assert torch.equal(ensemble_combine(ranks, "min"), torch.minimum(ranks[0], ranks[1]))
     with pytest.raises(BudgetError, match="unknown ensemble member"):
         METHODS["ensemble-mean"].select(ctx, 3, 0, MethodParams(extra={"ens_members": "nope"}))
@@ -264,16 +275,21 @@ def test_ensemble_seq_warm_start_is_fap_order(world):
 def _mib_table() -> pd.DataFrame:
     # method A, one prompt: sizes 0.25 / 0.5 with f 0.5 / 1.0; method B, two prompts.
     rows = [
-        ("A", 1, "abs", 0, 0, 4, 1, 0.5), ("A", 2, "abs", 0, 0, 4, 2, 1.0),
-        ("B", 1, "abs", 0, 0, 4, 1, 0.0), ("B", 4, "abs", 0, 0, 4, 4, 1.0),
-        ("B", 1, "abs", 0, 1, 2, 1, 2.0), ("B", 0.5, "frac", 0, 1, 2, 1, 1.0),  # same size twice -> mean 1.5
+        ("A", 1, "abs", 0, 0, 4, 1, 0.5),
+        ("A", 2, "abs", 0, 0, 4, 2, 1.0),
+        ("B", 1, "abs", 0, 0, 4, 1, 0.0),
+        ("B", 4, "abs", 0, 0, 4, 4, 1.0),
+        ("B", 1, "abs", 0, 1, 2, 1, 2.0),
+        ("B", 0.5, "frac", 0, 1, 2, 1, 1.0),  # same size twice -> mean 1.5
         ("B", 9, "abs", 0, 2, 2, 2, float("nan")),  # NaN faithfulness is dropped
     ]
-    return pd.DataFrame(rows, columns=["method", "k", "budget", "seed", "prompt_idx", "n_active", "k_eff", "faithfulness"])
+    return pd.DataFrame(
+        rows, columns=["method", "k", "budget", "seed", "prompt_idx", "n_active", "k_eff", "faithfulness"]
+    )
 
 
 def test_cpr_cmd_hand_computed():
-    from pie_lib.related.mib import cpr_cmd, curve_areas, faithfulness_curve
+    from pie_lib.prune.related.mib import cpr_cmd, curve_areas, faithfulness_curve
 
     df = _mib_table()
     out = cpr_cmd(df).set_index("method")
@@ -288,7 +304,9 @@ def test_cpr_cmd_hand_computed():
     assert out.loc["B", "cpr_std"] == pytest.approx(np.std([0.375, 1.0], ddof=1))
     # no anchors: A covers only [.25, .5]
     assert cpr_cmd(df, anchors=False).set_index("method").loc["A", "cpr"] == pytest.approx(0.25 * 0.75)
-    assert curve_areas(np.array([0.5]), np.array([1.0]), anchors=True, f_null=0.0, f_full=1.0) == pytest.approx((0.75, 0.25))
+    assert curve_areas(np.array([0.5]), np.array([1.0]), anchors=True, f_null=0.0, f_full=1.0) == pytest.approx(
+        (0.75, 0.25)
+    )
     # aggregate curve of ladder means
     curve = faithfulness_curve(df)
     a = curve[curve.method == "A"]
@@ -300,7 +318,7 @@ def test_cpr_cmd_hand_computed():
 # ----------------------------------------------------------------------------- PAHQ
 def test_pahq_precision_close_and_restores_weights(world):
     from pie_lib.prune.patching import Variants
-    from pie_lib.related.pahq import pahq_patched_last_logits, pahq_run, reduced_precision, source_layers
+    from pie_lib.prune.related.pahq import pahq_patched_last_logits, pahq_run, reduced_precision, source_layers
 
     ctx = world.ctx
     model = ctx.model
@@ -328,15 +346,26 @@ def test_pahq_precision_close_and_restores_weights(world):
 
 # ----------------------------------------------------------------------------- end to end
 def test_run_prune_end_to_end(world, tmp_path):
+    from pie_lib.prune.related import RELATED_METHODS, cpr_cmd
+    from pie_lib.prune.related.masks import clear_mask_timings, mask_timings
     from pie_lib.prune.sweep import PruneConfig, run_prune
-    from pie_lib.related import RELATED_METHODS, cpr_cmd
-    from pie_lib.related.masks import clear_mask_timings, mask_timings
 
     clear_mask_timings()
     methods = ["fap", *RELATED_METHODS]
-    cfg = PruneConfig(model=str(world.folder / "model"), clt=str(world.folder / "clt"), data=str(world.pairs_path), n=4,
-                      methods=methods, k=[3, 1000], k_frac=[0.5], seeds=[0], out=str(tmp_path / "out"), batch_size=8,
-                      progress=False, params=MethodParams(extra=dict(FAST)))
+    cfg = PruneConfig(
+        model=str(world.folder / "model"),
+        clt=str(world.folder / "clt"),
+        data=str(world.pairs_path),
+        n=4,
+        methods=methods,
+        k=[3, 1000],
+        k_frac=[0.5],
+        seeds=[0],
+        out=str(tmp_path / "out"),
+        batch_size=8,
+        progress=False,
+        params=MethodParams(extra=dict(FAST)),
+    )
     with pytest.warns(UserWarning, match="clipped"):
         df = run_prune(cfg, model=world.model, clt=world.clt)
     assert set(df.method) == set(methods)

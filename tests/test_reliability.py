@@ -34,20 +34,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bad_inputs as bi
 import pandas as pd
 import pytest
 import torch
-
-import bad_inputs as bi
 from conftest import build_world, make_pairs
+
 from pie_lib.cli import main as cli_main
 from pie_lib.data.pairs import Pair, save_pairs
 from pie_lib.errors import CLTFormatError, ConfigMismatchError, SettingError
 
 ALL_SUBPROCESS = os.environ.get("PIE_RELIABILITY_ALL") == "1"
 #: One or two cases per kind of input, run as real subprocesses (the rest run in-process).
-SUBPROCESS_CASES = ["clt_truncated", "model_unknown_arch", "model_truncated_weights", "data_corrupt_shorter",
-                    "k_not_a_number", "methods_unknown", "out_is_a_file"]
+SUBPROCESS_CASES = [
+    "clt_truncated",
+    "model_unknown_arch",
+    "model_truncated_weights",
+    "data_corrupt_shorter",
+    "k_not_a_number",
+    "methods_unknown",
+    "out_is_a_file",
+]
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +176,17 @@ def test_targets_use_last_token_and_corrupted_is_cut(world):
 def test_k_larger_than_active_set_is_clipped(world, tmp_path):
     from pie_lib.prune.sweep import PruneConfig, run_prune
 
-    cfg = PruneConfig(model=str(world.model_dir), clt=str(world.clt_dir), data=str(world.pairs_path), n=2,
-                      methods=["fap", "random"], k=[5, 100000], seeds=[0], out=str(tmp_path / "o"), progress=False)
+    cfg = PruneConfig(
+        model=str(world.model_dir),
+        clt=str(world.clt_dir),
+        data=str(world.pairs_path),
+        n=2,
+        methods=["fap", "random"],
+        k=[5, 100000],
+        seeds=[0],
+        out=str(tmp_path / "o"),
+        progress=False,
+    )
     with pytest.warns(UserWarning, match="clipped"):
         df = run_prune(cfg, model=world.model, clt=world.clt)
     big = df[df.k == 100000]
@@ -182,8 +198,17 @@ def test_results_folder_of_another_configuration_is_refused(world, tmp_path):
     from pie_lib.prune.sweep import PruneConfig, run_prune
 
     out = tmp_path / "o"
-    cfg = PruneConfig(model=str(world.model_dir), clt=str(world.clt_dir), data=str(world.pairs_path), n=2,
-                      methods=["fap"], k=[5], seeds=[0], out=str(out), progress=False)
+    cfg = PruneConfig(
+        model=str(world.model_dir),
+        clt=str(world.clt_dir),
+        data=str(world.pairs_path),
+        n=2,
+        methods=["fap"],
+        k=[5],
+        seeds=[0],
+        out=str(out),
+        progress=False,
+    )
     run_prune(cfg, model=world.model, clt=world.clt)
     before = _snapshot(out)
     cfg.scoring.metric = "logsumexp"
@@ -217,10 +242,30 @@ def kill_setup(world, tmp_path_factory):
     data = save_pairs(make_pairs(KILL_PAIRS, seed=3), root / "pairs.jsonl")
 
     def args(out: Path) -> list[str]:
-        return ["prune", "--model", str(world.model_dir), "--clt", str(world.clt_dir), "--data", str(data),
-                "--n", str(KILL_PAIRS), "--methods", ",".join(KILL_METHODS), "--k", ",".join(map(str, KILL_K)),
-                "--seeds", ",".join(map(str, KILL_SEEDS)), "--batch-size", "1", "--device", "cpu",
-                "--out", str(out), "--no-progress"]
+        return [
+            "prune",
+            "--model",
+            str(world.model_dir),
+            "--clt",
+            str(world.clt_dir),
+            "--data",
+            str(data),
+            "--n",
+            str(KILL_PAIRS),
+            "--methods",
+            ",".join(KILL_METHODS),
+            "--k",
+            ",".join(map(str, KILL_K)),
+            "--seeds",
+            ",".join(map(str, KILL_SEEDS)),
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
 
     ref = _popen(args(root / "reference"))
     yield {"root": root, "args": args, "ref": ref, "ref_out": root / "reference"}
@@ -231,8 +276,9 @@ def kill_setup(world, tmp_path_factory):
 
 def _popen(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, **bi.SUBPROCESS_ENV}
-    return subprocess.Popen([sys.executable, "-m", "pie_lib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pie_lib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _count_lines(path: Path) -> int:
@@ -273,8 +319,13 @@ def test_prune_resumes_after_kill(sig, kill_setup):
     with open(res, "ab") as fh:  # what a kill in the middle of an append leaves behind
         fh.write(b'{"method": "fap", "k": 5, "budget": "abs", "seed": 0, "prompt_i')
 
-    resumed = subprocess.run([sys.executable, "-m", "pie_lib", *kill_setup["args"](out)], capture_output=True,
-                             text=True, env={**os.environ, **bi.SUBPROCESS_ENV}, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pie_lib", *kill_setup["args"](out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **bi.SUBPROCESS_ENV},
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     after = res.read_bytes()
     assert after.startswith(before), "rows finished before the kill were rewritten"
@@ -307,7 +358,7 @@ def _assert_same_results(a: Path, b: Path) -> None:
 
 def _interpret_available() -> bool:
     try:
-        import pie_lib.interpret.cli  # noqa: F401
+        import pie_lib.cli.interpret  # noqa: F401
         import pie_lib.interpret.pipeline  # noqa: F401
     except ImportError:
         return False
@@ -317,9 +368,8 @@ def _interpret_available() -> bool:
 @pytest.mark.skipif(not _interpret_available(), reason="pie interpret (pie_lib.interpret) is not there yet")
 def test_interpret_resumes_after_kill(world, tmp_path):
     """Kill ``pie interpret`` mid-way (slow fake LLM server); the rerun keeps every finished row."""
-    from fake_llm_server import FakeLLMServer, _offline_answer
-
     from conftest import WORDS
+    from fake_llm_server import FakeLLMServer, _offline_answer
 
     corpus = tmp_path / "corpus.txt"
     rng = random.Random(0)
@@ -332,23 +382,51 @@ def test_interpret_resumes_after_kill(world, tmp_path):
 
     out = tmp_path / "interp"
     with FakeLLMServer(responder=slow) as srv:
-        args = ["interpret", "--features", ",".join(f"{a}:{b}" for a, b in feats), "--model", str(world.model_dir),
-                "--clt", str(world.clt_dir), "--device", "cpu", "--corpus", str(corpus), "--n-docs", "40",
-                "--ctx-len", "16", "--backend", "openai", "--llm-model", "fake", "--base-url", srv.base_url,
-                "--workers", "1", "--max-retries", "0", "--out", str(out), "--no-progress"]
+        args = [
+            "interpret",
+            "--features",
+            ",".join(f"{a}:{b}" for a, b in feats),
+            "--model",
+            str(world.model_dir),
+            "--clt",
+            str(world.clt_dir),
+            "--device",
+            "cpu",
+            "--corpus",
+            str(corpus),
+            "--n-docs",
+            "40",
+            "--ctx-len",
+            "16",
+            "--backend",
+            "openai",
+            "--llm-model",
+            "fake",
+            "--base-url",
+            srv.base_url,
+            "--workers",
+            "1",
+            "--max-retries",
+            "0",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
         rows_dir = out / "descriptions" / "rows"
         n_rows = lambda: len(list(rows_dir.glob("L*_F*.json"))) if rows_dir.exists() else 0  # noqa: E731
         env = {**os.environ, **bi.SUBPROCESS_ENV, "PIE_LLM_API_KEY": "sk-test"}
-        proc = subprocess.Popen([sys.executable, "-m", "pie_lib", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pie_lib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         rc, _ = _interrupt_when(proc, lambda: n_rows() >= 2, signal.SIGKILL)
         assert rc == -signal.SIGKILL
         finished = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in rows_dir.glob("L*_F*.json")}
         assert 2 <= len(finished) < len(feats)
         assert not (out / "descriptions.parquet").exists()
         n_req = srv.n_requests
-        done = subprocess.run([sys.executable, "-m", "pie_lib", *args], capture_output=True, text=True, env=env,
-                              timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "pie_lib", *args], capture_output=True, text=True, env=env, timeout=600
+        )
         assert done.returncode == 0, done.stderr
         assert srv.n_requests - n_req <= len(feats) - len(finished), "finished features were explained again"
     for name, (data, mtime) in finished.items():
@@ -365,9 +443,18 @@ def test_same_seeds_same_selections_and_numbers(world, tmp_path):
 
     outs = []
     for name in ("a", "b"):
-        cfg = PruneConfig(model=str(world.model_dir), clt=str(world.clt_dir), data=str(world.pairs_path), n=4,
-                          methods=["fap", "fap-synergy", "random"], k=[5, 10], seeds=[0, 7],
-                          out=str(tmp_path / name), batch_size=4, progress=False)
+        cfg = PruneConfig(
+            model=str(world.model_dir),
+            clt=str(world.clt_dir),
+            data=str(world.pairs_path),
+            n=4,
+            methods=["fap", "fap-synergy", "random"],
+            k=[5, 10],
+            seeds=[0, 7],
+            out=str(tmp_path / name),
+            batch_size=4,
+            progress=False,
+        )
         run_prune(cfg, model=world.model, clt=world.clt)
         outs.append(tmp_path / name)
     _assert_same_results(*outs)
@@ -383,8 +470,17 @@ def test_config_records_versions_and_checkpoint_hashes(world, tmp_path):
     from pie_lib.provenance import checkpoint_fingerprint, file_sha256
     from pie_lib.prune.sweep import PruneConfig, run_prune
 
-    cfg = PruneConfig(model=str(world.model_dir), clt=str(world.clt_dir), data=str(world.pairs_path), n=2,
-                      methods=["fap"], k=[5], seeds=[0], out=str(tmp_path / "o"), progress=False)
+    cfg = PruneConfig(
+        model=str(world.model_dir),
+        clt=str(world.clt_dir),
+        data=str(world.pairs_path),
+        n=2,
+        methods=["fap"],
+        k=[5],
+        seeds=[0],
+        out=str(tmp_path / "o"),
+        progress=False,
+    )
     run_prune(cfg, model=world.model, clt=world.clt)
     conf = json.loads((tmp_path / "o" / "config.json").read_text())
     for pkg in ("pie_lib", "torch", "nnsight", "transformers"):

@@ -15,15 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nnsight.modeling.huggingface as nnsight_hf
 import pytest
 import torch
-
-import nnsight.modeling.huggingface as nnsight_hf
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 
 from pie_lib.engine import remote as remote_
-from pie_lib.engine.traces import (mlp_out_gradients, patched_last_logits, patched_last_logits_many, run_with_cache,
-                                   spliced_last_logits)
+from pie_lib.engine.traces import (
+    mlp_out_gradients,
+    patched_last_logits,
+    patched_last_logits_many,
+    run_with_cache,
+    spliced_last_logits,
+)
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import load_model
 
@@ -34,9 +38,12 @@ class Worker:
     """One server process; ``call`` sends one request and returns the raw result blob."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-I", str(WORKER)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                                                                  "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        )
         self.requests = 0
 
     def call(self, model_key: str, compress: bool, blob: bytes) -> bytes:
@@ -148,8 +155,8 @@ def test_the_worker_is_as_strict_as_the_server(tiny_worlds, server):
     lm, arch = rem.lm, rem.arch
     with pytest.raises(RemoteError, match="pie_lib"):
         with rem.trace(ids):
-            x = lm.transformer.h[0].mlp.output.save()
-            name = arch.name  # a pie_lib dataclass: pickled by reference
+            x = lm.transformer.h[0].mlp.output.save()  # noqa: F841 (the trace body is what is sent)
+            name = arch.name  # noqa: F841 (a pie_lib dataclass: pickled by reference)
     outside = []
     with rem.trace(ids):
         outside.append(lm.transformer.h[0].mlp.output.save())
@@ -170,8 +177,17 @@ def test_prune_through_the_worker_equals_local(tiny_worlds, server, one_torch_th
     from pie_lib.prune.sweep import PruneConfig, load_selections, run_prune
 
     w = tiny_worlds["gpt2"]
-    common = dict(model=str(w.model_dir), clt=str(w.clt_dir), data=str(w.pairs_path), n=4, methods=["fap", "fap-synergy"],
-                  k=[2, 4], seeds=[0], progress=False, batch_size=4)
+    common = dict(
+        model=str(w.model_dir),
+        clt=str(w.clt_dir),
+        data=str(w.pairs_path),
+        n=4,
+        methods=["fap", "fap-synergy"],
+        k=[2, 4],
+        seeds=[0],
+        progress=False,
+        batch_size=4,
+    )
     local = run_prune(PruneConfig(out=str(tmp_path / "local"), **common), model=w.model, clt=w.clt)
     before = server.requests
     rem = run_prune(PruneConfig(out=str(tmp_path / "remote"), remote=True, **common), model=_remote(w), clt=w.clt)
@@ -180,8 +196,9 @@ def test_prune_through_the_worker_equals_local(tiny_worlds, server, one_torch_th
     assert rem[cols].equals(local[cols])
     assert (rem["kl"] - local["kl"]).abs().max() <= 1e-5
     key = lambda r: (r["method"], r["k"], r["prompt_idx"])  # noqa: E731
-    assert sorted(map(lambda r: (key(r), r["occurrences"]), load_selections(tmp_path / "remote"))) == \
-        sorted(map(lambda r: (key(r), r["occurrences"]), load_selections(tmp_path / "local")))
+    assert sorted(map(lambda r: (key(r), r["occurrences"]), load_selections(tmp_path / "remote"))) == sorted(
+        map(lambda r: (key(r), r["occurrences"]), load_selections(tmp_path / "local"))
+    )
     n_batches = len({(len(p.text_clean.split())) for p in w.pairs[:4]})  # one batch per token length
     print(f"remote prune: {n_requests} requests for {n_batches} batch(es)", remote_.request_summary())
     assert 0 < n_requests <= 8 * n_batches, n_requests  # caches, gradient, a few patch sessions per batch

@@ -14,14 +14,16 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from pie_lib.errors import PieError, WeightsUnavailableError  # noqa: E402
-from pie_lib.report import notebook, paper_numbers, plots, runs, tables, world  # noqa: E402
+from pie_lib.experiments import notebook, runs, world  # noqa: E402
+from pie_lib.report import paper_numbers, plots, tables  # noqa: E402
 
 METHODS = ["fap", "fap-synergy", "clt-relp", "act-mag", "random"]
 BASE = {"fap": 1.0, "fap-synergy": 0.9, "clt-relp": 1.02, "act-mag": 1.4, "random": 1.8}
 
 
-def synthetic_results(seeds=(0, 1, 2), n_prompts=8, ks=(50, 75, 100, 200), fracs=(0.05, 0.1), n_active=150,
-                      tasks=("ioi", "docstring")) -> pd.DataFrame:
+def synthetic_results(
+    seeds=(0, 1, 2), n_prompts=8, ks=(50, 75, 100, 200), fracs=(0.05, 0.1), n_active=150, tasks=("ioi", "docstring")
+) -> pd.DataFrame:
     """Rows shaped like run_prune's: KL falls with K, FAP-Synergy a little below FAP."""
     rng = np.random.default_rng(0)
     rows = []
@@ -35,11 +37,29 @@ def synthetic_results(seeds=(0, 1, 2), n_prompts=8, ks=(50, 75, 100, 200), fracs
                             keff = min(k, n_active) if budget == "abs" else int(np.ceil(k * n_active))
                             kl = BASE[m] * hard * np.exp(-keff / 120) + rng.normal(0, 0.01) ** 2
                             f = 1 - kl / 2
-                            rows.append(dict(method=m, k=k, budget=budget, seed=seed, prompt_idx=p, n_active=n_active,
-                                             k_eff=keff, n_kept=keff, kl=kl, pred_change=bool(kl > 1.0),
-                                             faithfulness=f, completeness=1 - f, m_clean=3.0, m_null=0.0,
-                                             m_circuit=3 * f, m_complement=3 * (1 - f), kl_null=2.0, task=task,
-                                             seconds=0.1))
+                            rows.append(
+                                dict(
+                                    method=m,
+                                    k=k,
+                                    budget=budget,
+                                    seed=seed,
+                                    prompt_idx=p,
+                                    n_active=n_active,
+                                    k_eff=keff,
+                                    n_kept=keff,
+                                    kl=kl,
+                                    pred_change=bool(kl > 1.0),
+                                    faithfulness=f,
+                                    completeness=1 - f,
+                                    m_clean=3.0,
+                                    m_null=0.0,
+                                    m_circuit=3 * f,
+                                    m_complement=3 * (1 - f),
+                                    kl_null=2.0,
+                                    task=task,
+                                    seconds=0.1,
+                                )
+                            )
     return pd.DataFrame(rows)
 
 
@@ -57,14 +77,46 @@ def _close_figures():
 def _selections():
     """Two methods at K=50 on two prompts; feature (0, 1) shared by both."""
     return [
-        {"method": "fap", "k": 50, "budget": "abs", "seed": 0, "prompt_idx": 0, "n_active": 9,
-         "occurrences": [[0, 1, 1], [0, 2, 1], [1, 3, 5]], "scores": [1, 1, 1]},
-        {"method": "fap", "k": 50, "budget": "abs", "seed": 0, "prompt_idx": 1, "n_active": 9,
-         "occurrences": [[2, 1, 7]], "scores": [1]},
-        {"method": "fap-synergy", "k": 50, "budget": "abs", "seed": 0, "prompt_idx": 0, "n_active": 9,
-         "occurrences": [[0, 1, 1], [3, 2, 9]], "scores": [1, 1]},
-        {"method": "fap-synergy", "k": 75, "budget": "abs", "seed": 0, "prompt_idx": 0, "n_active": 9,
-         "occurrences": [[0, 1, 1], [3, 2, 9], [3, 3, 8]], "scores": [1, 1, 1]},
+        {
+            "method": "fap",
+            "k": 50,
+            "budget": "abs",
+            "seed": 0,
+            "prompt_idx": 0,
+            "n_active": 9,
+            "occurrences": [[0, 1, 1], [0, 2, 1], [1, 3, 5]],
+            "scores": [1, 1, 1],
+        },
+        {
+            "method": "fap",
+            "k": 50,
+            "budget": "abs",
+            "seed": 0,
+            "prompt_idx": 1,
+            "n_active": 9,
+            "occurrences": [[2, 1, 7]],
+            "scores": [1],
+        },
+        {
+            "method": "fap-synergy",
+            "k": 50,
+            "budget": "abs",
+            "seed": 0,
+            "prompt_idx": 0,
+            "n_active": 9,
+            "occurrences": [[0, 1, 1], [3, 2, 9]],
+            "scores": [1, 1],
+        },
+        {
+            "method": "fap-synergy",
+            "k": 75,
+            "budget": "abs",
+            "seed": 0,
+            "prompt_idx": 0,
+            "n_active": 9,
+            "occurrences": [[0, 1, 1], [3, 2, 9], [3, 3, 8]],
+            "scores": [1, 1, 1],
+        },
     ]
 
 
@@ -92,7 +144,13 @@ def test_kl_summary_matches_pandas_and_flags_clipping(df):
     assert len(ref) == 24 and (row["n"], row["n_prompts"], row["n_seeds"], row["unit"]) == (8, 8, 3, "prompt")
     assert row["mean"] == pytest.approx(ref.mean()) and row["std"] == pytest.approx(per_prompt.std(ddof=1))
     assert s[s.k == 200]["clipped"].eq(1.0).all() and s[s.k == 50]["clipped"].eq(0.0).all()
-    assert s[s.task == "ioi"]["method"].drop_duplicates().tolist() == ["fap", "fap-synergy", "clt-relp", "act-mag", "random"]
+    assert s[s.task == "ioi"]["method"].drop_duplicates().tolist() == [
+        "fap",
+        "fap-synergy",
+        "clt-relp",
+        "act-mag",
+        "random",
+    ]
     t = tables.format_kl_table(s, model="toy")
     assert list(t.columns) == ["Model", "Task", "Method", "K=50", "K=100", "K=200"]
     assert t["K=200"].str.endswith("*").all() and not t["K=50"].str.endswith("*").any()
@@ -123,9 +181,16 @@ def test_format_ablation_table(df):
 
 
 def test_fade_by_method_counts_each_feature_once():
-    fade = pd.DataFrame({"layer": [0, 1, 2, 3, 3], "feature": [1, 5, 7, 9, 8], "clarity": [0.8, 0.6, 0.4, 1.0, 0.0],
-                         "responsiveness": [0.5] * 5, "purity": [0.2, 0.4, 0.6, 0.8, 1.0],
-                         "faithfulness": [np.nan, 0.1, 0.3, np.nan, 0.9]})
+    fade = pd.DataFrame(
+        {
+            "layer": [0, 1, 2, 3, 3],
+            "feature": [1, 5, 7, 9, 8],
+            "clarity": [0.8, 0.6, 0.4, 1.0, 0.0],
+            "responsiveness": [0.5] * 5,
+            "purity": [0.2, 0.4, 0.6, 0.8, 1.0],
+            "faithfulness": [np.nan, 0.1, 0.3, np.nan, 0.9],
+        }
+    )
     by = tables.fade_by_method(fade, _selections(), k=50)
     fap = by.set_index("method").loc["fap"]
     assert fap["n_features"] == 3 and fap["clarity_mean"] == pytest.approx((0.8 + 0.6 + 0.4) / 3)
@@ -140,8 +205,20 @@ def test_fade_by_method_counts_each_feature_once():
 def test_paper_comparison_places_ours_next_to_the_paper(df):
     kl = tables.kl_summary(df, ks=[50, 100, 200])
     _, eb = tables.effective_budget_means(df[df.task == "ioi"])
-    fade = pd.DataFrame([{"method": "fap-synergy", "k": 50, "clarity_mean": 0.7, "clarity_std": 0.1,
-                          "purity_mean": 0.5, "purity_std": 0.1, "responsiveness_mean": 0.6, "responsiveness_std": 0.1}])
+    fade = pd.DataFrame(
+        [
+            {
+                "method": "fap-synergy",
+                "k": 50,
+                "clarity_mean": 0.7,
+                "clarity_std": 0.1,
+                "purity_mean": 0.5,
+                "purity_std": 0.1,
+                "responsiveness_mean": 0.6,
+                "responsiveness_std": 0.1,
+            }
+        ]
+    )
     fmt, num = tables.paper_comparison(kl, eb, fade, ours="toy (ours)")
     assert list(fmt.columns) == ["Quantity", "Method", "K", "Llama-3.2-1B (paper)", "Gemma-2-2B (paper)", "toy (ours)"]
     row = fmt[(fmt.Quantity == "IOI last-token KL") & (fmt.Method == "FAP") & (fmt.K == 50)].iloc[0]
@@ -199,20 +276,46 @@ def test_top_descriptions_cost_table_combine_and_merge():
     from pie_lib.interpret.costs import BudgetCostSaving
 
     cost = BudgetCostSaving(
-        table=pd.DataFrame([{"k": 50, "method": "fap-synergy", "n_circuits": 2, "features_per_circuit": 3.0,
-                             "n_unique_features": 4, "calls_per_circuit": 3.0, "total_tokens_per_circuit": 300.0},
-                            {"k": 75, "method": "fap", "n_circuits": 2, "features_per_circuit": 4.0,
-                             "n_unique_features": 6, "calls_per_circuit": 4.0, "total_tokens_per_circuit": 400.0}]),
-        saving={"calls_union": 1 / 3, "calls_per_circuit": 0.25, "total_tokens_per_circuit": 0.25})
+        table=pd.DataFrame(
+            [
+                {
+                    "k": 50,
+                    "method": "fap-synergy",
+                    "n_circuits": 2,
+                    "features_per_circuit": 3.0,
+                    "n_unique_features": 4,
+                    "calls_per_circuit": 3.0,
+                    "total_tokens_per_circuit": 300.0,
+                },
+                {
+                    "k": 75,
+                    "method": "fap",
+                    "n_circuits": 2,
+                    "features_per_circuit": 4.0,
+                    "n_unique_features": 6,
+                    "calls_per_circuit": 4.0,
+                    "total_tokens_per_circuit": 400.0,
+                },
+            ]
+        ),
+        saving={"calls_union": 1 / 3, "calls_per_circuit": 0.25, "total_tokens_per_circuit": 0.25},
+    )
     ct = tables.format_cost_table(cost)
     assert ct.iloc[-1]["Calls / circuit"] == "25%" and ct.iloc[0]["Method"] == "FAP-Synergy"
     a = synthetic_results(seeds=(0,), n_prompts=2, tasks=("ioi",))
     both = tables.combine_runs(a, a.assign(kl=-1.0))
     assert len(both) == len(a) and (both["kl"] >= 0).all()
-    cpr = pd.DataFrame({"method": ["fap", "hap"], "cpr": [0.5, 0.6], "cpr_std": [0.1, 0.1], "cmd": [0.4, 0.3],
-                        "cmd_std": [0.1, 0.1]})
-    rt = pd.DataFrame({"method": ["fap", "hap"], "seconds_per_prompt": [0.01, 1.0], "seconds_select": [0.1, 10.0],
-                       "seconds_context": [0.5, 0.5]})
+    cpr = pd.DataFrame(
+        {"method": ["fap", "hap"], "cpr": [0.5, 0.6], "cpr_std": [0.1, 0.1], "cmd": [0.4, 0.3], "cmd_std": [0.1, 0.1]}
+    )
+    rt = pd.DataFrame(
+        {
+            "method": ["fap", "hap"],
+            "seconds_per_prompt": [0.01, 1.0],
+            "seconds_select": [0.1, 10.0],
+            "seconds_context": [0.5, 0.5],
+        }
+    )
     assert tables.merge_cpr_runtime(cpr, rt)["seconds_per_prompt"].tolist() == [0.01, 1.0]
     t = tables.cpr_cmd_runtime_table(cpr, rt)
     assert t["Method"].tolist() == ["FAP", "HAP"] and t.iloc[1]["Seconds / prompt"] == "1.000"
@@ -260,29 +363,68 @@ def test_plot_effective_budget_and_seed_ablation(tmp_path, df):
 
 
 def test_plot_related_sensitivity_fade_world(tmp_path, df):
-    cpr = pd.DataFrame({"method": ["fap", "hap", "edge-pruning"], "cpr": [0.5, 0.6, 0.55], "cpr_std": [0.1, np.nan, 0.1],
-                        "cmd": [0.4, 0.3, 0.35], "cmd_std": [0.1, 0.1, 0.1]})
+    cpr = pd.DataFrame(
+        {
+            "method": ["fap", "hap", "edge-pruning"],
+            "cpr": [0.5, 0.6, 0.55],
+            "cpr_std": [0.1, np.nan, 0.1],
+            "cmd": [0.4, 0.3, 0.35],
+            "cmd_std": [0.1, 0.1, 0.1],
+        }
+    )
     rt = pd.DataFrame({"method": ["fap", "hap", "edge-pruning"], "seconds_per_prompt": [0.01, 1.0, 2.0]})
     plots.plot_cpr_cmd(cpr, tmp_path, "cpr", runtime=rt)
     _files(tmp_path, "cpr")
-    curve = pd.DataFrame({"method": ["fap"] * 3 + ["hap"] * 3, "size_frac": [0.05, 0.1, 0.2] * 2,
-                          "faithfulness": [0.2, 0.5, 0.8, 0.3, 0.6, 0.9]})
+    curve = pd.DataFrame(
+        {
+            "method": ["fap"] * 3 + ["hap"] * 3,
+            "size_frac": [0.05, 0.1, 0.2] * 2,
+            "faithfulness": [0.2, 0.5, 0.8, 0.3, 0.6, 0.9],
+        }
+    )
     plots.plot_faithfulness_curves(curve, tmp_path, "curve")
     _files(tmp_path, "curve")
-    per_prompt = pd.concat([curve.assign(prompt_idx=i, seed=0, budget="frac", k=curve["size_frac"],
-                                         faithfulness=curve["faithfulness"] + 0.1 * i) for i in range(3)])
+    per_prompt = pd.concat(
+        [
+            curve.assign(
+                prompt_idx=i, seed=0, budget="frac", k=curve["size_frac"], faithfulness=curve["faithfulness"] + 0.1 * i
+            )
+            for i in range(3)
+        ]
+    )
     plots.plot_faithfulness_curves(per_prompt, tmp_path, "curve_p")
     _files(tmp_path, "curve_p")
-    sens = pd.DataFrame([{"k": k, "lam": lam, "bp": bp, "mean": 0.5 + 0.01 * lam, "diff": -0.01 * lam}
-                         for k in (50, 100) for lam in (0, 3) for bp in (25, 50)])
+    sens = pd.DataFrame(
+        [
+            {"k": k, "lam": lam, "bp": bp, "mean": 0.5 + 0.01 * lam, "diff": -0.01 * lam}
+            for k in (50, 100)
+            for lam in (0, 3)
+            for bp in (25, 50)
+        ]
+    )
     plots.plot_sensitivity(sens, tmp_path, "sens")
     _files(tmp_path, "sens")
-    by = pd.DataFrame([{"method": m, "n_scored": 3, **{f"{k}_mean": 0.5 for k in tables.FADE_METRICS},
-                        **{f"{k}_std": np.nan for k in tables.FADE_METRICS}} for m in ("fap", "fap-synergy")])
+    by = pd.DataFrame(
+        [
+            {
+                "method": m,
+                "n_scored": 3,
+                **{f"{k}_mean": 0.5 for k in tables.FADE_METRICS},
+                **{f"{k}_std": np.nan for k in tables.FADE_METRICS},
+            }
+            for m in ("fap", "fap-synergy")
+        ]
+    )
     plots.plot_fade(by, tmp_path, "fade")
     _files(tmp_path, "fade")
-    q = pd.DataFrame({"layer": [0, 1, 0, 1], "fvu": [0.1, 0.2, 0.11, 0.19], "l0": [3, 4, 3, 4],
-                      "source": ["build", "build", "recomputed", "recomputed"]})
+    q = pd.DataFrame(
+        {
+            "layer": [0, 1, 0, 1],
+            "fvu": [0.1, 0.2, 0.11, 0.19],
+            "l0": [3, 4, 3, 4],
+            "source": ["build", "build", "recomputed", "recomputed"],
+        }
+    )
     plots.plot_world_quality(q, tmp_path, "world")
     _files(tmp_path, "world")
     plots.plot_circuit_features(_selections(), tmp_path, "feats")
@@ -323,8 +465,21 @@ def test_run_folders_and_figure_names():
 
 
 def test_prune_config_maps_notebook_parameters():
-    cfg = runs.prune_config(model="m", clt="c", task="docstring", methods=["fap"], k=[50], k_frac=[0.1], seeds=[1],
-                            n=4, out="o", lam=5, bp=50, extra={"ep_steps": 3}, chunk=256)
+    cfg = runs.prune_config(
+        model="m",
+        clt="c",
+        task="docstring",
+        methods=["fap"],
+        k=[50],
+        k_frac=[0.1],
+        seeds=[1],
+        n=4,
+        out="o",
+        lam=5,
+        bp=50,
+        extra={"ep_steps": 3},
+        chunk=256,
+    )
     assert cfg.params.synergy.lam == 5.0 and cfg.params.synergy.boundary_percent == 50.0
     assert cfg.params.extra == {"ep_steps": 3} and cfg.scoring.chunk == 256 and cfg.progress is False
     default = runs.prune_config()
@@ -386,20 +541,24 @@ def test_skip_notebook_turns_later_cells_into_no_ops(monkeypatch, capsys):
 
 
 def test_paper_cli_helpers():
-    from pie_lib import paper
+    from pie_lib.experiments import paper
 
     assert paper.select(["02", "00_toy_world"]) == ["00_toy_world", "02_effective_budget"]
     assert paper.select(None) == list(paper.NOTEBOOKS)
     with pytest.raises(SystemExit, match="no notebook"):
         paper.select(["99"])
     assert paper.parse_params(["n=4", "model=meta-llama/Llama-3.2-1B", "seeds=[0, 1]", "remote=True"]) == {
-        "n": 4, "model": "meta-llama/Llama-3.2-1B", "seeds": [0, 1], "remote": True}
+        "n": 4,
+        "model": "meta-llama/Llama-3.2-1B",
+        "seeds": [0, 1],
+        "remote": True,
+    }
 
 
 def test_paper_schedule_respects_dependencies_and_failures():
     from concurrent.futures import ThreadPoolExecutor
 
-    from pie_lib import paper
+    from pie_lib.experiments import paper
 
     started, log = [], []
 
@@ -408,14 +567,19 @@ def test_paper_schedule_respects_dependencies_and_failures():
         return name, 0.0, ("Boom: x" if name == "03_interpret" else None)
 
     with ThreadPoolExecutor(2) as pool:
-        done, failed = paper.schedule(list(paper.NOTEBOOKS), lambda n: pool.submit(work, n), jobs=2, keep_going=True,
-                                      log=log.append)
+        done, failed = paper.schedule(
+            list(paper.NOTEBOOKS), lambda n: pool.submit(work, n), jobs=2, keep_going=True, log=log.append
+        )
     assert started[0] == "01_prune" and set(started) == set(paper.NOTEBOOKS) - {"04_evaluate"}
     for name, deps in paper.DEPENDS.items():
         if name in started:
             assert all(started.index(d) < started.index(name) for d in deps)
     assert failed == {"03_interpret": "Boom: x", "04_evaluate": "not run: 03_interpret failed"}
     with ThreadPoolExecutor(1) as pool:
-        _, failed = paper.schedule(["01_prune", "02_effective_budget"], lambda n: pool.submit(
-            lambda: (n, 0.0, "E: 1" if n == "01_prune" else None)), jobs=1, log=log.append)
+        _, failed = paper.schedule(
+            ["01_prune", "02_effective_budget"],
+            lambda n: pool.submit(lambda: (n, 0.0, "E: 1" if n == "01_prune" else None)),
+            jobs=1,
+            log=log.append,
+        )
     assert failed == {"01_prune": "E: 1", "02_effective_budget": "not run: 01_prune failed"}

@@ -30,9 +30,19 @@ LADDER = [50, 100, 200, 400]
 
 def rows(method: str, k: int, seed: int, values: np.ndarray) -> pd.DataFrame:
     n = len(values)
-    return pd.DataFrame({"method": method, "k": k, "seed": seed, "prompt_idx": np.arange(n), "n_active": 1000,
-                         "kl": values, "pred_change": values > 1.5, "faithfulness": 1 - values / 4,
-                         "completeness": values / 4})
+    return pd.DataFrame(
+        {
+            "method": method,
+            "k": k,
+            "seed": seed,
+            "prompt_idx": np.arange(n),
+            "n_active": 1000,
+            "kl": values,
+            "pred_change": values > 1.5,
+            "faithfulness": 1 - values / 4,
+            "completeness": values / 4,
+        }
+    )
 
 
 def linear_table(n: int = 40, seeds=(0, 1, 2), ref_level: float = 1.6, slope: float = 0.005) -> pd.DataFrame:
@@ -51,6 +61,7 @@ def linear_table(n: int = 40, seeds=(0, 1, 2), ref_level: float = 1.6, slope: fl
 
 
 # --- bootstrap / summarize -------------------------------------------------------------------
+
 
 def test_bootstrap_means_equal_index_matrix_means():
     x = np.random.default_rng(0).normal(size=30)
@@ -87,6 +98,7 @@ def test_summarize_matches_pandas_and_is_deterministic():
 
 # --- effective budget ------------------------------------------------------------------------
 
+
 def test_effective_budget_linear_curve_is_exact():
     df = linear_table()
     res = effective_budget(df, "fap-synergy", 50, ["fap"], n_boot=300, seed=0)
@@ -115,8 +127,9 @@ def test_crossing_interpolates_on_uneven_ladder_and_takes_first_crossing():
     assert np.isposinf(crossing_budget(ladder, np.array([1.5, 1.4, 1.3, 1.2]), np.array(1.0)))
     assert np.isnan(crossing_budget(ladder, np.array([0.9, 0.8, 0.7, 0.6]), np.array(1.0)))
     # higher-is-better metrics, vectorised over a batch of curves
-    out = crossing_budget(ladder, np.array([[0.2, 0.4, 0.9, 1.0], [0.1, 0.2, 0.3, 0.4]]), np.array([0.6, 0.6]),
-                          better="higher")
+    out = crossing_budget(
+        ladder, np.array([[0.2, 0.4, 0.9, 1.0], [0.1, 0.2, 0.3, 0.4]]), np.array([0.6, 0.6]), better="higher"
+    )
     assert out[0] == pytest.approx(75 + 125 * 0.2 / 0.5) and np.isposinf(out[1])
 
 
@@ -155,6 +168,7 @@ def test_effective_budget_bootstrap_is_deterministic():
 
 
 # --- paired tests and TOST -------------------------------------------------------------------
+
 
 def pair_table(shift: float, n: int = 200, noise: float = 0.05, seeds=(0, 1)) -> pd.DataFrame:
     parts = []
@@ -224,6 +238,7 @@ def test_tost_equivalent_iff_within_margin():
 
 # --- matched-seed ablation -------------------------------------------------------------------
 
+
 def test_matched_seed_ablation_per_seed_and_pooled():
     parts = []
     effect = {50: 0.1, 100: 0.02, 400: 0.0}  # ablated - full; identical selections at K=400
@@ -250,6 +265,7 @@ def test_matched_seed_ablation_per_seed_and_pooled():
 
 # --- errors ----------------------------------------------------------------------------------
 
+
 def test_unpaired_and_missing_cells_raise_clear_errors():
     df = pair_table(0.0)
     unpaired = df.drop(df.index[(df["method"] == "fap") & (df["prompt_idx"] == 3)])
@@ -275,6 +291,7 @@ def test_unpaired_and_missing_cells_raise_clear_errors():
 
 
 # --- report table ----------------------------------------------------------------------------
+
 
 def test_effective_budget_table_and_writers():
     df = linear_table()

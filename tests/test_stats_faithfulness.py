@@ -16,9 +16,19 @@ def frac_rows(method: str, fracs, clean, null, circuit, seeds=(0,)) -> pd.DataFr
     for s in seeds:
         for j, f in enumerate(fracs):
             for i in range(len(clean)):
-                out.append({"method": method, "k": f, "budget": "frac", "seed": s, "prompt_idx": i,
-                            "m_clean": clean[i], "m_null": null[i], "m_circuit": circuit[j][i],
-                            "m_complement": null[i] + 0.5 * (clean[i] - null[i])})
+                out.append(
+                    {
+                        "method": method,
+                        "k": f,
+                        "budget": "frac",
+                        "seed": s,
+                        "prompt_idx": i,
+                        "m_clean": clean[i],
+                        "m_null": null[i],
+                        "m_circuit": circuit[j][i],
+                        "m_complement": null[i] + 0.5 * (clean[i] - null[i]),
+                    }
+                )
     return pd.DataFrame(out)
 
 

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pie_lib.stats import detect_design, matched_seed_ablation, paired_test, summarize, tost
 from pie_lib.errors import DataFormatError
+from pie_lib.stats import detect_design, matched_seed_ablation, paired_test, summarize, tost
 
 P, S = 40, 3  # prompts, seeds (the issue's setting)
 
@@ -34,8 +34,14 @@ def make_table(a: np.ndarray, b: np.ndarray, shared: bool, id_column: bool = Tru
     if id_column:
         pid = np.array([f"p{i}" if shared else f"s{s}p{i}" for s, i in zip(seed, pidx)])
         cols["prompt_id"] = np.r_[pid, pid]
-    return pd.DataFrame({"method": ["A"] * seed.size + ["B"] * seed.size,
-                         "k": [50] * seed.size + [75] * seed.size, **cols, "kl": np.r_[a.ravel(), b.ravel()]})
+    return pd.DataFrame(
+        {
+            "method": ["A"] * seed.size + ["B"] * seed.size,
+            "k": [50] * seed.size + [75] * seed.size,
+            **cols,
+            "kl": np.r_[a.ravel(), b.ravel()],
+        }
+    )
 
 
 def shared_tables(rng: np.random.Generator, n_tables: int, true_diff: float = 0.0):
@@ -61,10 +67,12 @@ def distinct_tables(rng: np.random.Generator, n_tables: int, true_diff: float = 
 
 # --- type-I error of paired_test --------------------------------------------------------------
 
+
 def test_paired_test_type_one_error_with_shared_prompts():
     a, b = shared_tables(np.random.default_rng(11), 300)
-    p = np.array([paired_test(make_table(a[t], b[t], shared=True), ("A", 50), ("B", 75), n_boot=100).p_t
-                  for t in range(len(a))])
+    p = np.array(
+        [paired_test(make_table(a[t], b[t], shared=True), ("A", 50), ("B", 75), n_boot=100).p_t for t in range(len(a))]
+    )
     rate = float((p < 0.05).mean())
     assert 0.02 <= rate <= 0.08, rate
     # the same tables treated row by row (S x P "units", the old behaviour) reject far too often
@@ -76,8 +84,7 @@ def test_paired_test_type_one_error_with_shared_prompts():
 
 def test_paired_test_type_one_error_with_seed_specific_prompts():
     a, b = distinct_tables(np.random.default_rng(12), 300)
-    res = [paired_test(make_table(a[t], b[t], shared=False), ("A", 50), ("B", 75), n_boot=100)
-           for t in range(len(a))]
+    res = [paired_test(make_table(a[t], b[t], shared=False), ("A", 50), ("B", 75), n_boot=100) for t in range(len(a))]
     rate = float(np.mean([r.p_t < 0.05 for r in res]))
     assert 0.02 <= rate <= 0.08, rate
     assert (res[0].n_prompts, res[0].n_seeds, res[0].unit) == (S * P, S, "prompt within seed")
@@ -86,8 +93,12 @@ def test_paired_test_type_one_error_with_seed_specific_prompts():
 def test_type_one_error_without_a_prompt_id_column_falls_back_to_prompt_idx():
     """No prompt id: same prompt_idx = same prompt (said so in ``basis``), still the right rate."""
     a, b = shared_tables(np.random.default_rng(13), 300)
-    p = np.array([paired_test(make_table(a[t], b[t], True, id_column=False), ("A", 50), ("B", 75), n_boot=50).p_t
-                  for t in range(len(a))])
+    p = np.array(
+        [
+            paired_test(make_table(a[t], b[t], True, id_column=False), ("A", 50), ("B", 75), n_boot=50).p_t
+            for t in range(len(a))
+        ]
+    )
     assert 0.02 <= (p < 0.05).mean() <= 0.08
     s = summarize(make_table(a[0], b[0], True, id_column=False), n_boot=50)
     assert s["basis"].str.startswith("prompt_idx").all() and (s["n_prompts"] == P).all()
@@ -95,19 +106,25 @@ def test_type_one_error_without_a_prompt_id_column_falls_back_to_prompt_idx():
 
 # --- TOST size at the margin ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_tost_size_at_the_margin(shared):
     margin = 0.1
     make = shared_tables if shared else distinct_tables
     a, b = make(np.random.default_rng(21 + shared), 300, true_diff=margin)  # the truth sits on the margin
-    eq = np.array([tost(make_table(a[t], b[t], shared), ("A", 50), ("B", 75), margin=margin).equivalent
-                   for t in range(len(a))])
+    eq = np.array(
+        [tost(make_table(a[t], b[t], shared), ("A", 50), ("B", 75), margin=margin).equivalent for t in range(len(a))]
+    )
     assert eq.mean() <= 0.08, eq.mean()
     assert eq.mean() >= 0.01 if shared else True  # an exact test at its boundary is not vacuous
     # with no true difference and a margin of ~4 standard errors it declares equivalence (power)
     a0, b0 = make(np.random.default_rng(31), 40)
-    assert np.mean([tost(make_table(a0[t], b0[t], shared), ("A", 50), ("B", 75), margin=0.25).equivalent
-                    for t in range(40)]) > 0.8
+    assert (
+        np.mean(
+            [tost(make_table(a0[t], b0[t], shared), ("A", 50), ("B", 75), margin=0.25).equivalent for t in range(40)]
+        )
+        > 0.8
+    )
 
 
 def test_tost_ratio_margin_size_at_the_margin():
@@ -117,12 +134,17 @@ def test_tost_ratio_margin_size_at_the_margin():
     b = np.broadcast_to(rng.lognormal(0, 0.8, (n_t, 1, P)), (n_t, S, P))
     log_ratio = np.log1p(r) + rng.normal(0, 0.2, (n_t, 1, P)) + rng.normal(0, 0.05, (n_t, S, P))
     a = b * np.exp(log_ratio)  # geometric-mean ratio exactly 1 + r in the population
-    eq = np.array([tost(make_table(a[t], b[t], True), ("A", 50), ("B", 75), margin=10.0,
-                        ratio_margin=r).ratio_equivalent for t in range(n_t)])
+    eq = np.array(
+        [
+            tost(make_table(a[t], b[t], True), ("A", 50), ("B", 75), margin=10.0, ratio_margin=r).ratio_equivalent
+            for t in range(n_t)
+        ]
+    )
     assert eq.mean() <= 0.08
 
 
 # --- interval width does not shrink by copying rows -------------------------------------------
+
 
 def test_ci_width_of_a_deterministic_method_is_the_same_with_one_or_three_seeds():
     rng = np.random.default_rng(5)
@@ -134,7 +156,9 @@ def test_ci_width_of_a_deterministic_method_is_the_same_with_one_or_three_seeds(
     for lo, hi in (("ci_low", "ci_high"), ("median_ci_low", "median_ci_high"), ("gmean_ci_low", "gmean_ci_high")):
         ratio = (w3[hi] - w3[lo]) / (w1[hi] - w1[lo])
         assert 0.85 <= ratio <= 1.15, (lo, ratio)
-    assert w3["n_prompts"] == w1["n_prompts"] == P and w3["n_seeds"] == S and w3["seed_sd"] == pytest.approx(0, abs=1e-12)
+    assert (
+        w3["n_prompts"] == w1["n_prompts"] == P and w3["n_seeds"] == S and w3["seed_sd"] == pytest.approx(0, abs=1e-12)
+    )
     # and over many tables with draw noise: a seeded method's CI is no narrower than its prompts allow
     a, b = shared_tables(np.random.default_rng(6), 30)
     width = lambda df: (lambda r: r["ci_high"] - r["ci_low"])(summarize(df, n_boot=500).set_index("method").loc["A"])  # noqa: E731
@@ -159,6 +183,7 @@ def test_summarize_mean_ci_covers_on_shared_prompts():
 
 # --- BCa and TOST against independent computations --------------------------------------------
 
+
 def test_bca_equals_scipy_on_identical_data():
     rng = np.random.default_rng(3)
     x = rng.lognormal(0, 1.5, P)
@@ -173,10 +198,17 @@ def test_bca_equals_scipy_on_identical_data():
     r = paired_test(make_table(a[0], b[0], True), ("A", 50), ("B", 75), n_boot=3000, seed=2)
     d = (a[0] - b[0]).mean(axis=0)
     ref = sps.bootstrap((d,), np.mean, method="BCa", n_resamples=3000, rng=np.random.default_rng(2))
-    assert (r.ci_low, r.ci_high) == (pytest.approx(ref.confidence_interval.low, rel=1e-10),
-                                     pytest.approx(ref.confidence_interval.high, rel=1e-10))
-    ref = sps.bootstrap((np.log(a[0]).mean(0) - np.log(b[0]).mean(0),), np.mean, method="BCa", n_resamples=3000,
-                        rng=np.random.default_rng(2))
+    assert (r.ci_low, r.ci_high) == (
+        pytest.approx(ref.confidence_interval.low, rel=1e-10),
+        pytest.approx(ref.confidence_interval.high, rel=1e-10),
+    )
+    ref = sps.bootstrap(
+        (np.log(a[0]).mean(0) - np.log(b[0]).mean(0),),
+        np.mean,
+        method="BCa",
+        n_resamples=3000,
+        rng=np.random.default_rng(2),
+    )
     assert r.gm_ratio_ci_low == pytest.approx(np.exp(ref.confidence_interval.low), rel=1e-10)
 
 
@@ -206,16 +238,19 @@ def test_tost_matches_statsmodels_and_hand_computation_with_shared_prompts():
 
 # --- design detection and the seed component --------------------------------------------------
 
+
 def test_design_detection_and_p_seed_t_only_for_seed_specific_prompts():
     a, b = shared_tables(np.random.default_rng(9), 1)
-    shared = make_table(a[0], b[0], True).assign(method=lambda d: d["method"].map({"A": "fap-synergy", "B": "fap"}),
-                                                 k=50)
+    shared = make_table(a[0], b[0], True).assign(
+        method=lambda d: d["method"].map({"A": "fap-synergy", "B": "fap"}), k=50
+    )
     out = matched_seed_ablation(shared, ks=[50], n_boot=100)
     pooled = out[out["scope"] == "pooled"].iloc[0]
     assert np.isnan(pooled["p_seed_t"]) and pooled["n_prompts"] == P and pooled["seed_sd_diff"] > 0
     a2, b2 = distinct_tables(np.random.default_rng(9), 1)
-    dist = make_table(a2[0], b2[0], False).assign(method=lambda d: d["method"].map({"A": "fap-synergy", "B": "fap"}),
-                                                  k=50)
+    dist = make_table(a2[0], b2[0], False).assign(
+        method=lambda d: d["method"].map({"A": "fap-synergy", "B": "fap"}), k=50
+    )
     pooled2 = matched_seed_ablation(dist, ks=[50], n_boot=100).query("scope == 'pooled'").iloc[0]
     assert np.isfinite(pooled2["p_seed_t"]) and pooled2["unit"] == "prompt within seed"
     mixed_ids = np.array(["p0", "p0", "p1", "q1"])

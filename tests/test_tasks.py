@@ -176,7 +176,9 @@ def test_jsonl_malformed(tmp_path) -> None:
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: invalid JSON"):
         load_pairs(bad_json)
     missing = tmp_path / "missing.jsonl"
-    missing.write_text(good + "\n" + good + "\n" + json.dumps({"text_clean": "a", "text_corr": "b", "io_clean": " x"}) + "\n")
+    missing.write_text(
+        good + "\n" + good + "\n" + json.dumps({"text_clean": "a", "text_corr": "b", "io_clean": " x"}) + "\n"
+    )
     with pytest.raises(DataFormatError, match=r"missing\.jsonl:3: missing key.*s_clean"):
         load_pairs(missing)
     empty = tmp_path / "empty.jsonl"

@@ -21,7 +21,9 @@ TEST_SEED = 2024  # not the build's EVAL_SEED: fresh held-out pairs and text
 
 
 def _require_assets() -> None:
-    missing = [p for a in ARCHS for p in (toy_model_path(a) / "config.json", toy_clt_path(a) / "config.yaml") if not p.exists()]
+    missing = [
+        p for a in ARCHS for p in (toy_model_path(a) / "config.json", toy_clt_path(a) / "config.yaml") if not p.exists()
+    ]
     if missing:
         pytest.fail(f"toy world assets missing ({missing[0]}); rebuild with `python -m pie_lib.toy.build`")
 
@@ -33,7 +35,13 @@ def world(request) -> dict:
     arch = request.param
     tok = AutoTokenizer.from_pretrained(toy_model_path(arch))
     model = AutoModelForCausalLM.from_pretrained(toy_model_path(arch)).eval()
-    return {"arch": arch, "tok": tok, "model": model, "clt": load_clt(toy_clt_path(arch)), "json": toy_summary()["archs"][arch]}
+    return {
+        "arch": arch,
+        "tok": tok,
+        "model": model,
+        "clt": load_clt(toy_clt_path(arch)),
+        "json": toy_summary()["archs"][arch],
+    }
 
 
 def test_paths_and_unknown_arch() -> None:

@@ -240,7 +240,11 @@ def _load_plt(folder: Path, config: CLTConfig, check_finite: bool) -> CrossLayer
     config.activation = "jumprelu" if thr else config.activation
     config.n_layers, config.d_model, config.n_features = len(layers), D, F
     return CrossLayerTranscoder(
-        config, enc, torch.stack(b_enc), torch.stack(b_dec), torch.stack(thr) if len(thr) == len(layers) else None,
+        config,
+        enc,
+        torch.stack(b_enc),
+        torch.stack(b_dec),
+        torch.stack(thr) if len(thr) == len(layers) else None,
         LazyDecoder(W_dec),
     )
 

@@ -39,7 +39,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", raw)
             size = path.stat().st_size
             if n <= 0 or 8 + n > size:
-                raise CLTFormatError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes); re-download it")
+                raise CLTFormatError(
+                    f"{path}: corrupt safetensors header (length {n}, file {size} bytes); re-download it"
+                )
             header = json.loads(fh.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, CLTFormatError):
@@ -92,8 +94,9 @@ class LazyDecoder:
             CLT is never scanned whole, so a corrupt row is caught when first used).
     """
 
-    def __init__(self, sources: list[torch.Tensor | MemmapTensor], cache_rows: int = 65536,
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self, sources: list[torch.Tensor | MemmapTensor], cache_rows: int = 65536, check_finite: bool = True
+    ) -> None:
         self.sources = sources
         self.check_finite = check_finite
         self.device = torch.device("cpu")

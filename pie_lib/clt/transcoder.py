@@ -124,9 +124,7 @@ class CrossLayerTranscoder:
         if layer is not None:
             return x @ self.W_enc[layer].T + self.b_enc[layer]
         if x.shape[0] != self.n_layers:
-            raise ShapeMismatchError(
-                f"resid_mid has {x.shape[0]} layers but the CLT has {self.n_layers}"
-            )
+            raise ShapeMismatchError(f"resid_mid has {x.shape[0]} layers but the CLT has {self.n_layers}")
         lead = x.shape[1:-1]
         flat = x.reshape(self.n_layers, -1, self.d_model)
         pre = torch.baddbmm(self.b_enc[:, None, :], flat, self.W_enc.transpose(1, 2))
@@ -135,8 +133,10 @@ class CrossLayerTranscoder:
     def activation_fn(self, pre: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """ReLU, JumpReLU (keep pre where pre > threshold) or TopK, per the config."""
         if self.threshold is not None:
-            thr = self.threshold[layer] if layer is not None else self.threshold.reshape(
-                self.n_layers, *([1] * (pre.dim() - 2)), self.n_features
+            thr = (
+                self.threshold[layer]
+                if layer is not None
+                else self.threshold.reshape(self.n_layers, *([1] * (pre.dim() - 2)), self.n_features)
             )
             return pre * (pre > thr)
         acts = torch.relu(pre)

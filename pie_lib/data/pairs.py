@@ -50,7 +50,7 @@ def load_pairs(path: str | os.PathLike, limit: int | None = None) -> list[Pair]:
         _read_lines(path, limit, pairs)
     except UnicodeDecodeError as exc:
         raise DataFormatError(
-            f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}); "
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start}); "
             "expected JSONL, one pair object per line"
         ) from None
     if not pairs:
@@ -71,7 +71,9 @@ def _read_lines(path: Path, limit: int | None, pairs: list[Pair]) -> None:
                 raise DataFormatError(f"{path}:{lineno}: expected a JSON object with keys {list(REQUIRED_KEYS)}")
             missing = [k for k in REQUIRED_KEYS if k not in obj]
             if missing:
-                raise DataFormatError(f"{path}:{lineno}: missing key(s) {missing}; each line needs {list(REQUIRED_KEYS)}")
+                raise DataFormatError(
+                    f"{path}:{lineno}: missing key(s) {missing}; each line needs {list(REQUIRED_KEYS)}"
+                )
             bad = [k for k in REQUIRED_KEYS if not isinstance(obj[k], str) or not obj[k]]
             if bad:
                 raise DataFormatError(f"{path}:{lineno}: key(s) {bad} must be non-empty strings")

@@ -13,7 +13,9 @@ import torch
 from pie_lib.models.arch import NormKind
 
 
-def frozen_norm(kind: NormKind, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def frozen_norm(
+    kind: NormKind, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     """The norm output ``y`` with its scale frozen: dy/dx = w * s (RMS) or w * s * centre (LayerNorm).
 
     Args:

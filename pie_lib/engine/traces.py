@@ -18,8 +18,8 @@ import nnsight
 import torch
 
 from pie_lib.engine import remote as remote_
-from pie_lib.errors import SettingError
 from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identity_rule
+from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
 
@@ -60,8 +60,12 @@ def _forward_steps(model: LoadedModel, rels: Any) -> list[tuple[int, str, Any]]:
     Built outside a trace; engine blocks loop over it, so they read envoys and strings only
     (nnsight requires modules to be touched in the order the forward reaches them).
     """
-    return [(layer, rel, model.envoy(layer, rel))
-            for layer in range(model.n_layers) for rel in model.arch.layer_order if rel in rels]
+    return [
+        (layer, rel, model.envoy(layer, rel))
+        for layer in range(model.n_layers)
+        for rel in model.arch.layer_order
+        if rel in rels
+    ]
 
 
 def _logits(model: LoadedModel) -> Any:
@@ -166,8 +170,16 @@ def mlp_out_gradients(
             plan.append(("pattern", env, pattern[rel]))
         if mode == "relp" and rel == arch.mlp:
             if arch.mlp_kind == "gated":
-                plan.append(("relp_gated", env, get_path(env, arch.mlp_in[0]), get_path(env, arch.mlp_act),
-                             get_path(env, arch.mlp_in[1]), get_path(env, arch.mlp_down)))
+                plan.append(
+                    (
+                        "relp_gated",
+                        env,
+                        get_path(env, arch.mlp_in[0]),
+                        get_path(env, arch.mlp_act),
+                        get_path(env, arch.mlp_in[1]),
+                        get_path(env, arch.mlp_down),
+                    )
+                )
             else:
                 plan.append(("relp_plain", env, get_path(env, arch.mlp_act)))
         if rel == arch.mlp_out:
@@ -256,7 +268,9 @@ def patched_last_logits(
 
 
 def patched_last_logits_many(
-    model: LoadedModel, jobs: list[tuple[torch.Tensor, torch.Tensor]], with_logsumexp: bool = False,
+    model: LoadedModel,
+    jobs: list[tuple[torch.Tensor, torch.Tensor]],
+    with_logsumexp: bool = False,
     max_request_bytes: int = 256 << 20,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """:func:`patched_last_logits` of many ``(input_ids, offsets)`` jobs, as few requests as possible.

@@ -29,8 +29,6 @@ _LAZY = {
     "make_explainer": "pie_lib.interpret.explainers",
     "effective_budget_cost_saving": "pie_lib.interpret.costs",
     "BudgetCostSaving": "pie_lib.interpret.costs",
-    "add_interpret_parser": "pie_lib.interpret.cli",
-    "add_evaluate_parser": "pie_lib.interpret.cli",
 }
 
 __all__ = sorted(_LAZY)

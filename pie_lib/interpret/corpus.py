@@ -73,7 +73,9 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
         yield from _file_docs(path, cfg)
         return
     if path.suffix in (".txt", ".jsonl", ".json") or "/" not in src and "." in src:
-        raise DataFormatError(f"corpus file {src!r} does not exist; pass an existing .txt / .jsonl file, 'toy', or a dataset name")
+        raise DataFormatError(
+            f"corpus file {src!r} does not exist; pass an existing .txt / .jsonl file, 'toy', or a dataset name"
+        )
     yield from _hf_docs(cfg)
 
 
@@ -122,7 +124,9 @@ def _hf_docs(cfg: CorpusConfig) -> Iterator[str]:
             return
         text = row.get(cfg.text_field)
         if not isinstance(text, str):
-            raise DataFormatError(f"dataset {cfg.source!r} rows have no string field {cfg.text_field!r}; pass --text-field")
+            raise DataFormatError(
+                f"dataset {cfg.source!r} rows have no string field {cfg.text_field!r}; pass --text-field"
+            )
         yield text
 
 
@@ -153,7 +157,9 @@ def _tokens_with_spans(tokenizer: Any, doc: str) -> tuple[list[int], list[tuple[
         return ids, spans
 
 
-def make_contexts(tokenizer: Any, docs: list[str], cfg: CorpusConfig, first_doc_id: int = 0, first_ctx_id: int = 0) -> list[Context]:
+def make_contexts(
+    tokenizer: Any, docs: list[str], cfg: CorpusConfig, first_doc_id: int = 0, first_ctx_id: int = 0
+) -> list[Context]:
     """Tokenize ``docs`` into contexts of at most ``cfg.ctx_len`` tokens (see module docstring)."""
     manual_bos = _bos_policy(tokenizer)
     auto_bos = manual_bos is None and getattr(tokenizer, "bos_token_id", None) is not None

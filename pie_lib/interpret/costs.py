@@ -75,7 +75,9 @@ def effective_budget_cost_saving(
     recs = read_selections(selections) if isinstance(selections, (str, os.PathLike)) else list(selections)
     measured = desc[desc["calls"] > 0] if "calls" in desc else desc.iloc[0:0]
     if len(measured) == 0:
-        raise DataFormatError("no feature in the descriptions table has a measured cost (calls > 0); run `pie interpret` first")
+        raise DataFormatError(
+            "no feature in the descriptions table has a measured cost (calls > 0); run `pie interpret` first"
+        )
     cost = measured.set_index(["layer", "feature"])[list(COST_COLUMNS)].astype(float)
     cost["total_tokens"] = cost["prompt_tokens"] + cost["completion_tokens"]
     mean = cost.mean()
@@ -93,15 +95,20 @@ def effective_budget_cost_saving(
             for key in c:
                 v = lookup.get(key)
                 for m in measures:
-                    per[m] += (v[m] if v is not None else mean[m])
+                    per[m] += v[m] if v is not None else mean[m]
         tot = {m: sum((lookup[key][m] if key in lookup else mean[m]) for key in union) for m in measures}
-        rows.append({
-            "k": k, "method": method or "any", "n_circuits": len(circuits),
-            "features_per_circuit": sum(len(c) for c in circuits) / len(circuits),
-            "n_unique_features": len(union), "n_imputed": sum(key not in lookup for key in union),
-            **{f"{m}_per_circuit": per[m] / len(circuits) for m in measures},
-            **{f"{m}_union": tot[m] for m in measures},
-        })
+        rows.append(
+            {
+                "k": k,
+                "method": method or "any",
+                "n_circuits": len(circuits),
+                "features_per_circuit": sum(len(c) for c in circuits) / len(circuits),
+                "n_unique_features": len(union),
+                "n_imputed": sum(key not in lookup for key in union),
+                **{f"{m}_per_circuit": per[m] / len(circuits) for m in measures},
+                **{f"{m}_union": tot[m] for m in measures},
+            }
+        )
     table = pd.DataFrame(rows)
     saving = {}
     for scope in ("per_circuit", "union"):

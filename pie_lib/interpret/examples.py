@@ -139,16 +139,30 @@ def sparse_activations(
             continue
         vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float().cpu().numpy()
         nz = nz.cpu().numpy()
-        frames.append(pd.DataFrame({
-            "layer": np.full(len(vals), layer, dtype=np.int32),
-            "feature": feats.numpy()[nz[:, 2]].astype(np.int32),
-            "row": nz[:, 0].astype(np.int64),
-            "pos": nz[:, 1].astype(np.int32),
-            "act": vals.astype(np.float32),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": np.full(len(vals), layer, dtype=np.int32),
+                    "feature": feats.numpy()[nz[:, 2]].astype(np.int32),
+                    "row": nz[:, 0].astype(np.int64),
+                    "pos": nz[:, 1].astype(np.int32),
+                    "act": vals.astype(np.float32),
+                }
+            )
+        )
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                             (("layer", "int32"), ("feature", "int32"), ("row", "int64"), ("pos", "int32"), ("act", "float32"))})
+        return pd.DataFrame(
+            {
+                c: pd.Series(dtype=t)
+                for c, t in (
+                    ("layer", "int32"),
+                    ("feature", "int32"),
+                    ("row", "int64"),
+                    ("pos", "int32"),
+                    ("act", "float32"),
+                )
+            }
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -221,7 +235,9 @@ class ActivationStore:
         self.root = Path(root)
         mpath = self.root / "manifest.json"
         if not mpath.exists():
-            raise DataFormatError(f"{self.root} holds no activation store (manifest.json missing); run `pie interpret` first")
+            raise DataFormatError(
+                f"{self.root} holds no activation store (manifest.json missing); run `pie interpret` first"
+            )
         self.manifest = json.loads(mpath.read_text())
         self._contexts: pd.DataFrame | None = None
         self._records: pd.DataFrame | None = None
@@ -296,7 +312,9 @@ class ActivationStore:
         if missing:
             rid = _round_id(missing)
             rdir = self.root / "rounds" / rid
-            write_json_atomic({"features": [list(f) for f in missing], "batch_size": cfg.batch_size}, rdir / "features.json")
+            write_json_atomic(
+                {"features": [list(f) for f in missing], "batch_size": cfg.batch_size}, rdir / "features.json"
+            )
             rounds = self._rounds()
         contexts = self.contexts
         tokens = contexts["token_ids"].tolist()
@@ -337,8 +355,11 @@ class ActivationStore:
         """All stored nonzero activations: layer, feature, ctx, pos, act."""
         if self._records is None:
             parts = [p for r in self._rounds() for p in sorted(r["dir"].glob("part-*.parquet"))]
-            self._records = (pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else
-                             pd.DataFrame({"layer": [], "feature": [], "ctx": [], "pos": [], "act": []}))
+            self._records = (
+                pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+                if parts
+                else pd.DataFrame({"layer": [], "feature": [], "ctx": [], "pos": [], "act": []})
+            )
         return self._records
 
     def context_table(self) -> pd.DataFrame:
@@ -350,15 +371,18 @@ class ActivationStore:
                 self._ctx_table = rec.assign(abs=[])
             else:
                 rec = rec.assign(abs=rec["act"].abs())
-                rec = rec.sort_values(["layer", "feature", "ctx", "abs"], ascending=[True, True, True, False], kind="stable")
+                rec = rec.sort_values(
+                    ["layer", "feature", "ctx", "abs"], ascending=[True, True, True, False], kind="stable"
+                )
                 self._ctx_table = rec.drop_duplicates(["layer", "feature", "ctx"], keep="first").reset_index(drop=True)
         return self._ctx_table
 
     def feature_stats(self, features: Iterable[FeatureKey] | None = None) -> pd.DataFrame:
         """Per feature: max_act (signed, at the largest |activation|), n_active contexts, density."""
         ct = self.context_table()
-        keys = pd.DataFrame(sorted(set(features) if features is not None else self.covered_features()),
-                            columns=["layer", "feature"])
+        keys = pd.DataFrame(
+            sorted(set(features) if features is not None else self.covered_features()), columns=["layer", "feature"]
+        )
         if len(ct):
             idx = ct.groupby(["layer", "feature"])["abs"].idxmax()
             best = ct.loc[idx, ["layer", "feature", "act"]].rename(columns={"act": "max_act"})
@@ -438,7 +462,9 @@ class ActivationStore:
             rest["shuffle"] = np.random.default_rng(cfg.seed).random(len(rest))
             rest = rest.sort_values(["layer", "feature", "qbin", "shuffle"], kind="stable")
             q = rest.groupby(["layer", "feature", "qbin"], sort=False).head(cfg.n_per_quantile)
-            parts.append(q.sort_values(["layer", "feature", "abs"], ascending=[True, True, False]).assign(kind="quantile"))
+            parts.append(
+                q.sort_values(["layer", "feature", "abs"], ascending=[True, True, False]).assign(kind="quantile")
+            )
         ex = pd.concat(parts, ignore_index=True)
         rec = self.records().merge(ex[["layer", "feature", "ctx"]], on=["layer", "feature", "ctx"])
         rec = rec.sort_values(["layer", "feature", "ctx", "pos"])
@@ -446,8 +472,9 @@ class ActivationStore:
         ex = ex.merge(lists, on=["layer", "feature", "ctx"], how="left")
         return ex[cols].reset_index(drop=True)
 
-    def feature_examples(self, examples: pd.DataFrame, layer: int, feature: int,
-                         stats: pd.DataFrame | None = None) -> FeatureExamples:
+    def feature_examples(
+        self, examples: pd.DataFrame, layer: int, feature: int, stats: pd.DataFrame | None = None
+    ) -> FeatureExamples:
         """The :class:`FeatureExamples` of one feature from a :meth:`select_examples` table."""
         groups = examples.attrs.get("_groups")
         if groups is None:  # built once per examples table
@@ -461,8 +488,17 @@ class ActivationStore:
             c = ctxs.iloc[int(p)]
             acts = np.zeros(len(c["token_ids"]), dtype=np.float32)
             acts[np.asarray(row["nz_pos"], dtype=np.int64)] = np.asarray(row["nz_act"], dtype=np.float32)
-            out.append(Example(int(row["ctx"]), str(row["kind"]), float(row["act"]), str(c["text"]),
-                               list(c["starts"]), list(c["ends"]), acts))
+            out.append(
+                Example(
+                    int(row["ctx"]),
+                    str(row["kind"]),
+                    float(row["act"]),
+                    str(c["text"]),
+                    list(c["starts"]),
+                    list(c["ends"]),
+                    acts,
+                )
+            )
         st = (stats if stats is not None else self.feature_stats([(layer, feature)])).set_index(["layer", "feature"])
         max_act = float(st.at[(layer, feature), "max_act"]) if (layer, feature) in st.index else 0.0
         n_active = int(st.at[(layer, feature), "n_active"]) if (layer, feature) in st.index else 0

@@ -17,8 +17,9 @@ import numpy as np
 
 from pie_lib.errors import LLMRequestError
 from pie_lib.interpret import prompts as P
+from pie_lib.interpret.chat import make_chat
 from pie_lib.interpret.examples import FeatureExamples
-from pie_lib.llm import ChatBackend, LLMConfig, Usage, make_chat
+from pie_lib.llm import ChatBackend, LLMConfig, Usage
 
 Status = Literal["ok", "parse_failed", "request_failed", "no_examples"]
 
@@ -108,8 +109,12 @@ class ChatExplainer:
         usage, failures = Usage(), 0
         for attempt in range(self.cfg.parse_retries + 1):
             try:
-                resp = self.chat.complete(messages, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
-                                          seed=attempt if attempt else None)
+                resp = self.chat.complete(
+                    messages,
+                    temperature=self.cfg.temperature,
+                    max_tokens=self.cfg.max_tokens,
+                    seed=attempt if attempt else None,
+                )
             except LLMRequestError as exc:
                 return Explanation(fx.layer, fx.feature, None, "request_failed", usage, failures, str(exc), len(lines))
             usage = usage + resp.usage

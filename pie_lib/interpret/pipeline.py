@@ -22,15 +22,36 @@ from tqdm.auto import tqdm
 
 from pie_lib.errors import ConfigMismatchError, DataFormatError, WeightsUnavailableError
 from pie_lib.interpret.corpus import CorpusConfig
-from pie_lib.interpret.examples import ActivationStore, ExampleConfig, FeatureKey, write_json_atomic, write_parquet_atomic
+from pie_lib.interpret.examples import (
+    ActivationStore,
+    ExampleConfig,
+    FeatureKey,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pie_lib.interpret.explainers import ExplainConfig, Explanation, make_explainer
 from pie_lib.llm import LLMConfig
 
 log = logging.getLogger("pie_lib.interpret")
 
 DESCRIPTION_COLUMNS = [
-    "layer", "feature", "description", "status", "parse_failures", "calls", "prompt_tokens", "completion_tokens",
-    "cache_hits", "backend", "llm_model", "n_examples", "max_act", "n_active", "density", "n_circuits", "error",
+    "layer",
+    "feature",
+    "description",
+    "status",
+    "parse_failures",
+    "calls",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_hits",
+    "backend",
+    "llm_model",
+    "n_examples",
+    "max_act",
+    "n_active",
+    "density",
+    "n_circuits",
+    "error",
 ]
 FINAL_STATUSES = ("ok", "parse_failed", "no_examples")
 
@@ -55,7 +76,9 @@ def read_selections(path: str | os.PathLike) -> list[dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise DataFormatError(f"selections file {path} does not exist; run `pie prune` first or pass the right --selections")
+        raise DataFormatError(
+            f"selections file {path} does not exist; run `pie prune` first or pass the right --selections"
+        )
     out = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -68,7 +91,7 @@ def read_selections(path: str | os.PathLike) -> list[dict]:
             occ = obj.get("occurrences") if isinstance(obj, dict) else None
             if not isinstance(occ, list) or any(not isinstance(o, (list, tuple)) or len(o) != 3 for o in occ):
                 raise DataFormatError(
-                    f"{path}:{lineno}: expected an object with \"occurrences\": [[layer, position, feature], ...]"
+                    f'{path}:{lineno}: expected an object with "occurrences": [[layer, position, feature], ...]'
                 )
             out.append(obj)
     return out
@@ -109,8 +132,9 @@ def features_from_selections(
 
 
 # --------------------------------------------------------------------------- world
-def resolve_world(model: Any = None, clt: Any = None, device: str | None = None, remote: bool | str = False,
-                  arch: str = "llama") -> tuple[Any, Any, dict[str, Any]]:
+def resolve_world(
+    model: Any = None, clt: Any = None, device: str | None = None, remote: bool | str = False, arch: str = "llama"
+) -> tuple[Any, Any, dict[str, Any]]:
     """Load model and CLT (default: the toy world's ``arch``); return them and their identity."""
     from pie_lib.clt import load_clt
     from pie_lib.models.loading import LoadedModel, load_model
@@ -131,19 +155,30 @@ def resolve_world(model: Any = None, clt: Any = None, device: str | None = None,
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, remote=remote)
     tc = clt if not isinstance(clt, (str, os.PathLike)) else load_clt(clt, device=str(lm.device))
     lm.check_clt(tc)
-    identity = {"model": str(model if not isinstance(model, LoadedModel) else model.name),
-                "clt": str(clt) if isinstance(clt, (str, os.PathLike)) else "in-memory"}
+    identity = {
+        "model": str(model if not isinstance(model, LoadedModel) else model.name),
+        "clt": str(clt) if isinstance(clt, (str, os.PathLike)) else "in-memory",
+    }
     return lm, tc, identity
 
 
 # --------------------------------------------------------------------------- rows
 def _row(e: Explanation, stats: dict, n_circuits: int, backend: str, model: str) -> dict:
     return {
-        "layer": e.layer, "feature": e.feature, "description": e.description, "status": e.status,
-        "parse_failures": e.parse_failures, **{k: v for k, v in e.usage.to_dict().items()},
-        "backend": backend, "llm_model": model, "n_examples": e.n_examples,
-        "max_act": float(stats.get("max_act", 0.0)), "n_active": int(stats.get("n_active", 0)),
-        "density": float(stats.get("density", 0.0)), "n_circuits": int(n_circuits), "error": e.error,
+        "layer": e.layer,
+        "feature": e.feature,
+        "description": e.description,
+        "status": e.status,
+        "parse_failures": e.parse_failures,
+        **{k: v for k, v in e.usage.to_dict().items()},
+        "backend": backend,
+        "llm_model": model,
+        "n_examples": e.n_examples,
+        "max_act": float(stats.get("max_act", 0.0)),
+        "n_active": int(stats.get("n_active", 0)),
+        "density": float(stats.get("density", 0.0)),
+        "n_circuits": int(n_circuits),
+        "error": e.error,
     }
 
 
@@ -225,7 +260,9 @@ def interpret(
     llm_cfg = llm_cfg.resolved()
 
     if features is not None:
-        feats = pd.DataFrame(sorted({(int(l), int(f)) for l, f in features}), columns=["layer", "feature"]).assign(n_circuits=0)
+        feats = pd.DataFrame(sorted({(int(l), int(f)) for l, f in features}), columns=["layer", "feature"]).assign(
+            n_circuits=0
+        )
     elif selections is not None:
         feats = features_from_selections(selections, method=method, k=k)
     else:
@@ -244,11 +281,23 @@ def interpret(
     # nothing is written before the inputs have been checked
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(feats, out / "features.parquet")
-    write_json_atomic({
-        **identity, "device": str(lm.device), "remote": remote, "selections": None if selections is None or not isinstance(
-            selections, (str, os.PathLike)) else str(selections), "method": method, "k": k,
-        "corpus": asdict(cfg.corpus), "examples": asdict(cfg.examples), "explain": asdict(cfg.explain), "llm": llm_cfg.public(),
-    }, out / "interpret_config.json")
+    write_json_atomic(
+        {
+            **identity,
+            "device": str(lm.device),
+            "remote": remote,
+            "selections": None
+            if selections is None or not isinstance(selections, (str, os.PathLike))
+            else str(selections),
+            "method": method,
+            "k": k,
+            "corpus": asdict(cfg.corpus),
+            "examples": asdict(cfg.examples),
+            "explain": asdict(cfg.explain),
+            "llm": llm_cfg.public(),
+        },
+        out / "interpret_config.json",
+    )
 
     store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
     examples = store.select_examples(keys, cfg.examples)
@@ -259,14 +308,20 @@ def interpret(
     explainer = make_explainer(llm_cfg, cfg.explain)
     rows_dir = out / "descriptions" / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out / "descriptions" / "config.json", {"explain": asdict(cfg.explain), "examples": asdict(cfg.examples)})
+    _check_same_config(
+        out / "descriptions" / "config.json", {"explain": asdict(cfg.explain), "examples": asdict(cfg.examples)}
+    )
     n_circ = dict(zip(keys, feats["n_circuits"].astype(int)))
     todo = []
     for key in keys:
         p = _row_path(rows_dir, *key)
         if p.exists():
             r = json.loads(p.read_text())
-            if r["status"] in FINAL_STATUSES and r["backend"] == explainer.backend and r["llm_model"] == explainer.model:
+            if (
+                r["status"] in FINAL_STATUSES
+                and r["backend"] == explainer.backend
+                and r["llm_model"] == explainer.model
+            ):
                 continue
         todo.append(key)
 
@@ -274,7 +329,9 @@ def interpret(
     examples.attrs["_groups"] = examples.groupby(["layer", "feature"]).indices if len(examples) else {}
 
     def work(key: FeatureKey) -> dict:
-        fx = store.feature_examples(examples, *key, stats=stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])])
+        fx = store.feature_examples(
+            examples, *key, stats=stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])]
+        )
         e = explainer.explain(fx)
         row = _row(e, stats_rows[key], n_circ[key], explainer.backend, explainer.model)
         write_json_atomic(row, _row_path(rows_dir, *key))
@@ -293,7 +350,9 @@ def interpret(
             bar.update()
     bar.close()
     if n_failed:
-        log.warning("%d of %d features could not be explained (request failures); rerun to retry them", n_failed, len(todo))
+        log.warning(
+            "%d of %d features could not be explained (request failures); rerun to retry them", n_failed, len(todo)
+        )
 
     table = collect_rows(rows_dir, keys)
     table = table[DESCRIPTION_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)

@@ -13,6 +13,17 @@ from pie_lib.llm.config import LLMConfig
 from pie_lib.llm.retry import RetryPolicy
 
 __all__ = [
-    "BACKENDS", "Backend", "CachedChat", "ChatBackend", "ChatResponse", "DiskCache", "LLMConfig", "Message",
-    "RetryPolicy", "Usage", "cache_key", "make_chat", "redact",
+    "BACKENDS",
+    "Backend",
+    "CachedChat",
+    "ChatBackend",
+    "ChatResponse",
+    "DiskCache",
+    "LLMConfig",
+    "Message",
+    "RetryPolicy",
+    "Usage",
+    "cache_key",
+    "make_chat",
+    "redact",
 ]

@@ -75,8 +75,17 @@ class CachedChat:
             r = hit["response"]
             return ChatResponse(r["text"], int(r["prompt_tokens"]), int(r["completion_tokens"]), cached=True)
         resp = self.inner.complete(messages, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        self.cache.put(key, {
-            "model": self.model, "messages": messages, "params": params,
-            "response": {"text": resp.text, "prompt_tokens": resp.prompt_tokens, "completion_tokens": resp.completion_tokens},
-        })
+        self.cache.put(
+            key,
+            {
+                "model": self.model,
+                "messages": messages,
+                "params": params,
+                "response": {
+                    "text": resp.text,
+                    "prompt_tokens": resp.prompt_tokens,
+                    "completion_tokens": resp.completion_tokens,
+                },
+            },
+        )
         return resp

@@ -91,5 +91,10 @@ class LLMConfig:
     def public(self) -> dict[str, Any]:
         """The settings safe to write into result files (no API key)."""
         base_url = redact(self.base_url, [self.api_key]) if self.base_url else None
-        return {"backend": self.backend, "model": self.model, "base_url": base_url,
-                "timeout_s": self.timeout_s, "max_retries": self.retry.max_retries}
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "base_url": base_url,
+            "timeout_s": self.timeout_s,
+            "max_retries": self.retry.max_retries,
+        }

@@ -65,6 +65,6 @@ class HFChat:
             if temperature > 0:
                 torch.manual_seed(0 if seed is None else int(seed))
             out = self.lm.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)
-        new = out[0, ids.shape[1]:]
+        new = out[0, ids.shape[1] :]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return ChatResponse(text=text, prompt_tokens=int(ids.shape[1]), completion_tokens=int(new.shape[0]))

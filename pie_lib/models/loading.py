@@ -282,7 +282,9 @@ def load_model(
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
 
 
-def wrap_model(hf_model: torch.nn.Module, tokenizer: Any, name: str = "in-memory", remote: Remote = False) -> LoadedModel:
+def wrap_model(
+    hf_model: torch.nn.Module, tokenizer: Any, name: str = "in-memory", remote: Remote = False
+) -> LoadedModel:
     """Wrap an already-built ``transformers`` model (tests, notebooks building tiny models)."""
     LanguageModel = _nnsight_class()
     arch = arch_for(hf_model)

@@ -12,23 +12,62 @@ from typing import Any
 import torch
 
 SMALL = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128),
-    "gemma2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16,
-                   query_pre_attn_scalar=8),
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "gemma2": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=16,
+        query_pre_attn_scalar=8,
+    ),
     "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_positions=128),
 }
 
 #: Published shapes (from the models' config.json files) for real-scale benchmarks.
 REAL_SHAPES = {
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                                    num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=2048,
-                                    rope_theta=500000.0, tie_word_embeddings=True)),
-    "gemma-2-2b": ("gemma2", dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                                   num_key_value_heads=4, head_dim=256, vocab_size=256000, max_position_embeddings=2048,
-                                   sliding_window=4096, query_pre_attn_scalar=256, final_logit_softcapping=30.0,
-                                   attn_logit_softcapping=50.0)),
+    "llama-3.2-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            max_position_embeddings=2048,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma-2-2b": (
+        "gemma2",
+        dict(
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            vocab_size=256000,
+            max_position_embeddings=2048,
+            sliding_window=4096,
+            query_pre_attn_scalar=256,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        ),
+    ),
 }
 
 
@@ -42,16 +81,23 @@ def word_tokenizer(words: list[str]) -> Any:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>", pad_token="<pad>")
 
 
-def random_model(arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> torch.nn.Module:
+def random_model(
+    arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
     """A randomly initialised causal LM of ``arch`` ("llama", "gemma2", "gpt2")."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-               "gpt2": (GPT2Config, GPT2LMHeadModel)}
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "gpt2": (GPT2Config, GPT2LMHeadModel),
+    }
     if arch not in classes:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(classes)}")
     cfg_cls, model_cls = classes[arch]

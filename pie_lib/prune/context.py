@@ -56,15 +56,23 @@ class BatchContext:
         self.occ = active_occurrences(self.clt, clean, corr, zero_bos=self.cfg.zero_bos)
         self.rows = gather_rows(self.clt, self.occ, self.cfg.rows_dtype)
         self.evaluator = PatchEvaluator(
-            self.model, self.clt, self.batch, self.occ, self.rows, self.cfg.corruption, self.cfg.metric,
-            clean.last_logits, chunk=self.cfg.chunk,
+            self.model,
+            self.clt,
+            self.batch,
+            self.occ,
+            self.rows,
+            self.cfg.corruption,
+            self.cfg.metric,
+            clean.last_logits,
+            chunk=self.cfg.chunk,
         )
 
     def grads(self, mode: GradientMode) -> torch.Tensor:
         """``[L, B, T, D]`` metric gradient (or RelP relevance) at every MLP output."""
         if mode not in self._grads:
-            g, _ = mlp_out_gradients(self.model, self.batch.clean_ids, self.batch.correct, self.batch.wrong,
-                                     self.cfg.metric, mode)
+            g, _ = mlp_out_gradients(
+                self.model, self.batch.clean_ids, self.batch.correct, self.batch.wrong, self.cfg.metric, mode
+            )
             self._grads[mode] = g
         return self._grads[mode]
 

@@ -47,7 +47,9 @@ class PairBatch:
         return self.clean_ids.shape[1]
 
     def subset(self, rows: torch.Tensor) -> "PairBatch":
-        return PairBatch(self.clean_ids[rows], self.corr_ids[rows], self.correct[rows], self.wrong[rows], self.prompt_idx[rows])
+        return PairBatch(
+            self.clean_ids[rows], self.corr_ids[rows], self.correct[rows], self.wrong[rows], self.prompt_idx[rows]
+        )
 
 
 @dataclass
@@ -211,11 +213,20 @@ def active_occurrences(
     l = (uniq // (F * T)) % L
     b = uniq // (F * T * L)
     # Occurrence bookkeeping lives on the CPU (it is small); rows, gradients and forwards stay on the device.
-    return Occurrences(prompt=b.cpu(), layer=l.cpu(), pos=t.cpu(), feat=f.cpu(), a_clean=a_c.float().cpu(),
-                       a_corr=a_o.float().cpu(), n_prompts=B)
+    return Occurrences(
+        prompt=b.cpu(),
+        layer=l.cpu(),
+        pos=t.cpu(),
+        feat=f.cpu(),
+        a_clean=a_c.float().cpu(),
+        a_corr=a_o.float().cpu(),
+        n_prompts=B,
+    )
 
 
-def run_pair_caches(model: LoadedModel, batch: PairBatch, corruption: Corruption) -> tuple[ForwardCache, ForwardCache | None]:
+def run_pair_caches(
+    model: LoadedModel, batch: PairBatch, corruption: Corruption
+) -> tuple[ForwardCache, ForwardCache | None]:
     """Clean and corrupted forwards of a batch in one trace (the corrupted half only when needed).
 
     NaN/Inf logits (corrupt weights, or a dtype that overflows) are an error naming the pairs.
@@ -228,8 +239,11 @@ def run_pair_caches(model: LoadedModel, batch: PairBatch, corruption: Corruption
         rows = sorted({int(batch.prompt_idx[i % B]) for i in bad.nonzero().squeeze(-1).tolist()})
         raise NumericalError(
             f"model {model.name} produced NaN/Inf logits on pair(s) {rows[:8]}; "
-            + ("its weights are corrupt (NaN/Inf values)" if model.dtype == torch.float32 else
-               f"its weights are corrupt or {model.dtype} overflows (try --dtype float32)")
+            + (
+                "its weights are corrupt (NaN/Inf values)"
+                if model.dtype == torch.float32
+                else f"its weights are corrupt or {model.dtype} overflows (try --dtype float32)"
+            )
         )
     if corruption == "zero":
         return both, None

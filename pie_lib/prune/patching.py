@@ -23,7 +23,6 @@ from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
 
-
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +49,9 @@ class LayerRows:
     occ_idx: torch.Tensor
 
 
-def gather_rows(clt: CrossLayerTranscoder, occ: Occurrences, dtype: torch.dtype = torch.float32) -> list[LayerRows | None]:
+def gather_rows(
+    clt: CrossLayerTranscoder, occ: Occurrences, dtype: torch.dtype = torch.float32
+) -> list[LayerRows | None]:
     """Fetch, once per batch, the decoder rows of every feature with an active occurrence."""
     out: list[LayerRows | None] = []
     for layer in range(clt.n_layers):
@@ -91,8 +92,11 @@ class Variants:
         if any(p.weight is not None for p in parts):
             w = torch.cat([p.weight if p.weight is not None else torch.ones(p.occ.numel()) for p in parts])
         return Variants(
-            prompt=torch.cat([p.prompt for p in parts]), var=torch.cat(vs), occ=torch.cat([p.occ for p in parts]),
-            complement=torch.cat([p.complement for p in parts]), weight=w,
+            prompt=torch.cat([p.prompt for p in parts]),
+            var=torch.cat(vs),
+            occ=torch.cat([p.occ for p in parts]),
+            complement=torch.cat([p.complement for p in parts]),
+            weight=w,
         )
 
     @staticmethod
@@ -163,11 +167,16 @@ class PatchEvaluator:
         self._null: torch.Tensor | None = None
         self.n_forwards = 0
         dev = self.clean_logits.device
-        self.m_clean = metric_value(self.clean_logits, batch.correct.to(dev), batch.wrong.to(dev), "logit_diff") \
-            if metric == "logit_diff" else None
+        self.m_clean = (
+            metric_value(self.clean_logits, batch.correct.to(dev), batch.wrong.to(dev), "logit_diff")
+            if metric == "logit_diff"
+            else None
+        )
 
     # -------------------------------------------------------------- offsets
-    def _offsets(self, var: torch.Tensor, occ_idx: torch.Tensor, weight: torch.Tensor | None, n_var: int) -> torch.Tensor:
+    def _offsets(
+        self, var: torch.Tensor, occ_idx: torch.Tensor, weight: torch.Tensor | None, n_var: int
+    ) -> torch.Tensor:
         """Summed delta writes ``[L, n_var, T, D]`` of entries (variant ``var[e]``, occurrence ``occ_idx[e]``)."""
         L, T = self.clt.n_layers, self.batch.seq_len
         D = self.clt.d_model
@@ -199,8 +208,17 @@ class PatchEvaluator:
         return out
 
     @staticmethod
-    def _scatter_writes(out: torch.Tensor, layer: int, v: torch.Tensor, t: torch.Tensor, u: torch.Tensor,
-                        coef: torch.Tensor, rows: torch.Tensor, n_var: int, max_values: int = 1 << 24) -> None:
+    def _scatter_writes(
+        out: torch.Tensor,
+        layer: int,
+        v: torch.Tensor,
+        t: torch.Tensor,
+        u: torch.Tensor,
+        coef: torch.Tensor,
+        rows: torch.Tensor,
+        n_var: int,
+        max_values: int = 1 << 24,
+    ) -> None:
         """Sparse path: add ``coef_e · rows[u_e, s]`` at (layer + s, v_e, t_e) for every entry e.
 
         Few entries per variant (single or pair removals, kept sets of small K): gathering their rows
@@ -258,8 +276,9 @@ class PatchEvaluator:
                 res = None
             if res is None:  # out of memory: halve the chunk (kept for the rest) and retry this range
                 self.chunk = max(1, (stop - start) // 2)
-                log.warning("out of memory with %d patch variants per forward; retrying with %d",
-                            stop - start, self.chunk)
+                log.warning(
+                    "out of memory with %d patch variants per forward; retrying with %d", stop - start, self.chunk
+                )
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
@@ -267,9 +286,16 @@ class PatchEvaluator:
             start = stop
         return PatchResult(metric, kl, change)
 
-    def _run_remote(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor,
-                    extra_offsets: torch.Tensor | None, metric: torch.Tensor, kl: torch.Tensor,
-                    change: torch.Tensor) -> None:
+    def _run_remote(
+        self,
+        variants: Variants,
+        order: torch.Tensor,
+        var_sorted: torch.Tensor,
+        extra_offsets: torch.Tensor | None,
+        metric: torch.Tensor,
+        kl: torch.Tensor,
+        change: torch.Tensor,
+    ) -> None:
         """Remote: the chunks of this call go as one request (one session of traces), or one per
         ``request_bytes`` of offsets; offsets are built group by group so memory stays bounded."""
         V = variants.n
@@ -278,8 +304,12 @@ class PatchEvaluator:
 
         def flush() -> None:
             nonlocal size
-            outs = patched_last_logits_many(self.model, [(ids, off) for _, _, ids, off, _ in pending],
-                                            with_logsumexp=self.metric == "logsumexp", max_request_bytes=1 << 62)
+            outs = patched_last_logits_many(
+                self.model,
+                [(ids, off) for _, _, ids, off, _ in pending],
+                with_logsumexp=self.metric == "logsumexp",
+                max_request_bytes=1 << 62,
+            )
             for (lo, hi, _, _, prompts), (logits, lse) in zip(pending, outs):
                 metric[lo:hi], kl[lo:hi], change[lo:hi] = self._finish_range(prompts, logits, lse)
             self.n_forwards += len(pending)
@@ -297,16 +327,30 @@ class PatchEvaluator:
         if pending:
             flush()
 
-    def _run_range(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor, start: int, stop: int,
-                   extra_offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run_range(
+        self,
+        variants: Variants,
+        order: torch.Tensor,
+        var_sorted: torch.Tensor,
+        start: int,
+        stop: int,
+        extra_offsets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Metric, KL and argmax change of variants ``start:stop`` (one forward)."""
         ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets)
         logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
         self.n_forwards += 1
         return self._finish_range(prompts, logits, lse)
 
-    def _prepare_range(self, variants: Variants, order: torch.Tensor, var_sorted: torch.Tensor, start: int, stop: int,
-                       extra_offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prepare_range(
+        self,
+        variants: Variants,
+        order: torch.Tensor,
+        var_sorted: torch.Tensor,
+        start: int,
+        stop: int,
+        extra_offsets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input ids ``[v, T]``, offsets ``[L, v, T, D]`` and batch rows ``[v]`` of variants ``start:stop``."""
         lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
         ent = order[lo:hi]
@@ -322,8 +366,9 @@ class PatchEvaluator:
             off = off + extra_offsets[:, prompts.to(extra_offsets.device)].to(off)
         return self.batch.clean_ids[prompts], off, prompts
 
-    def _finish_range(self, prompts: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _finish_range(
+        self, prompts: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Metric, KL and argmax change from one forward's last-token logits."""
         logits = logits.float()
         clean = self.clean_logits[prompts.to(self.clean_logits.device)]
@@ -338,7 +383,13 @@ class PatchEvaluator:
     def clean_metric(self) -> torch.Tensor:
         """``[B]`` metric of the unpatched clean runs."""
         if self.m_clean is None:  # logsumexp needs every position: run the zero-offset forward once
-            res = self.run(Variants(torch.arange(self.batch.size), torch.zeros(0, dtype=torch.long),
-                                    torch.zeros(0, dtype=torch.long), torch.zeros(self.batch.size, dtype=torch.bool)))
+            res = self.run(
+                Variants(
+                    torch.arange(self.batch.size),
+                    torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long),
+                    torch.zeros(self.batch.size, dtype=torch.bool),
+                )
+            )
             self.m_clean = res.metric
         return self.m_clean.cpu().float()

@@ -36,7 +36,9 @@ def project_gradients(grads: torch.Tensor, rows: list[LayerRows | None], occ: Oc
     return out
 
 
-def fap_scores(occ: Occurrences, grads: torch.Tensor, rows: list[LayerRows | None], corruption: Corruption = "corrupted") -> torch.Tensor:
+def fap_scores(
+    occ: Occurrences, grads: torch.Tensor, rows: list[LayerRows | None], corruption: Corruption = "corrupted"
+) -> torch.Tensor:
     """FAP: ``S(l,t,i) = sum_{s>=l} <Δa · W_dec[l][i, s-l], g_s(t)> = Δa · <sum_s W_dec g_s>``.
 
     With ``grads`` from the replacement gradient this is the paper's FAP; with the full gradient,

@@ -122,7 +122,10 @@ class SynergyTrace:
 
 
 def synergy_rerank(
-    evaluator: PatchEvaluator, scores: torch.Tensor, k: Budget, cfg: SynergyConfig = SynergyConfig(),
+    evaluator: PatchEvaluator,
+    scores: torch.Tensor,
+    k: Budget,
+    cfg: SynergyConfig = SynergyConfig(),
     return_trace: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SynergyTrace]:
     """FAP-Synergy boundary reranking (spec §4), every prompt of the batch at once.
@@ -163,7 +166,9 @@ def synergy_rerank(
         base_vals = s_abs[ob[:K]]
         # torch.median is the lower median (as in the reference); np.median averages (also as there)
         base_scale = max(float(base_vals.median()), 1e-6)
-        plans.append(dict(ob=ob, K=K, half=half, core_k=core_k, boundary=boundary, partners=partners, base_scale=base_scale))
+        plans.append(
+            dict(ob=ob, K=K, half=half, core_k=core_k, boundary=boundary, partners=partners, base_scale=base_scale)
+        )
 
     # A prompt whose boundary is no longer than the number of free slots keeps every candidate
     # whatever its boosted score: its selection is plain top-K and needs no forwards (K >= 400 at
@@ -291,8 +296,11 @@ def acdc_select(
         active_prompts = surplus > 0
         cand = (keep & active_prompts[prompt]).nonzero().squeeze(-1)
         # current state: removed = ~keep; its offsets per prompt, then + each single candidate
-        removed_now = Variants.from_sets(torch.arange(occ.n_prompts), (~keep)[None].expand(occ.n_prompts, -1)
-                                         & (prompt[None] == torch.arange(occ.n_prompts)[:, None]), complement=False)
+        removed_now = Variants.from_sets(
+            torch.arange(occ.n_prompts),
+            (~keep)[None].expand(occ.n_prompts, -1) & (prompt[None] == torch.arange(occ.n_prompts)[:, None]),
+            complement=False,
+        )
         base = evaluator.run(removed_now)
         base_off = evaluator._offsets(removed_now.var, removed_now.occ, None, occ.n_prompts)
         res = evaluator.run(Variants.singles(prompt[cand], cand), extra_offsets=base_off)

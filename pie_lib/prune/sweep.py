@@ -28,21 +28,45 @@ import torch
 from tqdm.auto import tqdm
 
 from pie_lib.data.pairs import Pair, load_pairs
-from pie_lib.errors import (BudgetError, ConfigMismatchError, DataFormatError, OutputPathError, SettingError,
-                            WeightsUnavailableError)
+from pie_lib.errors import (
+    BudgetError,
+    ConfigMismatchError,
+    DataFormatError,
+    OutputPathError,
+    SettingError,
+    WeightsUnavailableError,
+)
 from pie_lib.prune.context import BatchContext, ScoringConfig
-from pie_lib.prune.evaluate import evaluate_keep_masks
-from pie_lib.prune.methods import MethodParams, get_methods
 from pie_lib.prune.occurrences import tokenize_pairs
-from pie_lib.store import remove_stale_temps, append_jsonl, read_jsonl, write_json, write_parquet
+from pie_lib.prune.params import MethodParams
+from pie_lib.prune.registry import get_methods
+from pie_lib.prune.retention import evaluate_keep_masks
+from pie_lib.store import append_jsonl, read_jsonl, remove_stale_temps, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LADDER = (50, 75, 100, 200, 400, 800)
 DEFAULT_METHODS = ("fap", "fap-synergy", "clt-relp", "act-mag", "random")
 RESULT_COLUMNS = [
-    "method", "k", "budget", "seed", "prompt_idx", "n_active", "k_eff", "n_kept", "kl", "pred_change", "faithfulness",
-    "completeness", "m_clean", "m_null", "m_circuit", "m_complement", "kl_null", "task", "seconds",
+    "method",
+    "k",
+    "budget",
+    "seed",
+    "prompt_idx",
+    "n_active",
+    "k_eff",
+    "n_kept",
+    "kl",
+    "pred_change",
+    "faithfulness",
+    "completeness",
+    "m_clean",
+    "m_null",
+    "m_circuit",
+    "m_complement",
+    "kl_null",
+    "task",
+    "seconds",
 ]
 
 
@@ -109,8 +133,11 @@ class PruneConfig:
         syn = self.params.synergy
         if not 0 <= syn.boundary_percent <= 100:
             raise SettingError(f"--boundary-percent {syn.boundary_percent:g}: must be in [0, 100]")
-        for flag, value in (("--boundary-cap", syn.boundary_cap), ("--partners", syn.partners),
-                            ("--partners-per-candidate", syn.partners_per_candidate)):
+        for flag, value in (
+            ("--boundary-cap", syn.boundary_cap),
+            ("--partners", syn.partners),
+            ("--partners-per-candidate", syn.partners_per_candidate),
+        ):
             if value < 0:
                 raise SettingError(f"{flag} {value}: must be >= 0")
         if not math.isfinite(syn.lam):
@@ -124,9 +151,14 @@ class PruneConfig:
         sc["rows_dtype"] = str(self.scoring.rows_dtype)
         sc.pop("chunk")
         return {
-            "model": self.model, "clt": self.clt, "data": self.data,
-            "task": None if self.data else self.task, "n": self.n, "data_seed": self.data_seed,
-            "min_tokens": self.min_tokens, "scoring": sc,
+            "model": self.model,
+            "clt": self.clt,
+            "data": self.data,
+            "task": None if self.data else self.task,
+            "n": self.n,
+            "data_seed": self.data_seed,
+            "min_tokens": self.min_tokens,
+            "scoring": sc,
             "params": {**dataclasses.asdict(self.params)},
         }
 
@@ -225,8 +257,11 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     _check_out(out)
     file_pairs = load_pairs(cfg.data, limit=cfg.n if cfg.n else None) if cfg.data else None
     model_path, clt_path = resolve_checkpoints(cfg.model, cfg.clt)
-    fingerprints = {"model_hash": checkpoint_fingerprint(model_path), "clt_hash": checkpoint_fingerprint(clt_path),
-                    "data_sha256": file_sha256(cfg.data) if cfg.data else None}
+    fingerprints = {
+        "model_hash": checkpoint_fingerprint(model_path),
+        "clt_hash": checkpoint_fingerprint(clt_path),
+        "data_sha256": file_sha256(cfg.data) if cfg.data else None,
+    }
     _check_config(out, cfg, fingerprints)
     own_clt = clt is None
     if own_clt:  # cheap, so a broken CLT fails before the model is loaded
@@ -239,10 +274,15 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     # When every seed sees the same prompts (a data file, or a fixed data_seed), one batch context
     # serves all seeds and seed-independent methods are selected and evaluated once.
     shared = cfg.data is not None or cfg.data_seed is not None
-    groups = [(list(cfg.seeds), file_pairs or _pairs_for_seed(cfg, model, cfg.seeds[0]))] if shared else \
-        [([s], _pairs_for_seed(cfg, model, s)) for s in cfg.seeds]
-    tokenized = [(seeds, tokenize_pairs(model, pairs, batch_size=cfg.batch_size, min_tokens=cfg.min_tokens))
-                 for seeds, pairs in groups]
+    groups = (
+        [(list(cfg.seeds), file_pairs or _pairs_for_seed(cfg, model, cfg.seeds[0]))]
+        if shared
+        else [([s], _pairs_for_seed(cfg, model, s)) for s in cfg.seeds]
+    )
+    tokenized = [
+        (seeds, tokenize_pairs(model, pairs, batch_size=cfg.batch_size, min_tokens=cfg.min_tokens))
+        for seeds, pairs in groups
+    ]
     for (seeds, pairs), (_, tok) in zip(groups, tokenized):
         if not tok.batches:
             first = next(iter(tok.skipped.items()), (None, "no pairs"))
@@ -264,10 +304,20 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
         except OSError as exc:
             raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
         remove_stale_temps(out, ["config.json", "results.parquet"])  # left by a kill during an atomic write
-        write_json({
-            "identity": cfg.identity(), "methods": cfg.methods, "k": cfg.k, "k_frac": cfg.k_frac, "seeds": cfg.seeds,
-            "versions": versions(), "model_path": model_path, "clt_path": clt_path, **fingerprints,
-        }, out / "config.json")
+        write_json(
+            {
+                "identity": cfg.identity(),
+                "methods": cfg.methods,
+                "k": cfg.k,
+                "k_frac": cfg.k_frac,
+                "seeds": cfg.seeds,
+                "versions": versions(),
+                "model_path": model_path,
+                "clt_path": clt_path,
+                **fingerprints,
+            },
+            out / "config.json",
+        )
         started = True
 
     task_name = "data" if cfg.data else cfg.task
@@ -278,8 +328,15 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
         bar = tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch")
         for batch in bar:
             pidx = batch.prompt_idx.tolist()
-            todo = {seed: [(m, lab, val) for m in methods for lab, val in ladder
-                           if any((m.name, lab, seed, p) not in done for p in pidx)] for seed in seeds}
+            todo = {
+                seed: [
+                    (m, lab, val)
+                    for m in methods
+                    for lab, val in ladder
+                    if any((m.name, lab, seed, p) not in done for p in pidx)
+                ]
+                for seed in seeds
+            }
             if not any(todo.values()):
                 continue
             t0 = time.perf_counter()
@@ -301,7 +358,9 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 if selected:
                     ev = evaluate_keep_masks(ctx, torch.stack([x[1] for x in selected]))
                     for j, (key, keep, sc, kv) in enumerate(selected):
-                        outcomes[key] = _Outcome(keep, sc, {n: (v[j] if v.dim() == 2 else v) for n, v in ev.items()}, kv)
+                        outcomes[key] = _Outcome(
+                            keep, sc, {n: (v[j] if v.dim() == 2 else v) for n, v in ev.items()}, kv
+                        )
                 secs = (time.perf_counter() - t0) / batch.size
                 rows, sels = [], []
                 for m, lab, _, key in wanted:
@@ -337,8 +396,9 @@ def _budgets(label: str, value: float, counts: torch.Tensor) -> torch.Tensor:
     return torch.full((counts.numel(),), int(value), dtype=torch.long)
 
 
-def _rows(o: _Outcome, ctx: BatchContext, name: str, label: str, seed: int, pidx: list[int],
-          done: set, task: str, secs: float) -> tuple[list[dict], list[dict]]:
+def _rows(
+    o: _Outcome, ctx: BatchContext, name: str, label: str, seed: int, pidx: list[int], done: set, task: str, secs: float
+) -> tuple[list[dict], list[dict]]:
     """Result rows and selection records of one outcome, for the prompts not finished yet."""
     rows, sels = [], []
     ev, prompt = o.ev, ctx.occ.prompt.cpu()
@@ -347,17 +407,36 @@ def _rows(o: _Outcome, ctx: BatchContext, name: str, label: str, seed: int, pidx
         if (name, label, seed, p) in done:
             continue
         n_active = int(ev["n_active"][b])
-        rows.append({
-            **base, "prompt_idx": p, "n_active": n_active, "k_eff": int(min(o.budgets[b], n_active)),
-            "n_kept": int(ev["n_kept"][b]), "kl": float(ev["kl"][b]), "pred_change": bool(ev["pred_change"][b]),
-            "faithfulness": float(ev["faithfulness"][b]), "completeness": float(ev["completeness"][b]),
-            "m_clean": float(ev["m_clean"][b]), "m_null": float(ev["m_null"][b]),
-            "m_circuit": float(ev["m_circuit"][b]), "m_complement": float(ev["m_complement"][b]),
-            "kl_null": float(ev["kl_null"][b]), "task": task, "seconds": secs,
-        })
+        rows.append(
+            {
+                **base,
+                "prompt_idx": p,
+                "n_active": n_active,
+                "k_eff": int(min(o.budgets[b], n_active)),
+                "n_kept": int(ev["n_kept"][b]),
+                "kl": float(ev["kl"][b]),
+                "pred_change": bool(ev["pred_change"][b]),
+                "faithfulness": float(ev["faithfulness"][b]),
+                "completeness": float(ev["completeness"][b]),
+                "m_clean": float(ev["m_clean"][b]),
+                "m_null": float(ev["m_null"][b]),
+                "m_circuit": float(ev["m_circuit"][b]),
+                "m_complement": float(ev["m_complement"][b]),
+                "kl_null": float(ev["kl_null"][b]),
+                "task": task,
+                "seconds": secs,
+            }
+        )
         kept = (o.keep & (prompt == b)).nonzero().squeeze(-1)
-        sels.append({**base, "prompt_idx": p, "n_active": n_active, "occurrences": ctx.occ.triples(kept),
-                     "scores": [round(float(x), 7) for x in o.scores[kept]]})
+        sels.append(
+            {
+                **base,
+                "prompt_idx": p,
+                "n_active": n_active,
+                "occurrences": ctx.occ.triples(kept),
+                "scores": [round(float(x), 7) for x in o.scores[kept]],
+            }
+        )
     return rows, sels
 
 

@@ -69,5 +69,13 @@ CLT_CHECKPOINTS: dict[str, tuple[str, int, int, int]] = {
 #: Hub ids of the models, for the commands of real runs.
 MODEL_IDS: dict[str, str] = {"Llama-3.2-1B": "meta-llama/Llama-3.2-1B", "Gemma-2-2B": "google/gemma-2-2b"}
 
-__all__ = ["CITATION", "CLT_CHECKPOINTS", "EFFECTIVE_BUDGET", "FADE_DOCSTRING_K50", "FADE_METHOD", "IOI_KL",
-           "METHOD_LABELS", "MODEL_IDS"]
+__all__ = [
+    "CITATION",
+    "CLT_CHECKPOINTS",
+    "EFFECTIVE_BUDGET",
+    "FADE_DOCSTRING_K50",
+    "FADE_METHOD",
+    "IOI_KL",
+    "METHOD_LABELS",
+    "MODEL_IDS",
+]

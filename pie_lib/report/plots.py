@@ -22,18 +22,41 @@ import pandas as pd
 from pie_lib.report.tables import FADE_METRICS, label
 
 _PALETTE = {
-    "fap": "#1f77b4", "fap-synergy": "#d62728", "clt-relp": "#2ca02c", "act-mag": "#9467bd", "act-mag-delta": "#8c564b",
-    "random": "#7f7f7f", "fap-signal": "#ff7f0e", "factp": "#17becf", "acdc": "#bcbd22", "fap-full": "#aec7e8",
-    "fap-per-layer": "#c5b0d5", "edge-pruning": "#e377c2", "edge-pruning-shared": "#f7b6d2", "hap": "#8c6d31",
-    "ensemble-mean": "#393b79", "ensemble-min": "#637939", "ensemble-max": "#843c39", "ensemble-seq": "#7b4173",
+    "fap": "#1f77b4",
+    "fap-synergy": "#d62728",
+    "clt-relp": "#2ca02c",
+    "act-mag": "#9467bd",
+    "act-mag-delta": "#8c564b",
+    "random": "#7f7f7f",
+    "fap-signal": "#ff7f0e",
+    "factp": "#17becf",
+    "acdc": "#bcbd22",
+    "fap-full": "#aec7e8",
+    "fap-per-layer": "#c5b0d5",
+    "edge-pruning": "#e377c2",
+    "edge-pruning-shared": "#f7b6d2",
+    "hap": "#8c6d31",
+    "ensemble-mean": "#393b79",
+    "ensemble-min": "#637939",
+    "ensemble-max": "#843c39",
+    "ensemble-seq": "#7b4173",
 }
-METRIC_LABELS = {"kl": "last-token KL", "pred_change": "prediction change", "faithfulness": "faithfulness",
-                 "completeness": "completeness"}
+METRIC_LABELS = {
+    "kl": "last-token KL",
+    "pred_change": "prediction change",
+    "faithfulness": "faithfulness",
+    "completeness": "completeness",
+}
 TASK_LABELS = {"ioi": "IOI", "docstring": "Doc-String"}
 
 
-SHORT_LABELS = {"act-mag": "Act-Mag", "act-mag-delta": "Act-Mag Δ", "fap-synergy": "FAP-Syn.",
-                "edge-pruning": "EdgePrune", "edge-pruning-shared": "EdgePrune-sh."}
+SHORT_LABELS = {
+    "act-mag": "Act-Mag",
+    "act-mag-delta": "Act-Mag Δ",
+    "fap-synergy": "FAP-Syn.",
+    "edge-pruning": "EdgePrune",
+    "edge-pruning-shared": "EdgePrune-sh.",
+}
 
 
 def short_label(method: str) -> str:
@@ -55,8 +78,9 @@ def save_figure(fig: Any, name: str, out_dir: str | Path, dpi: int = 150) -> lis
     out.mkdir(parents=True, exist_ok=True)
     png, pdf = out / f"{name}.png", out / f"{name}.pdf"
     fig.savefig(png, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None, "Producer": None,
-                                                      "Creator": None})
+    fig.savefig(
+        pdf, bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
+    )
     return [png, pdf]
 
 
@@ -107,8 +131,9 @@ def plot_metric_vs_k(
         raise ValueError(f"no rows with budget={budget!r} to plot")
     tasks = [t for t in (tasks or sorted(d["task"].unique())) if t in set(d["task"])]
     methods = _methods(d, methods)
-    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.2 * len(tasks), 3.0 * len(metrics)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(metrics), len(tasks), figsize=(4.2 * len(tasks), 3.0 * len(metrics)), squeeze=False, sharex=True
+    )
     for j, task in enumerate(tasks):
         dt = d[d["task"] == task]
         for i, metric in enumerate(metrics):
@@ -132,8 +157,7 @@ def plot_metric_vs_k(
         fig.suptitle(title)
     fig.tight_layout()
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False, bbox_to_anchor=(0.5, 0.0))
     save_figure(fig, name, out_dir)
     return fig
 
@@ -169,8 +193,16 @@ def plot_effective_budget(
         if r.empty:
             continue
         r = r.iloc[0]
-        ax.errorbar(i, r["mean"], yerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]], fmt="o", capsize=4,
-                    color=color(m), mfc="white" if k != k_cmp and m != reference else color(m), ms=7)
+        ax.errorbar(
+            i,
+            r["mean"],
+            yerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]],
+            fmt="o",
+            capsize=4,
+            color=color(m),
+            mfc="white" if k != k_cmp and m != reference else color(m),
+            ms=7,
+        )
         seed_cols = [c for c in s.columns if c.startswith("mean_seed_")]
         sv = r[seed_cols].astype(float).dropna().to_numpy()
         ax.scatter(np.full(sv.size, i + 0.18), sv, s=10, color=color(m), alpha=0.6, marker="_")
@@ -219,16 +251,25 @@ def plot_seed_ablation(ablation: pd.DataFrame, out_dir: str | Path, name: str) -
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ks = pooled["k"].to_numpy()
     xs = np.arange(len(ks))
-    ax.errorbar(xs, pooled["mean_diff"], yerr=[pooled["mean_diff"] - pooled["ci_low"], pooled["ci_high"] - pooled["mean_diff"]],
-                fmt="o", capsize=4, color="k", label="pooled (95% CI)")
+    ax.errorbar(
+        xs,
+        pooled["mean_diff"],
+        yerr=[pooled["mean_diff"] - pooled["ci_low"], pooled["ci_high"] - pooled["mean_diff"]],
+        fmt="o",
+        capsize=4,
+        color="k",
+        label="pooled (95% CI)",
+    )
     for s, g in seeds.groupby("seed"):
         pos = [int(np.where(ks == k)[0][0]) for k in g["k"]]
         ax.scatter(np.array(pos) + 0.15, g["mean_diff"], s=14, alpha=0.7, label=f"seed {s}")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(xs, [f"{k:g}" for k in ks])
     ax.set_xlabel("K")
-    ax.set_ylabel(f"{METRIC_LABELS.get(a.get('value', 'kl'), 'value')}: "
-                  f"{label(a.get('ablated', 'fap'))} − {label(a.get('full', 'fap-synergy'))}")
+    ax.set_ylabel(
+        f"{METRIC_LABELS.get(a.get('value', 'kl'), 'value')}: "
+        f"{label(a.get('ablated', 'fap'))} − {label(a.get('full', 'fap-synergy'))}"
+    )
     ax.set_title("Reranking ablation under matched seeds (> 0: reranking helps)", fontsize=10)
     ax.legend(fontsize=7, frameon=False, ncol=2)
     ax.grid(alpha=0.3, axis="y", lw=0.5)
@@ -269,7 +310,7 @@ def plot_faithfulness_curves(curve: pd.DataFrame, out_dir: str | Path, name: str
     """Faithfulness against circuit size fraction per method.
 
     Args:
-        curve: ``pie_lib.related.mib.faithfulness_curve`` rows -- with ``by_prompt=True`` (one row
+        curve: ``pie_lib.prune.related.mib.faithfulness_curve`` rows -- with ``by_prompt=True`` (one row
             per prompt: the median over prompts and its interquartile band are drawn, robust to
             prompts whose faithfulness ratio explodes) or the default means.
     """
@@ -279,8 +320,14 @@ def plot_faithfulness_curves(curve: pd.DataFrame, out_dir: str | Path, name: str
         c = curve[curve["method"] == m]
         if per_prompt:
             g = c.groupby(["budget", "k"])
-            c = pd.DataFrame({"size_frac": g["size_frac"].median(), "faithfulness": g["faithfulness"].median(),
-                              "lo": g["faithfulness"].quantile(0.25), "hi": g["faithfulness"].quantile(0.75)})
+            c = pd.DataFrame(
+                {
+                    "size_frac": g["size_frac"].median(),
+                    "faithfulness": g["faithfulness"].median(),
+                    "lo": g["faithfulness"].quantile(0.25),
+                    "hi": g["faithfulness"].quantile(0.75),
+                }
+            )
         c = c.sort_values("size_frac")
         ax.plot(c["size_frac"], c["faithfulness"], marker="o", ms=3, color=color(m), label=label(m))
         if per_prompt:
@@ -340,8 +387,16 @@ def plot_fade(by_method: pd.DataFrame, out_dir: str | Path, name: str) -> Any:
         r = by_method[by_method["method"] == m].iloc[0]
         means = [r[f"{k}_mean"] for k in FADE_METRICS]
         stds = [0 if pd.isna(r[f"{k}_std"]) else r[f"{k}_std"] for k in FADE_METRICS]
-        ax.bar(x + (i - (len(methods) - 1) / 2) * w, np.nan_to_num(means), w, yerr=stds, capsize=2, color=color(m),
-               label=f"{label(m)} ({int(r['n_scored'])} features)", alpha=0.85)
+        ax.bar(
+            x + (i - (len(methods) - 1) / 2) * w,
+            np.nan_to_num(means),
+            w,
+            yerr=stds,
+            capsize=2,
+            color=color(m),
+            label=f"{label(m)} ({int(r['n_scored'])} features)",
+            alpha=0.85,
+        )
     ax.set_xticks(x, [k.capitalize() for k in FADE_METRICS])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (mean ± std over features)")
@@ -358,8 +413,14 @@ def plot_circuit_features(selections: Sequence[dict], out_dir: str | Path, name:
     per method and budget -- what interpretation has to explain."""
     rows = []
     for r in selections:
-        rows.append({"method": r["method"], "k": float(r["k"]), "prompt": (r["seed"], r["prompt_idx"]),
-                     "feats": {(int(l), int(f)) for l, _p, f in r["occurrences"]}})
+        rows.append(
+            {
+                "method": r["method"],
+                "k": float(r["k"]),
+                "prompt": (r["seed"], r["prompt_idx"]),
+                "feats": {(int(l), int(f)) for l, _p, f in r["occurrences"]},
+            }
+        )
     d = pd.DataFrame(rows)
     methods = _methods(d, None)
     ks = sorted(d["k"].unique())
@@ -387,7 +448,7 @@ def plot_circuit_features(selections: Sequence[dict], out_dir: str | Path, name:
 
 # --------------------------------------------------------------------------- toy world
 def plot_world_quality(quality: pd.DataFrame, out_dir: str | Path, name: str) -> Any:
-    """Per-layer FVU and L0 of the CLT (:func:`pie_lib.report.world.clt_quality` rows
+    """Per-layer FVU and L0 of the CLT (:func:`pie_lib.experiments.world.clt_quality` rows
     ``layer, fvu, l0`` with an optional ``source`` column: "summary" / "recomputed")."""
     q = quality if "source" in quality.columns else quality.assign(source="recomputed")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
@@ -409,6 +470,16 @@ def plot_world_quality(quality: pd.DataFrame, out_dir: str | Path, name: str) ->
 
 
 __all__ = [
-    "METRIC_LABELS", "color", "plot_circuit_features", "plot_cpr_cmd", "plot_effective_budget", "plot_fade", "plot_faithfulness_curves",
-    "plot_metric_vs_k", "plot_seed_ablation", "plot_sensitivity", "plot_world_quality", "save_figure",
+    "METRIC_LABELS",
+    "color",
+    "plot_circuit_features",
+    "plot_cpr_cmd",
+    "plot_effective_budget",
+    "plot_fade",
+    "plot_faithfulness_curves",
+    "plot_metric_vs_k",
+    "plot_seed_ablation",
+    "plot_sensitivity",
+    "plot_world_quality",
+    "save_figure",
 ]

@@ -171,12 +171,31 @@ def effective_budget_means(
     for m, k in cells:
         x = d[(d["method"] == m) & (d["k"] == k)]
         if x.empty:
-            rows.append({"model": model, "method": m, "k": k, "n": 0, "n_prompts": 0, "n_seeds": 0, "unit": "",
-                         "mean": np.nan, "std": np.nan, "seed_sd": np.nan, "seed_std": np.nan})
+            rows.append(
+                {
+                    "model": model,
+                    "method": m,
+                    "k": k,
+                    "n": 0,
+                    "n_prompts": 0,
+                    "n_seeds": 0,
+                    "unit": "",
+                    "mean": np.nan,
+                    "std": np.nan,
+                    "seed_sd": np.nan,
+                    "seed_std": np.nan,
+                }
+            )
         else:
             s = summarize(x.assign(_v=x[value].astype(float)), value="_v", n_boot=0).iloc[0]
-            rows.append({"model": model, "method": m, "k": k,
-                         **{c: s[c] for c in ("n", "n_prompts", "n_seeds", "unit", "mean", "std", "seed_sd", "seed_std")}})
+            rows.append(
+                {
+                    "model": model,
+                    "method": m,
+                    "k": k,
+                    **{c: s[c] for c in ("n", "n_prompts", "n_seeds", "unit", "mean", "std", "seed_sd", "seed_std")},
+                }
+            )
         fmt[f"{label(m)} K={k}"] = pm(rows[-1]["mean"], rows[-1]["std"], digits)
     first = rows[0]
     fmt["Prompts × seeds"] = f"{first['n_prompts']} × {first['n_seeds']} ({first['unit']})"
@@ -199,27 +218,39 @@ def format_ablation_table(ablation: pd.DataFrame, digits: int = 3) -> pd.DataFra
         return "–" if x is None or pd.isna(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
 
     rows = []
-    d = ablation.assign(_pooled=ablation["scope"] != "pooled").sort_values(["k", "_pooled", "seed"], na_position="first")
+    d = ablation.assign(_pooled=ablation["scope"] != "pooled").sort_values(
+        ["k", "_pooled", "seed"], na_position="first"
+    )
     for _, r in d.iterrows():
-        rows.append({
-            "K": int(r["k"]),
-            "Scope": "pooled" if r["scope"] == "pooled" else f"seed {int(r['seed'])}",
-            "Prompts × seeds": f"{int(r['n_prompts'])} × {int(r['n_seeds'])}" if "n_prompts" in r else str(int(r["n"])),
-            abl: f"{r['mean_ablated']:.{digits}f}",
-            full: f"{r['mean_full']:.{digits}f}",
-            f"Δ [{lvl} CI]": f"{r['mean_diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]",
-            "p (t)": p(r["p_t"]),
-            "p (Wilcoxon)": p(r["p_wilcoxon"]),
-            "Seed sd of Δ": f"{r['seed_sd_diff']:.{digits}f}" if r["scope"] == "pooled" and pd.notna(r.get("seed_sd_diff"))
-            else "",
-            "p (seeds)": p(r.get("p_seed_t")) if r["scope"] == "pooled" else "",
-        })
+        rows.append(
+            {
+                "K": int(r["k"]),
+                "Scope": "pooled" if r["scope"] == "pooled" else f"seed {int(r['seed'])}",
+                "Prompts × seeds": f"{int(r['n_prompts'])} × {int(r['n_seeds'])}"
+                if "n_prompts" in r
+                else str(int(r["n"])),
+                abl: f"{r['mean_ablated']:.{digits}f}",
+                full: f"{r['mean_full']:.{digits}f}",
+                f"Δ [{lvl} CI]": f"{r['mean_diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]",
+                "p (t)": p(r["p_t"]),
+                "p (Wilcoxon)": p(r["p_wilcoxon"]),
+                "Seed sd of Δ": f"{r['seed_sd_diff']:.{digits}f}"
+                if r["scope"] == "pooled" and pd.notna(r.get("seed_sd_diff"))
+                else "",
+                "p (seeds)": p(r.get("p_seed_t")) if r["scope"] == "pooled" else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- FADE
-def circuit_features(selections: Sequence[dict], method: str, k: float, seeds: Sequence[int] | None = None,
-                     prompts: Sequence[int] | None = None) -> set[tuple[int, int]]:
+def circuit_features(
+    selections: Sequence[dict],
+    method: str,
+    k: float,
+    seeds: Sequence[int] | None = None,
+    prompts: Sequence[int] | None = None,
+) -> set[tuple[int, int]]:
     """The union of kept (layer, feature) pairs of ``method`` at budget ``k`` over the circuits."""
     out: set[tuple[int, int]] = set()
     for r in selections:
@@ -323,10 +354,15 @@ def paper_comparison(
         if kl is not None:
             sel = kl[(kl["k"] == k) & (kl["task"] == task)].set_index("method")["mean"]
             if {"fap", "fap-synergy"} <= set(sel.index) and sel["fap"] > 0:
-                add("KL reduction FAP-Synergy vs FAP (%)", "fap-synergy", k, ours,
-                    100 * (sel["fap"] - sel["fap-synergy"]) / sel["fap"])
+                add(
+                    "KL reduction FAP-Synergy vs FAP (%)",
+                    "fap-synergy",
+                    k,
+                    ours,
+                    100 * (sel["fap"] - sel["fap-synergy"]) / sel["fap"],
+                )
     # effective budget
-    for (method, k) in paper.EFFECTIVE_BUDGET[models[0]]:
+    for method, k in paper.EFFECTIVE_BUDGET[models[0]]:
         for mdl in models:
             add("Effective budget: IOI KL", method, k, mdl, paper.EFFECTIVE_BUDGET[mdl][(method, k)])
         if eb is not None:
@@ -340,8 +376,14 @@ def paper_comparison(
         if fade is not None:
             r = fade[(fade["method"] == paper.FADE_METHOD) & (fade["k"].astype(float) == 50.0)]
             if len(r):
-                add(f"FADE {metric} (Doc-String)", paper.FADE_METHOD, 50, ours, float(r[f"{metric}_mean"].iloc[0]),
-                    float(r[f"{metric}_std"].iloc[0]))
+                add(
+                    f"FADE {metric} (Doc-String)",
+                    paper.FADE_METHOD,
+                    50,
+                    ours,
+                    float(r[f"{metric}_mean"].iloc[0]),
+                    float(r[f"{metric}_std"].iloc[0]),
+                )
     numeric = pd.DataFrame(long)
     rows = []
     for (q, m, k), g in numeric.groupby(["quantity", "method", "k"], sort=False):
@@ -363,17 +405,28 @@ def paper_comparison(
 def cpr_cmd_runtime_table(cpr: pd.DataFrame, runtime: pd.DataFrame | None = None, digits: int = 3) -> pd.DataFrame:
     """``Method, CPR ↑, CMD ↓, Seconds / prompt`` from ``pie_lib.related.mib.cpr_cmd`` and the
     runtime rows of :func:`pie_lib.report.runtime.time_methods` (``method, seconds_per_prompt``)."""
-    rt = runtime.groupby("method")["seconds_per_prompt"].mean() if runtime is not None and len(runtime) else pd.Series(dtype=float)
+    rt = (
+        runtime.groupby("method")["seconds_per_prompt"].mean()
+        if runtime is not None and len(runtime)
+        else pd.Series(dtype=float)
+    )
     rows = []
     for m in _order(cpr["method"], None):
         r = cpr[cpr["method"] == m].iloc[0]
-        rows.append({"Method": label(m), "CPR ↑": pm(r["cpr"], r["cpr_std"], digits), "CMD ↓": pm(r["cmd"], r["cmd_std"], digits),
-                     "Seconds / prompt": f"{rt[m]:.3f}" if m in rt.index else "–"})
+        rows.append(
+            {
+                "Method": label(m),
+                "CPR ↑": pm(r["cpr"], r["cpr_std"], digits),
+                "CMD ↓": pm(r["cmd"], r["cmd_std"], digits),
+                "Seconds / prompt": f"{rt[m]:.3f}" if m in rt.index else "–",
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def sensitivity_table(grid: pd.DataFrame, value: str = "kl", method: str = "fap-synergy",
-                      baseline: str | None = "fap") -> pd.DataFrame:
+def sensitivity_table(
+    grid: pd.DataFrame, value: str = "kl", method: str = "fap-synergy", baseline: str | None = "fap"
+) -> pd.DataFrame:
     """Mean ``value`` of ``method`` per (K, λ, boundary percent), and the baseline's at that K.
 
     Args:
@@ -431,15 +484,30 @@ def toy_world_table(summary: dict[str, Any], recomputed: pd.DataFrame | None = N
 
 
 __all__ = [
-    "FADE_METRICS", "circuit_features", "cpr_cmd_runtime_table", "effective_budget_means", "fade_by_method",
-    "format_ablation_table", "format_fade_table", "format_kl_table", "format_sensitivity_table", "kl_summary", "label",
-    "paper_comparison", "pm", "sensitivity_table", "toy_world_table", "write_table",
+    "FADE_METRICS",
+    "circuit_features",
+    "cpr_cmd_runtime_table",
+    "effective_budget_means",
+    "fade_by_method",
+    "format_ablation_table",
+    "format_fade_table",
+    "format_kl_table",
+    "format_sensitivity_table",
+    "kl_summary",
+    "label",
+    "paper_comparison",
+    "pm",
+    "sensitivity_table",
+    "toy_world_table",
+    "write_table",
 ]
 
 
 # --------------------------------------------------------------------------- more builders
-def metrics_summary(df: pd.DataFrame, metrics: Sequence[str] = ("kl", "pred_change", "faithfulness", "completeness"),
-                    ) -> pd.DataFrame:
+def metrics_summary(
+    df: pd.DataFrame,
+    metrics: Sequence[str] = ("kl", "pred_change", "faithfulness", "completeness"),
+) -> pd.DataFrame:
     """Mean (NaN-aware) of each metric per (task, budget, K, method), pooled over seeds and prompts.
 
     Returns:
@@ -458,14 +526,17 @@ def format_metrics_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame
     t = summary.copy()
     t["method"] = t["method"].map(label)
     t["k"] = [f"{k:g}" if b == "abs" else f"{100 * k:g}%" for k, b in zip(t["k"], t["budget"])]
-    t = t.drop(columns="budget").rename(columns={"task": "Task", "k": "K", "method": "Method", "k_eff_mean": "K_eff",
-                                                 "pred_change": "pred. change"})
+    t = t.drop(columns="budget").rename(
+        columns={"task": "Task", "k": "K", "method": "Method", "k_eff_mean": "K_eff", "pred_change": "pred. change"}
+    )
     for c in t.columns[4:]:
         t[c] = t[c].map(lambda x: "–" if pd.isna(x) else f"{x:.{digits}f}")
     return t
 
 
-def top_descriptions(desc: pd.DataFrame, selections: Sequence[dict], method: str, k: float, n: int = 15) -> pd.DataFrame:
+def top_descriptions(
+    desc: pd.DataFrame, selections: Sequence[dict], method: str, k: float, n: int = 15
+) -> pd.DataFrame:
     """The ``n`` features most often kept by ``method`` at ``k`` (over the circuits) with their
     descriptions: ``Layer, Feature, Circuits, Description``."""
     counts: dict[tuple[int, int], int] = {}
@@ -474,8 +545,10 @@ def top_descriptions(desc: pd.DataFrame, selections: Sequence[dict], method: str
             for key in {(int(l), int(f)) for l, _p, f in r["occurrences"]}:
                 counts[key] = counts.get(key, 0) + 1
     d = desc.set_index(["layer", "feature"])["description"]
-    rows = [{"Layer": l, "Feature": f, "Circuits": c, "Description": str(d.get((l, f), "–"))}
-            for (l, f), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+    rows = [
+        {"Layer": l, "Feature": f, "Circuits": c, "Description": str(d.get((l, f), "–"))}
+        for (l, f), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    ]
     return pd.DataFrame(rows, columns=["Layer", "Feature", "Circuits", "Description"])
 
 
@@ -485,20 +558,34 @@ def format_cost_table(cost: Any) -> pd.DataFrame:
     t = cost.table
     rows = []
     for _, r in t.iterrows():
-        rows.append({"K": int(r["k"]), "Method": label(r["method"]) if r["method"] != "any" else "any",
-                     "Circuits": int(r["n_circuits"]), "Features / circuit": f"{r['features_per_circuit']:.1f}",
-                     "Distinct features": int(r["n_unique_features"]),
-                     "Calls / circuit": f"{r['calls_per_circuit']:.1f}",
-                     "Tokens / circuit": f"{r['total_tokens_per_circuit']:.0f}"})
+        rows.append(
+            {
+                "K": int(r["k"]),
+                "Method": label(r["method"]) if r["method"] != "any" else "any",
+                "Circuits": int(r["n_circuits"]),
+                "Features / circuit": f"{r['features_per_circuit']:.1f}",
+                "Distinct features": int(r["n_unique_features"]),
+                "Calls / circuit": f"{r['calls_per_circuit']:.1f}",
+                "Tokens / circuit": f"{r['total_tokens_per_circuit']:.0f}",
+            }
+        )
     s = cost.saving
 
     def pct(key: str) -> str:
         v = s.get(key, float("nan"))
         return "–" if pd.isna(v) else f"{100 * v:.0f}%"
 
-    rows.append({"K": "saving", "Method": "", "Circuits": "", "Features / circuit": "",
-                 "Distinct features": pct("calls_union"), "Calls / circuit": pct("calls_per_circuit"),
-                 "Tokens / circuit": pct("total_tokens_per_circuit")})
+    rows.append(
+        {
+            "K": "saving",
+            "Method": "",
+            "Circuits": "",
+            "Features / circuit": "",
+            "Distinct features": pct("calls_union"),
+            "Calls / circuit": pct("calls_per_circuit"),
+            "Tokens / circuit": pct("total_tokens_per_circuit"),
+        }
+    )
     return pd.DataFrame(rows).astype(str)
 
 
@@ -506,7 +593,9 @@ def combine_runs(*frames: pd.DataFrame) -> pd.DataFrame:
     """Rows of several sweep folders over the same prompts as one table (first occurrence of a
     (method, budget, k, seed, prompt) wins)."""
     df = pd.concat([f for f in frames if f is not None and len(f)], ignore_index=True)
-    return df.drop_duplicates(subset=["method", "budget", "k", "seed", "prompt_idx"], keep="first").reset_index(drop=True)
+    return df.drop_duplicates(subset=["method", "budget", "k", "seed", "prompt_idx"], keep="first").reset_index(
+        drop=True
+    )
 
 
 def merge_cpr_runtime(cpr: pd.DataFrame, runtime: pd.DataFrame | None) -> pd.DataFrame:
@@ -517,5 +606,11 @@ def merge_cpr_runtime(cpr: pd.DataFrame, runtime: pd.DataFrame | None) -> pd.Dat
     return cpr.merge(rt, on="method", how="left")
 
 
-__all__ += ["combine_runs", "format_cost_table", "format_metrics_table", "merge_cpr_runtime", "metrics_summary",
-            "top_descriptions"]
+__all__ += [
+    "combine_runs",
+    "format_cost_table",
+    "format_metrics_table",
+    "merge_cpr_runtime",
+    "metrics_summary",
+    "top_descriptions",
+]

@@ -135,10 +135,22 @@ def describe(x: np.ndarray, design, n_boot: int = 2000, seed: int = 0, level: fl
         lu = unit_matrix(logs, design)
         llo, lhi = mean_ci(lu, g, n_boot, seed, level) if boot else (np.nan, np.nan)
         gm, glo, ghi = float(np.exp(lu.mean())), float(np.exp(llo)), float(np.exp(lhi))
-    return {"mean": t.mean, "std": t.sd_units, "se": t.se, "dof": t.dof, "ci_low": float(lo), "ci_high": float(hi),
-            "median": med, "median_ci_low": mlo, "median_ci_high": mhi,
-            "gmean": gm, "gmean_ci_low": glo, "gmean_ci_high": ghi, "n_nonpositive": bad,
-            "seed_sd": seed_spread(x, design)}
+    return {
+        "mean": t.mean,
+        "std": t.sd_units,
+        "se": t.se,
+        "dof": t.dof,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "median": med,
+        "median_ci_low": mlo,
+        "median_ci_high": mhi,
+        "gmean": gm,
+        "gmean_ci_low": glo,
+        "gmean_ci_high": ghi,
+        "n_nonpositive": bad,
+        "seed_sd": seed_spread(x, design),
+    }
 
 
 def summarize(

@@ -39,8 +39,8 @@ from pie_lib.stats._frame import (
     cell_values,
     check_cell,
     check_columns,
-    method_curve_matrix,
     design_of,
+    method_curve_matrix,
     require_same_units,
 )
 from pie_lib.stats.bootstrap import percentile_ci
@@ -95,7 +95,14 @@ def _status(k: float) -> str:
 
 
 def _crossing_with_ci(
-    ladder: np.ndarray, v: np.ndarray, r: np.ndarray, k_ref: int, better: Better, n_boot: int, seed: int, level: float,
+    ladder: np.ndarray,
+    v: np.ndarray,
+    r: np.ndarray,
+    k_ref: int,
+    better: Better,
+    n_boot: int,
+    seed: int,
+    level: float,
     design: Design | None = None,
 ) -> dict[str, float | str]:
     """Point K_eff and paired bootstrap CI for curve rows ``v`` ``[n_rows, L]`` and reference rows ``r`` ``[n_rows]``.

@@ -83,8 +83,9 @@ class Design:
         return np.unique(first, return_inverse=True)[1]
 
 
-def detect_design(seed: np.ndarray, prompt_idx: np.ndarray, prompt_key: np.ndarray | None = None,
-                  basis: str | None = None) -> Design:
+def detect_design(
+    seed: np.ndarray, prompt_idx: np.ndarray, prompt_key: np.ndarray | None = None, basis: str | None = None
+) -> Design:
     """The :class:`Design` of rows with these seeds, prompt indexes and (optional) prompt ids.
 
     Args:
@@ -108,8 +109,10 @@ def detect_design(seed: np.ndarray, prompt_idx: np.ndarray, prompt_key: np.ndarr
         if clash.size:
             row = int(np.flatnonzero(unit_code == clash[0])[0])
             s, p = seed[row], prompt_idx[row]
-            raise DataFormatError(f"seed {s}, prompt_idx {p} names two different prompts ({basis} differs); "
-                                  "the results table mixes runs: load one sweep folder at a time")
+            raise DataFormatError(
+                f"seed {s}, prompt_idx {p} names two different prompts ({basis} differs); "
+                "the results table mixes runs: load one sweep folder at a time"
+            )
     codes, uniq = pd.factorize(key)
     pairs = np.unique(np.stack([codes, seed]), axis=1)
     seeds_per_prompt = np.bincount(pairs[0], minlength=len(uniq))

@@ -38,8 +38,15 @@ def tost_bounds(mean: float, se: float, dof: float, lower: float, upper: float, 
         t_up = (mean - upper) / se if se > 0 else np.copysign(np.inf, mean - upper)
     p_lo, p_up = float(sps.t.sf(t_lo, dof)), float(sps.t.cdf(t_up, dof))
     half = float(sps.t.ppf(1 - alpha, dof) * se) if se > 0 else 0.0
-    return {"t_lower": float(t_lo), "p_lower": p_lo, "t_upper": float(t_up), "p_upper": p_up,
-            "p_value": max(p_lo, p_up), "ci_low": mean - half, "ci_high": mean + half}
+    return {
+        "t_lower": float(t_lo),
+        "p_lower": p_lo,
+        "t_upper": float(t_up),
+        "p_upper": p_up,
+        "p_value": max(p_lo, p_up),
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+    }
 
 
 @dataclass(frozen=True)
@@ -141,8 +148,14 @@ def tost(
     delta = float(margin * abs(mean_b)) if relative else float(margin)
     t = mean_t(u, g)
     st = tost_bounds(t.mean, t.se, t.dof, -delta, delta, alpha)
-    ratio = dict(gm_ratio=np.nan, ratio_ci_low=np.nan, ratio_ci_high=np.nan, ratio_p_value=np.nan,
-                 ratio_equivalent=False, ratio_bound=np.nan)
+    ratio = dict(
+        gm_ratio=np.nan,
+        ratio_ci_low=np.nan,
+        ratio_ci_high=np.nan,
+        ratio_p_value=np.nan,
+        ratio_equivalent=False,
+        ratio_bound=np.nan,
+    )
     la, _ = log_values(xa)
     lb, _ = log_values(xb)
     if la is not None and lb is not None:
@@ -150,17 +163,37 @@ def tost(
         lt = mean_t(lu, g)
         half = float(sps.t.ppf(1 - alpha, lt.dof) * lt.se) if lt.se > 0 else 0.0
         lo, hi = np.exp(lt.mean - half), np.exp(lt.mean + half)
-        ratio.update(gm_ratio=float(np.exp(lt.mean)), ratio_ci_low=float(lo), ratio_ci_high=float(hi),
-                     ratio_bound=float(max(1 - lo, hi - 1)))
+        ratio.update(
+            gm_ratio=float(np.exp(lt.mean)),
+            ratio_ci_low=float(lo),
+            ratio_ci_high=float(hi),
+            ratio_bound=float(max(1 - lo, hi - 1)),
+        )
         if ratio_margin is not None:
             rs = tost_bounds(lt.mean, lt.se, lt.dof, np.log1p(-ratio_margin), np.log1p(ratio_margin), alpha)
             ratio.update(ratio_p_value=rs["p_value"], ratio_equivalent=bool(rs["p_value"] < alpha))
     return TostResult(
-        a=(a[0], int(a[1])), b=(b[0], int(b[1])), value=value, n=design.n_prompts, n_prompts=design.n_prompts,
-        n_seeds=design.n_seeds, unit=design.unit, design=design.case,
-        mean_a=float(unit_matrix(xa, design).mean()), mean_b=mean_b, mean_diff=t.mean, se_diff=t.se, dof=t.dof,
-        margin=float(margin), relative=relative, delta=delta, **st, ci_level=1 - 2 * alpha, alpha=alpha,
+        a=(a[0], int(a[1])),
+        b=(b[0], int(b[1])),
+        value=value,
+        n=design.n_prompts,
+        n_prompts=design.n_prompts,
+        n_seeds=design.n_seeds,
+        unit=design.unit,
+        design=design.case,
+        mean_a=float(unit_matrix(xa, design).mean()),
+        mean_b=mean_b,
+        mean_diff=t.mean,
+        se_diff=t.se,
+        dof=t.dof,
+        margin=float(margin),
+        relative=relative,
+        delta=delta,
+        **st,
+        ci_level=1 - 2 * alpha,
+        alpha=alpha,
         equivalent=bool(st["p_value"] < alpha),
         equivalence_bound=float(max(abs(st["ci_low"]), abs(st["ci_high"]))),
-        ratio_margin=float(ratio_margin) if ratio_margin is not None else np.nan, **ratio,
+        ratio_margin=float(ratio_margin) if ratio_margin is not None else np.nan,
+        **ratio,
     )

@@ -55,13 +55,15 @@ def per_prompt_ratios(df: pd.DataFrame, which: Which = "faithfulness", min_gap: 
     check_columns(df, ["m_clean", "m_null", num])
     gap = df["m_clean"].to_numpy(dtype=np.float64) - df["m_null"].to_numpy(dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(gap != 0, (df[num].to_numpy(dtype=np.float64) - df["m_null"].to_numpy(dtype=np.float64)) / gap,
-                         np.nan)
+        ratio = np.where(
+            gap != 0, (df[num].to_numpy(dtype=np.float64) - df["m_null"].to_numpy(dtype=np.float64)) / gap, np.nan
+        )
     return df.assign(gap=gap, ratio=ratio, small_gap=np.abs(gap) < min_gap)
 
 
-def _ratio_ci(num: np.ndarray, den: np.ndarray, g: np.ndarray, n_boot: int, seed: int, level: float
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _ratio_ci(
+    num: np.ndarray, den: np.ndarray, g: np.ndarray, n_boot: int, seed: int, level: float
+) -> tuple[np.ndarray, np.ndarray]:
     """BCa interval of ``sum num / sum den`` over units (``num``, ``den`` ``[n, ...]``)."""
     n = num.shape[0]
     w = unit_weights(g, n_boot, seed)
@@ -103,8 +105,9 @@ def mib_faithfulness(
     idcol = prompt_id_column(df)
     rows = []
     for key, g in df.sort_values([*by, "seed", "prompt_idx"], kind="stable").groupby(by, sort=True):
-        design = detect_design(g["seed"].to_numpy(), g["prompt_idx"].to_numpy(),
-                               g[idcol].to_numpy() if idcol else None, idcol)
+        design = detect_design(
+            g["seed"].to_numpy(), g["prompt_idx"].to_numpy(), g[idcol].to_numpy() if idcol else None, idcol
+        )
         m = np.column_stack([values_of(g, "m_clean"), values_of(g, "m_null"), values_of(g, num_col)])
         u = unit_matrix(m, design)  # [n_units, 3]
         num, den = u[:, 2] - u[:, 1], u[:, 0] - u[:, 1]
@@ -112,11 +115,20 @@ def mib_faithfulness(
             value = float(num.sum() / den.sum())
             ratios = np.where(den != 0, num / den, np.nan)
         lo, hi = _ratio_ci(num, den, design.unit_groups(), n_boot, seed, level) if num.size > 1 else (np.nan, np.nan)
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), **design.info(),
-                     which: value, "ci_low": float(lo), "ci_high": float(hi), "mean_clean_gap": float(den.mean()),
-                     "mean_of_ratios": float(np.nanmean(ratios)) if np.isfinite(ratios).any() else np.nan,
-                     "median_of_ratios": float(np.nanmedian(ratios)) if np.isfinite(ratios).any() else np.nan,
-                     "n_small_gap": int((np.abs(den) < min_gap).sum()), "n_undefined": int((den == 0).sum())})
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                **design.info(),
+                which: value,
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+                "mean_clean_gap": float(den.mean()),
+                "mean_of_ratios": float(np.nanmean(ratios)) if np.isfinite(ratios).any() else np.nan,
+                "median_of_ratios": float(np.nanmedian(ratios)) if np.isfinite(ratios).any() else np.nan,
+                "n_small_gap": int((np.abs(den) < min_gap).sum()),
+                "n_undefined": int((den == 0).sum()),
+            }
+        )
     out = pd.DataFrame(rows)
     out.attrs.update(which=which, min_gap=min_gap, level=level, n_boot=n_boot, seed=seed)
     return out
@@ -155,18 +167,25 @@ def mib_cpr_cmd(
     for method in methods:
         dm = d[d["method"] == method]
         if dm.empty:
-            raise BudgetError(f"method {method!r} has no fraction-ladder rows; methods with them: "
-                              f"{sorted(d['method'].unique())}")
+            raise BudgetError(
+                f"method {method!r} has no fraction-ladder rows; methods with them: {sorted(d['method'].unique())}"
+            )
         fracs = np.sort(dm["k"].astype(float).unique())
         if not np.isclose(fracs[-1], 1.0):
-            raise BudgetError(f"method {method!r}: the fraction ladder stops at {fracs[-1]:g}; CPR/CMD need it to "
-                              "reach 1.0 (add 1.0 to --k-frac) rather than an assumed end point")
+            raise BudgetError(
+                f"method {method!r}: the fraction ladder stops at {fracs[-1]:g}; CPR/CMD need it to "
+                "reach 1.0 (add 1.0 to --k-frac) rather than an assumed end point"
+            )
         wide = dm.pivot_table(index=["seed", "prompt_idx"], columns="k", values="m_circuit", aggfunc="first")
         if wide.isna().any().any():
             raise BudgetError(f"method {method!r}: its fractions do not all cover the same (seed, prompt) rows")
         base = dm.drop_duplicates(["seed", "prompt_idx"]).set_index(["seed", "prompt_idx"]).loc[wide.index]
-        design = detect_design(wide.index.get_level_values(0).to_numpy(), wide.index.get_level_values(1).to_numpy(),
-                               base[idcol].to_numpy() if idcol else None, idcol)
+        design = detect_design(
+            wide.index.get_level_values(0).to_numpy(),
+            wide.index.get_level_values(1).to_numpy(),
+            base[idcol].to_numpy() if idcol else None,
+            idcol,
+        )
         g = design.unit_groups()
         clean = unit_matrix(base["m_clean"].to_numpy(dtype=np.float64), design)
         null = unit_matrix(base["m_null"].to_numpy(dtype=np.float64), design)
@@ -188,12 +207,32 @@ def mib_cpr_cmd(
         c_lo, c_hi = bca_interval(cpr, b_cpr, j_cpr, level)
         m_lo, m_hi = bca_interval(cmd, b_cmd, j_cmd, level)
         f_lo, f_hi = _ratio_ci(num, np.repeat(den[:, None], num.shape[1], axis=1), g, n_boot, seed, level)
-        areas.append({"method": method, "cpr": float(cpr), "cpr_ci_low": float(c_lo), "cpr_ci_high": float(c_hi),
-                      "cmd": float(cmd), "cmd_ci_low": float(m_lo), "cmd_ci_high": float(m_hi),
-                      "n_points": int(fracs.size), **design.info(), "n_small_gap": int((np.abs(den) < min_gap).sum())})
+        areas.append(
+            {
+                "method": method,
+                "cpr": float(cpr),
+                "cpr_ci_low": float(c_lo),
+                "cpr_ci_high": float(c_hi),
+                "cmd": float(cmd),
+                "cmd_ci_low": float(m_lo),
+                "cmd_ci_high": float(m_hi),
+                "n_points": int(fracs.size),
+                **design.info(),
+                "n_small_gap": int((np.abs(den) < min_gap).sum()),
+            }
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             f_hat = num.sum(0) / den.sum()
-        curves.append(pd.DataFrame({"method": method, "size_frac": x, "faithfulness": np.r_[0.0, f_hat],
-                                    "ci_low": np.r_[0.0, f_lo], "ci_high": np.r_[0.0, f_hi]}))
+        curves.append(
+            pd.DataFrame(
+                {
+                    "method": method,
+                    "size_frac": x,
+                    "faithfulness": np.r_[0.0, f_hat],
+                    "ci_low": np.r_[0.0, f_lo],
+                    "ci_high": np.r_[0.0, f_hi],
+                }
+            )
+        )
     curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
     return pd.DataFrame(areas), curve

@@ -86,8 +86,14 @@ def paired_unit_stats(d: np.ndarray, design: Design, n_boot: int, seed: int, lev
     n = u.size
     t = mean_t(u, g)
     lo, hi = mean_ci(u, g, n_boot, seed, level)
-    out = {"mean_diff": t.mean, "std_diff": t.sd_units, "se_diff": t.se, "dof": t.dof,
-           "ci_low": float(lo), "ci_high": float(hi)}
+    out = {
+        "mean_diff": t.mean,
+        "std_diff": t.sd_units,
+        "se_diff": t.se,
+        "dof": t.dof,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+    }
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         if n > 1 and t.se > 0:
@@ -115,8 +121,9 @@ def paired_stats(d: np.ndarray, n_boot: int, seed: int, level: float) -> dict[st
     return paired_unit_stats(d, design, n_boot, seed, level)
 
 
-def log_ratio_ci(a: np.ndarray, b: np.ndarray, design: Design, n_boot: int, seed: int, level: float
-                 ) -> tuple[float, float, float]:
+def log_ratio_ci(
+    a: np.ndarray, b: np.ndarray, design: Design, n_boot: int, seed: int, level: float
+) -> tuple[float, float, float]:
     """Ratio of geometric means ``exp(mean_units(log a - log b))`` with its exponentiated BCa interval.
 
     Returns NaNs when a value of either side is <= 0 (the log scale is undefined; nothing is floored).
@@ -243,8 +250,16 @@ def matched_seed_ablation(
             st = paired_unit_stats(d_all[m], one, n_boot, seed, level)
             seed_means.append(st["mean_diff"])
             rows.append(
-                {"k": int(k), "scope": "seed", "seed": int(s), "n": int(m.sum()), **one.info(),
-                 "mean_full": float(pair["b"][m].mean()), "mean_ablated": float(pair["a"][m].mean()), **st}
+                {
+                    "k": int(k),
+                    "scope": "seed",
+                    "seed": int(s),
+                    "n": int(m.sum()),
+                    **one.info(),
+                    "mean_full": float(pair["b"][m].mean()),
+                    "mean_ablated": float(pair["a"][m].mean()),
+                    **st,
+                }
             )
         sm = np.asarray(seed_means)
         st = paired_unit_stats(d_all, design, n_boot, seed, level)
@@ -254,12 +269,19 @@ def matched_seed_ablation(
                 warnings.simplefilter("ignore")
                 p_seed = float(sps.ttest_1samp(sm, 0.0).pvalue)
         rows.append(
-            {"k": int(k), "scope": "pooled", "seed": pd.NA, "n": design.n_prompts, **design.info(),
-             "mean_full": float(unit_matrix(pair["b"].to_numpy(), design).mean()),
-             "mean_ablated": float(unit_matrix(pair["a"].to_numpy(), design).mean()), **st,
-             "seed_mean_diff": float(sm.mean()),
-             "seed_std_diff": float(sm.std(ddof=1)) if sm.size > 1 else np.nan,
-             "p_seed_t": p_seed}
+            {
+                "k": int(k),
+                "scope": "pooled",
+                "seed": pd.NA,
+                "n": design.n_prompts,
+                **design.info(),
+                "mean_full": float(unit_matrix(pair["b"].to_numpy(), design).mean()),
+                "mean_ablated": float(unit_matrix(pair["a"].to_numpy(), design).mean()),
+                **st,
+                "seed_mean_diff": float(sm.mean()),
+                "seed_std_diff": float(sm.std(ddof=1)) if sm.size > 1 else np.nan,
+                "p_seed_t": p_seed,
+            }
         )
     out = pd.DataFrame(rows)
     out["seed"] = out["seed"].astype("Int64")

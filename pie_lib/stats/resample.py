@@ -56,8 +56,19 @@ def one_way_components(u: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
     n0 = (big_n - (n_s**2).sum() / big_n) / max(df_b, 1)
     with np.errstate(invalid="ignore"):
         var_b = np.maximum(0.0, (msb - np.nan_to_num(msw)) / n0)
-    return {"grand": grand, "msb": msb, "msw": msw, "n0": n0, "var_between": var_b, "var_within": msw,
-            "sum_w2": float(((n_s / big_n) ** 2).sum()), "df_b": df_b, "df_w": df_w, "means": means, "n_s": n_s}
+    return {
+        "grand": grand,
+        "msb": msb,
+        "msw": msw,
+        "n0": n0,
+        "var_between": var_b,
+        "var_within": msw,
+        "sum_w2": float(((n_s / big_n) ** 2).sum()),
+        "df_b": df_b,
+        "df_w": df_w,
+        "means": means,
+        "n_s": n_s,
+    }
 
 
 @dataclass(frozen=True)
@@ -148,8 +159,9 @@ def jackknife_means(u: np.ndarray) -> np.ndarray:
     return (u.sum(axis=0) - u) / (n - 1)
 
 
-def bca_interval(theta_hat: np.ndarray, boot: np.ndarray, jack: np.ndarray, level: float = 0.95
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def bca_interval(
+    theta_hat: np.ndarray, boot: np.ndarray, jack: np.ndarray, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
     """Bias-corrected and accelerated bootstrap interval (Efron & Tibshirani 1993, §14.3).
 
     Args:

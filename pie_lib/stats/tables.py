@@ -89,20 +89,49 @@ def effective_budget_table(
             own = dict(own_change=np.nan, own_change_ci_low=np.nan, own_change_ci_high=np.nan, own_ratio=np.nan)
             if k_ref != k_cmp and set(df.loc[df["method"] == base, "k"].tolist()) >= {k_ref, k_cmp}:
                 o = paired_test(df, (base, k_cmp), (base, k_ref), value, seeds, n_boot, seed, level)
-                own = dict(own_change=o.mean_diff, own_change_ci_low=o.ci_low, own_change_ci_high=o.ci_high,
-                           own_ratio=o.gm_ratio)
+                own = dict(
+                    own_change=o.mean_diff,
+                    own_change_ci_low=o.ci_low,
+                    own_change_ci_high=o.ci_high,
+                    own_ratio=o.gm_ratio,
+                )
             cmp.append(
-                {"cmp_mean": t.mean_b, "mean_diff": t.mean_diff, "diff_ci_low": p.ci_low, "diff_ci_high": p.ci_high,
-                 "margin": t.margin, "tost_delta": t.delta, "tost_p": t.p_value, "equivalent": t.equivalent,
-                 "equivalence_bound": t.equivalence_bound, "gm_ratio": t.gm_ratio, "ratio_ci_low": t.ratio_ci_low,
-                 "ratio_ci_high": t.ratio_ci_high, "ratio_margin": t.ratio_margin, "ratio_p": t.ratio_p_value,
-                 "ratio_equivalent": t.ratio_equivalent, "ratio_bound": t.ratio_bound, **own,
-                 "paired_p_t": p.p_t, "paired_p_wilcoxon": p.p_wilcoxon}
+                {
+                    "cmp_mean": t.mean_b,
+                    "mean_diff": t.mean_diff,
+                    "diff_ci_low": p.ci_low,
+                    "diff_ci_high": p.ci_high,
+                    "margin": t.margin,
+                    "tost_delta": t.delta,
+                    "tost_p": t.p_value,
+                    "equivalent": t.equivalent,
+                    "equivalence_bound": t.equivalence_bound,
+                    "gm_ratio": t.gm_ratio,
+                    "ratio_ci_low": t.ratio_ci_low,
+                    "ratio_ci_high": t.ratio_ci_high,
+                    "ratio_margin": t.ratio_margin,
+                    "ratio_p": t.ratio_p_value,
+                    "ratio_equivalent": t.ratio_equivalent,
+                    "ratio_bound": t.ratio_bound,
+                    **own,
+                    "paired_p_t": p.p_t,
+                    "paired_p_wilcoxon": p.p_wilcoxon,
+                }
             )
         out = pd.concat([out, pd.DataFrame(cmp, index=out.index)], axis=1)
-    out.attrs.update(reference=reference, k_ref=k_ref, k_cmp=k_cmp, value=value, margin=margin,
-                     relative=relative, alpha=alpha, level=level, n_boot=n_boot, seed=seed,
-                     ratio_margin=ratio_margin)
+    out.attrs.update(
+        reference=reference,
+        k_ref=k_ref,
+        k_cmp=k_cmp,
+        value=value,
+        margin=margin,
+        relative=relative,
+        alpha=alpha,
+        level=level,
+        n_boot=n_boot,
+        seed=seed,
+        ratio_margin=ratio_margin,
+    )
     return out
 
 
@@ -143,7 +172,8 @@ def format_effective_budget_table(table: pd.DataFrame, digits: int = 1) -> pd.Da
         mean = _k(r["k_eff_mean"], kmin, kmax, digits)
         row = {
             "Baseline": r["baseline"],
-            "K_eff (seeds)": mean if np.isnan(r["k_eff_std"]) or not np.isfinite(r["k_eff_mean"])
+            "K_eff (seeds)": mean
+            if np.isnan(r["k_eff_std"]) or not np.isfinite(r["k_eff_mean"])
             else f"{mean} ± {r['k_eff_std']:.{digits}f}",
             f"K_eff pooled [{lvl} CI]": f"{_k(r['k_eff'], kmin, kmax, digits)} "
             f"[{_k(r['k_eff_ci_low'], kmin, kmax, digits)}, {_k(r['k_eff_ci_high'], kmin, kmax, digits)}]",
@@ -155,20 +185,26 @@ def format_effective_budget_table(table: pd.DataFrame, digits: int = 1) -> pd.Da
         if k_cmp is not None and "tost_p" in table.columns:
             g = lambda x: "–" if np.isnan(x) else f"{x:.3g}"  # noqa: E731
             pc = lambda x: "–" if np.isnan(x) else f"{100 * (x - 1):+.1f}%"  # noqa: E731
-            row[f"Ref@{k_ref} − base@{k_cmp} [{lvl} CI]"] = (f"{g(r['mean_diff'])} [{g(r['diff_ci_low'])}, "
-                                                          f"{g(r['diff_ci_high'])}]")
+            row[f"Ref@{k_ref} − base@{k_cmp} [{lvl} CI]"] = (
+                f"{g(r['mean_diff'])} [{g(r['diff_ci_low'])}, {g(r['diff_ci_high'])}]"
+            )
             margin_txt = f"±{g(r['tost_delta'])}" + (" (rel.)" if a.get("relative") else "")
             row["TOST margin / bound"] = f"{margin_txt} / {g(r['equivalence_bound'])}"
             row["TOST p"] = _p(r["tost_p"])
             row["Equivalent"] = "yes" if r["equivalent"] else "no"
             rm = r.get("ratio_margin", np.nan)
-            row[f"GM ratio [{100 * (1 - 2 * a.get('alpha', 0.05)):.0f}% CI]"] = f"{pc(r['gm_ratio'])} [{pc(r['ratio_ci_low'])}, {pc(r['ratio_ci_high'])}]"
-            row["Ratio margin / bound"] = (f"±{100 * rm:g}%" if not np.isnan(rm) else "–") + \
-                (f" / {100 * r['ratio_bound']:.1f}%" if not np.isnan(r["ratio_bound"]) else " / –")
-            row["Ratio equiv."] = "–" if np.isnan(rm) or np.isnan(r["gm_ratio"]) else \
-                ("yes" if r["ratio_equivalent"] else "no")
-            row[f"Own change @{k_ref}→@{k_cmp}"] = "–" if np.isnan(r["own_change"]) else \
-                f"{g(r['own_change'])} ({pc(r['own_ratio'])})"
+            row[f"GM ratio [{100 * (1 - 2 * a.get('alpha', 0.05)):.0f}% CI]"] = (
+                f"{pc(r['gm_ratio'])} [{pc(r['ratio_ci_low'])}, {pc(r['ratio_ci_high'])}]"
+            )
+            row["Ratio margin / bound"] = (f"±{100 * rm:g}%" if not np.isnan(rm) else "–") + (
+                f" / {100 * r['ratio_bound']:.1f}%" if not np.isnan(r["ratio_bound"]) else " / –"
+            )
+            row["Ratio equiv."] = (
+                "–" if np.isnan(rm) or np.isnan(r["gm_ratio"]) else ("yes" if r["ratio_equivalent"] else "no")
+            )
+            row[f"Own change @{k_ref}→@{k_cmp}"] = (
+                "–" if np.isnan(r["own_change"]) else f"{g(r['own_change'])} ({pc(r['own_ratio'])})"
+            )
             row["Paired p (t / W)"] = f"{_p(r['paired_p_t'])} / {_p(r['paired_p_wilcoxon'])}"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -194,9 +230,24 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".3g", index: bool = False) ->
     return "\n".join([line(esc[0]), "| " + " | ".join("-" * w for w in width) + " |", *map(line, esc[1:])]) + "\n"
 
 
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-          "±": r"$\pm$", "≤": r"$\le$", "≥": r"$\ge$", "<": r"$<$", ">": r"$>$", "–": "--"}
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "≤": r"$\le$",
+    "≥": r"$\ge$",
+    "<": r"$<$",
+    ">": r"$>$",
+    "–": "--",
+}
 
 
 def _tex(s: str) -> str:
@@ -208,8 +259,15 @@ def to_latex(
 ) -> str:
     """A booktabs ``tabular`` of ``df`` (special characters escaped; ± ≤ ≥ < > as math)."""
     head, body = _cells(df, floatfmt, index)
-    lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(map(_tex, head)) + r" \\",
-             r"\midrule", *(" & ".join(map(_tex, row)) + r" \\" for row in body), r"\bottomrule", r"\end{tabular}"]
+    lines = [
+        r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}",
+        r"\toprule",
+        " & ".join(map(_tex, head)) + r" \\",
+        r"\midrule",
+        *(" & ".join(map(_tex, row)) + r" \\" for row in body),
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
     if caption or label:
         inner = [r"\begin{table}[t]", r"\centering", *lines]
         inner += [rf"\caption{{{_tex(caption)}}}"] if caption else []

@@ -78,7 +78,10 @@ def build_arch(arch: str, tokenizer: Any, out: Path, lm_cfg: LMConfig, clt_cfg: 
     doc_eval = heldout_docstring_pairs(tokenizer, N_EVAL_PAIRS, seed=EVAL_SEED).pairs
     probe = {"ioi": ioi_eval[:100], "doc": doc_eval[:100]}
     model, lm_stats = train_lm(
-        arch, tokenizer, lm_cfg, eval_fn=lambda m: {k: task_accuracy(m, tokenizer, v) for k, v in probe.items()}  # type: ignore[arg-type]
+        arch,
+        tokenizer,
+        lm_cfg,
+        eval_fn=lambda m: {k: task_accuracy(m, tokenizer, v) for k, v in probe.items()},  # type: ignore[arg-type]
     )
     model_dir, clt_dir = out / arch / "model", out / arch / "clt"
     model.save_pretrained(str(model_dir))
@@ -155,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=TOY_ROOT, help=f"assets folder (default {TOY_ROOT})")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS))
     p.add_argument(
-        "--threads", type=int, default=2,
+        "--threads",
+        type=int,
+        default=2,
         help="torch threads (results are bitwise identical for 1 or 2; on a busy shared machine 1 is often faster)",
     )
     _add_config_flags(p, LMConfig, "lm")
@@ -178,12 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     tokenizer = build_tokenizer(vocabulary_texts())
     for arch in archs:
-        print(f"== {arch}: training LM ({lm_cfg.steps or DEFAULT_STEPS[arch]} steps) and CLT ({clt_cfg.steps} steps)", flush=True)
+        print(
+            f"== {arch}: training LM ({lm_cfg.steps or DEFAULT_STEPS[arch]} steps) and CLT ({clt_cfg.steps} steps)",
+            flush=True,
+        )
         summary["archs"][arch] = build_arch(arch, tokenizer, out, lm_cfg, clt_cfg)
     summary["total_bytes"] = sum(folder_bytes(out / a) for a in ARCHS if (out / a).exists())
     summary["last_build"] = {
-        "archs": archs, "wall_seconds": round(time.time() - t0, 1), "threads": ns.threads,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "archs": archs,
+        "wall_seconds": round(time.time() - t0, 1),
+        "threads": ns.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
     fd, tmp = tempfile.mkstemp(prefix=SUMMARY_FILE + ".", dir=out)
     with os.fdopen(fd, "w") as fh:
@@ -191,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.replace(tmp, summary_path)
     summary_path.chmod(0o644)
 
-    print(f"\n{'arch':6s} {'IOI':>6s} {'DocStr':>6s}  {'FVU per layer':28s} {'L0 per layer':28s} {'active/pair':>11s} {'MB':>5s}")
+    print(
+        f"\n{'arch':6s} {'IOI':>6s} {'DocStr':>6s}  {'FVU per layer':28s} {'L0 per layer':28s} {'active/pair':>11s} {'MB':>5s}"
+    )
     for arch in archs:
         r = summary["archs"][arch]
         print(
@@ -199,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{' '.join(f'{v:.3f}' for v in r['fvu']):28s} {' '.join(f'{v:.1f}' for v in r['l0']):28s} "
             f"{r['ioi_active_occurrences_mean']:11.1f} {(r['model_bytes'] + r['clt_bytes']) / 1e6:5.2f}"
         )
-    print(f"total assets {summary['total_bytes'] / 1e6:.2f} MB; wall time {time.time() - t0:.0f}s; wrote {summary_path}")
+    print(
+        f"total assets {summary['total_bytes'] / 1e6:.2f} MB; wall time {time.time() - t0:.0f}s; wrote {summary_path}"
+    )
     return 0
 
 

@@ -37,7 +37,18 @@ from pie_lib.data.tasks import (
 )
 
 ADJECTIVES: tuple[str, ...] = (
-    "red", "big", "small", "old", "new", "quiet", "busy", "warm", "cold", "bright", "dark", "happy",
+    "red",
+    "big",
+    "small",
+    "old",
+    "new",
+    "quiet",
+    "busy",
+    "warm",
+    "cold",
+    "bright",
+    "dark",
+    "happy",
 )
 FILLER_TEMPLATES: tuple[str, ...] = (
     "{N} likes the {adj} {obj}.",
@@ -101,8 +112,15 @@ def _filler(rng: random.Random) -> str:
     n, m = rng.sample(NAMES, 2)
     arg, arg2 = rng.sample(ARGS, 2)
     return t.format(
-        N=n, M=m, adj=rng.choice(ADJECTIVES), adj2=rng.choice(ADJECTIVES), obj=rng.choice(OBJECTS),
-        place=rng.choice(PLACES), fn=rng.choice(FUNCTION_NAMES), arg=arg, arg2=arg2,
+        N=n,
+        M=m,
+        adj=rng.choice(ADJECTIVES),
+        adj2=rng.choice(ADJECTIVES),
+        obj=rng.choice(OBJECTS),
+        place=rng.choice(PLACES),
+        fn=rng.choice(FUNCTION_NAMES),
+        arg=arg,
+        arg2=arg2,
     )
 
 
@@ -161,9 +179,17 @@ def heldout_docstring_pairs(tokenizer: Any, n: int, seed: int = 0) -> TaskPairs:
 def vocabulary_texts() -> list[str]:
     """Texts that between them contain every word the toy world can emit (for the vocabulary)."""
     words = [
-        *NAMES, *PLACES, *OBJECTS, *ARGS, *FUNCTION_NAMES, *DESCRIPTION_WORDS, *ADJECTIVES,
+        *NAMES,
+        *PLACES,
+        *OBJECTS,
+        *ARGS,
+        *FUNCTION_NAMES,
+        *DESCRIPTION_WORDS,
+        *ADJECTIVES,
     ]
-    fill = dict(A="", B="", C="", N="", M="", PLACE="", OBJECT="", adj="", adj2="", obj="", place="", fn="", arg="", arg2="")
+    fill = dict(
+        A="", B="", C="", N="", M="", PLACE="", OBJECT="", adj="", adj2="", obj="", place="", fn="", arg="", arg2=""
+    )
     skeletons = [t.format(**fill) for t in (*IOI_TEMPLATES, *FILLER_TEMPLATES)]
     a, b = ARGS[:2]
     code = [

@@ -35,7 +35,11 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     )
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, tidies punctuation
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, unk_token=UNK, pad_token=PAD, padding_side="right",
+        tokenizer_object=tok,
+        bos_token=BOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        padding_side="right",
         model_max_length=256,
     )
 

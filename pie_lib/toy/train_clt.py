@@ -220,8 +220,13 @@ def _export(clt: TrainableCLT, s_in: torch.Tensor, s_out: torch.Tensor) -> dict[
 def save_trained_clt(folder: str | Path, weights: dict[str, Any], model_name: str) -> Path:
     """Write the trained CLT in circuit-tracer format (thresholds stored => JumpReLU)."""
     return save_clt(
-        folder, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
-        threshold=weights["threshold"], model_name=model_name,
+        folder,
+        weights["W_enc"],
+        weights["b_enc"],
+        weights["W_dec"],
+        weights["b_dec"],
+        threshold=weights["threshold"],
+        model_name=model_name,
     )
 
 

@@ -53,16 +53,30 @@ def make_model(arch: Arch, vocab_size: int, cfg: LMConfig, tokenizer: Any) -> Pr
     ids = dict(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     if arch == "llama":
         conf = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-            max_position_embeddings=cfg.max_positions, tie_word_embeddings=True, **ids,
+            vocab_size=vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_mlp,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=cfg.max_positions,
+            tie_word_embeddings=True,
+            **ids,
         )
         return LlamaForCausalLM(conf)
     if arch == "gpt2":
         conf = GPT2Config(
-            vocab_size=vocab_size, n_positions=cfg.max_positions, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-            n_head=cfg.n_heads, n_inner=cfg.gpt2_d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            tie_word_embeddings=True, **ids,
+            vocab_size=vocab_size,
+            n_positions=cfg.max_positions,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.gpt2_d_mlp,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            **ids,
         )
         return GPT2LMHeadModel(conf)
     raise ValueError(f"unknown toy arch {arch!r}; valid archs are llama, gpt2")
@@ -99,7 +113,8 @@ def train_lm(
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
     )
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5%
@@ -132,7 +147,11 @@ def train_lm(
                 model.train()
             print(f"  [{arch} lm] step {step + 1}/{steps} loss {ema:.3f}{extra} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
-    return model, {"train_steps": steps, "final_loss": round(float(ema or 0.0), 4), "seconds": round(time.time() - t0, 1)}
+    return model, {
+        "train_steps": steps,
+        "final_loss": round(float(ema or 0.0), 4),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def _length_bucketed_batches(tokenizer: Any, cfg: LMConfig, steps: int) -> list[tuple[list[str], list[str]]]:
@@ -172,7 +191,9 @@ def target_token_id(tokenizer: Any, target: str) -> int:
 
 
 @torch.no_grad()
-def last_token_logits(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+def last_token_logits(
+    model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], batch_size: int = 128
+) -> torch.Tensor:
     """Logits ``[N, V]`` at each prompt's last real token (prompts get ``<bos>``, right padding)."""
     out = []
     for i in range(0, len(texts), batch_size):

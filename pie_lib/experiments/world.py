@@ -25,9 +25,13 @@ def world_card(model: Any, clt: Any) -> pd.DataFrame:
     except Exception:  # remote / meta models
         n_params = "n/a"
     rows = [
-        ("model", model.name), ("architecture", model.arch.name),
-        ("layers", model.n_layers), ("d_model", model.d_model), ("vocabulary", len(model.tokenizer)),
-        ("parameters", n_params), ("CLT features per layer", clt.n_features),
+        ("model", model.name),
+        ("architecture", model.arch.name),
+        ("layers", model.n_layers),
+        ("d_model", model.d_model),
+        ("vocabulary", len(model.tokenizer)),
+        ("parameters", n_params),
+        ("CLT features per layer", clt.n_features),
         ("CLT features (total)", clt.n_features * clt.n_layers),
         ("CLT activation", "JumpReLU" if clt.threshold is not None else getattr(clt.config, "activation", "relu")),
         ("CLT writes to", "every later layer (cross-layer)" if clt.n_out(0) > 1 else "its own layer"),
@@ -49,8 +53,9 @@ def task_pairs(model: Any, task: str, n: int, seed: int, heldout: bool = True) -
 
 
 @torch.no_grad()
-def task_accuracy(model: Any, task: str, n: int = 500, seed: int = 1234, heldout: bool = True,
-                  batch_size: int = 128) -> dict[str, Any]:
+def task_accuracy(
+    model: Any, task: str, n: int = 500, seed: int = 1234, heldout: bool = True, batch_size: int = 128
+) -> dict[str, Any]:
     """Accuracy of ``model`` on ``n`` pairs of ``task`` (clean prompts, last-token logits).
 
     Returns:
@@ -73,12 +78,18 @@ def task_accuracy(model: Any, task: str, n: int = 500, seed: int = 1234, heldout
         beats += int((lc > lw).sum())
         diff += float((lc - lw).sum())
         total += b.size
-    return {"task": task, "n": total, "top1": top1 / max(total, 1), "beats_wrong": beats / max(total, 1),
-            "logit_diff": diff / max(total, 1)}
+    return {
+        "task": task,
+        "n": total,
+        "top1": top1 / max(total, 1),
+        "beats_wrong": beats / max(total, 1),
+        "logit_diff": diff / max(total, 1),
+    }
 
 
-def accuracy_table(model: Any, tasks: Sequence[str] = ("ioi", "docstring"), n: int = 500, seed: int = 1234,
-                   heldout: bool = True) -> pd.DataFrame:
+def accuracy_table(
+    model: Any, tasks: Sequence[str] = ("ioi", "docstring"), n: int = 500, seed: int = 1234, heldout: bool = True
+) -> pd.DataFrame:
     """:func:`task_accuracy` for each task, one row each."""
     return pd.DataFrame([task_accuracy(model, t, n, seed, heldout) for t in tasks])
 
@@ -105,8 +116,16 @@ def clt_quality(model: Any, clt: Any, texts: Sequence[str], batch_size: int = 32
     side = tok.padding_side
     tok.padding_side = "right"  # padding after the text: causal attention leaves real tokens untouched
     try:
-        encs = [tok(list(texts[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_tokens) for i in range(0, len(texts), batch_size)]
+        encs = [
+            tok(
+                list(texts[i : i + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_tokens,
+            )
+            for i in range(0, len(texts), batch_size)
+        ]
     finally:
         tok.padding_side = side
     for enc in encs:
@@ -124,8 +143,9 @@ def clt_quality(model: Any, clt: Any, texts: Sequence[str], batch_size: int = 32
     acts = c.encode(x.to(c.W_enc.dtype))
     recon = c.decode(acts)
     f, l0 = fvu(recon.float(), y), mean_l0(acts)
-    return pd.DataFrame({"layer": range(c.n_layers), "fvu": f.double().numpy(), "l0": l0.double().numpy(),
-                         "n_tokens": x.shape[1]})
+    return pd.DataFrame(
+        {"layer": range(c.n_layers), "fvu": f.double().numpy(), "l0": l0.double().numpy(), "n_tokens": x.shape[1]}
+    )
 
 
 def compare_with_summary(summary: dict | None, accuracy: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
@@ -138,16 +158,19 @@ def compare_with_summary(summary: dict | None, accuracy: pd.DataFrame, quality: 
     s = summary or {}
     acc = accuracy.set_index("task")
     rows = []
-    for task, key, name in (("ioi", "ioi_acc", "IOI accuracy (top-1)"), ("docstring", "docstring_acc",
-                                                                             "Doc-String accuracy (top-1)")):
+    for task, key, name in (
+        ("ioi", "ioi_acc", "IOI accuracy (top-1)"),
+        ("docstring", "docstring_acc", "Doc-String accuracy (top-1)"),
+    ):
         if task in acc.index:
             rows.append((name, s.get(key, float("nan")), float(acc.loc[task, "top1"])))
     for key, col in (("fvu", "FVU"), ("l0", "L0")):
         built = list(s.get(key, []))
         for layer, v in zip(quality["layer"], quality[key]):
             rows.append((f"{col} layer {layer}", built[layer] if layer < len(built) else float("nan"), float(v)))
-        rows.append((f"{col} mean over layers", sum(built) / len(built) if built else float("nan"),
-                     float(quality[key].mean())))
+        rows.append(
+            (f"{col} mean over layers", sum(built) / len(built) if built else float("nan"), float(quality[key].mean()))
+        )
     return pd.DataFrame(rows, columns=["quantity", "build", "recomputed"])
 
 
@@ -155,10 +178,27 @@ def quality_long(summary: dict | None, quality: pd.DataFrame) -> pd.DataFrame:
     """``layer, fvu, l0, source`` rows of the build summary ("build") and ``quality`` ("recomputed")."""
     parts = [quality[["layer", "fvu", "l0"]].assign(source="recomputed")]
     if summary and summary.get("fvu"):
-        parts.insert(0, pd.DataFrame({"layer": range(len(summary["fvu"])), "fvu": summary["fvu"],
-                                      "l0": summary.get("l0", [float("nan")] * len(summary["fvu"])), "source": "build"}))
+        parts.insert(
+            0,
+            pd.DataFrame(
+                {
+                    "layer": range(len(summary["fvu"])),
+                    "fvu": summary["fvu"],
+                    "l0": summary.get("l0", [float("nan")] * len(summary["fvu"])),
+                    "source": "build",
+                }
+            ),
+        )
     return pd.concat(parts, ignore_index=True)
 
 
-__all__ = ["accuracy_table", "clt_quality", "compare_with_summary", "heldout_corpus", "quality_long", "task_accuracy",
-           "task_pairs", "world_card"]
+__all__ = [
+    "accuracy_table",
+    "clt_quality",
+    "compare_with_summary",
+    "heldout_corpus",
+    "quality_long",
+    "task_accuracy",
+    "task_pairs",
+    "world_card",
+]

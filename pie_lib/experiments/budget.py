@@ -11,7 +11,7 @@ One call per (K_ref, K_cmp) comparison writes, from the sweep rows only:
 
 ``<sfx>`` is empty for the paper's K=50 vs 75 and ``_k<ref>_<cmp>`` otherwise (e.g. the toy
 world's unsaturated analog K=8 vs 12); figure names get the model suffix of
-:func:`pie_lib.report.runs.fig_name`.
+:func:`pie_lib.experiments.runs.fig_name`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from pie_lib.experiments.runs import fig_name, slug
 from pie_lib.report import plots, tables
-from pie_lib.report.runs import fig_name, slug
 
 
 def suffix(k_ref: int, k_cmp: int) -> str:
-    """"" for the paper's comparison (50 vs 75), "_k<ref>_<cmp>" for any other."""
+    """ "" for the paper's comparison (50 vs 75), "_k<ref>_<cmp>" for any other."""
     return "" if (int(k_ref), int(k_cmp)) == (50, 75) else f"_k{int(k_ref)}_{int(k_cmp)}"
 
 
@@ -60,18 +60,38 @@ def effective_budget_report(
     tab_dir = Path(figures) / "tables"
     pair = [b for b in ("fap", "clt-relp") if b in baselines] or list(baselines)[:1]
     line, line_data = tables.effective_budget_means(d, reference, k_ref, k_cmp, pair, model=slug(model))
-    tables.write_table(line, fig_name(f"effective_budget_means{sfx}", model), tab_dir, data=line_data,
-                       caption=f"Effective budget: {tables.label(reference)} at K={k_ref} vs baselines at K={k_cmp} "
-                               "(mean ± std of last-token KL over seeds and prompts)")
-    eb = effective_budget_table(d, reference, k_ref, k_cmp, list(baselines), margin=margin, relative=relative,
-                                n_boot=n_boot, seed=seed)
+    tables.write_table(
+        line,
+        fig_name(f"effective_budget_means{sfx}", model),
+        tab_dir,
+        data=line_data,
+        caption=f"Effective budget: {tables.label(reference)} at K={k_ref} vs baselines at K={k_cmp} "
+        "(mean ± std of last-token KL over seeds and prompts)",
+    )
+    eb = effective_budget_table(
+        d, reference, k_ref, k_cmp, list(baselines), margin=margin, relative=relative, n_boot=n_boot, seed=seed
+    )
     eb_fmt = format_effective_budget_table(eb)
     kind = f"±{100 * margin:g}% of the baseline's mean" if relative else f"±{margin:g}"
-    tables.write_table(eb_fmt, fig_name(f"effective_budget{sfx}", model), tab_dir, data=eb,
-                       caption=f"Effective budget of {tables.label(reference)} at K={k_ref}: K_eff with 95% CI, "
-                               f"budget saving, TOST at K={k_cmp} (margin {kind})")
-    plots.plot_effective_budget(d, figures, fig_name(f"effective_budget{sfx}", model), reference, k_ref, k_cmp,
-                                [b for b in baselines if b != "random"] or list(baselines), eb_table=eb, n_boot=n_boot)
+    tables.write_table(
+        eb_fmt,
+        fig_name(f"effective_budget{sfx}", model),
+        tab_dir,
+        data=eb,
+        caption=f"Effective budget of {tables.label(reference)} at K={k_ref}: K_eff with 95% CI, "
+        f"budget saving, TOST at K={k_cmp} (margin {kind})",
+    )
+    plots.plot_effective_budget(
+        d,
+        figures,
+        fig_name(f"effective_budget{sfx}", model),
+        reference,
+        k_ref,
+        k_cmp,
+        [b for b in baselines if b != "random"] or list(baselines),
+        eb_table=eb,
+        n_boot=n_boot,
+    )
     return {"line": line, "line_data": line_data, "table": eb_fmt, "table_data": eb}
 
 

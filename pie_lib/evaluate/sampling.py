@@ -15,8 +15,13 @@ import numpy as np
 FADE_PERCENTILES: tuple[int, ...] = (0, 50, 75, 95, 100)
 
 
-def fade_sample(acts: np.ndarray, n_samples: int = 500, top_fraction: float = 0.1,
-                percentiles: tuple[int, ...] = FADE_PERCENTILES, rng: np.random.Generator | None = None) -> np.ndarray:
+def fade_sample(
+    acts: np.ndarray,
+    n_samples: int = 500,
+    top_fraction: float = 0.1,
+    percentiles: tuple[int, ...] = FADE_PERCENTILES,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Indices of the natural samples to rate under FADE's sampling.
 
     Args:
@@ -33,7 +38,7 @@ def fade_sample(acts: np.ndarray, n_samples: int = 500, top_fraction: float = 0.
     per_bin = int(n_samples * (1 - top_fraction) // n_bins)
     chosen = []
     for lo, hi in zip(percentiles[:-1], percentiles[1:]):
-        members = order[int(lo / 100 * n): int(hi / 100 * n)]
+        members = order[int(lo / 100 * n) : int(hi / 100 * n)]
         chosen.append(members if len(members) <= per_bin else rng.choice(members, per_bin, replace=False))
     picked = np.unique(np.concatenate(chosen))
     # fill up to n_samples from the top of the ranking (skipping what is already chosen)
@@ -42,7 +47,9 @@ def fade_sample(acts: np.ndarray, n_samples: int = 500, top_fraction: float = 0.
     return np.unique(np.concatenate([picked, top]))
 
 
-def pie_sample(acts: np.ndarray, n_top: int = 10, n_random: int = 10, rng: np.random.Generator | None = None) -> np.ndarray:
+def pie_sample(
+    acts: np.ndarray, n_top: int = 10, n_random: int = 10, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Indices of the ``n_top`` most active contexts (by |activation|) plus ``n_random`` others."""
     rng = rng or np.random.default_rng(0)
     order = np.argsort(-np.abs(acts), kind="mergesort")

@@ -38,28 +38,58 @@ import torch
 from tqdm.auto import tqdm
 
 from pie_lib.errors import DataFormatError, LLMRequestError
-from pie_lib.fade.judges import ConceptGenerator, Rater
-from pie_lib.fade.metrics import clarity as clarity_score
-from pie_lib.fade.metrics import faithfulness_score, responsiveness_purity
-from pie_lib.fade.sampling import FADE_PERCENTILES, fade_sample, pie_sample
-from pie_lib.fade.steering import steered_generate
+from pie_lib.evaluate.judges import ConceptGenerator, Rater
+from pie_lib.evaluate.metrics import clarity as clarity_score
+from pie_lib.evaluate.metrics import faithfulness_score, responsiveness_purity
+from pie_lib.evaluate.sampling import FADE_PERCENTILES, fade_sample, pie_sample
+from pie_lib.evaluate.steering import steered_generate
+from pie_lib.interpret.chat import make_chat
 from pie_lib.interpret.corpus import CorpusConfig, make_contexts
 from pie_lib.interpret.examples import (
-    ActivationStore, FeatureKey, encode_features, features_by_layer, pad_batch, pad_id_of, write_json_atomic,
+    ActivationStore,
+    FeatureKey,
+    encode_features,
+    features_by_layer,
+    pad_batch,
+    pad_id_of,
+    write_json_atomic,
     write_parquet_atomic,
 )
 from pie_lib.interpret.pipeline import _check_same_config, collect_rows, resolve_world
-from pie_lib.llm import LLMConfig, Usage, make_chat
+from pie_lib.llm import LLMConfig, Usage
 
-log = logging.getLogger("pie_lib.fade")
+log = logging.getLogger("pie_lib.evaluate")
 
 ProtocolName = Literal["fade", "pie"]
 
 FADE_COLUMNS = [
-    "layer", "feature", "description", "clarity", "responsiveness", "purity", "faithfulness", "faithfulness_status",
-    "n_rated", "n_rated_0", "n_rated_1", "n_rated_2", "n_unrated", "n_generated", "n_natural", "parse_failures",
-    "calls", "prompt_tokens", "completion_tokens", "cache_hits", "protocol", "backend", "llm_model", "max_act",
-    "status", "error", "p2_by_factor",
+    "layer",
+    "feature",
+    "description",
+    "clarity",
+    "responsiveness",
+    "purity",
+    "faithfulness",
+    "faithfulness_status",
+    "n_rated",
+    "n_rated_0",
+    "n_rated_1",
+    "n_rated_2",
+    "n_unrated",
+    "n_generated",
+    "n_natural",
+    "parse_failures",
+    "calls",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_hits",
+    "protocol",
+    "backend",
+    "llm_model",
+    "max_act",
+    "status",
+    "error",
+    "p2_by_factor",
 ]
 
 
@@ -110,9 +140,19 @@ class ProtocolConfig:
         if name == "pie":
             return cls()
         if name == "fade":
-            return cls(name="fade", sampling="stratified", n_samples=500, top_fraction=0.1, n_generation_calls=15,
-                       n_per_generation=10, n_generated=None, n_steer_prompts=50, steer_prompt_tokens=16, gen_tokens=30,
-                       faithfulness_gate=0.5)
+            return cls(
+                name="fade",
+                sampling="stratified",
+                n_samples=500,
+                top_fraction=0.1,
+                n_generation_calls=15,
+                n_per_generation=10,
+                n_generated=None,
+                n_steer_prompts=50,
+                steer_prompt_tokens=16,
+                gen_tokens=30,
+                faithfulness_gate=0.5,
+            )
         raise DataFormatError(f"unknown protocol {name!r}; use 'pie' or 'fade'")
 
 
@@ -134,8 +174,9 @@ class _FeatureState:
 
 
 # --------------------------------------------------------------------------- activations of texts
-def text_activations(model: Any, clt: Any, token_lists: Sequence[Sequence[int]], keys: Sequence[FeatureKey],
-                     batch_size: int = 32) -> np.ndarray:
+def text_activations(
+    model: Any, clt: Any, token_lists: Sequence[Sequence[int]], keys: Sequence[FeatureKey], batch_size: int = 32
+) -> np.ndarray:
     """Activation of feature ``keys[i]`` on text ``token_lists[i]``: the value at its token of
     largest |activation|, BOS excluded.
 
@@ -228,14 +269,18 @@ def evaluate(
     llm_cfg = llm_cfg.resolved()
     chat = make_chat(llm_cfg)
     generator = ConceptGenerator(chat, temperature=pc.generate_temperature)
-    rater = Rater(chat, temperature=pc.rate_temperature, batch_size=pc.rating_batch_size,
-                  max_failed_retries=pc.max_failed_retries)
+    rater = Rater(
+        chat, temperature=pc.rate_temperature, batch_size=pc.rating_batch_size, max_failed_retries=pc.max_failed_retries
+    )
 
     if remote is None:
         remote = run_cfg.get("remote", False)
-    lm, tc, _ = resolve_world(model if model is not None else run_cfg.get("model"),
-                              clt if clt is not None else run_cfg.get("clt"),
-                              device or (run_cfg.get("device") if model is None else None), remote)
+    lm, tc, _ = resolve_world(
+        model if model is not None else run_cfg.get("model"),
+        clt if clt is not None else run_cfg.get("clt"),
+        device or (run_cfg.get("device") if model is None else None),
+        remote,
+    )
 
     if max_features is not None:
         table = table.head(max_features)
@@ -247,8 +292,12 @@ def evaluate(
         p = rows_dir / f"L{l}_F{f}.json"
         if p.exists():
             r = json.loads(p.read_text())
-            if r["status"] != "request_failed" and r["description"] == desc and r["backend"] == chat.kind \
-                    and r["llm_model"] == chat.model:
+            if (
+                r["status"] != "request_failed"
+                and r["description"] == desc
+                and r["backend"] == chat.kind
+                and r["llm_model"] == chat.model
+            ):
                 continue
         desc = None if desc is None or (isinstance(desc, float) and math.isnan(desc)) else str(desc)
         states.append(_FeatureState(l, f, desc, float(stats.loc[(l, f), "max_act"])))
@@ -264,7 +313,9 @@ def evaluate(
             natural[(s.layer, s.feature)] = store.dense_acts(s.layer, s.feature)
         live = [s for s in chunk if s.description is not None and s.max_act != 0]
         # --- LLM: concept texts and natural-sample ratings (one thread per feature)
-        _parallel(workers, lambda s: _judge_natural(s, store, natural[(s.layer, s.feature)], pc, generator, rater), live)
+        _parallel(
+            workers, lambda s: _judge_natural(s, store, natural[(s.layer, s.feature)], pc, generator, rater), live
+        )
         live = [s for s in live if s.error is None]
         # --- model: clarity activations of the generated texts, all features of the chunk at once
         _score_activation_metrics(lm, tc, live, natural, pc)
@@ -296,8 +347,14 @@ def _parallel(workers: int, fn: Callable[[Any], None], items: list) -> None:
             fn(it)
 
 
-def _judge_natural(s: _FeatureState, store: ActivationStore, acts: np.ndarray, pc: ProtocolConfig,
-                   generator: ConceptGenerator, rater: Rater) -> None:
+def _judge_natural(
+    s: _FeatureState,
+    store: ActivationStore,
+    acts: np.ndarray,
+    pc: ProtocolConfig,
+    generator: ConceptGenerator,
+    rater: Rater,
+) -> None:
     """Generator texts and ratings of the sampled natural contexts for one feature."""
     rng = np.random.default_rng([pc.seed, s.layer, s.feature])
     if pc.sampling == "stratified":
@@ -321,7 +378,9 @@ def _tokens(model: Any, texts: list[str], ctx_len: int) -> list[list[int]]:
     return [c.token_ids for c in ctxs]
 
 
-def _score_activation_metrics(model: Any, clt: Any, states: list[_FeatureState], natural: dict, pc: ProtocolConfig) -> None:
+def _score_activation_metrics(
+    model: Any, clt: Any, states: list[_FeatureState], natural: dict, pc: ProtocolConfig
+) -> None:
     texts, keys, owner = [], [], []
     for j, s in enumerate(states):
         toks = _tokens(model, s.generated, pc.ctx_len) if s.generated else []
@@ -367,15 +426,27 @@ def _steer_prompts(store: ActivationStore, pc: ProtocolConfig, rng: np.random.Ge
     return torch.tensor([toks[i][:T0] for i in pick], dtype=torch.long)
 
 
-def _faithfulness(model: Any, clt: Any, states: list[_FeatureState], prompts: torch.Tensor, pc: ProtocolConfig,
-                  rater: Rater, workers: int, progress: bool) -> None:
+def _faithfulness(
+    model: Any,
+    clt: Any,
+    states: list[_FeatureState],
+    prompts: torch.Tensor,
+    pc: ProtocolConfig,
+    rater: Rater,
+    workers: int,
+    progress: bool,
+) -> None:
     keys = [(s.layer, s.feature) for s in states]
     scales = [abs(s.max_act) for s in states]
-    gen = steered_generate(model, clt, keys, scales, prompts, pc.factors, pc.gen_tokens, pc.steer_batch_size)  # [U,K,P,G]
+    gen = steered_generate(
+        model, clt, keys, scales, prompts, pc.factors, pc.gen_tokens, pc.steer_batch_size
+    )  # [U,K,P,G]
     tok = model.tokenizer
     U, K, P, _ = gen.shape
-    conts = [[[tok.decode(gen[u, k, p].tolist(), skip_special_tokens=True) for p in range(P)] for k in range(K)]
-             for u in range(U)]
+    conts = [
+        [[tok.decode(gen[u, k, p].tolist(), skip_special_tokens=True) for p in range(P)] for k in range(K)]
+        for u in range(U)
+    ]
 
     def rate_one(j: int) -> None:
         s = states[j]
@@ -410,14 +481,28 @@ def _final_row(s: _FeatureState, pc: ProtocolConfig, chat: Any) -> dict:
         fstatus = "failed: LLM request error" if s.error else "not computed: no rated continuation"
     nan = math.nan
     return {
-        "layer": s.layer, "feature": s.feature, "description": s.description,
-        "clarity": s.row.get("clarity", nan), "responsiveness": s.row.get("responsiveness", nan),
-        "purity": s.row.get("purity", nan), "faithfulness": s.row.get("faithfulness", nan) if s.error is None else nan,
+        "layer": s.layer,
+        "feature": s.feature,
+        "description": s.description,
+        "clarity": s.row.get("clarity", nan),
+        "responsiveness": s.row.get("responsiveness", nan),
+        "purity": s.row.get("purity", nan),
+        "faithfulness": s.row.get("faithfulness", nan) if s.error is None else nan,
         "faithfulness_status": fstatus,
-        "n_rated": int((ratings >= 0).sum()), "n_rated_0": int((ratings == 0).sum()), "n_rated_1": int((ratings == 1).sum()),
-        "n_rated_2": int((ratings == 2).sum()), "n_unrated": int((ratings < 0).sum()),
-        "n_generated": int(s.row.get("n_generated", 0)), "n_natural": int(len(s.natural_idx)) if s.natural_idx is not None else 0,
-        "parse_failures": s.parse_failures, **s.usage.to_dict(), "protocol": pc.name, "backend": chat.kind,
-        "llm_model": chat.model, "max_act": s.max_act, "status": status, "error": s.error,
+        "n_rated": int((ratings >= 0).sum()),
+        "n_rated_0": int((ratings == 0).sum()),
+        "n_rated_1": int((ratings == 1).sum()),
+        "n_rated_2": int((ratings == 2).sum()),
+        "n_unrated": int((ratings < 0).sum()),
+        "n_generated": int(s.row.get("n_generated", 0)),
+        "n_natural": int(len(s.natural_idx)) if s.natural_idx is not None else 0,
+        "parse_failures": s.parse_failures,
+        **s.usage.to_dict(),
+        "protocol": pc.name,
+        "backend": chat.kind,
+        "llm_model": chat.model,
+        "max_act": s.max_act,
+        "status": status,
+        "error": s.error,
         "p2_by_factor": s.row.get("p2_by_factor"),
     }

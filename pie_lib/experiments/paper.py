@@ -1,9 +1,9 @@
 """Regenerate every figure and table of the paper: run the notebooks with papermill.
 
-    python -m pie_lib.paper                      # all notebooks, toy world, into the repo
-    python -m pie_lib.paper --only 02_effective_budget
-    python -m pie_lib.paper --tiny --out /tmp/x  # CI smoke settings, everything under /tmp/x
-    python -m pie_lib.paper -p model=meta-llama/Llama-3.2-1B -p clt=mntss/clt-llama-3.2-1b-524k -p device=cuda
+    python -m pie_lib.experiments.paper                      # all notebooks, toy world, into the repo
+    python -m pie_lib.experiments.paper --only 02_effective_budget
+    python -m pie_lib.experiments.paper --tiny --out /tmp/x  # CI smoke settings, everything under /tmp/x
+    python -m pie_lib.experiments.paper -p model=meta-llama/Llama-3.2-1B -p clt=mntss/clt-llama-3.2-1b-524k -p device=cuda
 
 Executed notebooks go to ``notebooks/executed/``, figures (PNG + PDF) to ``figures/``, tables
 (CSV + Markdown + LaTeX) to ``figures/tables/`` and the sweeps to ``runs/paper/`` (resumable: a
@@ -22,10 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # pie_lib/experiments/paper.py -> the repository
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS: tuple[str, ...] = (
-    "00_toy_world", "01_prune", "02_effective_budget", "03_interpret", "04_evaluate", "05_related_methods",
+    "00_toy_world",
+    "01_prune",
+    "02_effective_budget",
+    "03_interpret",
+    "04_evaluate",
+    "05_related_methods",
     "06_sensitivity",
 )
 
@@ -37,15 +42,19 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "02_effective_budget": ("effective_budget", "effective_budget_k8_12", "seed_ablation"),
     "03_interpret": ("interpret_features_per_circuit",),
     "04_evaluate": ("fade_docstring_k50",),
-    "05_related_methods": ("related_kl_vs_k", "related_cpr_cmd_runtime",
-                           "related_faithfulness_curves"),
+    "05_related_methods": ("related_kl_vs_k", "related_cpr_cmd_runtime", "related_faithfulness_curves"),
     "06_sensitivity": ("sensitivity",),
 }
 TABLES: dict[str, tuple[str, ...]] = {
     "00_toy_world": ("toy_world_card", "toy_world"),
     "01_prune": ("kl_table", "kl_table_small", "prune_metrics"),
-    "02_effective_budget": ("effective_budget_means", "effective_budget", "effective_budget_means_k8_12",
-                            "effective_budget_k8_12", "seed_ablation"),
+    "02_effective_budget": (
+        "effective_budget_means",
+        "effective_budget",
+        "effective_budget_means_k8_12",
+        "effective_budget_k8_12",
+        "seed_ablation",
+    ),
     "03_interpret": ("interpret_descriptions", "interpret_cost_saving"),
     "04_evaluate": ("fade_docstring_k50", "paper_vs_ours"),
     "05_related_methods": ("related_kl_table", "related_cpr_cmd"),
@@ -72,7 +81,7 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"pie_lib.paper: -p {item!r}: expected key=value")
+            raise SystemExit(f"pie_lib.experiments.paper: -p {item!r}: expected key=value")
         key, val = item.split("=", 1)
         out[key.strip()] = _value(val.strip())
     return out
@@ -86,7 +95,9 @@ def select(only: Sequence[str] | None) -> list[str]:
     for want in only:
         hits = [n for n in NOTEBOOKS if n == want or n.startswith(want)]
         if not hits:
-            raise SystemExit(f"pie_lib.paper: no notebook named {want!r}; choose from {', '.join(NOTEBOOKS)}")
+            raise SystemExit(
+                f"pie_lib.experiments.paper: no notebook named {want!r}; choose from {', '.join(NOTEBOOKS)}"
+            )
         chosen += [h for h in hits if h not in chosen]
     return [n for n in NOTEBOOKS if n in chosen]
 
@@ -107,8 +118,9 @@ def declared_parameters(path: Path) -> set[str]:
     return set()
 
 
-def run_notebook(name: str, executed: Path, params: dict[str, Any], kernel: str | None = None,
-                 log_output: bool = False) -> float:
+def run_notebook(
+    name: str, executed: Path, params: dict[str, Any], kernel: str | None = None, log_output: bool = False
+) -> float:
     """Execute ``notebooks/<name>.ipynb`` into ``executed/<name>.ipynb``; return seconds.
 
     Only parameters the notebook declares are passed. Raises papermill's execution error.
@@ -120,8 +132,13 @@ def run_notebook(name: str, executed: Path, params: dict[str, Any], kernel: str 
     executed.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pm.execute_notebook(
-        str(src), str(executed / f"{name}.ipynb"), parameters={k: v for k, v in params.items() if k in declared},
-        kernel_name=kernel, cwd=str(REPO), progress_bar=False, log_output=log_output,
+        str(src),
+        str(executed / f"{name}.ipynb"),
+        parameters={k: v for k, v in params.items() if k in declared},
+        kernel_name=kernel,
+        cwd=str(REPO),
+        progress_bar=False,
+        log_output=log_output,
     )
     return time.perf_counter() - t0
 
@@ -131,8 +148,9 @@ def _error_line(exc: BaseException) -> str:
     return f"{ename}: {evalue}".strip().splitlines()[0][:500]
 
 
-def _worker(name: str, executed: str, params: dict[str, Any], kernel: str | None, log_output: bool
-            ) -> tuple[str, float, str | None]:
+def _worker(
+    name: str, executed: str, params: dict[str, Any], kernel: str | None, log_output: bool
+) -> tuple[str, float, str | None]:
     """Run one notebook in a worker process: (name, seconds, None or the one-line error)."""
     t0 = time.perf_counter()
     try:
@@ -150,12 +168,20 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "05_related_methods": ("01_prune",),
 }
 #: Start order when several notebooks are ready: the longest chain (01 -> 05) first.
-PRIORITY: tuple[str, ...] = ("01_prune", "05_related_methods", "06_sensitivity", "03_interpret", "04_evaluate",
-                             "00_toy_world", "02_effective_budget")
+PRIORITY: tuple[str, ...] = (
+    "01_prune",
+    "05_related_methods",
+    "06_sensitivity",
+    "03_interpret",
+    "04_evaluate",
+    "00_toy_world",
+    "02_effective_budget",
+)
 
 
-def schedule(names: Sequence[str], run: Any, jobs: int = 2, keep_going: bool = False,
-             log: Any = print) -> tuple[dict[str, float], dict[str, str]]:
+def schedule(
+    names: Sequence[str], run: Any, jobs: int = 2, keep_going: bool = False, log: Any = print
+) -> tuple[dict[str, float], dict[str, str]]:
     """Run ``names`` with up to ``jobs`` at once, each after its :data:`DEPENDS` among ``names``.
 
     Args:
@@ -198,19 +224,38 @@ def schedule(names: Sequence[str], run: Any, jobs: int = 2, keep_going: bool = F
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pie_lib.paper", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", default=None, metavar="NAME",
-                    help="run only this notebook (name or prefix, e.g. 02); repeatable")
+    ap = argparse.ArgumentParser(
+        prog="python -m pie_lib.experiments.paper",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this notebook (name or prefix, e.g. 02); repeatable",
+    )
     ap.add_argument("--tiny", action="store_true", help="CI smoke settings: few prompts, one seed, two methods")
-    ap.add_argument("--out", default=None, metavar="DIR",
-                    help="put executed notebooks, figures, tables and runs under DIR (default: the repository)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="put executed notebooks, figures, tables and runs under DIR (default: the repository)",
+    )
     ap.add_argument("--fresh", action="store_true", help="delete the sweep folders first (recompute everything)")
-    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra notebook parameter (passed to every notebook that declares it)")
+    ap.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra notebook parameter (passed to every notebook that declares it)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="notebooks run at once, respecting their order (default 2)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per notebook (default 1: same numbers whatever --jobs is)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per notebook (default 1: same numbers whatever --jobs is)"
+    )
     ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     ap.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     ap.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
@@ -237,8 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
             times, failed = schedule(
-                names, lambda n: pool.submit(_worker, n, str(executed), params, a.kernel, a.log_output),
-                jobs=max(1, a.jobs), keep_going=a.keep_going, log=lambda m: print(m, flush=True))
+                names,
+                lambda n: pool.submit(_worker, n, str(executed), params, a.kernel, a.log_output),
+                jobs=max(1, a.jobs),
+                keep_going=a.keep_going,
+                log=lambda m: print(m, flush=True),
+            )
     finally:
         for v, old in saved.items():
             if old is None:

@@ -53,8 +53,9 @@ def source_layers(occ: Occurrences, rows: torch.Tensor | None = None) -> list[in
 
 
 @contextlib.contextmanager
-def reduced_precision(model: LoadedModel, full_precision_layers: Iterable[int], dtype: torch.dtype | None = None
-                      ) -> Iterator[list[int]]:
+def reduced_precision(
+    model: LoadedModel, full_precision_layers: Iterable[int], dtype: torch.dtype | None = None
+) -> Iterator[list[int]]:
     """Run decoder layers outside ``full_precision_layers`` in ``dtype`` inside the block.
 
     Args:
@@ -83,6 +84,7 @@ def reduced_precision(model: LoadedModel, full_precision_layers: Iterable[int], 
                     if b is not None and b.is_floating_point() and b.dtype != dtype:
                         saved.append((sub, name, b, False))
                         sub._buffers[name] = b.to(dtype)
+
             def pre(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 return _cast_tree(args, dtype), _cast_tree(kwargs, dtype)
 
@@ -126,8 +128,9 @@ def pahq_patched_last_logits(
     return logits.float(), (lse.float() if lse is not None else None)
 
 
-def pahq_run(evaluator: Any, variants: Any, full_precision_layers: Iterable[int] | None = None,
-             dtype: torch.dtype | None = None) -> Any:
+def pahq_run(
+    evaluator: Any, variants: Any, full_precision_layers: Iterable[int] | None = None, dtype: torch.dtype | None = None
+) -> Any:
     """:meth:`PatchEvaluator.run <pie_lib.prune.patching.PatchEvaluator.run>` under PAHQ precision.
 
     Args:

@@ -61,7 +61,10 @@ def steered_generate(
     """
     U, K, P = len(features), len(factors), prompt_ids.shape[0]
     V = steering_vectors(clt, features)  # [L, U, D]
-    coef = torch.tensor(list(factors), dtype=torch.float32)[None, :] * torch.tensor(list(scales), dtype=torch.float32)[:, None]
+    coef = (
+        torch.tensor(list(factors), dtype=torch.float32)[None, :]
+        * torch.tensor(list(scales), dtype=torch.float32)[:, None]
+    )
     # rows in (u, k, p) order
     u_idx = torch.arange(U).repeat_interleave(K * P)
     c_row = coef.reshape(-1).repeat_interleave(P)
@@ -71,9 +74,12 @@ def steered_generate(
     chunks = range(0, U * K * P, batch_size)
     for lo in tqdm(chunks, desc="steered generation", disable=not progress, unit="batch"):
         hi = min(lo + batch_size, U * K * P)
-        offs = (V[:, u_idx[lo:hi]].cpu() * c_row[lo:hi, None]).to(device=dev, dtype=dtype)[:, :, None, :]  # [L, b, 1, D]
+        offs = (V[:, u_idx[lo:hi]].cpu() * c_row[lo:hi, None]).to(device=dev, dtype=dtype)[
+            :, :, None, :
+        ]  # [L, b, 1, D]
         ids = prompt_ids[p_idx[lo:hi]].to(dev)
         for step in range(gen_tokens):
+
             def add(layer: int, env: Any) -> None:
                 env.output = env.output + offs[layer]
 
@@ -82,5 +88,5 @@ def steered_generate(
                 nxt = _logits(model)[:, -1].argmax(-1).save()
             nxt = _val(nxt).to(dev)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-        out[lo:hi] = ids[:, prompt_ids.shape[1]:].cpu()
+        out[lo:hi] = ids[:, prompt_ids.shape[1] :].cpu()
     return out.reshape(U, K, P, gen_tokens)

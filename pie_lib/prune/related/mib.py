@@ -46,7 +46,9 @@ def _prepare(df: pd.DataFrame, budgets: tuple[str, ...] | None) -> pd.DataFrame:
     return d
 
 
-def faithfulness_curve(df: pd.DataFrame, budgets: tuple[str, ...] | None = None, by_prompt: bool = False) -> pd.DataFrame:
+def faithfulness_curve(
+    df: pd.DataFrame, budgets: tuple[str, ...] | None = None, by_prompt: bool = False
+) -> pd.DataFrame:
     """Faithfulness at each ladder point.
 
     Args:
@@ -62,13 +64,18 @@ def faithfulness_curve(df: pd.DataFrame, budgets: tuple[str, ...] | None = None,
         cols = ["method", "seed", "prompt_idx", "budget", "k", "size_frac", "faithfulness"]
         return d[cols].sort_values(["method", "seed", "prompt_idx", "size_frac"]).reset_index(drop=True)
     g = d.groupby(["method", "budget", "k"], sort=False)
-    out = g.agg(size_frac=("size_frac", "mean"), faithfulness=("faithfulness", "mean"),
-                faithfulness_std=("faithfulness", "std"), n=("faithfulness", "size")).reset_index()
+    out = g.agg(
+        size_frac=("size_frac", "mean"),
+        faithfulness=("faithfulness", "mean"),
+        faithfulness_std=("faithfulness", "std"),
+        n=("faithfulness", "size"),
+    ).reset_index()
     return out.sort_values(["method", "size_frac", "budget", "k"]).reset_index(drop=True)
 
 
-def curve_areas(x: np.ndarray, f: np.ndarray, anchors: bool = True, f_null: float = 0.0,
-                f_full: float = 1.0) -> tuple[float, float]:
+def curve_areas(
+    x: np.ndarray, f: np.ndarray, anchors: bool = True, f_null: float = 0.0, f_full: float = 1.0
+) -> tuple[float, float]:
     """(CPR, CMD) of one curve: trapezoid areas under f and under |1 - f| over size fractions x.
 
     Points of equal x are averaged; with ``anchors`` the points (0, f_null) and (1, f_full) are
@@ -92,8 +99,14 @@ def curve_areas(x: np.ndarray, f: np.ndarray, anchors: bool = True, f_null: floa
     return cpr, cmd
 
 
-def cpr_cmd(df: pd.DataFrame, level: Level = "prompt", anchors: bool = True, f_null: float = 0.0, f_full: float = 1.0,
-            budgets: tuple[str, ...] | None = None) -> pd.DataFrame:
+def cpr_cmd(
+    df: pd.DataFrame,
+    level: Level = "prompt",
+    anchors: bool = True,
+    f_null: float = 0.0,
+    f_full: float = 1.0,
+    budgets: tuple[str, ...] | None = None,
+) -> pd.DataFrame:
     """CPR (area under faithfulness vs size) and CMD (area under |1 - f|) per method.
 
     Args:
@@ -110,18 +123,42 @@ def cpr_cmd(df: pd.DataFrame, level: Level = "prompt", anchors: bool = True, f_n
     if level == "prompt":
         d = _prepare(df, budgets)
         for method, dm in d.groupby("method", sort=True):
-            areas = [(*curve_areas(c.size_frac.values, c.faithfulness.values, anchors, f_null, f_full),
-                      c.size_frac.nunique()) for _, c in dm.groupby(["seed", "prompt_idx"], sort=True)]
+            areas = [
+                (
+                    *curve_areas(c.size_frac.values, c.faithfulness.values, anchors, f_null, f_full),
+                    c.size_frac.nunique(),
+                )
+                for _, c in dm.groupby(["seed", "prompt_idx"], sort=True)
+            ]
             a = np.array(areas, dtype=float)
-            rows.append(dict(method=method, cpr=a[:, 0].mean(), cpr_std=a[:, 0].std(ddof=1) if len(a) > 1 else np.nan,
-                             cmd=a[:, 1].mean(), cmd_std=a[:, 1].std(ddof=1) if len(a) > 1 else np.nan,
-                             n_curves=len(a), n_points=a[:, 2].mean(), level=level))
+            rows.append(
+                dict(
+                    method=method,
+                    cpr=a[:, 0].mean(),
+                    cpr_std=a[:, 0].std(ddof=1) if len(a) > 1 else np.nan,
+                    cmd=a[:, 1].mean(),
+                    cmd_std=a[:, 1].std(ddof=1) if len(a) > 1 else np.nan,
+                    n_curves=len(a),
+                    n_points=a[:, 2].mean(),
+                    level=level,
+                )
+            )
     else:
         curve = faithfulness_curve(df, budgets)
         for method, c in curve.groupby("method", sort=True):
             cpr, cmd = curve_areas(c.size_frac.values, c.faithfulness.values, anchors, f_null, f_full)
-            rows.append(dict(method=method, cpr=cpr, cpr_std=np.nan, cmd=cmd, cmd_std=np.nan, n_curves=1,
-                             n_points=float(c.size_frac.nunique()), level=level))
+            rows.append(
+                dict(
+                    method=method,
+                    cpr=cpr,
+                    cpr_std=np.nan,
+                    cmd=cmd,
+                    cmd_std=np.nan,
+                    n_curves=1,
+                    n_points=float(c.size_frac.nunique()),
+                    level=level,
+                )
+            )
     cols = ["method", "cpr", "cpr_std", "cmd", "cmd_std", "n_curves", "n_points", "level"]
     return pd.DataFrame(rows, columns=cols)
 

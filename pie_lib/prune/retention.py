@@ -11,8 +11,11 @@ from pie_lib.prune.patching import Variants
 def faithfulness(m_circuit: torch.Tensor, m_null: torch.Tensor, m_clean: torch.Tensor) -> torch.Tensor:
     """``(m(circuit) - m(null)) / (m(clean) - m(null))``; NaN where clean and null coincide."""
     den = m_clean - m_null
-    return torch.where(den.abs() > 1e-8, (m_circuit - m_null) / torch.where(den.abs() > 1e-8, den, torch.ones_like(den)),
-                       torch.full_like(den, float("nan")))
+    return torch.where(
+        den.abs() > 1e-8,
+        (m_circuit - m_null) / torch.where(den.abs() > 1e-8, den, torch.ones_like(den)),
+        torch.full_like(den, float("nan")),
+    )
 
 
 def evaluate_keep_masks(ctx: BatchContext, keeps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -36,8 +39,12 @@ def evaluate_keep_masks(ctx: BatchContext, keeps: torch.Tensor) -> dict[str, tor
     prompts_jb = torch.arange(B).repeat(J)
     circuit = Variants(prompts_jb, var, o_idx, torch.ones(J * B, dtype=torch.bool))
     complement = Variants(prompts_jb, var, o_idx, torch.zeros(J * B, dtype=torch.bool))
-    null = Variants(torch.arange(B), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                    torch.ones(B, dtype=torch.bool))
+    null = Variants(
+        torch.arange(B),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.ones(B, dtype=torch.bool),
+    )
     res = ctx.evaluator.run(Variants.concat([circuit, complement, null]))
     m_clean = ctx.evaluator.clean_metric()
     m_circ = res.metric[: J * B].view(J, B)

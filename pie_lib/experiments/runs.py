@@ -61,7 +61,7 @@ def toy_world_missing(model: str, clt: str) -> str | None:
 
 
 def toy_arch(model: str) -> str | None:
-    """"llama" for "toy", "gpt2" for "toy:gpt2", None for any other model."""
+    """ "llama" for "toy", "gpt2" for "toy:gpt2", None for any other model."""
     if model == "toy":
         return "llama"
     return model.split(":", 1)[1] if model.startswith("toy:") else None
@@ -81,11 +81,13 @@ def toy_summary_or_none(model: str) -> dict | None:
         return None
 
 
-def fade_protocol(name: str = "pie", seed: int = 0, steer_prompts: int | None = None, gen_tokens: int | None = None) -> Any:
-    """The FADE :class:`~pie_lib.fade.ProtocolConfig` ``name`` with a lighter faithfulness
+def fade_protocol(
+    name: str = "pie", seed: int = 0, steer_prompts: int | None = None, gen_tokens: int | None = None
+) -> Any:
+    """The FADE :class:`~pie_lib.evaluate.ProtocolConfig` ``name`` with a lighter faithfulness
     (steering) step when ``steer_prompts`` / ``gen_tokens`` are given -- the step that costs most
     on CPU (every factor x prompt x token is a forward)."""
-    from pie_lib.fade import ProtocolConfig
+    from pie_lib.evaluate import ProtocolConfig
 
     pc = ProtocolConfig.named(name)
     pc.seed = int(seed)
@@ -103,7 +105,9 @@ def interpret_corpus(source: str = "toy", n_docs: int = 2000) -> Any:
     return CorpusConfig(source=source, n_docs=int(n_docs))
 
 
-def load_world(model: str = "toy", clt: str = "toy", device: str | None = None, remote: bool = False) -> tuple[Any, Any]:
+def load_world(
+    model: str = "toy", clt: str = "toy", device: str | None = None, remote: bool = False
+) -> tuple[Any, Any]:
     """Load the model (nnsight) and its CLT once, for every sweep of a notebook.
 
     Raises:
@@ -145,7 +149,7 @@ def prune_config(
     everything else; ``lam`` / ``bp`` override FAP-Synergy's λ and boundary percent; ``chunk``
     only changes speed, never results)."""
     from pie_lib.prune.context import ScoringConfig
-    from pie_lib.prune.methods import MethodParams
+    from pie_lib.prune.params import MethodParams
     from pie_lib.prune.select import SynergyConfig
     from pie_lib.prune.sweep import PruneConfig
 
@@ -155,16 +159,31 @@ def prune_config(
     if bp is not None:
         syn.boundary_percent = float(bp)
     return PruneConfig(
-        model=model, clt=clt, task=task, n=int(n), methods=list(methods), k=[int(x) for x in k],
-        k_frac=[float(x) for x in k_frac], seeds=[int(s) for s in seeds], out=str(out), device=device,
-        remote=bool(remote), batch_size=batch_size, scoring=ScoringConfig(chunk=chunk),
-        params=MethodParams(synergy=syn, extra=dict(extra or {})), progress=False,
+        model=model,
+        clt=clt,
+        task=task,
+        n=int(n),
+        methods=list(methods),
+        k=[int(x) for x in k],
+        k_frac=[float(x) for x in k_frac],
+        seeds=[int(s) for s in seeds],
+        out=str(out),
+        device=device,
+        remote=bool(remote),
+        batch_size=batch_size,
+        scoring=ScoringConfig(chunk=chunk),
+        params=MethodParams(synergy=syn, extra=dict(extra or {})),
+        progress=False,
     )
 
 
 def prune_tasks(
-    tasks: Iterable[str], runs: str | Path, notebook: str, world: tuple[Any, Any] | None = None,
-    seeds_by_task: dict[str, Sequence[int]] | None = None, **params: Any
+    tasks: Iterable[str],
+    runs: str | Path,
+    notebook: str,
+    world: tuple[Any, Any] | None = None,
+    seeds_by_task: dict[str, Sequence[int]] | None = None,
+    **params: Any,
 ) -> pd.DataFrame:
     """Run (or resume) one sweep per task into ``run_dir(runs, notebook, model, task)``; all rows.
 
@@ -215,16 +234,27 @@ def sensitivity_grid(
     for lam in lams:
         for bp in bps:
             methods = ["fap-synergy"] + ([baseline] if baseline and first else [])
-            cfg = prune_config(task=task, methods=methods, out=base / f"lam{lam:g}_bp{bp:g}", lam=lam, bp=bp,
-                               **{k: v for k, v in params.items() if k != "methods"})
+            cfg = prune_config(
+                task=task,
+                methods=methods,
+                out=base / f"lam{lam:g}_bp{bp:g}",
+                lam=lam,
+                bp=bp,
+                **{k: v for k, v in params.items() if k != "methods"},
+            )
             df = run_prune(cfg, model=lm, clt=tc)
             frames.append(df.assign(lam=float(lam), bp=float(bp)))
             first = False
     return pd.concat(frames, ignore_index=True)
 
 
-def select_rows(df: pd.DataFrame, k: Sequence[int] | None = None, k_frac: Sequence[float] | None = None,
-                seeds: Sequence[int] | None = None, methods: Sequence[str] | None = None) -> pd.DataFrame:
+def select_rows(
+    df: pd.DataFrame,
+    k: Sequence[int] | None = None,
+    k_frac: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """The sweep rows on a given ladder (absolute ``k`` and fractional ``k_frac``), seeds and methods
     -- a folder holds every row ever computed in it, a notebook compares methods on one ladder."""
     keep = pd.Series(True, index=df.index)
@@ -277,6 +307,19 @@ def write_selections(records: Iterable[dict], path: str | Path) -> Path:
 
 
 __all__ = [
-    "fade_protocol", "fig_name", "filter_selections", "interpret_corpus", "load_world", "toy_arch", "toy_summary_or_none", "prune_config", "prune_tasks", "run_dir", "select_rows", "sensitivity_grid", "slug",
-    "toy_world_missing", "write_selections",
+    "fade_protocol",
+    "fig_name",
+    "filter_selections",
+    "interpret_corpus",
+    "load_world",
+    "toy_arch",
+    "toy_summary_or_none",
+    "prune_config",
+    "prune_tasks",
+    "run_dir",
+    "select_rows",
+    "sensitivity_grid",
+    "slug",
+    "toy_world_missing",
+    "write_selections",
 ]

@@ -36,7 +36,7 @@ import torch
 from pie_lib.engine.traces import _logits, _val, _walk_layers
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext
-from pie_lib.related.config import MaskConfig
+from pie_lib.prune.related.config import MaskConfig
 
 
 # ----------------------------------------------------------------------------- hard concrete
@@ -283,16 +283,33 @@ def learn_masks(
                 hist["target"].append(float((t * weight).sum()) / n_tr)
                 hist["lambda1"].append(float((lam1 * weight).sum()) / n_tr)
     seconds = time.perf_counter() - t0
-    TIMINGS.append(MaskTiming(
-        method=method, prompt_idx=ctx.batch.prompt_idx.tolist(), k=[] if k is None else [int(x) for x in k],
-        n_units=int(log_alpha.shape[0]), n_train_occ=int(train_idx.numel()), n_fixed_removed=int(fixed.numel()),
-        steps=steps, seconds=seconds, final_kl=hist["kl"][-1] if hist["kl"] else float("nan"),
-        final_density=hist["density"][-1] if hist["density"] else float("nan"),
-    ))
+    TIMINGS.append(
+        MaskTiming(
+            method=method,
+            prompt_idx=ctx.batch.prompt_idx.tolist(),
+            k=[] if k is None else [int(x) for x in k],
+            n_units=int(log_alpha.shape[0]),
+            n_train_occ=int(train_idx.numel()),
+            n_fixed_removed=int(fixed.numel()),
+            steps=steps,
+            seconds=seconds,
+            final_kl=hist["kl"][-1] if hist["kl"] else float("nan"),
+            final_density=hist["density"][-1] if hist["density"] else float("nan"),
+        )
+    )
     return MaskResult(log_alpha.detach().cpu(), hist, seconds)
 
 
 __all__ = [
-    "DeltaWriter", "HardConcrete", "MaskResult", "MaskTiming", "TIMINGS", "clear_mask_timings", "frozen_parameters",
-    "kl_last_token", "learn_masks", "mask_timings", "masked_last_logits",
+    "DeltaWriter",
+    "HardConcrete",
+    "MaskResult",
+    "MaskTiming",
+    "TIMINGS",
+    "clear_mask_timings",
+    "frozen_parameters",
+    "kl_last_token",
+    "learn_masks",
+    "mask_timings",
+    "masked_last_logits",
 ]

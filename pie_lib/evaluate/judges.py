@@ -37,7 +37,9 @@ class Rated(Judged):
 class ConceptGenerator:
     """Asks for texts that express a description (FADE clarity)."""
 
-    def __init__(self, chat: ChatBackend, temperature: float = 0.7, max_tokens: int = 800, parse_retries: int = 1) -> None:
+    def __init__(
+        self, chat: ChatBackend, temperature: float = 0.7, max_tokens: int = 800, parse_retries: int = 1
+    ) -> None:
         self.chat, self.temperature, self.max_tokens, self.parse_retries = chat, temperature, max_tokens, parse_retries
 
     def generate(self, description: str, n_calls: int, n_per_call: int, keep: int | None = None) -> Generated:
@@ -69,8 +71,14 @@ class ConceptGenerator:
 class Rater:
     """Rates texts 0 / 1 / 2 for a description, ``batch_size`` texts per request (FADE)."""
 
-    def __init__(self, chat: ChatBackend, temperature: float = 0.0, max_tokens: int = 400, batch_size: int = 15,
-                 max_failed_retries: int = 1) -> None:
+    def __init__(
+        self,
+        chat: ChatBackend,
+        temperature: float = 0.0,
+        max_tokens: int = 400,
+        batch_size: int = 15,
+        max_failed_retries: int = 1,
+    ) -> None:
         self.chat, self.temperature, self.max_tokens = chat, temperature, max_tokens
         self.batch_size, self.max_failed_retries = batch_size, max_failed_retries
 
@@ -91,8 +99,12 @@ class Rater:
             for b in range(0, len(todo), self.batch_size):
                 ids = todo[b : b + self.batch_size]
                 messages = P.rater_messages(description, [(i, texts[i]) for i in ids])
-                resp = self.chat.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens,
-                                          seed=attempt if attempt else None)
+                resp = self.chat.complete(
+                    messages,
+                    temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                    seed=attempt if attempt else None,
+                )
                 out.usage = out.usage + resp.usage
                 got = P.parse_ratings(resp.text, ids)
                 if got is None or len(got) < len(ids):

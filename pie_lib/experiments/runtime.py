@@ -43,8 +43,9 @@ def time_methods(
     """
     from pie_lib.data.tasks import generate_task
     from pie_lib.prune.context import BatchContext, ScoringConfig
-    from pie_lib.prune.methods import MethodParams, get_methods
     from pie_lib.prune.occurrences import tokenize_pairs
+    from pie_lib.prune.params import MethodParams
+    from pie_lib.prune.registry import get_methods
 
     params = params or MethodParams()
     scoring = scoring or ScoringConfig(chunk=512)
@@ -60,8 +61,16 @@ def time_methods(
             m.select(ctx, torch.full((batch.size,), int(k), dtype=torch.long), seed, params)
             t2 = time.perf_counter()
             best_ctx, best = min(best_ctx, t1 - t0), min(best, t2 - t1)
-        rows.append({"method": m.name, "k": int(k), "n_prompts": int(batch.size), "seconds_context": best_ctx,
-                     "seconds_select": best, "seconds_per_prompt": best / batch.size})
+        rows.append(
+            {
+                "method": m.name,
+                "k": int(k),
+                "n_prompts": int(batch.size),
+                "seconds_context": best_ctx,
+                "seconds_select": best,
+                "seconds_per_prompt": best / batch.size,
+            }
+        )
     return pd.DataFrame(rows)
 
 

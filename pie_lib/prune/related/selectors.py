@@ -1,7 +1,7 @@
 """Related methods as registry entries: Edge Pruning, HAP, MIB ensembles (spec §10).
 
 Registered names (``pie prune --methods ...``) and the ``MethodParams.extra`` keys they read
-(see :mod:`pie_lib.related.config`):
+(see :mod:`pie_lib.prune.related.config`):
 
 ==========================  ========================================================  ============
 name                        what                                                      extra keys
@@ -30,11 +30,13 @@ import torch
 
 from pie_lib.errors import BudgetError
 from pie_lib.prune.context import BatchContext
-from pie_lib.prune.methods import METHODS, MethodParams, fap, register_method
+from pie_lib.prune.methods import fap
+from pie_lib.prune.params import MethodParams
+from pie_lib.prune.registry import METHODS, register_method
+from pie_lib.prune.related.config import EnsembleConfig, HapConfig, MaskConfig, config_from_extra
+from pie_lib.prune.related.masks import MaskResult, learn_masks
+from pie_lib.prune.related.ranking import normalised_rank, topk_lex
 from pie_lib.prune.select import Budget, budget_per_prompt, topk_global
-from pie_lib.related.config import EnsembleConfig, HapConfig, MaskConfig, config_from_extra
-from pie_lib.related.masks import MaskResult, learn_masks
-from pie_lib.related.ranking import normalised_rank, topk_lex
 
 Selection = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,11 +59,13 @@ def _shifted(ctx: BatchContext, log_alpha: torch.Tensor) -> torch.Tensor:
     return (log_alpha - lo[prompt]).float()
 
 
-def _learn_per_prompt(ctx: BatchContext, kv: torch.Tensor, init: torch.Tensor, cfg: MaskConfig, seed: int,
-                      method: str) -> MaskResult:
+def _learn_per_prompt(
+    ctx: BatchContext, kv: torch.Tensor, init: torch.Tensor, cfg: MaskConfig, seed: int, method: str
+) -> MaskResult:
     N = len(ctx.occ)
-    return learn_masks(ctx, torch.arange(N), torch.arange(N), init, _final_density(ctx, kv), cfg, seed,
-                       method=method, k=kv)
+    return learn_masks(
+        ctx, torch.arange(N), torch.arange(N), init, _final_density(ctx, kv), cfg, seed, method=method, k=kv
+    )
 
 
 # ----------------------------------------------------------------------------- Edge Pruning
@@ -111,8 +115,17 @@ def edge_pruning_shared(ctx: BatchContext, k: Budget, seed: int, params: MethodP
     occ = ctx.occ
     kv = budget_per_prompt(k, occ.n_prompts)
     units, unit_of = shared_units(ctx, cfg.share)
-    res = learn_masks(ctx, torch.arange(len(occ)), unit_of, _init(units.numel(), cfg, seed), _final_density(ctx, kv),
-                      cfg, seed, method="edge-pruning-shared", k=kv)
+    res = learn_masks(
+        ctx,
+        torch.arange(len(occ)),
+        unit_of,
+        _init(units.numel(), cfg, seed),
+        _final_density(ctx, kv),
+        cfg,
+        seed,
+        method="edge-pruning-shared",
+        k=kv,
+    )
     la = res.log_alpha[unit_of] if len(occ) else torch.zeros(0)
     delta = ctx.evaluator.delta.abs().cpu().float()
     return topk_lex(occ, [la, delta], kv), _shifted(ctx, la)
@@ -138,15 +151,28 @@ def hap(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> Select
     cfg = config_from_extra(MaskConfig, params.extra)
     hcfg = config_from_extra(HapConfig, params.extra)
     if hcfg.steps is not None or hcfg.warmup is not None:
-        cfg = dataclasses.replace(cfg, steps=cfg.steps if hcfg.steps is None else hcfg.steps,
-                                  warmup=cfg.warmup if hcfg.warmup is None else hcfg.warmup)
+        cfg = dataclasses.replace(
+            cfg,
+            steps=cfg.steps if hcfg.steps is None else hcfg.steps,
+            warmup=cfg.warmup if hcfg.warmup is None else hcfg.warmup,
+        )
     occ = ctx.occ
     kv = budget_per_prompt(k, occ.n_prompts)
     in_pool, m = hap_pool(ctx, kv, hcfg)
     pool = in_pool.nonzero().squeeze(-1)
     out = (~in_pool).nonzero().squeeze(-1)
-    res = learn_masks(ctx, pool, torch.arange(pool.numel()), _init(pool.numel(), cfg, seed), _final_density(ctx, kv, m),
-                      cfg, seed, fixed_removed=out, method="hap", k=kv)
+    res = learn_masks(
+        ctx,
+        pool,
+        torch.arange(pool.numel()),
+        _init(pool.numel(), cfg, seed),
+        _final_density(ctx, kv, m),
+        cfg,
+        seed,
+        fixed_removed=out,
+        method="hap",
+        k=kv,
+    )
     la = torch.zeros(len(occ))
     la[pool] = res.log_alpha
     keep = topk_lex(occ, [in_pool.float(), la, fap(ctx).abs()], kv)
@@ -160,7 +186,9 @@ def hap(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> Select
 ENSEMBLE_NAMES = ("ensemble-mean", "ensemble-min", "ensemble-max", "ensemble-seq")
 
 
-def member_ranks(ctx: BatchContext, members: tuple[str, ...], k: Budget, seed: int, params: MethodParams) -> torch.Tensor:
+def member_ranks(
+    ctx: BatchContext, members: tuple[str, ...], k: Budget, seed: int, params: MethodParams
+) -> torch.Tensor:
     """``[M, N]`` normalised rank in [0, 1] (1 = best within its prompt) of each member method.
 
     A member's ranking puts its own K-selection first, then |score| order, so a member whose
@@ -228,13 +256,27 @@ def ensemble_seq(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) 
 
 
 RELATED_METHODS = (
-    "edge-pruning", "edge-pruning-shared", "hap", "ensemble-mean", "ensemble-min", "ensemble-max", "ensemble-seq",
+    "edge-pruning",
+    "edge-pruning-shared",
+    "hap",
+    "ensemble-mean",
+    "ensemble-min",
+    "ensemble-max",
+    "ensemble-seq",
 )
 
-register_method("edge-pruning", edge_pruning, True,
-                "Edge Pruning on CLT occurrences: learned hard-concrete masks per prompt (seeded)")
-register_method("edge-pruning-shared", edge_pruning_shared, True,
-                "Edge Pruning with one mask per (layer, position-from-end, feature) shared by a batch's prompts (seeded)")
+register_method(
+    "edge-pruning",
+    edge_pruning,
+    True,
+    "Edge Pruning on CLT occurrences: learned hard-concrete masks per prompt (seeded)",
+)
+register_method(
+    "edge-pruning-shared",
+    edge_pruning_shared,
+    True,
+    "Edge Pruning with one mask per (layer, position-from-end, feature) shared by a batch's prompts (seeded)",
+)
 register_method("hap", hap, True, "HAP: |FAP| prescreen to max(mult*K, min_pool), masks learned over the pool (seeded)")
 register_method("ensemble-mean", parallel_ensemble("mean"), True, "MIB parallel ensemble: mean of normalised ranks")
 register_method("ensemble-min", parallel_ensemble("min"), True, "MIB parallel ensemble: min of normalised ranks")
@@ -242,6 +284,15 @@ register_method("ensemble-max", parallel_ensemble("max"), True, "MIB parallel en
 register_method("ensemble-seq", ensemble_seq, True, "MIB sequential ensemble: FAP-rank warm start + mask learning")
 
 __all__ = [
-    "ENSEMBLE_NAMES", "RELATED_METHODS", "edge_pruning", "edge_pruning_shared", "ensemble_combine", "ensemble_seq", "hap",
-    "hap_pool", "member_ranks", "parallel_ensemble", "shared_units",
+    "ENSEMBLE_NAMES",
+    "RELATED_METHODS",
+    "edge_pruning",
+    "edge_pruning_shared",
+    "ensemble_combine",
+    "ensemble_seq",
+    "hap",
+    "hap_pool",
+    "member_ranks",
+    "parallel_ensemble",
+    "shared_units",
 ]

@@ -1,0 +1,104 @@
+"""The ``pie`` command: ``pie prune``, ``pie interpret``, ``pie evaluate``, ``pie toy``.
+
+Bad input ends in a non-zero exit with one line naming the problem and the fix (``PieError``);
+``--traceback`` shows the full stack for debugging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from pie_lib.cli.evaluate import add_evaluate_parser
+from pie_lib.cli.interpret import add_interpret_parser
+from pie_lib.cli.methods import add_methods_parser
+from pie_lib.cli.prune import add_prune_parser, quiet_progress
+from pie_lib.cli.toy import add_toy_parser
+from pie_lib.errors import PieError
+
+#: One ``add_*_parser(subparsers)`` per command module, in ``pie --help`` order.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (
+    add_prune_parser,
+    add_interpret_parser,
+    add_evaluate_parser,
+    add_methods_parser,
+    add_toy_parser,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``pie prune: error: ... (see pie prune --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pie", description="PIE: Prune, Interpret, Evaluate on CLT features")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    if getattr(args, "no_progress", False):
+        quiet_progress()
+    try:
+        return int(func(args) or 0)
+    except PieError as exc:
+        if args.traceback:
+            raise
+        print(f"pie {args.command}: error: {_NEWLINES.sub(' ', str(exc).strip())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # missing / unreadable / not-a-folder paths, disk full ...
+        if args.traceback:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"pie {args.command}: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"pie {args.command}: interrupted; finished rows are saved, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as exc:  # never a bare traceback: one line, the stack on request
+        if args.traceback:
+            raise
+        from pie_lib.prune.patching import is_out_of_memory
+
+        if is_out_of_memory(exc):
+            print(
+                f"pie {args.command}: error: out of memory ({_one_line(exc)}); lower --batch-size, use "
+                "--dtype bfloat16, a larger device, or --remote",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            f"pie {args.command}: internal error: {_one_line(exc)} (rerun with --traceback for the full stack)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+_NEWLINES = re.compile(r"\s*\n\s*")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""``pie interpret``: describe the features of pruned circuits (stage II).
+
+The handler returns an exit code: 0 done, 1 done except for features whose LLM requests failed
+(rerun to finish them); a ``PieError`` propagates to :func:`pie_lib.cli.app.main` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pie_lib.cli.args import add_llm_flags, add_world_flags, llm_config
+from pie_lib.errors import PieError
+
+
+def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``pie interpret``: describe the features of the selected circuits."""
+    p = subparsers.add_parser(
+        "interpret",
+        help="describe the features of pruned circuits (stage II)",
+        description="Union of kept (layer, feature) pairs of the selections -> activation examples over a corpus -> "
+        "one description per feature (descriptions.parquet). Resumable: rerun to finish.",
+    )
+    p.add_argument("--selections", default=None, help="selections.jsonl written by `pie prune`")
+    p.add_argument("--features", default=None, help="explicit features instead: 'layer:feature,layer:feature'")
+    p.add_argument("--method", default=None, help="only selections of this method (e.g. fap-synergy)")
+    p.add_argument("--k", type=int, default=None, help="only selections with this budget K")
+    add_world_flags(p, "default: the toy world, llama")
+    g = p.add_argument_group("corpus and examples")
+    g.add_argument(
+        "--corpus", default="toy", help="toy (default), a .txt (one doc per line) / .jsonl file, or a HF dataset name"
+    )
+    g.add_argument("--n-docs", type=int, default=2000, help="documents read from the corpus (default 2000)")
+    g.add_argument("--ctx-len", type=int, default=64, help="tokens per context (default 64)")
+    g.add_argument("--text-field", default="text", help="text field of .jsonl / HF rows (default text)")
+    g.add_argument("--split", default="train", help="HF dataset split (default train)")
+    g.add_argument("--hf-config", default=None, help="HF dataset config name")
+    g.add_argument("--batch-size", type=int, default=32, help="contexts per forward (default 32)")
+    g.add_argument("--n-top", type=int, default=40, help="top examples kept per feature (default 40)")
+    g.add_argument("--max-examples", type=int, default=40, help="examples in the explainer prompt (default 40)")
+    g.add_argument("--max-features", type=int, default=None, help="explain only the first N features (smoke runs)")
+    add_llm_flags(p)
+    p.add_argument("--out", default="pie_out/interpret", help="output folder (default pie_out/interpret)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_interpret)
+    return p
+
+
+def _parse_features(spec: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(",") if item.strip())]
+    except ValueError:
+        raise PieError(f"--features {spec!r}: expected 'layer:feature,layer:feature'") from None
+
+
+def run_interpret(args: argparse.Namespace) -> int:
+    """Handler of ``pie interpret``."""
+    from pie_lib.interpret.pipeline import InterpretConfig, interpret
+
+    # PieErrors propagate to pie_lib.cli.main, which prints "pie interpret: error: ..." and exits 2
+    cfg = InterpretConfig(max_features=args.max_features)
+    cfg.corpus.source, cfg.corpus.n_docs, cfg.corpus.ctx_len = args.corpus, args.n_docs, args.ctx_len
+    cfg.corpus.text_field, cfg.corpus.split, cfg.corpus.hf_config = args.text_field, args.split, args.hf_config
+    cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
+    cfg.explain.max_examples = args.max_examples
+    if args.selections is None and args.features is None:
+        raise PieError("pie interpret needs --selections (from `pie prune`) or --features")
+    table = interpret(
+        args.selections,
+        features=_parse_features(args.features) if args.features else None,
+        method=args.method,
+        k=args.k,
+        model=args.model,
+        clt=args.clt,
+        device=args.device,
+        remote=bool(args.remote),
+        corpus=None,
+        llm=llm_config(args),
+        out=args.out,
+        config=cfg,
+        progress=not args.no_progress,
+    )
+    counts = table["status"].value_counts().to_dict()
+    print(
+        f"{len(table)} features -> {args.out}/descriptions.parquet; status {counts}; "
+        f"{int(table['calls'].sum())} calls, {int(table['prompt_tokens'].sum())} + "
+        f"{int(table['completion_tokens'].sum())} tokens"
+    )
+    return 1 if counts.get("request_failed", 0) else 0
