@@ -2,7 +2,9 @@
 
 A kill can interrupt an append mid-line; readers drop an incomplete *last* line (it was never
 acknowledged as finished) and the next append first truncates it away. Whole files (parquet,
-json) are written to a temp file and renamed into place, so they are either old or new, never half.
+json, text, JSONL rewrites) are written to a temp file and renamed into place, so they are either
+old or new, never half: :func:`write_atomic` is the one place that does this, every other writer
+(here and in the rest of pie_lib) goes through it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -63,8 +65,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def write_atomic(path: str | os.PathLike, writer) -> Path:
-    """Call ``writer(tmp_path)`` then rename the temp file onto ``path``."""
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
+    """Call ``writer(tmp_path)`` then rename the temp file onto ``path`` (parents are created).
+
+    The temp file is ``.<name>.<random>`` next to ``path`` (same file system, so the rename is
+    atomic); it is removed if ``writer`` fails, and :func:`remove_stale_temps` clears one a kill left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
@@ -96,8 +102,21 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda p: df.to_parquet(p, index=False))
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    return write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_jsonable)))
+def write_json(
+    obj: Any, path: str | os.PathLike, indent: int | None = 2, default: Callable[[Any], Any] | None = None
+) -> Path:
+    """``obj`` as JSON (tensors and arrays as numbers/lists, paths as strings unless ``default`` is given)."""
+    return write_text(path, json.dumps(obj, indent=indent, default=default or _jsonable))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` (UTF-8) to ``path``, atomically."""
+    return write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], ensure_ascii: bool = True) -> Path:
+    """Rewrite ``path`` with one JSON object per line, atomically (appends: :func:`append_jsonl`)."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows))
 
 
 def _jsonable(o: Any) -> Any:

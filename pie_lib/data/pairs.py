@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pie_lib.errors import DataFormatError
+from pie_lib.store import write_jsonl
 
 REQUIRED_KEYS = ("text_clean", "text_corr", "io_clean", "s_clean")
 
@@ -86,11 +86,4 @@ def _read_lines(path: Path, limit: int | None, pairs: list[Pair]) -> None:
 
 def save_pairs(pairs: list[Pair], path: str | os.PathLike) -> Path:
     """Write pairs as JSONL, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for p in pairs:
-            fh.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_jsonl(path, [p.to_json() for p in pairs], ensure_ascii=False)

@@ -52,11 +52,10 @@ from pie_lib.interpret.examples import (
     features_by_layer,
     pad_batch,
     pad_id_of,
-    write_json_atomic,
-    write_parquet_atomic,
 )
 from pie_lib.interpret.pipeline import _check_same_config, collect_rows, resolve_world
 from pie_lib.llm import LLMConfig, Usage
+from pie_lib.store import write_json, write_parquet
 
 log = logging.getLogger("pie_lib.evaluate")
 
@@ -325,7 +324,7 @@ def evaluate(
             _faithfulness(lm, tc, steer, steer_prompts, pc, rater, workers, progress)
         for s in chunk:
             row = _final_row(s, pc, chat)
-            write_json_atomic(row, rows_dir / f"L{s.layer}_F{s.feature}.json")
+            write_json(row, rows_dir / f"L{s.layer}_F{s.feature}.json", indent=1, default=str)
             natural.pop((s.layer, s.feature), None)  # [N] per feature: keep only the chunk's in memory
         bar.update(len(chunk))
     bar.close()
@@ -334,7 +333,7 @@ def evaluate(
         log.warning("%d of %d features hit LLM request failures; rerun to retry them", n_failed, len(states))
     res = collect_rows(rows_dir, keys)
     res = res[FADE_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)
-    write_parquet_atomic(res, out / f"fade_{pc.name}.parquet")
+    write_parquet(res, out / f"fade_{pc.name}.parquet")
     return res
 
 

@@ -295,15 +295,10 @@ def filter_selections(
 
 
 def write_selections(records: Iterable[dict], path: str | Path) -> Path:
-    """Write selection records as JSONL (the input format of ``pie interpret``)."""
-    import json
+    """Write selection records as JSONL (the input format of ``pie interpret``), atomically."""
+    from pie_lib.store import write_jsonl
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return path
+    return write_jsonl(path, records)
 
 
 __all__ = [

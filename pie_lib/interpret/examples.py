@@ -23,20 +23,18 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from pie_lib.errors import ConfigMismatchError, DataFormatError
 from pie_lib.interpret.corpus import CorpusConfig, iter_documents, make_contexts
+from pie_lib.store import write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -167,23 +165,6 @@ def sparse_activations(
 
 
 # --------------------------------------------------------------------------- files
-def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` via a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def _round_id(features: Sequence[FeatureKey]) -> str:
     return hashlib.sha256(json.dumps(sorted(map(list, features))).encode()).hexdigest()[:12]
 
@@ -289,9 +270,9 @@ class ActivationStore:
             if not docs:
                 raise DataFormatError(f"corpus {corpus.source!r} yielded no documents")
             ctxs = make_contexts(model.tokenizer, docs, corpus)
-            write_parquet_atomic(pd.DataFrame([asdict(c) for c in ctxs]), ctx_path)
+            write_parquet(pd.DataFrame([asdict(c) for c in ctxs]), ctx_path)
             manifest["n_contexts"] = len(ctxs)
-        write_json_atomic(manifest, mpath)
+        write_json(manifest, mpath, indent=1, default=str)
         store = cls(root)
         store._extend(model, clt, [(int(l), int(f)) for l, f in features], cfg, progress)
         return store
@@ -312,8 +293,11 @@ class ActivationStore:
         if missing:
             rid = _round_id(missing)
             rdir = self.root / "rounds" / rid
-            write_json_atomic(
-                {"features": [list(f) for f in missing], "batch_size": cfg.batch_size}, rdir / "features.json"
+            write_json(
+                {"features": [list(f) for f in missing], "batch_size": cfg.batch_size},
+                rdir / "features.json",
+                indent=1,
+                default=str,
             )
             rounds = self._rounds()
         contexts = self.contexts
@@ -333,7 +317,7 @@ class ActivationStore:
                 lo = b * bs
                 df = sparse_activations(model, clt, tokens[lo : lo + bs], by_layer, pad)
                 df["ctx"] = contexts["ctx_id"].to_numpy()[lo + df.pop("row").to_numpy()]
-                write_parquet_atomic(df[["layer", "feature", "ctx", "pos", "act"]], r["dir"] / f"part-{b:06d}.parquet")
+                write_parquet(df[["layer", "feature", "ctx", "pos", "act"]], r["dir"] / f"part-{b:06d}.parquet")
         self._records = self._ctx_table = self._ct_groups = self._rec_groups = None
 
     # ---------------------------------------------------------------- reading

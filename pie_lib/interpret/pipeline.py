@@ -26,11 +26,10 @@ from pie_lib.interpret.examples import (
     ActivationStore,
     ExampleConfig,
     FeatureKey,
-    write_json_atomic,
-    write_parquet_atomic,
 )
 from pie_lib.interpret.explainers import ExplainConfig, Explanation, make_explainer
 from pie_lib.llm import LLMConfig
+from pie_lib.store import write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -209,7 +208,7 @@ def _check_same_config(path: Path, settings: dict) -> None:
                 "pass a fresh --out folder (or delete that one) to use the new settings"
             )
     else:
-        write_json_atomic(settings, path)
+        write_json(settings, path, indent=1, default=str)
 
 
 # --------------------------------------------------------------------------- main entry
@@ -280,8 +279,8 @@ def interpret(
         )
     # nothing is written before the inputs have been checked
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(feats, out / "features.parquet")
-    write_json_atomic(
+    write_parquet(feats, out / "features.parquet")
+    write_json(
         {
             **identity,
             "device": str(lm.device),
@@ -297,11 +296,13 @@ def interpret(
             "llm": llm_cfg.public(),
         },
         out / "interpret_config.json",
+        indent=1,
+        default=str,
     )
 
     store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
     examples = store.select_examples(keys, cfg.examples)
-    write_parquet_atomic(examples, out / "examples" / "examples.parquet")
+    write_parquet(examples, out / "examples" / "examples.parquet")
     stats_df = store.feature_stats(keys)
     stats = stats_df.set_index(["layer", "feature"])
 
@@ -334,7 +335,7 @@ def interpret(
         )
         e = explainer.explain(fx)
         row = _row(e, stats_rows[key], n_circ[key], explainer.backend, explainer.model)
-        write_json_atomic(row, _row_path(rows_dir, *key))
+        write_json(row, _row_path(rows_dir, *key), indent=1, default=str)
         return row
 
     n_failed = 0
@@ -356,5 +357,5 @@ def interpret(
 
     table = collect_rows(rows_dir, keys)
     table = table[DESCRIPTION_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)
-    write_parquet_atomic(table, out / "descriptions.parquet")
+    write_parquet(table, out / "descriptions.parquet")
     return table

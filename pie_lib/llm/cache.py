@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pie_lib.llm.base import ChatBackend, ChatResponse, Message
+from pie_lib.store import write_text
 
 
 def cache_key(model: str, messages: list[Message], params: dict[str, Any]) -> str:
@@ -41,12 +41,7 @@ class DiskCache:
             return None  # a corrupt entry is treated as a miss and overwritten
 
     def put(self, key: str, record: dict) -> None:
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, ensure_ascii=False)
-        os.replace(tmp, p)
+        write_text(self.path(key), json.dumps(record, ensure_ascii=False))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("*/*.json")) if self.folder.exists() else 0

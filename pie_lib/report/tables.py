@@ -275,7 +275,7 @@ def fade_by_method(
     """FADE scores of the features each method keeps at budget ``k`` (each distinct feature once).
 
     Args:
-        fade: per-feature rows of :func:`pie_lib.fade.evaluate` (``layer, feature, clarity,
+        fade: per-feature rows of :func:`pie_lib.evaluate.evaluate` (``layer, feature, clarity,
             responsiveness, purity, faithfulness``). selections: records of ``load_selections``.
         k: the budget. methods: order and subset (default: all in the selections).
         seeds, prompts: restrict the circuits.
@@ -403,8 +403,8 @@ def paper_comparison(
 
 # --------------------------------------------------------------------------- related / sensitivity / toy
 def cpr_cmd_runtime_table(cpr: pd.DataFrame, runtime: pd.DataFrame | None = None, digits: int = 3) -> pd.DataFrame:
-    """``Method, CPR ↑, CMD ↓, Seconds / prompt`` from ``pie_lib.related.mib.cpr_cmd`` and the
-    runtime rows of :func:`pie_lib.report.runtime.time_methods` (``method, seconds_per_prompt``)."""
+    """``Method, CPR ↑, CMD ↓, Seconds / prompt`` from ``pie_lib.prune.related.mib.cpr_cmd`` and the
+    runtime rows of :func:`pie_lib.experiments.runtime.time_methods` (``method, seconds_per_prompt``)."""
     rt = (
         runtime.groupby("method")["seconds_per_prompt"].mean()
         if runtime is not None and len(runtime)
@@ -430,7 +430,7 @@ def sensitivity_table(
     """Mean ``value`` of ``method`` per (K, λ, boundary percent), and the baseline's at that K.
 
     Args:
-        grid: rows of :func:`pie_lib.report.runs.sensitivity_grid` (columns ``lam, bp`` added).
+        grid: rows of :func:`pie_lib.experiments.runs.sensitivity_grid` (columns ``lam, bp`` added).
     Returns:
         ``k, lam, bp, n, mean, std, baseline_mean, diff`` (diff = mean - baseline_mean).
     """

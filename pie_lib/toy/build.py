@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from pie_lib.store import write_text
 from pie_lib.toy import ARCHS, SUMMARY_FILE, TOY_ROOT
 from pie_lib.toy.corpus import (
     heldout_docstring_pairs,
@@ -196,10 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=SUMMARY_FILE + ".", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(summary, fh, indent=2)
-    os.replace(tmp, summary_path)
+    write_text(summary_path, json.dumps(summary, indent=2))
     summary_path.chmod(0o644)
 
     print(
