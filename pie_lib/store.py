@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from pie_lib.errors import DataFormatError
+from pie_lib.errors import ConfigMismatchError, DataFormatError, OutputPathError
 
 
 def _clean_tail(path: Path) -> None:
@@ -117,6 +117,49 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], ensure_ascii: bool = True) -> Path:
     """Rewrite ``path`` with one JSON object per line, atomically (appends: :func:`append_jsonl`)."""
     return write_text(path, "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- folder configurations
+def read_config(path: str | os.PathLike, what: str = "pie") -> dict[str, Any] | None:
+    """The JSON object a results folder stores its configuration in; None when the file is missing.
+
+    A corrupt file or one that is not a JSON object is an :class:`OutputPathError` (``what`` names
+    the kind of folder in the message: "pie prune", "pie interpret"...).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OutputPathError(
+            f"{path}: corrupt config file ({exc}); it is not a {what} results folder, or it was damaged -- "
+            "use a new --out folder"
+        ) from None
+    if not isinstance(stored, dict):
+        raise OutputPathError(f"{path}: not a {what} config (expected a JSON object); use a new --out folder")
+    return stored
+
+
+def check_same_config(
+    stored: dict[str, Any] | None, current: dict[str, Any], message: str, keys: Iterable[str] | None = None
+) -> None:
+    """THE configuration-mismatch check: refuse to mix results made under other settings in one folder.
+
+    ``current`` is compared with ``stored`` after a JSON round trip (so tuples, paths and dtypes
+    compare as they were written); nothing is checked when ``stored`` is None (a new folder).
+
+    Args:
+        keys: the keys compared (default: every key of either side).
+        message: the error, with ``{keys}`` replaced by the sorted list of differing keys.
+    """
+    if stored is None:
+        return
+    current = json.loads(json.dumps(current, default=str))
+    names = set(stored) | set(current) if keys is None else set(keys)
+    diff = sorted(k for k in names if stored.get(k) != current.get(k))
+    if diff:
+        raise ConfigMismatchError(message.replace("{keys}", str(diff)))
 
 
 def _jsonable(o: Any) -> Any:

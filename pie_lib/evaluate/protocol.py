@@ -53,7 +53,7 @@ from pie_lib.interpret.examples import (
     pad_batch,
     pad_id_of,
 )
-from pie_lib.interpret.pipeline import _check_same_config, collect_rows, resolve_world
+from pie_lib.interpret.pipeline import check_settings, collect_rows, resolve_world
 from pie_lib.llm import LLMConfig, Usage
 from pie_lib.store import write_json, write_parquet
 
@@ -259,7 +259,7 @@ def evaluate(
 
     rows_dir = out / f"fade_{pc.name}" / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out / f"fade_{pc.name}" / "config.json", {"protocol": asdict(pc)})
+    check_settings(out / f"fade_{pc.name}" / "config.json", {"protocol": asdict(pc)})
     llm_cfg = replace(llm or LLMConfig())  # a copy: the caller's config is not modified
     if backend is not None:
         llm_cfg.backend = backend  # type: ignore[assignment]

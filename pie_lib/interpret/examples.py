@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pie_lib.errors import ConfigMismatchError, DataFormatError
+from pie_lib.errors import DataFormatError
 from pie_lib.interpret.corpus import CorpusConfig, iter_documents, make_contexts
-from pie_lib.store import write_json, write_parquet
+from pie_lib.store import check_same_config, read_config, write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -256,13 +256,15 @@ class ActivationStore:
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"version": 1, "identity": identity or {}, "corpus": asdict(corpus)}
         mpath = root / "manifest.json"
-        if mpath.exists():
-            old = json.loads(mpath.read_text())
-            if {k: old.get(k) for k in ("identity", "corpus")} != {k: manifest[k] for k in ("identity", "corpus")}:
-                raise ConfigMismatchError(
-                    f"{root} holds activations from another model / CLT / corpus ({old.get('identity')}, "
-                    f"{old.get('corpus', {}).get('source')}); pass a fresh --out folder or delete this one"
-                )
+        old = read_config(mpath, "activation store")
+        if old is not None:
+            check_same_config(
+                old,
+                manifest,
+                f"{root} holds activations from another model / CLT / corpus ({old.get('identity')}, "
+                f"{old.get('corpus', {}).get('source')}; differs in {{keys}}); pass a fresh --out folder or delete this one",
+                keys=("identity", "corpus"),
+            )
             manifest = old
         ctx_path = root / "contexts.parquet"
         if not ctx_path.exists():

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pie_lib.errors import ConfigMismatchError, DataFormatError, WeightsUnavailableError
+from pie_lib.errors import DataFormatError, WeightsUnavailableError
 from pie_lib.interpret.corpus import CorpusConfig
 from pie_lib.interpret.examples import (
     ActivationStore,
@@ -29,7 +29,7 @@ from pie_lib.interpret.examples import (
 )
 from pie_lib.interpret.explainers import ExplainConfig, Explanation, make_explainer
 from pie_lib.llm import LLMConfig
-from pie_lib.store import write_json, write_parquet
+from pie_lib.store import check_same_config, read_config, write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -196,18 +196,15 @@ def collect_rows(rows_dir: Path, keys: Iterable[FeatureKey] | None = None) -> pd
     return pd.DataFrame(rows)
 
 
-def _check_same_config(path: Path, settings: dict) -> None:
-    """Refuse to mix rows produced under different settings in one output folder."""
-    settings = json.loads(json.dumps(settings, default=str))
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != settings:
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ConfigMismatchError(
-                f"{path.parent} holds results made with other {', '.join(changed)} settings; "
-                "pass a fresh --out folder (or delete that one) to use the new settings"
-            )
-    else:
+def check_settings(path: Path, settings: dict) -> None:
+    """Refuse to mix rows produced under different settings in one output folder; record them if new."""
+    check_same_config(
+        read_config(path, "pie interpret"),
+        settings,
+        f"{path.parent} holds results made with other {{keys}} settings; "
+        "pass a fresh --out folder (or delete that one) to use the new settings",
+    )
+    if not path.exists():
         write_json(settings, path, indent=1, default=str)
 
 
@@ -309,7 +306,7 @@ def interpret(
     explainer = make_explainer(llm_cfg, cfg.explain)
     rows_dir = out / "descriptions" / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(
+    check_settings(
         out / "descriptions" / "config.json", {"explain": asdict(cfg.explain), "examples": asdict(cfg.examples)}
     )
     n_circ = dict(zip(keys, feats["n_circuits"].astype(int)))

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from pie_lib.data.pairs import Pair, load_pairs
 from pie_lib.errors import (
     BudgetError,
-    ConfigMismatchError,
     DataFormatError,
     OutputPathError,
     SettingError,
@@ -41,7 +40,15 @@ from pie_lib.prune.occurrences import tokenize_pairs
 from pie_lib.prune.params import MethodParams
 from pie_lib.prune.registry import get_methods
 from pie_lib.prune.retention import evaluate_keep_masks
-from pie_lib.store import append_jsonl, read_jsonl, remove_stale_temps, write_json, write_parquet
+from pie_lib.store import (
+    append_jsonl,
+    check_same_config,
+    read_config,
+    read_jsonl,
+    remove_stale_temps,
+    write_json,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,34 +215,23 @@ def _check_out(out: Path) -> None:
 
 def _check_config(out: Path, cfg: PruneConfig, fingerprints: dict[str, str | None] | None = None) -> None:
     """Refuse a folder whose rows came from another configuration or other checkpoint / data contents."""
-    path = out / "config.json"
-    if not path.exists():
+    stored = read_config(out / "config.json", "pie prune")
+    if stored is None:
         return
-    import json
-
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OutputPathError(
-            f"{path}: corrupt config file ({exc}); it is not a pie prune results folder, or it was damaged -- "
-            "use a new --out folder"
-        ) from None
-    if not isinstance(stored, dict):
-        raise OutputPathError(f"{path}: not a pie prune config (expected a JSON object); use a new --out folder")
-    old = stored.get("identity", {})
-    new = json.loads(json.dumps(cfg.identity(), default=str))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        raise ConfigMismatchError(
-            f"{out} holds results of a different configuration (differs in {diff}); "
-            "use a new --out folder, or delete the old one to start over"
-        )
-    changed = sorted(k for k, v in (fingerprints or {}).items() if k in stored and stored[k] != v)
-    if changed:
-        raise ConfigMismatchError(
-            f"{out} holds results of other file contents: {changed} differ (the model, CLT or data at the same "
-            "path changed since its rows were written); use a new --out folder, or delete the old one to start over"
-        )
+    check_same_config(
+        stored.get("identity", {}),
+        cfg.identity(),
+        f"{out} holds results of a different configuration (differs in {{keys}}); "
+        "use a new --out folder, or delete the old one to start over",
+    )
+    fingerprints = fingerprints or {}
+    check_same_config(
+        stored,
+        fingerprints,
+        f"{out} holds results of other file contents: {{keys}} differ (the model, CLT or data at the same "
+        "path changed since its rows were written); use a new --out folder, or delete the old one to start over",
+        keys=[k for k in fingerprints if k in stored],
+    )
 
 
 def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFrame:
