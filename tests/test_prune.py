@@ -293,6 +293,14 @@ def test_sweep_determinism_resume_and_columns(llama_world, tmp_path):
         assert col in df.columns
     assert len(df) == 3 * 3 * 2 * 8
     assert (tmp_path / "a" / "results.parquet").exists()
+    # the pair's identity is in every row: one data file = the same prompt under every seed
+    from pie_lib.data.pairs import load_pairs
+    from pie_lib.stats import summarize
+
+    ids = [p.prompt_id() for p in load_pairs(llama_world.pairs_path, limit=8)]
+    assert (df["prompt_id"] == df["prompt_idx"].map(dict(enumerate(ids)))).all() and len(set(ids)) == 8
+    s = summarize(df[df["method"] == "random"], n_boot=0)
+    assert (s["design"] == "shared prompts").all() and (s["basis"] == "prompt_id").all() and (s["n_prompts"] == 8).all()
     cfg2 = PruneConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")})
     df2 = run_prune(cfg2, model=llama_world.model, clt=llama_world.clt)
     s1 = sorted(json.dumps(x, sort_keys=True) for x in load_selections(tmp_path / "a"))

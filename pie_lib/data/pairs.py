@@ -31,6 +31,14 @@ class Pair:
     s_clean: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
+    def prompt_id(self) -> str:
+        """A short stable hash of the texts and targets: the same pair has the same id in every run."""
+        import hashlib
+        import json
+
+        key = json.dumps([self.text_clean, self.text_corr, self.io_clean, self.s_clean], ensure_ascii=False)
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
     def to_json(self) -> dict:
         d = asdict(self)
         if not d["meta"]:

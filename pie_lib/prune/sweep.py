@@ -60,6 +60,7 @@ RESULT_COLUMNS = [
     "budget",
     "seed",
     "prompt_idx",
+    "prompt_id",
     "n_active",
     "k_eff",
     "n_kept",
@@ -318,7 +319,9 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
 
     task_name = "data" if cfg.data else cfg.task
     clipped = 0
-    for seeds, tok in tokenized:
+    for (seeds, tok), (_, group_pairs) in zip(tokenized, groups):
+        # the pair's identity beside its index, so statistics can tell shared prompts from seed-specific ones
+        ids = [pair.prompt_id() for pair in group_pairs]
         if tok.skipped:
             log.warning("skipped %d pair(s): %s", len(tok.skipped), dict(list(tok.skipped.items())[:3]))
         bar = tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch")
@@ -360,7 +363,7 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 secs = (time.perf_counter() - t0) / batch.size
                 rows, sels = [], []
                 for m, lab, _, key in wanted:
-                    r, sl = _rows(outcomes[key], ctx, m.name, lab, seed, pidx, done, task_name, secs)
+                    r, sl = _rows(outcomes[key], ctx, m.name, lab, seed, pidx, done, task_name, secs, ids)
                     rows += r
                     sels += sl
                 start_folder()
@@ -393,7 +396,16 @@ def _budgets(label: str, value: float, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(
-    o: _Outcome, ctx: BatchContext, name: str, label: str, seed: int, pidx: list[int], done: set, task: str, secs: float
+    o: _Outcome,
+    ctx: BatchContext,
+    name: str,
+    label: str,
+    seed: int,
+    pidx: list[int],
+    done: set,
+    task: str,
+    secs: float,
+    ids: list[str],
 ) -> tuple[list[dict], list[dict]]:
     """Result rows and selection records of one outcome, for the prompts not finished yet."""
     rows, sels = [], []
@@ -407,6 +419,7 @@ def _rows(
             {
                 **base,
                 "prompt_idx": p,
+                "prompt_id": ids[p],
                 "n_active": n_active,
                 "k_eff": int(min(o.budgets[b], n_active)),
                 "n_kept": int(ev["n_kept"][b]),

@@ -39,8 +39,12 @@ UNIT_PROMPT, UNIT_NESTED = "prompt", "prompt within seed"
 
 
 def prompt_id_column(df: pd.DataFrame) -> str | None:
-    """The column of ``df`` that identifies a prompt beyond its index, or None."""
-    return next((c for c in PROMPT_ID_COLUMNS if c in df.columns), None)
+    """The column of ``df`` that identifies a prompt beyond its index, or None.
+
+    A column with missing values (rows of an older sweep, written before ``prompt_id`` existed)
+    does not identify every prompt and is not used.
+    """
+    return next((c for c in PROMPT_ID_COLUMNS if c in df.columns and df[c].notna().all()), None)
 
 
 @dataclass(frozen=True)
