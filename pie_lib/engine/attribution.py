@@ -50,8 +50,9 @@ def patched_mlp_out_gradients(
     offsets: torch.Tensor | None,
     correct: torch.Tensor,
     wrong: torch.Tensor,
-    metric: MetricKind = "logit_diff",
+    metric: MetricKind | Literal["kl"] = "logit_diff",
     mode: PathGradient = "replacement",
+    clean_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Metric gradient w.r.t. every MLP output of the forward with ``offsets`` subtracted.
 
@@ -61,12 +62,17 @@ def patched_mlp_out_gradients(
     Args:
         input_ids: ``[B, T]``; offsets: ``[L, B, T, D]`` subtracted from each layer's MLP output
             (downstream everything is recomputed, as in :func:`patched_last_logits`).
-        correct, wrong: ``[B]`` target ids of each row. metric, mode: see the module doc.
+        correct, wrong: ``[B]`` target ids of each row. metric, mode: see the module doc;
+            metric "kl" is the last-token KL(P_clean || P_patched), which needs ``clean_logits``
+            ``[B, V]`` (its gradient tells which occurrences bring a circuit closer to the clean run).
     Returns:
         (grads ``[L, B, T, D]`` float32 on the model's device, metric ``[B]`` at the patched state).
     """
     if mode not in ("replacement", "full"):
         raise SettingError(f"gradient mode {mode!r} at a patched point; use 'replacement' or 'full'")
+    if metric == "kl" and clean_logits is None:
+        raise SettingError("the kl metric needs the clean last-token logits (clean_logits)")
+    log_p = torch.log_softmax(clean_logits.float(), -1).to(model.device) if metric == "kl" else None
     arch = model.arch
     freeze = mode == "replacement"
     off = offsets.to(model.device) if offsets is not None else None
@@ -110,7 +116,7 @@ def patched_mlp_out_gradients(
     correct = correct.to(model.device)
     wrong = wrong.to(model.device)
     grads: list[Any] = []
-    keep = _last_only(model) if metric == "logit_diff" else {}
+    keep = _last_only(model) if metric in ("logit_diff", "kl") else {}
     with torch.enable_grad(), model.trace(input_ids.to(model.device), **keep):
         _walk_layers(model, actions)
         if freeze:
@@ -118,7 +124,11 @@ def patched_mlp_out_gradients(
             eps, w = _norm_eps(fn)
             fn.output = frozen_norm(arch.norm_kind, fn.input, fn.output, w, eps)
         logits = _logits(model)
-        m = metric_value(logits, correct, wrong, metric)
+        if log_p is not None:
+            log_q = torch.log_softmax(logits[:, -1].float(), -1)
+            m = (log_p.exp() * (log_p - log_q)).sum(-1)
+        else:
+            m = metric_value(logits, correct, wrong, metric)
         m_saved = m.detach().save()
         with m.sum().backward():
             for o in reversed(outs):  # nnsight wants .grad in reverse forward order

@@ -61,7 +61,11 @@ class RefineConfig:
     Attributes:
         start: registry name of the method whose top-K is refined (default FAP-Synergy).
         n_in, n_out: each round tries every swap of one of the ``n_in`` weakest kept occurrences
-            (by the start method's |score|) for one of the ``n_out`` strongest left out.
+            for one of the ``n_out`` strongest left out.
+        rank_by: what "weakest" / "strongest" means: "kl-gradient" (default: the first-order
+            change of the circuit's KL when an occurrence is removed / added back, from one true
+            gradient of the KL at the current circuit per round) or "start" (the start method's
+            |score|, fixed).
         max_forwards: bound on the patched forwards (sequences) the refinement spends per prompt,
             its first evaluation of the start circuit included; a round that does not fit is not run.
         min_gain: a swap must lower the prompt's KL by more than this (nats) to be taken.
@@ -70,6 +74,7 @@ class RefineConfig:
     start: str = "fap-synergy"
     n_in: int = 6
     n_out: int = 6
+    rank_by: str = "kl-gradient"
     max_forwards: int = 512
     min_gain: float = 1e-6
 

@@ -1,9 +1,12 @@
 """greedy-refine: exact, batched swap search on top of a method's K-circuit.
 
 Start from a method's selection (FAP-Synergy by default). Each round, for every prompt still
-improving, try every swap of one of its ``n_in`` weakest kept occurrences (by the start method's
-|score|) for one of its ``n_out`` strongest left-out ones, measuring the swapped circuit's exact
-last-token KL in the real model; take the best swap if it lowers KL by more than ``min_gain``,
+improving, try every swap of one of its ``n_in`` weakest kept occurrences for one of its ``n_out``
+strongest left-out ones, measuring the swapped circuit's exact last-token KL in the real model.
+"Weakest" and "strongest" come, by default, from one gradient of the KL at the current circuits
+(true gradient, every prompt in one pass): adding back occurrence o changes the MLP outputs by
+its write, so ``ΔKL ≈ Δa_o <W_dec[o], ∂KL/∂mlp_out>``, and removing a kept one by minus that.
+The candidates are only proposals: the swap taken is the one whose *exact* KL is lowest. Take it take the best swap if it lowers KL by more than ``min_gain``,
 else the prompt stops. All swaps of all prompts of a round run as one batched set of forwards: the
 current circuits' offsets (everything removed but the kept) are a shared base, and a swap adds the
 removed occurrence's write and takes back the added one's (weights +1 / -1), by linearity of the
@@ -17,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pie_lib.engine.attribution import patched_mlp_out_gradients
 from pie_lib.errors import BudgetError
 from pie_lib.prune.beyond.config import RefineConfig
 from pie_lib.prune.context import BatchContext
 from pie_lib.prune.patching import Variants
+from pie_lib.prune.scores import project_gradients
 from pie_lib.prune.select import rank_within
 
 
@@ -43,6 +48,8 @@ def _check(cfg: RefineConfig) -> None:
             raise BudgetError(f"refine_{name}={v}: must be a positive integer")
     if cfg.max_forwards < 1:
         raise BudgetError(f"refine_max_forwards={cfg.max_forwards}: must be a positive integer")
+    if cfg.rank_by not in ("kl-gradient", "start"):
+        raise BudgetError(f"refine_rank_by={cfg.rank_by!r}; use 'kl-gradient' or 'start'")
     if not cfg.min_gain >= 0:
         raise BudgetError(f"refine_min_gain={cfg.min_gain}: must be >= 0")
 
@@ -89,12 +96,30 @@ def refine_circuits(ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tenso
     swaps = torch.zeros(B, dtype=torch.long)
     active = (n_kept > 0) & (n_kept < occ.counts().cpu())
     rounds = 0
+    delta = occ.delta(ctx.cfg.corruption).cpu().float()
+    grad_cost = 1 if cfg.rank_by == "kl-gradient" else 0
     while True:
-        ins = _candidates(prompt, keep & ~tabu_in & active[prompt], -key, cfg.n_in, B)      # weakest kept
-        outs = _candidates(prompt, ~keep & ~tabu_out & active[prompt], key, cfg.n_out, B)  # strongest left out
+        # a round runs only where all of it fits under the bound
+        active &= used + grad_cost + cfg.n_in * cfg.n_out <= cfg.max_forwards
+        if not bool(active.any()):
+            break
+        if grad_cost:
+            rows = active.nonzero().squeeze(-1)  # only the prompts still improving
+            dev_rows = rows.to(base.device)
+            g_act, _ = patched_mlp_out_gradients(ctx.model, ctx.batch.clean_ids[rows], base[:, dev_rows],
+                                                 ctx.batch.correct[rows], ctx.batch.wrong[rows], "kl", "full",
+                                                 clean_logits=ev.clean_logits[rows.to(ev.clean_logits.device)])
+            g = torch.zeros(g_act.shape[0], B, *g_act.shape[2:], dtype=g_act.dtype, device=g_act.device)
+            g[:, rows.to(g.device)] = g_act
+            d_add = delta * project_gradients(g, ctx.rows, occ)  # first-order KL change of adding back
+            used += active.long()
+            in_key, out_key = d_add, -d_add  # remove those whose removal raises KL least; add the most helpful
+        else:
+            in_key, out_key = -key, key
+        ins = _candidates(prompt, keep & ~tabu_in & active[prompt], in_key, cfg.n_in, B)      # weakest kept
+        outs = _candidates(prompt, ~keep & ~tabu_out & active[prompt], out_key, cfg.n_out, B)  # strongest left out
         valid = (ins[:, :, None] >= 0) & (outs[:, None, :] >= 0)  # [B, n_in, n_out]
-        n_pairs = valid.flatten(1).sum(1)
-        active &= (n_pairs > 0) & (used + n_pairs <= cfg.max_forwards)
+        active &= valid.flatten(1).any(1)
         valid &= active[:, None, None]
         if not bool(valid.any()):
             break
