@@ -151,7 +151,7 @@ def test_greedy_refine_takes_the_exact_best_swap(llama_world, batch, one_torch_t
     k = 6
     s0 = fap(ctx)
     keep0 = topk_global(ctx.occ, s0, k)
-    cfg = RefineConfig(n_in=3, n_out=4, max_forwards=1 + 12)  # room for exactly one round
+    cfg = RefineConfig(n_in=3, n_out=4, max_forwards=1 + 12, rank_by="start")  # room for exactly one round
     keep, tr = refine_circuits(ctx, keep0, s0, cfg)
     assert tr.rounds == 1 and (tr.n_forwards <= cfg.max_forwards).all()
     start = evaluate_keep_masks(ctx, keep0[None])["kl"][0]
