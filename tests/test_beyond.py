@@ -226,3 +226,38 @@ def test_registered_and_selections_reproduce_with_the_same_seeds(llama_world, tm
     assert df1.sort_values(cols[:4])[cols].reset_index(drop=True).equals(df2.sort_values(cols[:4])[cols].reset_index(drop=True))
     # greedy-refine circuits are never worse than FAP-Synergy's on the same prompts
     assert (df1[df1.method == "greedy-refine"]["n_kept"].to_numpy() <= 9).all()
+
+
+# ----------------------------------------------------------------------------- remote (NDIF) safety
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_patched_gradients_through_a_server_without_pie_lib(tiny_worlds, arch, one_torch_thread):
+    """The engine block of the new gradients follows the remote rules: through the subprocess
+    'server' of tests/test_remote_requests.py (it cannot import pie_lib) it equals a local run."""
+    from test_remote_requests import Worker, _ids, _remote
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    worker = Worker()
+
+    def request(self, request, tracer):
+        return self.finalize(worker.call(request.model_key, request.compress, self._serialize(tracer)))
+
+    w = tiny_worlds[arch]
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(RemoteBackend, "request", request)
+            rem, loc = _remote(w), w.model
+            ids = _ids(w)
+            c, wr = torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10])
+            base, _ = mlp_out_gradients(loc, ids, c, wr)
+            off = torch.randn_like(base) * 0.05
+            clean = torch.randn(ids.shape[0], loc.vocab_size)
+            for mode in ("replacement", "full"):
+                for metric in ("logit_diff", "kl"):
+                    g1, m1 = patched_mlp_out_gradients(rem, ids, off, c, wr, metric, mode, clean_logits=clean)
+                    g2, m2 = patched_mlp_out_gradients(loc, ids, off, c, wr, metric, mode, clean_logits=clean)
+                    assert g1.abs().sum() > 0
+                    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+                    torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
+            assert worker.requests == 4
+    finally:
+        worker.close()

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
+import nnsight
 import torch
 
+from pie_lib.engine import remote as remote_
 from pie_lib.engine.rules import detach_leading, frozen_norm
-from pie_lib.engine.traces import MetricKind, _last_only, _logits, _val, _walk_layers, metric_value
+from pie_lib.engine.traces import MetricKind, _forward_steps, _last_only, _val
 from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
@@ -39,9 +41,10 @@ PathGradient = Literal["replacement", "full"]
 PathRule = Literal["right", "midpoint"]
 
 
-def _norm_eps(env: Any) -> tuple[float, Any]:
+def _norm_op(env: Any) -> tuple:
     mod = env._module if hasattr(env, "_module") else None
-    return float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-5))), getattr(mod, "weight", None)
+    eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-5)))
+    return ("norm", env, eps, getattr(mod, "weight", None) is not None)
 
 
 def patched_mlp_out_gradients(
@@ -57,7 +60,9 @@ def patched_mlp_out_gradients(
     """Metric gradient w.r.t. every MLP output of the forward with ``offsets`` subtracted.
 
     With ``offsets=None`` (or all zeros) this is the clean gradient of
-    :func:`~pie_lib.engine.traces.mlp_out_gradients`, which the tests check.
+    :func:`~pie_lib.engine.traces.mlp_out_gradients`, which the tests check. The block follows the
+    remote rules of :mod:`pie_lib.engine.remote` (a plan of envoys built outside, inputs on the
+    host, leaves marked inside, one stacked tensor saved), so it also runs on NDIF.
 
     Args:
         input_ids: ``[B, T]``; offsets: ``[L, B, T, D]`` subtracted from each layer's MLP output
@@ -66,75 +71,72 @@ def patched_mlp_out_gradients(
             metric "kl" is the last-token KL(P_clean || P_patched), which needs ``clean_logits``
             ``[B, V]`` (its gradient tells which occurrences bring a circuit closer to the clean run).
     Returns:
-        (grads ``[L, B, T, D]`` float32 on the model's device, metric ``[B]`` at the patched state).
+        (grads ``[L, B, T, D]`` float32, metric ``[B]`` at the patched state).
     """
     if mode not in ("replacement", "full"):
         raise SettingError(f"gradient mode {mode!r} at a patched point; use 'replacement' or 'full'")
+    if metric not in ("logit_diff", "logsumexp", "kl"):
+        raise SettingError(f"unknown metric {metric!r}; use 'logit_diff', 'logsumexp' or 'kl'")
     if metric == "kl" and clean_logits is None:
         raise SettingError("the kl metric needs the clean last-token logits (clean_logits)")
-    log_p = torch.log_softmax(clean_logits.float(), -1).to(model.device) if metric == "kl" else None
     arch = model.arch
     freeze = mode == "replacement"
-    off = offsets.to(model.device) if offsets is not None else None
-    outs: list[Any] = []
-
-    def norm_action(layer: int, env: Any) -> None:
-        eps, w = _norm_eps(env)
-        env.output = frozen_norm(arch.norm_kind, env.input, env.output, w, eps)
-
-    def pattern_action(fraction: tuple[int, int]) -> Callable[[int, Any], None]:
-        def act(layer: int, env: Any) -> None:
-            env.output = detach_leading(env.output, fraction)
-
-        return act
-
-    def out_action(layer: int, env: Any) -> None:
-        value = env.output if off is None else env.output - off[layer].to(env.output.dtype)
-        if freeze:  # the MLP output is a leaf: no gradient into the MLP (or anything upstream of it)
-            value = value.detach().requires_grad_(True)
-        elif off is None:
-            value.requires_grad_(True)
-        env.output = value
-        outs.append(value)
-
-    actions: dict[str, Callable[[int, Any], None]] = {}
-    if freeze:
-        for n in arch.norms:
-            actions[n] = norm_action
-        for p in arch.pattern_inputs:
-            actions[p.path] = pattern_action(p.fraction)
-    prev = actions.get(arch.mlp_out)
-    if prev is not None:  # Gemma-2: mlp_out is a (frozen) norm: freeze, then patch and capture
-        def both(layer: int, env: Any, prev=prev) -> None:
-            prev(layer, env)
-            out_action(layer, env)
-
-        actions[arch.mlp_out] = both
-    else:
-        actions[arch.mlp_out] = out_action
-
-    correct = correct.to(model.device)
-    wrong = wrong.to(model.device)
-    grads: list[Any] = []
-    keep = _last_only(model) if metric in ("logit_diff", "kl") else {}
-    with torch.enable_grad(), model.trace(input_ids.to(model.device), **keep):
-        _walk_layers(model, actions)
-        if freeze:
-            fn = get_path(model.lm, arch.final_norm)
-            eps, w = _norm_eps(fn)
-            fn.output = frozen_norm(arch.norm_kind, fn.input, fn.output, w, eps)
-        logits = _logits(model)
-        if log_p is not None:
-            log_q = torch.log_softmax(logits[:, -1].float(), -1)
-            m = (log_p.exp() * (log_p - log_q)).sum(-1)
+    norm_kind = arch.norm_kind
+    # the plan: plain tuples of (op, envoy, values...), in forward order, read by the block below
+    plan: list[tuple] = []
+    pattern = {p.path: p.fraction for p in arch.pattern_inputs}
+    for layer, rel, env in _forward_steps(model, set(arch.layer_order)):
+        if freeze and rel in arch.norms:
+            plan.append(_norm_op(env))
+        if freeze and rel in pattern:
+            plan.append(("pattern", env, pattern[rel]))
+        if rel == arch.mlp_out:  # Gemma-2: mlp_out is a (frozen) norm: freeze above, then patch here
+            plan.append(("out", env, layer))
+    final = _norm_op(get_path(model.lm, arch.final_norm)) if freeze else None
+    lm = model.lm
+    has_off = offsets is not None
+    off = remote_.host(model, offsets) if has_off else None
+    correct, wrong = remote_.host(model, correct), remote_.host(model, wrong)
+    kind = 0 if metric == "logit_diff" else (1 if metric == "logsumexp" else 2)
+    log_p = remote_.host(model, torch.log_softmax(clean_logits.float(), -1)) if kind == 2 else None
+    keep = _last_only(model) if kind != 1 else {}
+    with torch.enable_grad(), model.trace(remote_.host(model, input_ids), kind="gradient", **keep):
+        leaves = []
+        for op in plan:
+            env = op[1]
+            if op[0] == "norm":
+                env.output = frozen_norm(norm_kind, env.input, env.output, env._module.weight if op[3] else None, op[2])
+            elif op[0] == "pattern":
+                env.output = detach_leading(env.output, op[2])
+            else:
+                y = env.output
+                if has_off:
+                    y = y - off[op[2]].to(y.device, y.dtype)
+                if freeze:  # the MLP output is a leaf: no gradient into the MLP or upstream of it
+                    y = y.detach().requires_grad_(True)
+                elif not y.requires_grad:
+                    y.requires_grad_(True)
+                env.output = y
+                leaves.append(y)
+        if final is not None:
+            fn = final[1]
+            fn.output = frozen_norm(norm_kind, fn.input, fn.output, fn._module.weight if final[3] else None, final[2])
+        out = lm.output
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if kind == 0:
+            last = logits[:, -1]
+            rows = torch.arange(last.shape[0], device=last.device)
+            m = last[rows, correct.to(last.device)] - last[rows, wrong.to(last.device)]
+        elif kind == 1:
+            m = torch.logsumexp(logits.float(), dim=-1).sum(-1)
         else:
-            m = metric_value(logits, correct, wrong, metric)
-        m_saved = m.detach().save()
+            lp = log_p.to(logits.device)
+            m = (lp.exp() * (lp - torch.log_softmax(logits[:, -1].float(), -1))).sum(-1)
+        m_saved = nnsight.save(m.detach())
         with m.sum().backward():
-            for o in reversed(outs):  # nnsight wants .grad in reverse forward order
-                grads.append(o.grad.save())
-    grads = [_val(g).float() for g in reversed(grads)]
-    return torch.stack(grads), _val(m_saved)
+            grads_rev = [leaf.grad for leaf in reversed(leaves)]  # nnsight wants .grad in reverse forward order
+            grads = nnsight.save(torch.stack(grads_rev[::-1]))
+    return _val(grads).float(), _val(m_saved)
 
 
 def path_alphas(steps: int, rule: PathRule = "right") -> torch.Tensor:
