@@ -9,17 +9,25 @@ import pytest
 import torch
 
 import pie_lib.prune.beyond  # noqa: F401  (registers the methods)
-from pie_lib.engine.attribution import (count_forwards, path_alphas, path_mlp_out_gradients,
-                                        patched_mlp_out_gradients)
+from pie_lib.engine.attribution import count_forwards, patched_mlp_out_gradients, path_alphas, path_mlp_out_gradients
 from pie_lib.engine.traces import mlp_out_gradients
 from pie_lib.errors import BudgetError, SettingError
-from pie_lib.prune.beyond import IgConfig, IterativeConfig, RefineConfig, fap_ig_scores, iterative_select, refine_circuits
+from pie_lib.prune.beyond import (
+    IgConfig,
+    IterativeConfig,
+    RefineConfig,
+    fap_ig_scores,
+    iterative_select,
+    refine_circuits,
+)
 from pie_lib.prune.beyond.iterative import survivors
 from pie_lib.prune.context import BatchContext, ScoringConfig
-from pie_lib.prune.evaluate import evaluate_keep_masks
-from pie_lib.prune.methods import METHODS, MethodParams, fap, get_methods
+from pie_lib.prune.methods import fap
 from pie_lib.prune.occurrences import tokenize_pairs
-from pie_lib.prune.patching import PatchEvaluator, Variants
+from pie_lib.prune.params import MethodParams
+from pie_lib.prune.patching import PatchEvaluator
+from pie_lib.prune.registry import METHODS, get_methods
+from pie_lib.prune.retention import evaluate_keep_masks
 from pie_lib.prune.scores import factp_scores, fap_scores
 from pie_lib.prune.select import rank_within, topk_global
 from pie_lib.prune.sweep import PruneConfig, load_selections, run_prune
@@ -39,8 +47,9 @@ def _ctx(world, batch, gradient="replacement"):
 def test_patched_gradient_at_zero_offsets_is_the_clean_gradient(llama_world, batch, mode, one_torch_thread):
     m = llama_world.model
     g0, m0 = mlp_out_gradients(m, batch.clean_ids, batch.correct, batch.wrong, "logit_diff", mode)
-    g1, m1 = patched_mlp_out_gradients(m, batch.clean_ids, torch.zeros_like(g0), batch.correct, batch.wrong,
-                                       "logit_diff", mode)
+    g1, m1 = patched_mlp_out_gradients(
+        m, batch.clean_ids, torch.zeros_like(g0), batch.correct, batch.wrong, "logit_diff", mode
+    )
     torch.testing.assert_close(g1, g0.float())
     torch.testing.assert_close(m1, m0)
 
@@ -93,8 +102,17 @@ def _shrunk(ctx: BatchContext, eps: float) -> BatchContext:
     new.occ = small
     new._scores = {}
     ev = ctx.evaluator
-    new.evaluator = PatchEvaluator(ctx.model, ctx.clt, ctx.batch, small, ctx.rows, ctx.cfg.corruption, ctx.cfg.metric,
-                                   ev.clean_logits, chunk=ev.chunk)
+    new.evaluator = PatchEvaluator(
+        ctx.model,
+        ctx.clt,
+        ctx.batch,
+        small,
+        ctx.rows,
+        ctx.cfg.corruption,
+        ctx.cfg.metric,
+        ev.clean_logits,
+        chunk=ev.chunk,
+    )
     return new
 
 
@@ -118,8 +136,9 @@ def test_survivor_schedule():
     assert plan[:, 1].tolist() == [10, 10, 10] and plan[:, 2].tolist() == [5, 5, 5]
 
 
-def test_fap_iterative_one_round_is_fap_and_more_rounds_rescore_at_the_pruned_point(llama_world, batch,
-                                                                                      one_torch_thread):
+def test_fap_iterative_one_round_is_fap_and_more_rounds_rescore_at_the_pruned_point(
+    llama_world, batch, one_torch_thread
+):
     ctx = _ctx(llama_world, batch)
     k = 7
     keep1, s1 = iterative_select(ctx, k, IterativeConfig(rounds=1))
@@ -195,11 +214,21 @@ def test_greedy_refine_never_worsens_keeps_k_and_respects_the_forward_bound(llam
 
 def test_bad_parameters_are_one_line_errors(llama_world, batch):
     ctx = _ctx(llama_world, batch)
-    for extra in ({"ig_steps": 0}, {"ig_stepz": 4}, {"ig_rule": "left"}, {"iter_rounds": 0},
-                  {"refine_start": "nope"}, {"refine_start": "greedy-refine"}, {"refine_n_in": 0},
-                  {"refine_max_forwards": "many"}):
-        name = next(n for n, p in (("fap-ig", "ig_"), ("fap-iterative", "iter_"), ("greedy-refine", "refine_"))
-                    if next(iter(extra)).startswith(p))
+    for extra in (
+        {"ig_steps": 0},
+        {"ig_stepz": 4},
+        {"ig_rule": "left"},
+        {"iter_rounds": 0},
+        {"refine_start": "nope"},
+        {"refine_start": "greedy-refine"},
+        {"refine_n_in": 0},
+        {"refine_max_forwards": "many"},
+    ):
+        name = next(
+            n
+            for n, p in (("fap-ig", "ig_"), ("fap-iterative", "iter_"), ("greedy-refine", "refine_"))
+            if next(iter(extra)).startswith(p)
+        )
         with pytest.raises((BudgetError, SettingError)) as info:
             METHODS[name].select(ctx, 5, 0, MethodParams(extra=extra))
         assert "\n" not in str(info.value)
@@ -211,9 +240,18 @@ def test_registered_and_selections_reproduce_with_the_same_seeds(llama_world, tm
     assert [m.name for m in get_methods(",".join(names))] == names
 
     def run(out):
-        cfg = PruneConfig(model=str(llama_world.model_dir), clt=str(llama_world.clt_dir), data=str(llama_world.pairs_path),
-                          methods=names, k=[4, 9], seeds=[0, 1], out=str(out), batch_size=4, progress=False,
-                          params=MethodParams(extra={"ig_steps": 4, "refine_max_forwards": 80}))
+        cfg = PruneConfig(
+            model=str(llama_world.model_dir),
+            clt=str(llama_world.clt_dir),
+            data=str(llama_world.pairs_path),
+            methods=names,
+            k=[4, 9],
+            seeds=[0, 1],
+            out=str(out),
+            batch_size=4,
+            progress=False,
+            params=MethodParams(extra={"ig_steps": 4, "refine_max_forwards": 80}),
+        )
         df = run_prune(cfg)
         sels = sorted(load_selections(out), key=lambda r: (r["method"], r["k"], r["seed"], r["prompt_idx"]))
         return df, sels
@@ -223,7 +261,11 @@ def test_registered_and_selections_reproduce_with_the_same_seeds(llama_world, tm
     assert set(df1["method"]) == set(names) and len(s1) == len(s2) > 0
     assert json.dumps(s1) == json.dumps(s2)
     cols = ["method", "k", "seed", "prompt_idx", "kl", "n_kept"]
-    assert df1.sort_values(cols[:4])[cols].reset_index(drop=True).equals(df2.sort_values(cols[:4])[cols].reset_index(drop=True))
+    assert (
+        df1.sort_values(cols[:4])[cols]
+        .reset_index(drop=True)
+        .equals(df2.sort_values(cols[:4])[cols].reset_index(drop=True))
+    )
     # greedy-refine circuits are never worse than FAP-Synergy's on the same prompts
     assert (df1[df1.method == "greedy-refine"]["n_kept"].to_numpy() <= 9).all()
 
@@ -233,8 +275,8 @@ def test_registered_and_selections_reproduce_with_the_same_seeds(llama_world, tm
 def test_patched_gradients_through_a_server_without_pie_lib(tiny_worlds, arch, one_torch_thread):
     """The engine block of the new gradients follows the remote rules: through the subprocess
     'server' of tests/test_remote_requests.py (it cannot import pie_lib) it equals a local run."""
-    from test_remote_requests import Worker, _ids, _remote
     from nnsight.intervention.backends.remote import RemoteBackend
+    from test_remote_requests import Worker, _ids, _remote
 
     worker = Worker()
 
@@ -261,3 +303,36 @@ def test_patched_gradients_through_a_server_without_pie_lib(tiny_worlds, arch, o
             assert worker.requests == 4
     finally:
         worker.close()
+
+
+def test_cli_runs_the_three_methods_with_ig_steps(llama_world, tmp_path, one_torch_thread):
+    from pie_lib.cli import main
+
+    out = tmp_path / "cli"
+    argv = [
+        "prune",
+        "--model",
+        str(llama_world.model_dir),
+        "--clt",
+        str(llama_world.clt_dir),
+        "--data",
+        str(llama_world.pairs_path),
+        "--methods",
+        "fap-ig,fap-iterative,greedy-refine",
+        "--k",
+        "5",
+        "--seeds",
+        "0",
+        "--ig-steps",
+        "3",
+        "--param",
+        "refine_max_forwards=40",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["identity"]["params"]["extra"] == {"refine_max_forwards": "40", "ig_steps": 3}
+    assert {r["method"] for r in load_selections(out)} == {"fap-ig", "fap-iterative", "greedy-refine"}
+    assert main([*argv[:-3], "--ig-steps", "0", "--out", str(tmp_path / "bad"), "--no-progress"]) != 0

@@ -72,6 +72,24 @@ def test_every_figure_and_table_is_written_outside_the_repo(tiny_run):
     md = (figures / "tables" / "effective_budget.md").read_text()
     assert "TOST" in md and "FAP" in md
     assert (out / "runs" / "paper" / "toy" / "01_prune" / "ioi" / "results.parquet").exists()
+    import pandas as pd
+
+    eb = pd.read_csv(figures / "tables" / "beyond_effective_budget.csv")
+    assert list(eb.columns) == [
+        "task",
+        "method",
+        "reference",
+        "k_ref",
+        "k_eff",
+        "k_eff_ci_low",
+        "k_eff_ci_high",
+        "n_prompts",
+        "n_seeds",
+    ]
+    assert set(eb["method"]) == {"fap-ig", "fap-iterative", "greedy-refine"} and set(eb["reference"]) == {
+        "fap",
+        "fap-synergy",
+    }
 
 
 @pytest.mark.slow

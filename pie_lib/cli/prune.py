@@ -49,12 +49,19 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gamma", type=float, default=0.2, help="FAP-Signal γ in (0, 0.5)")
     p.add_argument("--acdc-tau", type=float, default=None, help="ACDC threshold on KL increase")
     p.add_argument(
+        "--ig-steps",
+        type=int,
+        default=None,
+        help="FAP-IG: points on the corrupted -> clean path (default 16; 1 = plain FAP); = --param ig_steps=N",
+    )
+    p.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="hyper-parameter of a related method, repeatable (e.g. ep_steps=100, hap_mult=4, "
-        "ens_members=fap,clt-relp); see pie_lib/prune/related/config.py",
+        "ens_members=fap,clt-relp, iter_rounds=4, refine_max_forwards=512); see pie_lib/prune/related/config.py "
+        "and pie_lib/prune/beyond/config.py",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_prune)
@@ -95,7 +102,7 @@ def prune_config_from_args(a: argparse.Namespace):
             ),
             signal_gamma=a.gamma,
             acdc_tau=a.acdc_tau,
-            extra=_key_values(a.param),
+            extra=_extra(a),
         ),
         progress=not a.no_progress,
     )
@@ -108,6 +115,23 @@ def quiet_progress() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _extra(a: argparse.Namespace) -> dict[str, object]:
+    """``--param`` pairs plus ``--ig-steps`` (set only when given, so old folders keep their identity)."""
+    from pie_lib.errors import SettingError
+
+    extra: dict[str, object] = dict(_key_values(a.param))
+    steps = getattr(a, "ig_steps", None)
+    if steps is not None:
+        if steps < 1:
+            raise SettingError(f"--ig-steps {steps}: the number of path points must be a positive integer (default 16)")
+        if "ig_steps" in extra and str(extra["ig_steps"]) != str(steps):
+            raise SettingError(
+                f"--ig-steps {steps} and --param ig_steps={extra['ig_steps']} disagree; give one of them"
+            )
+        extra["ig_steps"] = steps
+    return extra
 
 
 def _key_values(items: list[str]) -> dict[str, str]:

@@ -246,5 +246,11 @@ def count_forwards(model: LoadedModel) -> Iterator[ForwardCount]:
         handle.remove()
 
 
-__all__ = ["ForwardCount", "PathGradients", "count_forwards", "path_alphas", "path_mlp_out_gradients",
-           "patched_mlp_out_gradients"]
+__all__ = [
+    "ForwardCount",
+    "PathGradients",
+    "count_forwards",
+    "path_alphas",
+    "path_mlp_out_gradients",
+    "patched_mlp_out_gradients",
+]

@@ -25,8 +25,31 @@ REFERENCES: tuple[str, ...] = ("fap", "fap-synergy")
 EB_COLUMNS = ["task", "method", "reference", "k_ref", "k_eff", "k_eff_ci_low", "k_eff_ci_high", "n_prompts", "n_seeds"]
 
 
-def run_beyond(tasks: Sequence[str], runs: str, world: tuple[Any, Any] | None = None,
-               seeds_by_task: dict[str, Sequence[int]] | None = None, **params: Any) -> pd.DataFrame:
+def beyond_extra(ig_steps: int = 16, iter_rounds: int = 4, refine: dict | None = None) -> dict:
+    """``MethodParams.extra`` of the new methods holding only what differs from their defaults, so
+    a notebook run and a plain ``pie prune --methods fap-ig,...`` share one sweep folder identity."""
+    from pie_lib.prune.beyond.config import IgConfig, IterativeConfig, RefineConfig
+
+    extra: dict = {}
+    if ig_steps != IgConfig().steps:
+        extra["ig_steps"] = int(ig_steps)
+    if iter_rounds != IterativeConfig().rounds:
+        extra["iter_rounds"] = int(iter_rounds)
+    defaults = RefineConfig()
+    for key, value in (refine or {}).items():
+        name = key.removeprefix("refine_")
+        if not hasattr(defaults, name) or getattr(defaults, name) != value:
+            extra[key] = value  # unknown keys pass through: the method's config names them in its error
+    return extra
+
+
+def run_beyond(
+    tasks: Sequence[str],
+    runs: str,
+    world: tuple[Any, Any] | None = None,
+    seeds_by_task: dict[str, Sequence[int]] | None = None,
+    **params: Any,
+) -> pd.DataFrame:
     """One resumable sweep per task into ``<runs>/<model>/07_beyond/<task>``; all rows (absolute budgets)."""
     from pie_lib.experiments.runs import prune_tasks
 
@@ -34,9 +57,18 @@ def run_beyond(tasks: Sequence[str], runs: str, world: tuple[Any, Any] | None = 
     return df[df["budget"] == "abs"].reset_index(drop=True)
 
 
-def method_costs(world: tuple[Any, Any], task: str, methods: Sequence[str], ks: Sequence[int], n: int = 16,
-                 seed: int = 0, data_seed: int = 0, extra: dict | None = None, chunk: int = 512,
-                 batch_size: int = 16) -> pd.DataFrame:
+def method_costs(
+    world: tuple[Any, Any],
+    task: str,
+    methods: Sequence[str],
+    ks: Sequence[int],
+    n: int = 16,
+    seed: int = 0,
+    data_seed: int = 0,
+    extra: dict | None = None,
+    chunk: int = 512,
+    batch_size: int = 16,
+) -> pd.DataFrame:
     """Cost of each method's selection per prompt: sequence forwards (a forward + backward counts
     once) and wall seconds, on ``n`` generated prompts of ``task``.
 
@@ -50,8 +82,9 @@ def method_costs(world: tuple[Any, Any], task: str, methods: Sequence[str], ks: 
     from pie_lib.data.tasks import generate_task
     from pie_lib.engine.attribution import count_forwards
     from pie_lib.prune.context import BatchContext, ScoringConfig
-    from pie_lib.prune.methods import MethodParams, get_methods
     from pie_lib.prune.occurrences import tokenize_pairs
+    from pie_lib.prune.params import MethodParams
+    from pie_lib.prune.registry import get_methods
 
     model, clt = world
     pairs = generate_task(task, model.tokenizer, n, seed=data_seed).pairs
@@ -67,8 +100,16 @@ def method_costs(world: tuple[Any, Any], task: str, methods: Sequence[str], ks: 
             BatchContext(model, clt, b, scoring)
             secs += time.perf_counter() - t0
         fw += c.n
-    rows.append({"task": task, "method": "(context)", "k": np.nan, "n_prompts": n_prompts,
-                 "forwards_per_prompt": fw / n_prompts, "seconds_per_prompt": secs / n_prompts})
+    rows.append(
+        {
+            "task": task,
+            "method": "(context)",
+            "k": np.nan,
+            "n_prompts": n_prompts,
+            "forwards_per_prompt": fw / n_prompts,
+            "seconds_per_prompt": secs / n_prompts,
+        }
+    )
     for m in get_methods(list(methods)):
         for k in ks:
             fw, secs = 0, 0.0
@@ -79,13 +120,27 @@ def method_costs(world: tuple[Any, Any], task: str, methods: Sequence[str], ks: 
                     m.select(ctx, int(k), seed, params)
                     secs += time.perf_counter() - t0
                 fw += c.n
-            rows.append({"task": task, "method": m.name, "k": int(k), "n_prompts": n_prompts,
-                         "forwards_per_prompt": fw / n_prompts, "seconds_per_prompt": secs / n_prompts})
+            rows.append(
+                {
+                    "task": task,
+                    "method": m.name,
+                    "k": int(k),
+                    "n_prompts": n_prompts,
+                    "forwards_per_prompt": fw / n_prompts,
+                    "seconds_per_prompt": secs / n_prompts,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def beyond_effective_budget(df: pd.DataFrame, k_refs: Sequence[int], methods: Sequence[str] = NEW_METHODS,
-                            references: Sequence[str] = REFERENCES, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def beyond_effective_budget(
+    df: pd.DataFrame,
+    k_refs: Sequence[int],
+    methods: Sequence[str] = NEW_METHODS,
+    references: Sequence[str] = REFERENCES,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """For each task, new method, reference and ``k_ref``: the K at which the method's mean KL
     curve reaches the reference's mean KL at ``k_ref`` (:func:`pie_lib.stats.effective_budget`,
     no extrapolation: ``inf`` = not reached inside the ladder, NaN = already better at its
@@ -105,14 +160,25 @@ def beyond_effective_budget(df: pd.DataFrame, k_refs: Sequence[int], methods: Se
                 present = [m for m in methods if m in set(d["method"])]
                 if not present:
                     continue
-                res = effective_budget(d, reference=ref, k_ref=int(k_ref), baselines=present, value="kl",
-                                       n_boot=n_boot, seed=seed)
+                res = effective_budget(
+                    d, reference=ref, k_ref=int(k_ref), baselines=present, value="kl", n_boot=n_boot, seed=seed
+                )
                 n_prompts = d.loc[(d["method"] == ref) & (d["k"] == k_ref), "prompt_idx"].nunique()
                 n_seeds = d.loc[(d["method"] == ref) & (d["k"] == k_ref), "seed"].nunique()
                 for r in res.summary.itertuples():
-                    out.append({"task": task, "method": r.baseline, "reference": ref, "k_ref": int(k_ref),
-                                "k_eff": float(r.k_eff), "k_eff_ci_low": float(r.ci_low),
-                                "k_eff_ci_high": float(r.ci_high), "n_prompts": int(n_prompts), "n_seeds": int(n_seeds)})
+                    out.append(
+                        {
+                            "task": task,
+                            "method": r.baseline,
+                            "reference": ref,
+                            "k_ref": int(k_ref),
+                            "k_eff": float(r.k_eff),
+                            "k_eff_ci_low": float(r.ci_low),
+                            "k_eff_ci_high": float(r.ci_high),
+                            "n_prompts": int(n_prompts),
+                            "n_seeds": int(n_seeds),
+                        }
+                    )
     return pd.DataFrame(out, columns=EB_COLUMNS)
 
 
@@ -124,8 +190,9 @@ def _reached(ci_high: float, k_ref: int, d: pd.DataFrame, method: str) -> bool:
     return bool(ci_high <= k_ref / 2)
 
 
-def goal_table(df: pd.DataFrame, eb: pd.DataFrame, costs: pd.DataFrame | None = None, n_boot: int = 2000,
-               seed: int = 0) -> pd.DataFrame:
+def goal_table(
+    df: pd.DataFrame, eb: pd.DataFrame, costs: pd.DataFrame | None = None, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """The goal of issue #17, per task, new method and ``k_ref`` (reference FAP-Synergy):
 
     - ``syn_beats_fap``: FAP-Synergy's mean KL at k_ref is below FAP's, with the paired
@@ -140,11 +207,22 @@ def goal_table(df: pd.DataFrame, eb: pd.DataFrame, costs: pd.DataFrame | None = 
     for r in syn.itertuples():
         d = df[df["task"] == r.task]
         pt = paired_test(d, ("fap", r.k_ref), ("fap-synergy", r.k_ref), value="kl", n_boot=n_boot, seed=seed)
-        row = {"task": r.task, "method": r.method, "k_ref": r.k_ref,
-               "kl_fap": pt.mean_a, "kl_fap_synergy": pt.mean_b, "fap_minus_syn": pt.mean_diff,
-               "fap_minus_syn_ci_low": pt.ci_low, "fap_minus_syn_ci_high": pt.ci_high, "p_t": pt.p_t,
-               "syn_beats_fap": bool(pt.mean_diff > 0), "k_eff": r.k_eff, "k_eff_ci_high": r.k_eff_ci_high,
-               "half_k_ref": r.k_ref / 2, "reached": _reached(r.k_eff_ci_high, r.k_ref, d, r.method)}
+        row = {
+            "task": r.task,
+            "method": r.method,
+            "k_ref": r.k_ref,
+            "kl_fap": pt.mean_a,
+            "kl_fap_synergy": pt.mean_b,
+            "fap_minus_syn": pt.mean_diff,
+            "fap_minus_syn_ci_low": pt.ci_low,
+            "fap_minus_syn_ci_high": pt.ci_high,
+            "p_t": pt.p_t,
+            "syn_beats_fap": bool(pt.mean_diff > 0),
+            "k_eff": r.k_eff,
+            "k_eff_ci_high": r.k_eff_ci_high,
+            "half_k_ref": r.k_ref / 2,
+            "reached": _reached(r.k_eff_ci_high, r.k_ref, d, r.method),
+        }
         if costs is not None:
             c = costs[(costs["task"] == r.task) & (costs["method"] == r.method) & (costs["k"] == r.k_ref)]
             row["forwards_per_prompt"] = float(c["forwards_per_prompt"].iloc[0]) if len(c) else np.nan
@@ -160,10 +238,21 @@ def goal_summary(goal: pd.DataFrame) -> str:
         beats = g[g["syn_beats_fap"]]
         hit = beats[beats["reached"]]["k_ref"].tolist()
         miss = beats[~beats["reached"]]["k_ref"].tolist()
-        lines.append(f"{task:10s} {method:14s} FAP-Synergy beats FAP at k_ref={beats['k_ref'].tolist()}: "
-                     f"goal reached at {hit or 'none'}, not reached at {miss or 'none'}")
+        lines.append(
+            f"{task:10s} {method:14s} FAP-Synergy beats FAP at k_ref={beats['k_ref'].tolist()}: "
+            f"goal reached at {hit or 'none'}, not reached at {miss or 'none'}"
+        )
     return "\n".join(lines)
 
 
-__all__ = ["EB_COLUMNS", "goal_summary", "NEW_METHODS", "REFERENCES", "beyond_effective_budget", "goal_table", "method_costs",
-           "run_beyond"]
+__all__ = [
+    "EB_COLUMNS",
+    "beyond_extra",
+    "goal_summary",
+    "NEW_METHODS",
+    "REFERENCES",
+    "beyond_effective_budget",
+    "goal_table",
+    "method_costs",
+    "run_beyond",
+]

@@ -32,6 +32,7 @@ NOTEBOOKS: tuple[str, ...] = (
     "04_evaluate",
     "05_related_methods",
     "06_sensitivity",
+    "07_beyond",
 )
 
 #: What each notebook writes (toy world names; other models get a ``__<model>`` suffix):
@@ -44,6 +45,7 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "04_evaluate": ("fade_docstring_k50",),
     "05_related_methods": ("related_kl_vs_k", "related_cpr_cmd_runtime", "related_faithfulness_curves"),
     "06_sensitivity": ("sensitivity",),
+    "07_beyond": ("beyond_kl_vs_k", "beyond_effective_budget"),
 }
 TABLES: dict[str, tuple[str, ...]] = {
     "00_toy_world": ("toy_world_card", "toy_world"),
@@ -59,6 +61,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "04_evaluate": ("fade_docstring_k50", "paper_vs_ours"),
     "05_related_methods": ("related_kl_table", "related_cpr_cmd"),
     "06_sensitivity": ("sensitivity",),
+    "07_beyond": ("beyond_kl_table", "beyond_effective_budget", "beyond_costs", "beyond_goal"),
 }
 
 
@@ -170,6 +173,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 #: Start order when several notebooks are ready: the longest chain (01 -> 05) first.
 PRIORITY: tuple[str, ...] = (
     "01_prune",
+    "07_beyond",
     "05_related_methods",
     "06_sensitivity",
     "03_interpret",

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from pie_lib.prune.params import MethodParams
     from pie_lib.prune.select import Budget
 
-#: Modules whose import registers methods: the paper's methods, then the related methods.
-PLUGINS: tuple[str, ...] = ("pie_lib.prune.methods", "pie_lib.prune.related")
+#: Modules whose import registers methods: the paper's methods, the related methods, the methods beyond the paper.
+PLUGINS: tuple[str, ...] = ("pie_lib.prune.methods", "pie_lib.prune.related", "pie_lib.prune.beyond")
 
 Selector = Callable[["BatchContext", "Budget", int, "MethodParams"], "tuple[torch.Tensor, torch.Tensor]"]
 

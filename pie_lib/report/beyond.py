@@ -37,9 +37,18 @@ def plot_beyond_effective_budget(eb: pd.DataFrame, out_dir: str | Path, name: st
             shift = 1.03 if ref == "fap" else 0.97  # keep the two references' bars apart
             x = g["k_ref"].to_numpy(float) * shift
             ok = np.isfinite(y)
-            ax.errorbar(x[ok], y[ok], yerr=[np.clip(y - lo, 0, None)[ok], np.clip(np.nan_to_num(hi, nan=0) - y, 0, None)[ok]],
-                        color=color(method), ls="--" if ref == "fap" else "-", marker="o", ms=3, lw=1.2, capsize=2,
-                        label=f"{label(method)} vs {label(ref)}")
+            ax.errorbar(
+                x[ok],
+                y[ok],
+                yerr=[np.clip(y - lo, 0, None)[ok], np.clip(np.nan_to_num(hi, nan=0) - y, 0, None)[ok]],
+                color=color(method),
+                ls="--" if ref == "fap" else "-",
+                marker="o",
+                ms=3,
+                lw=1.2,
+                capsize=2,
+                label=f"{label(method)} vs {label(ref)}",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("k_ref (reference budget)")
@@ -55,15 +64,24 @@ def plot_beyond_effective_budget(eb: pd.DataFrame, out_dir: str | Path, name: st
 
 def format_beyond_effective_budget(eb: pd.DataFrame) -> pd.DataFrame:
     """Readable table: K_eff [95% CI] per task, method, reference and k_ref."""
+
     def fmt(x: float) -> str:
         return "< ladder" if np.isnan(x) else ("> ladder" if np.isinf(x) else f"{x:.1f}")
 
-    return pd.DataFrame({
-        "Task": eb["task"], "Method": eb["method"].map(label), "Reference": eb["reference"].map(label),
-        "k_ref": eb["k_ref"], "K_eff [95% CI]": [f"{fmt(a)} [{fmt(b)}, {fmt(c)}]" for a, b, c in
-                                                 zip(eb["k_eff"], eb["k_eff_ci_low"], eb["k_eff_ci_high"])],
-        "n prompts": eb["n_prompts"], "n seeds": eb["n_seeds"],
-    })
+    return pd.DataFrame(
+        {
+            "Task": eb["task"],
+            "Method": eb["method"].map(label),
+            "Reference": eb["reference"].map(label),
+            "k_ref": eb["k_ref"],
+            "K_eff [95% CI]": [
+                f"{fmt(a)} [{fmt(b)}, {fmt(c)}]"
+                for a, b, c in zip(eb["k_eff"], eb["k_eff_ci_low"], eb["k_eff_ci_high"])
+            ],
+            "n prompts": eb["n_prompts"],
+            "n seeds": eb["n_seeds"],
+        }
+    )
 
 
 __all__ = ["format_beyond_effective_budget", "plot_beyond_effective_budget"]

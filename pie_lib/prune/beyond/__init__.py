@@ -13,5 +13,13 @@ from pie_lib.prune.beyond.iterative import iterative_select
 from pie_lib.prune.beyond.methods import BEYOND_METHODS
 from pie_lib.prune.beyond.refine import RefineTrace, refine_circuits
 
-__all__ = ["BEYOND_METHODS", "IgConfig", "IterativeConfig", "RefineConfig", "RefineTrace", "fap_ig_scores",
-           "iterative_select", "refine_circuits"]
+__all__ = [
+    "BEYOND_METHODS",
+    "IgConfig",
+    "IterativeConfig",
+    "RefineConfig",
+    "RefineTrace",
+    "fap_ig_scores",
+    "iterative_select",
+    "refine_circuits",
+]

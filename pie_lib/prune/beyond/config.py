@@ -105,7 +105,7 @@ def config_from_extra(cls: type[C], extra: dict | None) -> C:
     for key, value in (extra or {}).items():
         if not key.startswith(prefix):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name not in names:
             valid = ", ".join(prefix + n for n in sorted(names))
             raise BudgetError(f"unknown parameter {key!r}; valid keys: {valid}")

@@ -26,8 +26,17 @@ def fap_ig_scores(ctx: BatchContext, cfg: IgConfig, mode: str | None = None) -> 
 
     def compute() -> torch.Tensor:
         b = ctx.batch
-        pg = path_mlp_out_gradients(ctx.model, b.clean_ids, ctx.evaluator.null_offsets(), b.correct, b.wrong, alphas,
-                                    ctx.cfg.metric, mode, max_rows=cfg.max_rows or None)
+        pg = path_mlp_out_gradients(
+            ctx.model,
+            b.clean_ids,
+            ctx.evaluator.null_offsets(),
+            b.correct,
+            b.wrong,
+            alphas,
+            ctx.cfg.metric,
+            mode,
+            max_rows=cfg.max_rows or None,
+        )
         return ctx.occ.delta(ctx.cfg.corruption).cpu().float() * project_gradients(pg.mean, ctx.rows, ctx.occ)
 
     return ctx.cached(f"fap-ig:{mode}:{cfg.steps}:{cfg.rule}", compute)

@@ -49,8 +49,9 @@ def iterative_select(ctx: BatchContext, k: Budget, cfg: IterativeConfig) -> tupl
         else:
             removed = (~keep).nonzero().squeeze(-1)
             off = ctx.evaluator._offsets(prompt[removed], removed, None, occ.n_prompts)
-            grads, _ = patched_mlp_out_gradients(ctx.model, b.clean_ids, off, b.correct, b.wrong, ctx.cfg.metric,
-                                                 ctx.cfg.gradient)
+            grads, _ = patched_mlp_out_gradients(
+                ctx.model, b.clean_ids, off, b.correct, b.wrong, ctx.cfg.metric, ctx.cfg.gradient
+            )
         s = delta * project_gradients(grads, ctx.rows, occ)
         scores = torch.where(keep, s, scores)
         _, rank = rank_within(prompt, torch.where(keep, s.abs(), neg_inf))

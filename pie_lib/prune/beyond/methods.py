@@ -24,7 +24,8 @@ from pie_lib.prune.beyond.ig import fap_ig_scores
 from pie_lib.prune.beyond.iterative import iterative_select
 from pie_lib.prune.beyond.refine import refine_circuits
 from pie_lib.prune.context import BatchContext
-from pie_lib.prune.methods import METHODS, MethodParams, register_method
+from pie_lib.prune.params import MethodParams
+from pie_lib.prune.registry import load_plugins, register_method
 from pie_lib.prune.select import Budget, budget_per_prompt, topk_global
 
 Selection = tuple[torch.Tensor, torch.Tensor]
@@ -49,20 +50,33 @@ def greedy_refine(ctx: BatchContext, k: Budget, seed: int, params: MethodParams)
     cfg = config_from_extra(RefineConfig, params.extra)
     if cfg.start == "greedy-refine":
         raise BudgetError(f"refine_start={cfg.start!r}: greedy-refine cannot start from itself; name another method")
-    if cfg.start not in METHODS:
-        raise BudgetError(f"refine_start={cfg.start!r} is not a method; choose from {sorted(METHODS)}")
+    methods = load_plugins()
+    if cfg.start not in methods:
+        raise BudgetError(f"refine_start={cfg.start!r} is not a method; choose from {sorted(methods)}")
     kv = budget_per_prompt(k, ctx.occ.n_prompts)
-    keep0, s0 = METHODS[cfg.start].select(ctx, kv, seed, params)
+    keep0, s0 = methods[cfg.start].select(ctx, kv, seed, params)
     keep, trace = refine_circuits(ctx, keep0, s0, cfg)
     ctx.__dict__.setdefault("refine_traces", []).append(trace)  # read by the cost benchmark / notebook
     return keep, s0
 
 
-register_method("fap-ig", fap_ig, False,
-                "FAP-IG: replacement gradient integrated along the corrupted -> clean path (--ig-steps, default 16)")
-register_method("fap-iterative", fap_iterative, False,
-                "FAP re-attributed at the partially pruned point, iter_rounds rounds (default 4)")
-register_method("greedy-refine", greedy_refine, True,
-                "Exact batched swaps on top of a method's top-K (refine_start, default FAP-Synergy; seeded like it)")
+register_method(
+    "fap-ig",
+    fap_ig,
+    False,
+    "FAP-IG: replacement gradient integrated along the corrupted -> clean path (--ig-steps, default 16)",
+)
+register_method(
+    "fap-iterative",
+    fap_iterative,
+    False,
+    "FAP re-attributed at the partially pruned point, iter_rounds rounds (default 4)",
+)
+register_method(
+    "greedy-refine",
+    greedy_refine,
+    True,
+    "Exact batched swaps on top of a method's top-K (refine_start, default FAP-Synergy; seeded like it)",
+)
 
 __all__ = ["BEYOND_METHODS", "fap_ig", "fap_iterative", "greedy_refine"]

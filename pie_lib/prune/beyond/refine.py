@@ -54,7 +54,9 @@ def _check(cfg: RefineConfig) -> None:
         raise BudgetError(f"refine_min_gain={cfg.min_gain}: must be >= 0")
 
 
-def _candidates(prompt: torch.Tensor, eligible: torch.Tensor, key: torch.Tensor, width: int, n_prompts: int) -> torch.Tensor:
+def _candidates(
+    prompt: torch.Tensor, eligible: torch.Tensor, key: torch.Tensor, width: int, n_prompts: int
+) -> torch.Tensor:
     """``[B, width]`` the best ``width`` eligible occurrences of each prompt by descending ``key`` (-1 = none)."""
     neg_inf = torch.tensor(float("-inf"))
     _, rank = rank_within(prompt, torch.where(eligible, key, neg_inf))
@@ -65,8 +67,9 @@ def _candidates(prompt: torch.Tensor, eligible: torch.Tensor, key: torch.Tensor,
     return out
 
 
-def refine_circuits(ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tensor, cfg: RefineConfig
-                    ) -> tuple[torch.Tensor, RefineTrace]:
+def refine_circuits(
+    ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tensor, cfg: RefineConfig
+) -> tuple[torch.Tensor, RefineTrace]:
     """Refine the keep mask ``keep0`` ``[N]`` by exact swaps; boundary order from ``|scores0|`` ``[N]``.
 
     Returns:
@@ -80,7 +83,7 @@ def refine_circuits(ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tenso
     key = scores0.abs().cpu().float()
     keep = keep0.clone().cpu()
     n_kept = torch.bincount(prompt[keep], minlength=B)
-    tabu_in = torch.zeros(len(occ), dtype=torch.bool)   # swapped in: never removed again
+    tabu_in = torch.zeros(len(occ), dtype=torch.bool)  # swapped in: never removed again
     tabu_out = torch.zeros(len(occ), dtype=torch.bool)  # swapped out: never added again
     empty = torch.zeros(0, dtype=torch.long)
 
@@ -106,9 +109,16 @@ def refine_circuits(ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tenso
         if grad_cost:
             rows = active.nonzero().squeeze(-1)  # only the prompts still improving
             dev_rows = rows.to(base.device)
-            g_act, _ = patched_mlp_out_gradients(ctx.model, ctx.batch.clean_ids[rows], base[:, dev_rows],
-                                                 ctx.batch.correct[rows], ctx.batch.wrong[rows], "kl", "full",
-                                                 clean_logits=ev.clean_logits[rows.to(ev.clean_logits.device)])
+            g_act, _ = patched_mlp_out_gradients(
+                ctx.model,
+                ctx.batch.clean_ids[rows],
+                base[:, dev_rows],
+                ctx.batch.correct[rows],
+                ctx.batch.wrong[rows],
+                "kl",
+                "full",
+                clean_logits=ev.clean_logits[rows.to(ev.clean_logits.device)],
+            )
             g = torch.zeros(g_act.shape[0], B, *g_act.shape[2:], dtype=g_act.dtype, device=g_act.device)
             g[:, rows.to(g.device)] = g_act
             d_add = delta * project_gradients(g, ctx.rows, occ)  # first-order KL change of adding back
@@ -116,7 +126,7 @@ def refine_circuits(ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tenso
             in_key, out_key = d_add, -d_add  # remove those whose removal raises KL least; add the most helpful
         else:
             in_key, out_key = -key, key
-        ins = _candidates(prompt, keep & ~tabu_in & active[prompt], in_key, cfg.n_in, B)      # weakest kept
+        ins = _candidates(prompt, keep & ~tabu_in & active[prompt], in_key, cfg.n_in, B)  # weakest kept
         outs = _candidates(prompt, ~keep & ~tabu_out & active[prompt], out_key, cfg.n_out, B)  # strongest left out
         valid = (ins[:, :, None] >= 0) & (outs[:, None, :] >= 0)  # [B, n_in, n_out]
         active &= valid.flatten(1).any(1)
@@ -127,9 +137,13 @@ def refine_circuits(ctx: BatchContext, keep0: torch.Tensor, scores0: torch.Tenso
         b_v, i_v, o_v = valid.nonzero(as_tuple=True)
         rem, add = ins[b_v, i_v], outs[b_v, o_v]
         V = b_v.numel()
-        variants = Variants(prompt=b_v, var=torch.arange(V).repeat_interleave(2), occ=torch.stack([rem, add], 1).flatten(),
-                            complement=torch.zeros(V, dtype=torch.bool),
-                            weight=torch.tensor([1.0, -1.0]).repeat(V))
+        variants = Variants(
+            prompt=b_v,
+            var=torch.arange(V).repeat_interleave(2),
+            occ=torch.stack([rem, add], 1).flatten(),
+            complement=torch.zeros(V, dtype=torch.bool),
+            weight=torch.tensor([1.0, -1.0]).repeat(V),
+        )
         kl = ev.run(variants, extra_offsets=base).kl
         used += torch.bincount(b_v, minlength=B)
         _, r = rank_within(b_v, -kl)  # rank 0 = the prompt's lowest KL (ties: first tried)
