@@ -202,3 +202,26 @@ def test_prune_through_the_worker_equals_local(tiny_worlds, server, one_torch_th
     n_batches = len({(len(p.text_clean.split())) for p in w.pairs[:4]})  # one batch per token length
     print(f"remote prune: {n_requests} requests for {n_batches} batch(es)", remote_.request_summary())
     assert 0 < n_requests <= 8 * n_batches, n_requests  # caches, gradient, a few patch sessions per batch
+
+
+def test_steered_generation_is_one_request(tiny_worlds, server, one_torch_thread):
+    from pie_lib.engine.generation import steered_greedy
+
+    w = tiny_worlds["llama"]
+    rem, loc = _remote(w), w.model
+    ids = _ids(w, 2)
+    off = torch.randn(loc.n_layers, 2, 1, loc.d_model) * 0.5
+    jobs = [(ids, off), (ids[:1], -off[:, :1])]
+    want = steered_greedy(loc, jobs, 4)
+    before = server.requests
+    got = steered_greedy(rem, jobs, 4)
+    assert server.requests - before == 1
+    assert [g.shape for g in got] == [(2, 4), (1, 4)]
+    for g, x in zip(got, want):
+        assert torch.equal(g, x)
+    # the model's own decoding loop equals one full forward per step with the same offsets
+    cur = ids
+    for _ in range(4):
+        logits, _ = patched_last_logits(loc, cur, -off.expand(-1, -1, cur.shape[1], -1))
+        cur = torch.cat([cur, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cur[:, ids.shape[1]:], want[0])

@@ -87,22 +87,22 @@ class LoadedModel:
         A remote trace is one request, counted under ``kind`` (traces inside an engine session are
         opened on ``lm`` directly, in the session's block, and are part of its one request).
         """
-        return self._open(self.lm.trace, inputs, kind, kwargs)
+        if "remote" not in kwargs:
+            kwargs.update(self.remote_kwargs(kind))
+        elif kwargs["remote"] is False:
+            kwargs.pop("remote")
+        return self.lm.trace(*inputs, **kwargs)
 
-    def generate(self, *inputs: Any, kind: str = "generate", **kwargs: Any):
-        """``lm.generate`` (nnsight's generation trace) with this model's ``remote`` setting."""
-        return self._open(self.lm.generate, inputs, kind, kwargs)
-
-    def _open(self, opener: Any, inputs: tuple, kind: str, kwargs: dict) -> Any:
+    def remote_kwargs(self, kind: str = "trace") -> dict[str, Any]:
+        """``{"remote": ...}`` for an nnsight call opened directly on ``lm`` (``lm.generate`` must be
+        the ``with`` statement's own call), counting it as one request when remote."""
+        if self.remote is False:
+            return {}
         from pie_lib.engine import remote as _remote
 
-        kwargs.setdefault("remote", self.remote)
-        if kwargs["remote"] is False:
-            kwargs.pop("remote")
-        else:
-            _remote.ship_rules()
-            _remote.note_request(self, kind)
-        return opener(*inputs, **kwargs)
+        _remote.ship_rules()
+        _remote.note_request(self, kind)
+        return {"remote": self.remote}
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, always starting with BOS.
