@@ -63,8 +63,9 @@ def _why_not() -> str | None:
 
 
 def _up() -> bool:
-    r = subprocess.run(["ip", "netns", "exec", NS, "curl", "-sf", "-m", "3", f"{HOST}/connected"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["ip", "netns", "exec", NS, "curl", "-sf", "-m", "3", f"{HOST}/connected"], capture_output=True, text=True
+    )
     return r.returncode == 0
 
 
@@ -92,8 +93,12 @@ def stack():
         pytest.skip(f"the running stack deployed no model at {model}; stop it (ndif-local.sh stop) and rerun")
     yield model
     if started and os.environ.get("PIE_NDIF_KEEP") != "1":
-        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120,
-                       env={**os.environ, "ROOT": str(ROOT), "NS": NS})
+        subprocess.run(
+            ["bash", str(SCRIPT), "stop"],
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "ROOT": str(ROOT), "NS": NS},
+        )
 
 
 def _pie(args: list[str], remote_model: Path | None = None) -> str:
@@ -101,8 +106,18 @@ def _pie(args: list[str], remote_model: Path | None = None) -> str:
     if remote_model is None:
         cmd = [sys.executable, "-m", "pie_lib", *args]
     else:
-        cmd = ["ip", "netns", "exec", NS, "env", f"NDIF_HOST={HOST}", sys.executable,
-               str(REPO / "tests" / "ndif_client.py"), str(remote_model), *args]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            NS,
+            "env",
+            f"NDIF_HOST={HOST}",
+            sys.executable,
+            str(REPO / "tests" / "ndif_client.py"),
+            str(remote_model),
+            *args,
+        ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return r.stdout + r.stderr
@@ -116,8 +131,24 @@ def _requests(output: str) -> int:
 
 def test_prune_and_interpret_against_the_real_server(stack, tmp_path):
     model, clt = str(stack), str(TOY_GPT2 / "clt")
-    prune = ["prune", "--model", model, "--clt", clt, "--task", "ioi", "--n", "6", "--methods", "fap,fap-synergy",
-             "--k", "4,12", "--seeds", "0", "--no-progress"]
+    prune = [
+        "prune",
+        "--model",
+        model,
+        "--clt",
+        clt,
+        "--task",
+        "ioi",
+        "--n",
+        "6",
+        "--methods",
+        "fap,fap-synergy",
+        "--k",
+        "4,12",
+        "--seeds",
+        "0",
+        "--no-progress",
+    ]
     out_r = _pie([*prune, "--remote", "--out", str(tmp_path / "pr")], remote_model=stack)
     _pie([*prune, "--device", "cpu", "--out", str(tmp_path / "pl")])
     n_prune = _requests(out_r)
@@ -127,12 +158,31 @@ def test_prune_and_interpret_against_the_real_server(stack, tmp_path):
     keys = ["method", "k", "seed", "prompt_idx", "n_active", "n_kept", "pred_change"]
     assert len(rr) == len(rl) == 6 * 2 * 2 and rr[keys].equals(rl[keys])
     assert (rr["kl"] - rl["kl"]).abs().max() <= 1e-5
-    sel = lambda p: [(r["method"], r["k"], r["prompt_idx"], r["occurrences"])  # noqa: E731
-                     for r in map(json.loads, (p / "selections.jsonl").read_text().splitlines())]
+
+    def sel(p):
+        return [
+            (r["method"], r["k"], r["prompt_idx"], r["occurrences"])
+            for r in map(json.loads, (p / "selections.jsonl").read_text().splitlines())
+        ]
+
     assert sel(tmp_path / "pr") == sel(tmp_path / "pl")
 
-    interp = ["interpret", "--model", model, "--clt", clt, "--selections", str(tmp_path / "pr" / "selections.jsonl"),
-              "--method", "fap-synergy", "--k", "4", "--n-docs", "200", "--no-progress"]
+    interp = [
+        "interpret",
+        "--model",
+        model,
+        "--clt",
+        clt,
+        "--selections",
+        str(tmp_path / "pr" / "selections.jsonl"),
+        "--method",
+        "fap-synergy",
+        "--k",
+        "4",
+        "--n-docs",
+        "200",
+        "--no-progress",
+    ]
     out_i = _pie([*interp, "--remote", "--out", str(tmp_path / "ir")], remote_model=stack)
     _pie([*interp, "--device", "cpu", "--out", str(tmp_path / "il")])
     n_interp = _requests(out_i)

@@ -195,7 +195,10 @@ def test_prune_through_the_worker_equals_local(tiny_worlds, server, one_torch_th
     cols = ["method", "k", "seed", "prompt_idx", "n_active", "n_kept"]
     assert rem[cols].equals(local[cols])
     assert (rem["kl"] - local["kl"]).abs().max() <= 1e-5
-    key = lambda r: (r["method"], r["k"], r["prompt_idx"])  # noqa: E731
+
+    def key(r):
+        return (r["method"], r["k"], r["prompt_idx"])
+
     assert sorted(map(lambda r: (key(r), r["occurrences"]), load_selections(tmp_path / "remote"))) == sorted(
         map(lambda r: (key(r), r["occurrences"]), load_selections(tmp_path / "local"))
     )
@@ -224,4 +227,4 @@ def test_steered_generation_is_one_request(tiny_worlds, server, one_torch_thread
     for _ in range(4):
         logits, _ = patched_last_logits(loc, cur, -off.expand(-1, -1, cur.shape[1], -1))
         cur = torch.cat([cur, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(cur[:, ids.shape[1]:], want[0])
+    assert torch.equal(cur[:, ids.shape[1] :], want[0])

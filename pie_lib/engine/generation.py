@@ -17,8 +17,9 @@ from pie_lib.engine.traces import _forward_steps
 from pie_lib.models.loading import LoadedModel
 
 
-def steered_greedy(model: LoadedModel, jobs: list[tuple[torch.Tensor, torch.Tensor]], gen_tokens: int
-                   ) -> list[torch.Tensor]:
+def steered_greedy(
+    model: LoadedModel, jobs: list[tuple[torch.Tensor, torch.Tensor]], gen_tokens: int
+) -> list[torch.Tensor]:
     """Greedy continuations of each job's prompts with its offsets added to every MLP output.
 
     Args:
@@ -34,8 +35,12 @@ def steered_greedy(model: LoadedModel, jobs: list[tuple[torch.Tensor, torch.Tens
     steps = [env for _, _, env in _forward_steps(model, (model.arch.mlp_out,))]
     lm = model.lm
     pad = getattr(model.tokenizer, "pad_token_id", None)
-    kw = {"max_new_tokens": gen_tokens, "do_sample": False, "eos_token_id": None,
-          "pad_token_id": pad if pad is not None else 0}
+    kw = {
+        "max_new_tokens": gen_tokens,
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": pad if pad is not None else 0,
+    }
     work = [(remote_.host(model, ids), remote_.host(model, off)) for ids, off in jobs]
     if not remote_.is_remote(model):
         return [_generate_local(model, steps, ids, off, gen_tokens, kw) for ids, off in work]
@@ -47,18 +52,19 @@ def steered_greedy(model: LoadedModel, jobs: list[tuple[torch.Tensor, torch.Tens
                     for layer, env in enumerate(steps):
                         y = env.output
                         env.output = y + off[layer].to(y.device, y.dtype)
-                results.append(tracer.result[:, ids.shape[1]:])
+                results.append(tracer.result[:, ids.shape[1] :])
     return [r.cpu() for r in results]
 
 
 @torch.no_grad()
-def _generate_local(model: LoadedModel, steps: list[Any], ids: torch.Tensor, off: torch.Tensor, gen_tokens: int,
-                    kw: dict) -> torch.Tensor:
+def _generate_local(
+    model: LoadedModel, steps: list[Any], ids: torch.Tensor, off: torch.Tensor, gen_tokens: int, kw: dict
+) -> torch.Tensor:
     lm = model.lm
     with lm.generate(ids, **kw) as tracer:
         for step in tracer.iter[0:gen_tokens]:
             for layer, env in enumerate(steps):
                 y = env.output
                 env.output = y + off[layer].to(y.device, y.dtype)
-        new = nnsight.save(tracer.result[:, ids.shape[1]:])
+        new = nnsight.save(tracer.result[:, ids.shape[1] :])
     return new.cpu()

@@ -80,8 +80,11 @@ def plan_units(tokenized: list[tuple[list[int], Any]]) -> list[Unit]:
     Args:
         tokenized: ``(seeds, TokenizedPairs)`` per seed group, as the sweep builds them.
     """
-    return [Unit(g, b, tuple(int(s) for s in seeds), tuple(int(p) for p in batch.prompt_idx.tolist()))
-            for g, (seeds, tok) in enumerate(tokenized) for b, batch in enumerate(tok.batches)]
+    return [
+        Unit(g, b, tuple(int(s) for s in seeds), tuple(int(p) for p in batch.prompt_idx.tolist()))
+        for g, (seeds, tok) in enumerate(tokenized)
+        for b, batch in enumerate(tok.batches)
+    ]
 
 
 def assign(units: list[Unit], count: int) -> list[int]:
@@ -97,8 +100,13 @@ def assign(units: list[Unit], count: int) -> list[int]:
 
 def plan_record(units: list[Unit], count: int, methods: list[str], labels: list[str]) -> dict[str, Any]:
     """What ``plan.json`` holds: identical in every shard of one sweep (merge checks that)."""
-    return {"count": count, "methods": list(methods), "labels": list(labels),
-            "units": [asdict(u) for u in units], "owners": assign(units, count)}
+    return {
+        "count": count,
+        "methods": list(methods),
+        "labels": list(labels),
+        "units": [asdict(u) for u in units],
+        "owners": assign(units, count),
+    }
 
 
 def _shard_folders(out: Path) -> list[tuple[Shard, Path]]:
@@ -156,33 +164,45 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
     out = Path(out)
     found = _shard_folders(out)
     if not found:
-        raise OutputPathError(f"{out} holds no shards ({out / SHARDS_DIR}/shard-I-of-N); run pie prune ... --shard I/N first")
+        raise OutputPathError(
+            f"{out} holds no shards ({out / SHARDS_DIR}/shard-I-of-N); run pie prune ... --shard I/N first"
+        )
     counts = sorted({s.count for s, _ in found})
     if len(counts) > 1:
-        raise ConfigMismatchError(f"{out / SHARDS_DIR} mixes sweeps split {counts} ways; keep one split (delete the others)")
+        raise ConfigMismatchError(
+            f"{out / SHARDS_DIR} mixes sweeps split {counts} ways; keep one split (delete the others)"
+        )
     count = counts[0]
     present = {s.index for s, _ in found}
     missing = [f"{i}/{count}" for i in range(count) if i not in present]
     if missing and require_complete:
-        raise OutputPathError(f"{out}: shard(s) {', '.join(missing)} missing; run them (pie prune ... --shard I/{count})")
+        raise OutputPathError(
+            f"{out}: shard(s) {', '.join(missing)} missing; run them (pie prune ... --shard I/{count})"
+        )
     configs = {s.index: _read_json(p / "config.json") for s, p in found}
     plans = {s.index: _read_json(p / "plan.json") for s, p in found}
     first = min(configs)
     identity = configs[first].get("identity")
     for i, cfg in configs.items():
-        if cfg.get("identity") != identity or any(cfg.get(k) != configs[first].get(k) for k in
-                                                  ("methods", "k", "k_frac", "seeds", "model_hash", "clt_hash")):
-            raise ConfigMismatchError(f"shard {i}/{count} of {out} ran another configuration than shard {first}/{count}; "
-                                      "rerun it with the same command")
+        if cfg.get("identity") != identity or any(
+            cfg.get(k) != configs[first].get(k) for k in ("methods", "k", "k_frac", "seeds", "model_hash", "clt_hash")
+        ):
+            raise ConfigMismatchError(
+                f"shard {i}/{count} of {out} ran another configuration than shard {first}/{count}; "
+                "rerun it with the same command"
+            )
         if plans[i] != plans[first]:
-            raise ConfigMismatchError(f"shard {i}/{count} of {out} planned other batches than shard {first}/{count} "
-                                      "(different pairs or batch size); rerun it with the same command")
+            raise ConfigMismatchError(
+                f"shard {i}/{count} of {out} planned other batches than shard {first}/{count} "
+                "(different pairs or batch size); rerun it with the same command"
+            )
     top = out / "config.json"
     if top.exists():
         stored = _read_json(top)
         if stored.get("identity") != identity:
-            raise ConfigMismatchError(f"{out} holds results of a different configuration than its shards; "
-                                      "use a new --out folder")
+            raise ConfigMismatchError(
+                f"{out} holds results of a different configuration than its shards; use a new --out folder"
+            )
     plan = plans[first]
     units = [Unit(u["group"], u["batch"], tuple(u["seeds"]), tuple(u["prompts"])) for u in plan["units"]]
     where: dict[tuple[int, int], tuple[int, int, int]] = {}
@@ -217,7 +237,11 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
             results[key(r)] = r
         for r in read_jsonl(p / "selections.jsonl"):
             selections[key(r)] = r
-        own = sum(u.rows for u, o in zip(units, plan["owners"]) if o == s.index) * len(plan["methods"]) * len(plan["labels"])
+        own = (
+            sum(u.rows for u, o in zip(units, plan["owners"]) if o == s.index)
+            * len(plan["methods"])
+            * len(plan["labels"])
+        )
         have = len({key(r) for r in rows})
         if have < own:
             incomplete.append(f"{s} ({have} of {own} rows)")
@@ -225,7 +249,9 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
         raise OutputPathError(f"{out}: shard(s) {', '.join(incomplete)} not finished; rerun them with the same command")
     lost = [k for k in results if k not in selections]
     if lost:
-        raise DataFormatError(f"{out}: {len(lost)} result row(s) without a selection (e.g. {lost[0]}); rerun that shard")
+        raise DataFormatError(
+            f"{out}: {len(lost)} result row(s) without a selection (e.g. {lost[0]}); rerun that shard"
+        )
 
     res_rows = [r for _, r in sorted(enumerate(results.values()), key=order)]
     sel_rows = [selections[key(r)] for r in res_rows]
@@ -236,6 +262,7 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
     def lines(rows: list[dict[str, Any]]):
         def write(tmp: Path) -> None:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
         return write
 
     # selections first, like the sweep: a row counts as finished once its result is written
