@@ -3,8 +3,9 @@
 Steering feature i of source layer l by factor c adds ``c * a_max * W_dec[l][i, s-l]`` to the MLP
 output of every target layer s of the feature, at every position, at every generation step
 (``a_max`` = the feature's largest natural |activation|). Decoding is greedy. All (feature,
-factor, prompt) combinations run as one batch (chunked by ``batch_size``); each generation step is
-one nnsight trace through :meth:`LoadedModel.trace`, so the model's ``remote`` setting applies.
+factor, prompt) combinations run as one batch (chunked by ``batch_size``); each chunk is one
+nnsight ``generate`` (:func:`pie_lib.engine.generation.steered_greedy`), and remote, all chunks
+together are one request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pie_lib.engine.traces import _logits, _val, _walk_layers
+from pie_lib.engine.generation import steered_greedy
+from pie_lib.engine.remote import is_remote
 from pie_lib.interpret.examples import FeatureKey, features_by_layer
 
 
@@ -69,24 +71,17 @@ def steered_generate(
     u_idx = torch.arange(U).repeat_interleave(K * P)
     c_row = coef.reshape(-1).repeat_interleave(P)
     p_idx = torch.arange(P).repeat(U * K)
-    out = torch.empty(U * K * P, gen_tokens, dtype=torch.long)
-    dev, dtype = model.device, model.dtype
-    chunks = range(0, U * K * P, batch_size)
-    for lo in tqdm(chunks, desc="steered generation", disable=not progress, unit="batch"):
-        hi = min(lo + batch_size, U * K * P)
-        offs = (V[:, u_idx[lo:hi]].cpu() * c_row[lo:hi, None]).to(device=dev, dtype=dtype)[
-            :, :, None, :
-        ]  # [L, b, 1, D]
-        ids = prompt_ids[p_idx[lo:hi]].to(dev)
-        for step in range(gen_tokens):
-
-            def add(layer: int, env: Any) -> None:
-                env.output = env.output + offs[layer]
-
-            with model.trace(ids):
-                _walk_layers(model, {model.arch.mlp_out: add})
-                nxt = _logits(model)[:, -1].argmax(-1).save()
-            nxt = _val(nxt).to(dev)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-        out[lo:hi] = ids[:, prompt_ids.shape[1] :].cpu()
+    chunks = [(lo, min(lo + batch_size, U * K * P)) for lo in range(0, U * K * P, batch_size)]
+    jobs = [
+        (prompt_ids[p_idx[lo:hi]], (V[:, u_idx[lo:hi]].cpu() * c_row[lo:hi, None])[:, :, None, :])  # [L, b, 1, D]
+        for lo, hi in chunks
+    ]
+    if is_remote(model):  # every chunk in one request
+        new = steered_greedy(model, jobs, gen_tokens)
+    else:
+        new = [
+            steered_greedy(model, [job], gen_tokens)[0]
+            for job in tqdm(jobs, desc="steered generation", disable=not progress, unit="batch")
+        ]
+    out = torch.cat(new) if new else torch.empty(0, gen_tokens, dtype=torch.long)
     return out.reshape(U, K, P, gen_tokens)

@@ -33,7 +33,9 @@ from typing import Any, Iterator
 
 import torch
 
+from pie_lib.engine.remote import is_remote
 from pie_lib.engine.traces import _logits, _val, _walk_layers
+from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext
 from pie_lib.prune.related.config import MaskConfig
@@ -122,6 +124,11 @@ def masked_last_logits(model: LoadedModel, input_ids: torch.Tensor, offsets: tor
     Returns:
         ``[B, V]`` last-token logits (float32).
     """
+    if is_remote(model):
+        raise SettingError(
+            "mask-learning methods (edge-pruning, hap, ensemble-seq) backpropagate into offsets built here, "
+            "which cannot cross to an NDIF server; run them without --remote"
+        )
 
     def sub(layer: int, env: Any) -> None:
         env.output = env.output - offsets[layer].to(env.output.dtype)

@@ -20,7 +20,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from pie_lib.engine.remote import is_remote
 from pie_lib.engine.traces import patched_last_logits
+from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.occurrences import Occurrences
@@ -65,6 +67,10 @@ def reduced_precision(
     Yields:
         the indices of the layers that run in reduced precision.
     """
+    if is_remote(model):
+        raise SettingError(
+            "PAHQ swaps weight precision in place, which a remote server's weights cannot do; run it without --remote"
+        )
     dtype = dtype or fast_dtype(model.device)
     keep = {int(i) for i in full_precision_layers}
     layers = get_path(model.hf, model.arch.layers)
