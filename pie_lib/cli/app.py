@@ -14,6 +14,7 @@ from typing import Callable, NoReturn, Sequence
 
 from pie_lib.cli.evaluate import add_evaluate_parser
 from pie_lib.cli.interpret import add_interpret_parser
+from pie_lib.cli.merge import add_merge_parser
 from pie_lib.cli.methods import add_methods_parser
 from pie_lib.cli.prune import add_prune_parser, quiet_progress
 from pie_lib.cli.toy import add_toy_parser
@@ -22,6 +23,7 @@ from pie_lib.errors import PieError
 #: One ``add_*_parser(subparsers)`` per command module, in ``pie --help`` order.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (
     add_prune_parser,
+    add_merge_parser,
     add_interpret_parser,
     add_evaluate_parser,
     add_methods_parser,

@@ -39,10 +39,12 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``pie evaluate``."""
+    from pie_lib.engine.remote import request_count
     from pie_lib.evaluate.protocol import ProtocolConfig, evaluate
 
     pc = ProtocolConfig.named(args.protocol)
     pc.seed = args.seed
+    before = request_count()
     table = evaluate(
         args.descriptions,
         protocol=pc,
@@ -59,4 +61,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{len(table)} features scored ({args.protocol}); means {means}; status {table['status'].value_counts().to_dict()}"
     )
+    if args.remote:
+        print(f"remote requests: {request_count() - before}")
     return 1 if (table["status"] == "request_failed").any() else 0

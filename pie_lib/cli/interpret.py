@@ -55,6 +55,7 @@ def _parse_features(spec: str) -> list[tuple[int, int]]:
 
 def run_interpret(args: argparse.Namespace) -> int:
     """Handler of ``pie interpret``."""
+    from pie_lib.engine.remote import request_count
     from pie_lib.interpret.pipeline import InterpretConfig, interpret
 
     # PieErrors propagate to pie_lib.cli.main, which prints "pie interpret: error: ..." and exits 2
@@ -65,6 +66,7 @@ def run_interpret(args: argparse.Namespace) -> int:
     cfg.explain.max_examples = args.max_examples
     if args.selections is None and args.features is None:
         raise PieError("pie interpret needs --selections (from `pie prune`) or --features")
+    before = request_count()
     table = interpret(
         args.selections,
         features=_parse_features(args.features) if args.features else None,
@@ -86,4 +88,6 @@ def run_interpret(args: argparse.Namespace) -> int:
         f"{int(table['calls'].sum())} calls, {int(table['prompt_tokens'].sum())} + "
         f"{int(table['completion_tokens'].sum())} tokens"
     )
+    if args.remote:
+        print(f"remote requests: {request_count() - before}")
     return 1 if counts.get("request_failed", 0) else 0

@@ -63,6 +63,12 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
         "ens_members=fap,clt-relp, iter_rounds=4, refine_max_forwards=512); see pie_lib/prune/related/config.py "
         "and pie_lib/prune/beyond/config.py",
     )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="compute part I of N (0-based; e.g. $SLURM_ARRAY_TASK_ID/8) into OUT/shards/; combine with `pie merge`",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_prune)
 
@@ -105,6 +111,7 @@ def prune_config_from_args(a: argparse.Namespace):
             extra=_extra(a),
         ),
         progress=not a.no_progress,
+        shard=a.shard,
     )
 
 
@@ -148,11 +155,20 @@ def _key_values(items: list[str]) -> dict[str, str]:
 
 
 def _run_prune(a: argparse.Namespace) -> int:
+    from pie_lib.engine.remote import request_count
+    from pie_lib.prune.shard import parse_shard, shard_folder
     from pie_lib.prune.sweep import run_prune
 
     cfg = prune_config_from_args(a)
+    before = request_count()
     df = run_prune(cfg)
     summary = df.groupby(["method", "budget", "k"], sort=True)["kl"].agg(["mean", "std", "count"])
     print(summary.to_string())
-    print(f"wrote {cfg.out}/results.parquet and {cfg.out}/selections.jsonl ({len(df)} rows)")
+    shard = parse_shard(cfg.shard)
+    folder = shard_folder(cfg.out, shard) if shard else cfg.out
+    print(f"wrote {folder}/results.parquet and {folder}/selections.jsonl ({len(df)} rows)")
+    if shard:
+        print(f"shard {shard} done; when every shard is: pie merge --out {cfg.out}")
+    if cfg.remote:
+        print(f"remote requests: {request_count() - before}")
     return 0

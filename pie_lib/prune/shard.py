@@ -159,7 +159,7 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
             not (it computes what is missing).
     """
     from pie_lib.prune import sweep
-    from pie_lib.store import read_jsonl, write_atomic, write_json
+    from pie_lib.store import read_jsonl, write_json, write_jsonl
 
     out = Path(out)
     found = _shard_folders(out)
@@ -259,15 +259,8 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
     config = {k: v for k, v in configs[first].items() if k != "shard"}
     write_json(config, top)
 
-    def lines(rows: list[dict[str, Any]]):
-        def write(tmp: Path) -> None:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-        return write
-
-    # selections first, like the sweep: a row counts as finished once its result is written
-    write_atomic(out / "selections.jsonl", lines(sel_rows))
-    write_atomic(out / "results.jsonl", lines(res_rows))
+    write_jsonl(out / "selections.jsonl", sel_rows)
+    write_jsonl(out / "results.jsonl", res_rows)
     sweep.finish_folder(out)
     planned = sum(u.rows for u in units) * len(plan["methods"]) * len(plan["labels"])
     done = sum(1 for r in res_rows if order((0, r))[0] == 0)

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pie_lib.data.pairs import Pair, load_pairs
+from pie_lib.engine.remote import is_remote, request_summary, server_dtype
 from pie_lib.errors import (
     BudgetError,
     DataFormatError,
@@ -40,6 +41,7 @@ from pie_lib.prune.occurrences import tokenize_pairs
 from pie_lib.prune.params import MethodParams
 from pie_lib.prune.registry import get_methods
 from pie_lib.prune.retention import evaluate_keep_masks
+from pie_lib.prune.shard import assign, has_shards, merge_shards, parse_shard, plan_record, plan_units, shard_folder
 from pie_lib.store import (
     append_jsonl,
     check_same_config,
@@ -91,6 +93,8 @@ class PruneConfig:
         k: absolute budgets (occurrences per prompt), clipped to the active set with a warning.
         k_frac: budgets as fractions of each prompt's active set (the toy world is small).
         seeds: seeds of the sweep (partner draws, random baseline, generated prompts).
+        shard: "I/N" computes the I-th of N deterministic parts of the rows into
+            ``out/shards/shard-I-of-N/`` (merge with ``pie merge``); None = the whole sweep.
     """
 
     model: str = "toy"
@@ -112,6 +116,7 @@ class PruneConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     params: MethodParams = field(default_factory=MethodParams)
     progress: bool = True
+    shard: str | None = None  # "I/N": compute shard I of N (pie_lib.prune.shard); None = everything
 
     def ladder(self) -> list[tuple[str, float]]:
         """Budget labels and values: ("50", 50) for absolute, ("f0.05", 0.05) for fractions."""
@@ -252,6 +257,8 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     cfg.validate()
     out = Path(cfg.out)
     _check_out(out)
+    shard = parse_shard(cfg.shard)
+    folder = shard_folder(out, shard) if shard else out  # where this run writes (shards never share a file)
     file_pairs = load_pairs(cfg.data, limit=cfg.n if cfg.n else None) if cfg.data else None
     model_path, clt_path = resolve_checkpoints(cfg.model, cfg.clt)
     fingerprints = {
@@ -260,6 +267,8 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
         "data_sha256": file_sha256(cfg.data) if cfg.data else None,
     }
     _check_config(out, cfg, fingerprints)
+    if shard:
+        _check_config(folder, cfg, fingerprints)
     own_clt = clt is None
     if own_clt:  # cheap, so a broken CLT fails before the model is loaded
         clt = load_clt(clt_path, device="cpu")
@@ -268,6 +277,8 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     if own_clt and not cfg.remote:
         clt.to(device=model.device)
     model.check_clt(clt)
+    requests_before = request_summary()
+    remote_info = _remote_check(model, cfg) if is_remote(model) else None
     # When every seed sees the same prompts (a data file, or a fixed data_seed), one batch context
     # serves all seeds and seed-independent methods are selected and evaluated once.
     shared = cfg.data is not None or cfg.data_seed is not None
@@ -287,7 +298,11 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 f"no usable pairs for seeds {seeds}: all {len(pairs)} pair(s) were skipped (e.g. pair {first[0]}: "
                 f"{first[1]}); use longer prompts or a lower --min-tokens"
             )
-    res_path, sel_path = out / "results.jsonl", out / "selections.jsonl"
+    units = plan_units(tokenized)
+    owners = assign(units, shard.count) if shard else [0] * len(units)
+    if not shard and has_shards(out):  # a later unsharded run takes in what shards computed
+        merge_shards(out, require_complete=False)
+    res_path, sel_path = folder / "results.jsonl", folder / "selections.jsonl"
     done = _finished_rows(res_path)
     started = False
 
@@ -297,10 +312,12 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
         if started:
             return
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-        remove_stale_temps(out, ["config.json", "results.parquet"])  # left by a kill during an atomic write
+        remove_stale_temps(folder, ["config.json", "results.parquet"])  # left by a kill during an atomic write
+        if shard:
+            write_json(plan_record(units, shard.count, cfg.methods, [lab for lab, _ in ladder]), folder / "plan.json")
         write_json(
             {
                 "identity": cfg.identity(),
@@ -312,13 +329,15 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 "model_path": model_path,
                 "clt_path": clt_path,
                 **fingerprints,
+                **({"shard": str(shard)} if shard else {}),
             },
-            out / "config.json",
+            folder / "config.json",
         )
         started = True
 
     task_name = "data" if cfg.data else cfg.task
     clipped = 0
+    unit_owner = iter(owners)
     for (seeds, tok), (_, group_pairs) in zip(tokenized, groups):
         # the pair's identity beside its index, so statistics can tell shared prompts from seed-specific ones
         ids = [pair.prompt_id() for pair in group_pairs]
@@ -326,6 +345,8 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
             log.warning("skipped %d pair(s): %s", len(tok.skipped), dict(list(tok.skipped.items())[:3]))
         bar = tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch")
         for batch in bar:
+            if shard and next(unit_owner) != shard.index:
+                continue  # another shard's batch
             pidx = batch.prompt_idx.tolist()
             todo = {
                 seed: [
@@ -373,9 +394,49 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     if clipped:
         warnings.warn(f"{clipped} (prompt, K) budgets exceeded the active set and were clipped to it (k_eff < k)")
     start_folder()  # also when every row was already there
+    if remote_info is not None:
+        _record_remote(folder, remote_info, requests_before)
+    return finish_folder(folder)
+
+
+def finish_folder(out: str | Path) -> pd.DataFrame:
+    """What every run (and ``pie merge``) ends with: ``results.parquet`` from the folder's rows."""
     df = load_results(out)
-    write_parquet(df, out / "results.parquet")
+    write_parquet(df, Path(out) / "results.parquet")
     return df
+
+
+def _remote_check(model: Any, cfg: PruneConfig) -> dict[str, Any]:
+    """The server's precision (probed once), checked against --dtype and FAP-Synergy's need for float32."""
+    dt = str(server_dtype(model)).removeprefix("torch.")
+    if cfg.dtype is not None and str(cfg.dtype).removeprefix("torch.") != dt:
+        raise SettingError(
+            f"--dtype {cfg.dtype}: the NDIF deployment of {cfg.model} runs in {dt}, which a client cannot change; "
+            f"drop --dtype (or pass --dtype {dt}), or run locally"
+        )
+    synergy_f32 = dt == "float32"
+    if "fap-synergy" in cfg.methods and not synergy_f32:
+        warnings.warn(
+            f"FAP-Synergy's M(.) evaluations should run in float32 (spec section 4), but this server runs {dt}: "
+            "its selections can differ from a float32 run on 10-25% of prompts (recorded in config.json)"
+        )
+    return {"server_dtype": dt, "synergy_m_float32": synergy_f32 if "fap-synergy" in cfg.methods else None}
+
+
+def _record_remote(folder: Path, info: dict[str, Any], before: dict[str, Any]) -> None:
+    """Add the server's precision and this run's requests (total and by kind) to ``config.json``."""
+    import json
+
+    now = request_summary()
+    kinds = {k: n - before["by_kind"].get(k, 0) for k, n in now["by_kind"].items()}
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["remote"] = {
+        **info,
+        "requests": now["total"] - before["total"],
+        "by_kind": {k: n for k, n in kinds.items() if n},
+    }
+    write_json(cfg, path)
 
 
 @dataclass
