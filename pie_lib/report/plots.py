@@ -92,8 +92,12 @@ def _methods(df: pd.DataFrame, methods: Sequence[str] | None) -> list[str]:
 
 
 def _summary(df: pd.DataFrame, by: Sequence[str], value: str, n_boot: int) -> pd.DataFrame:
-    from pie_lib.stats import summarize
+    """Mean and CI per group; MIB faithfulness / completeness as ratios of means (their definition)."""
+    from pie_lib.stats import mib_faithfulness, summarize
 
+    if value in ("faithfulness", "completeness") and {"m_clean", "m_null"} <= set(df.columns):
+        s = mib_faithfulness(df, by=by, which=value, n_boot=n_boot, seed=0)
+        return s.rename(columns={value: "mean"})
     d = df.assign(**{value: df[value].astype(float)})
     return summarize(d, by=by, value=value, n_boot=n_boot, seed=0)
 
@@ -289,7 +293,11 @@ def plot_cpr_cmd(cpr: pd.DataFrame, out_dir: str | Path, name: str, runtime: pd.
     y = np.arange(len(methods))
     cols = [color(m) for m in methods]
     for ax, key, title in ((axes[0], "cpr", "CPR ↑"), (axes[1], "cmd", "CMD ↓")):
-        err = c[f"{key}_std"].fillna(0).to_numpy()
+        if f"{key}_ci_low" in c.columns:  # pie_lib.stats.mib_cpr_cmd: areas of the aggregate curve with CIs
+            lo, hi = (c[key] - c[f"{key}_ci_low"]).clip(lower=0), (c[f"{key}_ci_high"] - c[key]).clip(lower=0)
+            err = np.vstack([lo.fillna(0).to_numpy(), hi.fillna(0).to_numpy()])
+        else:
+            err = c[f"{key}_std"].fillna(0).to_numpy()
         ax.barh(y, c[key], xerr=err, color=cols, alpha=0.85, capsize=2)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="x", lw=0.5)
@@ -310,14 +318,18 @@ def plot_faithfulness_curves(curve: pd.DataFrame, out_dir: str | Path, name: str
     """Faithfulness against circuit size fraction per method.
 
     Args:
-        curve: ``pie_lib.prune.related.mib.faithfulness_curve`` rows -- with ``by_prompt=True`` (one row
-            per prompt: the median over prompts and its interquartile band are drawn, robust to
-            prompts whose faithfulness ratio explodes) or the default means.
+        curve: the ``curve`` of :func:`pie_lib.stats.mib_cpr_cmd` (MIB's ratio of means per
+            fraction, with its CI band), or ``pie_lib.prune.related.mib.faithfulness_curve`` rows --
+            with ``by_prompt=True`` (one row per prompt: the median over prompts and its
+            interquartile band) or the default means of per-prompt ratios.
     """
     per_prompt = "prompt_idx" in curve.columns
+    aggregate = "ci_low" in curve.columns  # pie_lib.stats.mib_cpr_cmd's ratio-of-means curve with its CI
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for m in _methods(curve, None):
         c = curve[curve["method"] == m]
+        if aggregate:
+            c = c[c["size_frac"] > 0].rename(columns={"ci_low": "lo", "ci_high": "hi"})
         if per_prompt:
             g = c.groupby(["budget", "k"])
             c = pd.DataFrame(
@@ -330,13 +342,16 @@ def plot_faithfulness_curves(curve: pd.DataFrame, out_dir: str | Path, name: str
             )
         c = c.sort_values("size_frac")
         ax.plot(c["size_frac"], c["faithfulness"], marker="o", ms=3, color=color(m), label=label(m))
-        if per_prompt:
+        if per_prompt or aggregate:
             ax.fill_between(c["size_frac"], c["lo"], c["hi"], color=color(m), alpha=0.08, lw=0)
     ax.axhline(1, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:g}%"))
     ax.set_xlabel("circuit size (fraction of active occurrences)")
-    ax.set_ylabel("faithfulness" + (" (median, IQR)" if per_prompt else " (mean)"))
+    ax.set_ylabel(
+        "faithfulness"
+        + (" (ratio of means, 95% CI)" if aggregate else " (median, IQR)" if per_prompt else " (mean of ratios)")
+    )
     ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3, which="major", lw=0.5)
     fig.tight_layout()

@@ -403,24 +403,33 @@ def paper_comparison(
 
 # --------------------------------------------------------------------------- related / sensitivity / toy
 def cpr_cmd_runtime_table(cpr: pd.DataFrame, runtime: pd.DataFrame | None = None, digits: int = 3) -> pd.DataFrame:
-    """``Method, CPR ↑, CMD ↓, Seconds / prompt`` from ``pie_lib.prune.related.mib.cpr_cmd`` and the
-    runtime rows of :func:`pie_lib.experiments.runtime.time_methods` (``method, seconds_per_prompt``)."""
+    """``Method, CPR ↑, CMD ↓, [Prompts × seeds, Small-gap prompts,] Seconds / prompt`` from
+    :func:`pie_lib.stats.mib_cpr_cmd` (value [95% CI]) or ``pie_lib.prune.related.mib.cpr_cmd``
+    (mean ± std over per-prompt curves) and the runtime rows of
+    :func:`pie_lib.experiments.runtime.time_methods` (``method, seconds_per_prompt``)."""
     rt = (
         runtime.groupby("method")["seconds_per_prompt"].mean()
         if runtime is not None and len(runtime)
         else pd.Series(dtype=float)
     )
     rows = []
+    with_ci = "cpr_ci_low" in cpr.columns  # pie_lib.stats.mib_cpr_cmd (aggregate curve, BCa CIs)
+
+    def ci(r: Any, key: str) -> str:
+        return f"{r[key]:.{digits}f} [{r[f'{key}_ci_low']:.{digits}f}, {r[f'{key}_ci_high']:.{digits}f}]"
+
     for m in _order(cpr["method"], None):
         r = cpr[cpr["method"] == m].iloc[0]
-        rows.append(
-            {
-                "Method": label(m),
-                "CPR ↑": pm(r["cpr"], r["cpr_std"], digits),
-                "CMD ↓": pm(r["cmd"], r["cmd_std"], digits),
-                "Seconds / prompt": f"{rt[m]:.3f}" if m in rt.index else "–",
-            }
-        )
+        row = {
+            "Method": label(m),
+            "CPR ↑": ci(r, "cpr") if with_ci else pm(r["cpr"], r["cpr_std"], digits),
+            "CMD ↓": ci(r, "cmd") if with_ci else pm(r["cmd"], r["cmd_std"], digits),
+        }
+        if with_ci:
+            row["Prompts × seeds"] = f"{int(r['n_prompts'])} × {int(r['n_seeds'])}"
+            row["Small-gap prompts"] = int(r["n_small_gap"])
+        row["Seconds / prompt"] = f"{rt[m]:.3f}" if m in rt.index else "–"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -508,26 +517,59 @@ def metrics_summary(
     df: pd.DataFrame,
     metrics: Sequence[str] = ("kl", "pred_change", "faithfulness", "completeness"),
 ) -> pd.DataFrame:
-    """Mean (NaN-aware) of each metric per (task, budget, K, method), pooled over seeds and prompts.
+    """Each metric per (task, budget, K, method), over prompts (seeds sharing a prompt averaged).
+
+    ``faithfulness`` and ``completeness`` are MIB's ratios of means
+    (:func:`pie_lib.stats.mib_faithfulness`) when the metric columns ``m_clean, m_null`` are
+    there; the mean of per-prompt ratios is kept beside them as ``<metric>_mean_of_ratios``, and
+    ``n_small_gap`` counts prompts with ``|m_clean - m_null| < 0.1``. Other metrics: the mean over
+    prompts (:func:`pie_lib.stats.summarize`).
 
     Returns:
-        ``task, budget, k, method, n, k_eff_mean, <metric>...``.
+        ``task, budget, k, method, n (prompts), n_seeds, k_eff_mean, <metric>...`` and the
+        ratio extras.
     """
-    d = df.assign(**{m: df[m].astype(float) for m in metrics})
-    g = d.groupby(["task", "budget", "k", "method"], sort=True)
-    out = g[list(metrics)].mean()
-    out.insert(0, "k_eff_mean", g["k_eff"].mean())
-    out.insert(0, "n", g.size())
-    return out.reset_index()
+    from pie_lib.stats import mib_faithfulness, summarize
+
+    by = ["task", "budget", "k", "method"]
+    d = df.assign(**{m: df[m].astype(float) for m in metrics}, k_eff=df["k_eff"].astype(float))
+    base = summarize(d, by=by, value="k_eff", n_boot=0)
+    out = base[[*by, "n_prompts", "n_seeds", "mean"]].rename(columns={"n_prompts": "n", "mean": "k_eff_mean"})
+    extras = []
+    for m in metrics:
+        if m in ("faithfulness", "completeness") and {"m_clean", "m_null"} <= set(d.columns):
+            f = mib_faithfulness(d, by=by, which=m, n_boot=0)
+            f = f[[*by, m, "mean_of_ratios", "n_small_gap"]].rename(
+                columns={"mean_of_ratios": f"{m}_mean_of_ratios", "n_small_gap": f"n_small_gap_{m}"}
+            )
+            extras += [f"{m}_mean_of_ratios", f"n_small_gap_{m}"]
+        else:
+            f = d.dropna(subset=[m])
+            f = summarize(f, by=by, value=m, n_boot=0)[[*by, "mean"]].rename(columns={"mean": m}) if len(f) else None
+            if f is None:
+                out[m] = np.nan
+                continue
+        out = out.merge(f, on=by, how="left")
+    return out[[*by, "n", "n_seeds", "k_eff_mean", *metrics, *extras]]
 
 
 def format_metrics_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """Readable :func:`metrics_summary`: paper method names, K as "50" or "5%"."""
+    """Readable :func:`metrics_summary`: paper method names, K as "50" or "5%", n prompts × seeds."""
     t = summary.copy()
     t["method"] = t["method"].map(label)
     t["k"] = [f"{k:g}" if b == "abs" else f"{100 * k:g}%" for k, b in zip(t["k"], t["budget"])]
+    if "n_seeds" in t.columns:
+        t["n"] = [f"{int(n)} × {int(s)}" for n, s in zip(t["n"], t.pop("n_seeds"))]
+    t = t[[c for c in t.columns if not c.endswith("_mean_of_ratios") and not c.startswith("n_small_gap")]]
     t = t.drop(columns="budget").rename(
-        columns={"task": "Task", "k": "K", "method": "Method", "k_eff_mean": "K_eff", "pred_change": "pred. change"}
+        columns={
+            "task": "Task",
+            "k": "K",
+            "method": "Method",
+            "n": "Prompts × seeds",
+            "k_eff_mean": "K_eff",
+            "pred_change": "pred. change",
+        }
     )
     for c in t.columns[4:]:
         t[c] = t[c].map(lambda x: "–" if pd.isna(x) else f"{x:.{digits}f}")

@@ -92,7 +92,7 @@ def mib_faithfulness(
         by: grouping columns (default one row per method and budget). which: the metric.
         min_gap: prompts with ``|m_clean - m_null| < min_gap`` (metric units, e.g. logits) are
             counted in ``n_small_gap``; they stay in the ratio of means, where they cannot blow up.
-        n_boot, seed, level: bootstrap settings.
+        n_boot, seed, level: bootstrap settings (``n_boot=0``: no interval).
     Returns:
         DataFrame ``*by, n_prompts, n_seeds, unit, design, <which>, ci_low, ci_high,
         mean_clean_gap, mean_of_ratios, median_of_ratios, n_small_gap, n_undefined`` (the
@@ -114,7 +114,10 @@ def mib_faithfulness(
         with np.errstate(divide="ignore", invalid="ignore"):
             value = float(num.sum() / den.sum())
             ratios = np.where(den != 0, num / den, np.nan)
-        lo, hi = _ratio_ci(num, den, design.unit_groups(), n_boot, seed, level) if num.size > 1 else (np.nan, np.nan)
+        if num.size > 1 and n_boot > 0:
+            lo, hi = _ratio_ci(num, den, design.unit_groups(), n_boot, seed, level)
+        else:  # n_boot=0: the point estimate only
+            lo, hi = np.nan, np.nan
         rows.append(
             {
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
