@@ -46,6 +46,18 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boundary-cap", type=int, default=32)
     p.add_argument("--partners", type=int, default=32, help="partners per refresh")
     p.add_argument("--partners-per-candidate", type=int, default=8)
+    p.add_argument(
+        "--synergy-precision",
+        choices=["float32", "model"],
+        default="float32",
+        help="dtype of FAP-Synergy's M(.) forwards: float32 whatever the model's dtype (default), or the model's",
+    )
+    p.add_argument(
+        "--synergy-eff-tol",
+        type=float,
+        default=0.0,
+        help="FAP-Synergy uses Syn(c, p) only where both single effects exceed this (paper: > 0)",
+    )
     p.add_argument("--gamma", type=float, default=0.2, help="FAP-Signal γ in (0, 0.5)")
     p.add_argument("--acdc-tau", type=float, default=None, help="ACDC threshold on KL increase")
     p.add_argument(
@@ -105,6 +117,8 @@ def prune_config_from_args(a: argparse.Namespace):
                 boundary_cap=a.boundary_cap,
                 partners=a.partners,
                 partners_per_candidate=a.partners_per_candidate,
+                precision=a.synergy_precision,
+                eff_tol=a.synergy_eff_tol,
             ),
             signal_gamma=a.gamma,
             acdc_tau=a.acdc_tau,

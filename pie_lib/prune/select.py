@@ -8,12 +8,15 @@ stable sorts, so selections are deterministic.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from pie_lib.errors import BudgetError
+from pie_lib.engine.precision import float32_weights, runs_in_float32
+from pie_lib.errors import BudgetError, SettingError
 from pie_lib.prune.occurrences import Occurrences
 from pie_lib.prune.patching import PatchEvaluator, Variants
 
@@ -109,6 +112,18 @@ class SynergyConfig:
     partners: int = 32
     partners_per_candidate: int = 8
     seed: int = 0
+    #: dtype of the M(.) forwards: "float32" whatever the model's dtype (a bfloat16 model is upcast
+    #: for the reranking and restored exactly after), or "model" (the reference's reduced precision).
+    precision: str = "float32"
+    #: a synergy Syn(c, p) is used only where both single effects exceed this (0 = the paper's "> 0");
+    #: a noise tolerance for M(.) in reduced precision.
+    eff_tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "model"):
+            raise SettingError(f"--synergy-precision {self.precision!r}: use 'float32' or 'model'")
+        if not self.eff_tol >= 0:
+            raise SettingError(f"--synergy-eff-tol {self.eff_tol}: must be >= 0")
 
 
 @dataclass
@@ -138,11 +153,19 @@ def synergy_rerank(
     a draw only for candidates with a nonzero write. All single and pair removals of all prompts run
     as two batched rounds of forwards.
 
+    ``cfg.precision="float32"`` (default) runs every M(.) forward in float32 whatever the model's
+    dtype (:func:`float32_synergy`); ``"model"`` keeps the model's dtype, as the reference does
+    (bf16 autocast). ``cfg.eff_tol`` is the noise tolerance of the ``eff > 0`` filters.
+
     Args:
         evaluator: patches the batch; scores: ``[N]`` FAP scores; k: budget.
     Returns:
         keep mask ``[N]`` (and a :class:`SynergyTrace` with ``return_trace``).
     """
+    model = getattr(evaluator, "model", None)  # None: a stand-in evaluator without a model (tests)
+    if cfg.precision == "float32" and model is not None and not runs_in_float32(model):
+        with float32_synergy(evaluator):  # the same rerank, its forwards now in float32
+            return synergy_rerank(evaluator, scores, k, replace(cfg, precision="model"), return_trace)
     occ = evaluator.occ
     kv = budget_per_prompt(k, occ.n_prompts)
     prompt = occ.prompt.cpu()
@@ -206,7 +229,7 @@ def synergy_rerank(
             mates = [int(p["partners"][i]) for i in idxs]
             per_cand.append(mates)
             for m in mates:
-                if eff[m] > 0 and eff[c] > 0:
+                if eff[m] > cfg.eff_tol and eff[c] > cfg.eff_tol:
                     pair_c.append(c)
                     pair_p.append(m)
         draws.append(per_cand)
@@ -261,6 +284,29 @@ def synergy_rerank(
         trace.boosted.append([s for s, _ in cands])
     trace.n_forwards = evaluator.n_forwards - trace.n_forwards
     return (keep, trace) if return_trace else keep
+
+
+_SYNERGY_CACHES = ("_synergy_single", "_synergy_pairs")
+
+
+@contextmanager
+def float32_synergy(evaluator: PatchEvaluator) -> Iterator[None]:
+    """Inside the block ``evaluator``'s forwards run in float32 (:func:`~pie_lib.engine.precision.float32_weights`)
+    against a float32 clean metric, with effect caches of their own (kept across calls, apart from
+    the model-dtype ones), so ``M(S) = m_clean - m(S removed)`` is float32 end to end."""
+    mine = evaluator.__dict__.pop("_synergy_float32", {})
+    saved = {key: evaluator.__dict__.pop(key) for key in _SYNERGY_CACHES if key in evaluator.__dict__}
+    evaluator.__dict__.update(mine.get("caches", {}))
+    m_clean = evaluator.m_clean
+    with float32_weights(evaluator.model):
+        evaluator.m_clean = mine.get("m_clean")  # None: clean_metric() runs the zero-offset forward, in float32
+        try:
+            yield
+        finally:
+            caches = {key: evaluator.__dict__.pop(key) for key in _SYNERGY_CACHES if key in evaluator.__dict__}
+            evaluator.__dict__["_synergy_float32"] = {"m_clean": evaluator.m_clean, "caches": caches}
+            evaluator.m_clean = m_clean
+            evaluator.__dict__.update(saved)
 
 
 def _effect_cache(evaluator: PatchEvaluator, name: str, n: int) -> torch.Tensor:
