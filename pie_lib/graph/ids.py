@@ -9,22 +9,9 @@
 
 from __future__ import annotations
 
-import math
+from pie_lib.clt.naming import cantor, cantor_unpair
 
-
-def cantor(layer: int, feature: int) -> int:
-    """Cantor pairing ``(l + f)(l + f + 1)/2 + f``: one integer per (layer, feature)."""
-    s = int(layer) + int(feature)
-    return s * (s + 1) // 2 + int(feature)
-
-
-def cantor_unpair(z: int) -> tuple[int, int]:
-    """Inverse of :func:`cantor`: ``z -> (layer, feature)``."""
-    if z < 0:
-        raise ValueError(f"a Cantor index is a non-negative integer, got {z}")
-    w = (math.isqrt(8 * int(z) + 1) - 1) // 2
-    feature = int(z) - w * (w + 1) // 2
-    return w - feature, feature
+__all__ = ["cantor", "cantor_unpair", "embedding_node_id", "error_node_id", "feature_node_id", "logit_node_id"]
 
 
 def feature_node_id(layer: int, feature: int, pos: int) -> str:

@@ -1,0 +1,355 @@
+"""Precomputed activation examples in the format the public CLT repositories ship (``features/``).
+
+Layout (facts of the reference's ``HFFeatureStore`` and circuit-tracer's frontend)::
+
+    features/index.json.gz      {"<layer>": {"filename": "<layer file>.bin", "offsets": [o_0, ..., o_F]}, ...}
+    features/<layer file>.bin   records back to back
+
+A record is a 4-byte little-endian length ``n`` and ``n`` bytes of compressed JSON (gzip, zlib or
+raw deflate) holding at least ``examples_quantiles``, ``act_min`` and ``act_max`` -- the fields of
+circuit-tracer's feature page. ``offsets[f]`` is where feature ``f``'s record starts
+(``offsets[f + 1]`` where it ends, when given); a feature without a record has an empty range.
+Features are named by ``cantor(layer, feature)``.
+
+:class:`FeatureStore` reads one record per feature, from a local folder or a Hugging Face repo
+(``repo_id[@revision]``) by HTTP range reads, caching the index and every record on disk.
+:func:`write_feature_store` writes the format, so the toy world ships its own store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Protocol
+
+import numpy as np
+
+from pie_lib.errors import DataFormatError, PieError
+from pie_lib.clt.naming import cantor
+
+log = logging.getLogger("pie_lib.interpret")
+
+Compression = Literal["gzip", "zlib", "deflate"]
+INDEX_NAME = "index.json.gz"
+HEADER = struct.Struct("<I")  # 4-byte little-endian record length
+
+
+class FeatureStoreError(DataFormatError):
+    """A feature store is missing a feature, or its index or a record is unreadable."""
+
+
+def _name(layer: int, feature: int) -> str:
+    return f"feature {layer}/{feature} (cantor {cantor(layer, feature)})"
+
+
+# --------------------------------------------------------------------------- bodies
+def compress_body(obj: Mapping[str, Any], compression: Compression = "gzip") -> bytes:
+    """JSON ``obj`` compressed as a record body."""
+    raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    if compression == "gzip":
+        return gzip.compress(raw, mtime=0)
+    if compression == "zlib":
+        return zlib.compress(raw)
+    if compression == "deflate":
+        c = zlib.compressobj(wbits=-15)
+        return c.compress(raw) + c.flush()
+    raise ValueError(f"unknown compression {compression!r}; use gzip, zlib or deflate")
+
+
+def decompress_body(body: bytes) -> bytes:
+    """Inflate a gzip (magic 1f 8b), zlib (a valid 2-byte header) or raw-deflate body."""
+    if body[:2] == b"\x1f\x8b":
+        return gzip.decompress(body)
+    if len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0:
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            pass  # a raw-deflate stream can start with bytes that look like a zlib header
+    return zlib.decompress(body, wbits=-15)
+
+
+def encode_record(obj: Mapping[str, Any], compression: Compression = "gzip") -> bytes:
+    body = compress_body(obj, compression)
+    return HEADER.pack(len(body)) + body
+
+
+# --------------------------------------------------------------------------- sources
+class ByteSource(Protocol):
+    """Where the store's files come from: whole small files, and byte ranges of big ones."""
+
+    def read(self, name: str) -> bytes: ...
+
+    def read_range(self, name: str, start: int, end: int) -> bytes: ...
+
+    def describe(self) -> str: ...
+
+
+class LocalSource:
+    """A local ``features/`` folder (or a folder holding one)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, name: str) -> bytes:
+        return (self.folder / name).read_bytes()
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        with open(self.folder / name, "rb") as fh:
+            fh.seek(start)
+            return fh.read(max(0, end - start))
+
+    def describe(self) -> str:
+        return str(self.folder)
+
+
+class HubSource:
+    """Files of a Hugging Face repo at a fixed revision, by HTTP range reads, cached on disk.
+
+    Args:
+        repo_id, revision: the repo and the *resolved* commit (so the cache never goes stale).
+        prefix: folder of the store inside the repo (``features``).
+        cache_dir: where the index and fetched records are kept.
+        fs: an fsspec-like filesystem with ``cat_file(path, start=, end=)`` (default
+            ``huggingface_hub.HfFileSystem()``); tests pass a local stand-in.
+    """
+
+    def __init__(self, repo_id: str, revision: str, prefix: str, cache_dir: Path, fs: Any = None) -> None:
+        self.repo_id, self.revision, self.prefix = repo_id, revision, prefix.strip("/")
+        self.cache = cache_dir / repo_id.replace("/", "--") / revision / self.prefix
+        if fs is None:
+            from huggingface_hub import HfFileSystem
+
+            fs = HfFileSystem()
+        self.fs = fs
+
+    def _path(self, name: str) -> str:
+        return f"{self.repo_id}@{self.revision}/{self.prefix}/{name}" if self.prefix else f"{self.repo_id}@{self.revision}/{name}"
+
+    def _cached(self, key: str, fetch: Callable[[], bytes]) -> bytes:
+        path = self.cache / key
+        if path.exists():
+            return path.read_bytes()
+        data = fetch()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return data
+
+    def read(self, name: str) -> bytes:
+        return self._cached(name, lambda: self.fs.cat_file(self._path(name)))
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        return self._cached(f"{name}.ranges/{start}-{end}", lambda: self.fs.cat_file(self._path(name), start=start, end=end))
+
+    def describe(self) -> str:
+        return f"{self.repo_id}@{self.revision}/{self.prefix}"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PIE_FEATURE_STORE_CACHE", Path.home() / ".cache" / "pie_lib" / "feature_store"))
+
+
+# --------------------------------------------------------------------------- reader
+@dataclass
+class LayerIndex:
+    filename: str
+    offsets: list[int]
+
+
+class FeatureStore:
+    """Read feature records (circuit-tracer feature pages) from a store.
+
+    Use :meth:`open` with a local folder or a hub id; ``record(layer, feature)`` returns the decoded
+    JSON; every problem is a one-line :class:`FeatureStoreError` naming the feature.
+    """
+
+    def __init__(self, source: ByteSource, provenance: dict[str, Any] | None = None) -> None:
+        self.source = source
+        self.provenance = provenance or {"store": source.describe()}
+        self._index: dict[int, LayerIndex] | None = None
+
+    @classmethod
+    def open(cls, path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+             fs: Any = None, revision: str | None = None) -> "FeatureStore":
+        """A local folder (holding ``index.json.gz``, or a ``features/`` folder that does), else a hub id
+        ``owner/name[@revision]`` whose ``features/`` folder is read by range requests."""
+        p = Path(path_or_id)
+        if p.exists():
+            folder = p if (p / INDEX_NAME).exists() else p / "features"
+            if not (folder / INDEX_NAME).exists():
+                raise FeatureStoreError(f"--store {p}: no {INDEX_NAME} in it or in {p / 'features'}; "
+                                        "pass the folder of a feature store (see `pie_lib.interpret.feature_store`)")
+            return cls(LocalSource(folder), {"store": str(folder.resolve()), "revision": None})
+        text = str(path_or_id)
+        repo, _, rev = text.partition("@")
+        if repo.count("/") != 1 or repo.startswith((".", "/")):
+            raise FeatureStoreError(f"--store {text}: neither an existing folder nor a hub id like owner/name[@revision]")
+        resolved = rev or revision
+        if fs is None:
+            from pie_lib.provenance import hub_revision
+
+            resolved = hub_revision(repo, revision=resolved) if resolved is None or len(resolved) != 40 else resolved
+            if resolved is None:
+                raise FeatureStoreError(
+                    f"--store {text}: cannot resolve the revision of {repo} (offline and not in the local cache?); "
+                    "connect once, or pass a local folder"
+                )
+        resolved = resolved or "main"
+        src = HubSource(repo, resolved, "features", Path(cache_dir) if cache_dir else default_cache_dir(), fs=fs)
+        return cls(src, {"store": repo, "revision": resolved, "requested_revision": rev or revision})
+
+    # ------------------------------------------------------------------ index
+    def index(self) -> dict[int, LayerIndex]:
+        if self._index is None:
+            where = f"{self.source.describe()}/{INDEX_NAME}"
+            try:
+                raw = json.loads(decompress_body(self.source.read(INDEX_NAME)))
+            except FileNotFoundError:
+                raise FeatureStoreError(f"{where} does not exist; is this a feature store?") from None
+            except (OSError, EOFError, zlib.error, ValueError) as exc:
+                raise FeatureStoreError(f"{where} is corrupt ({type(exc).__name__}: {exc}); re-download or rewrite the store") from None
+            items = enumerate(raw) if isinstance(raw, list) else (raw.items() if isinstance(raw, dict) else None)
+            if items is None:
+                raise FeatureStoreError(f"{where} is corrupt: expected a map layer -> {{filename, offsets}}")
+            out = {}
+            for key, entry in items:
+                try:
+                    out[int(key)] = LayerIndex(str(entry["filename"]), [int(o) for o in entry["offsets"]])
+                except (KeyError, TypeError, ValueError):
+                    raise FeatureStoreError(f"{where} is corrupt: layer {key!r} lacks a filename or integer offsets") from None
+            self._index = out
+        return self._index
+
+    def has(self, layer: int, feature: int) -> bool:
+        ix = self.index().get(int(layer))
+        return ix is not None and self._span(ix, feature) is not None
+
+    @staticmethod
+    def _span(ix: LayerIndex, feature: int) -> tuple[int, int | None] | None:
+        if not 0 <= feature < len(ix.offsets):
+            return None
+        start = ix.offsets[feature]
+        end = ix.offsets[feature + 1] if feature + 1 < len(ix.offsets) else None
+        if start < 0 or (end is not None and end <= start):
+            return None
+        return start, end
+
+    # ------------------------------------------------------------------ records
+    def record(self, layer: int, feature: int) -> dict[str, Any]:
+        """The decoded JSON record of one feature."""
+        name = _name(layer, feature)
+        ix = self.index().get(int(layer))
+        if ix is None:
+            raise FeatureStoreError(f"{name} is not in the store {self.source.describe()}: it has no layer {layer} "
+                                    f"(layers {sorted(self.index())[:3]}...)")
+        span = self._span(ix, int(feature))
+        if span is None:
+            raise FeatureStoreError(f"{name} is missing from the store {self.source.describe()} (no record in {ix.filename}); "
+                                    "use --examples corpus for features the store does not cover")
+        start, end = span
+        try:
+            head = self.source.read_range(ix.filename, start, start + HEADER.size) if end is None else \
+                self.source.read_range(ix.filename, start, end)
+        except FileNotFoundError:
+            raise FeatureStoreError(f"{name}: the store's {ix.filename} is missing") from None
+        if len(head) < HEADER.size:
+            raise FeatureStoreError(f"{name}: truncated record in {ix.filename} at byte {start} (no 4-byte length)")
+        (n,) = HEADER.unpack_from(head)
+        body = head[HEADER.size : HEADER.size + n] if end is not None else \
+            self.source.read_range(ix.filename, start + HEADER.size, start + HEADER.size + n)
+        if len(body) < n:
+            raise FeatureStoreError(f"{name}: truncated record in {ix.filename} at byte {start}: "
+                                    f"{len(body)} of {n} bytes; re-download or rewrite the store")
+        try:
+            obj = json.loads(decompress_body(body))
+        except (OSError, EOFError, zlib.error, ValueError) as exc:
+            raise FeatureStoreError(f"{name}: corrupt record in {ix.filename} at byte {start} ({type(exc).__name__})") from None
+        missing = [k for k in ("examples_quantiles", "act_min", "act_max") if k not in obj]
+        if missing or not isinstance(obj.get("examples_quantiles"), list):
+            raise FeatureStoreError(f"{name}: record lacks {missing or ['examples_quantiles (a list)']}")
+        return obj
+
+    def records(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], dict[str, Any]]:
+        return {(int(l), int(f)): self.record(int(l), int(f)) for l, f in keys}
+
+
+# --------------------------------------------------------------------------- writer
+def write_feature_store(folder: str | os.PathLike, records: Mapping[tuple[int, int], Mapping[str, Any]],
+                        n_features: int | Mapping[int, int], compression: Compression = "gzip",
+                        filename: Callable[[int], str] = lambda l: f"layer_{l}.bin") -> Path:
+    """Write records in the store format; returns the ``features/`` folder written.
+
+    Args:
+        folder: the store's root; files go to ``folder/features/``.
+        records: ``(layer, feature) -> JSON record`` (at least examples_quantiles, act_min, act_max).
+        n_features: features per layer (offsets hold ``F + 1`` entries; absent features get an
+            empty range).
+    """
+    out = Path(folder) / "features"
+    out.mkdir(parents=True, exist_ok=True)
+    layers = sorted({l for l, _ in records})
+    index: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        F = n_features if isinstance(n_features, int) else int(n_features[layer])
+        blobs = {f: encode_record(r, compression) for (l, f), r in records.items() if l == layer}
+        bad = [f for f in blobs if not 0 <= f < F]
+        if bad:
+            raise PieError(f"features {bad[:5]} of layer {layer} are outside 0..{F - 1}")
+        sizes = np.zeros(F, dtype=np.int64)
+        for f, b in blobs.items():
+            sizes[f] = len(b)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        name = filename(layer)
+        tmp = out / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            for f in sorted(blobs):
+                fh.write(blobs[f])
+        os.replace(tmp, out / name)
+        index[str(layer)] = {"filename": name, "offsets": offsets}
+    tmp = out / f".{INDEX_NAME}.tmp"
+    tmp.write_bytes(gzip.compress(json.dumps(index).encode(), mtime=0))
+    os.replace(tmp, out / INDEX_NAME)
+    return out
+
+
+# --------------------------------------------------------------------------- to Stage II's examples
+def record_examples(record: Mapping[str, Any], layer: int, feature: int) -> Any:
+    """A store record as Stage II's :class:`~pie_lib.interpret.examples.FeatureExamples`.
+
+    The first quantile group are the top examples (kind "top"), the others "quantile"; a context's
+    text is its tokens joined, with each token's character span.
+    """
+    from pie_lib.interpret.examples import Example, FeatureExamples
+
+    out = []
+    ctx = 0
+    for qi, q in enumerate(record["examples_quantiles"]):
+        for ex in q.get("examples", []):
+            toks = [str(t) for t in ex["tokens"]]
+            acts = np.asarray(ex["tokens_acts_list"], dtype=np.float32)
+            if acts.shape[0] != len(toks):
+                raise FeatureStoreError(f"{_name(layer, feature)}: an example has {len(toks)} tokens but "
+                                        f"{acts.shape[0]} activations")
+            ends = np.cumsum([len(t) for t in toks]).tolist()
+            starts = [e - len(t) for e, t in zip(ends, toks)]
+            peak = float(acts[int(np.abs(acts).argmax())]) if acts.size else 0.0
+            out.append(Example(ctx, "top" if qi == 0 else "quantile", peak, "".join(toks), starts, ends, acts))
+            ctx += 1
+    # n_active / n_contexts count the examples shown; the store's own frequency is in record_stats
+    return FeatureExamples(layer, feature, float(record["act_max"]), len(out), len(out), out)
+
+
+def record_stats(record: Mapping[str, Any]) -> dict[str, float]:
+    """Stage II's per-feature statistics from a record: max_act, n_active (examples), density
+    (the store's ``activation_frequency``; NaN when the record does not carry it)."""
+    n = sum(len(q.get("examples", [])) for q in record["examples_quantiles"])
+    freq = record.get("activation_frequency")
+    return {"max_act": float(record["act_max"]), "n_active": int(n),
+            "density": float(freq) if freq is not None else float("nan")}
