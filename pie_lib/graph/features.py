@@ -27,7 +27,6 @@ from pie_lib.store import write_json
 log = logging.getLogger("pie_lib.graph")
 
 N_LOGITS = 10
-N_HIST_BINS = 20
 
 
 def logit_effects(model: Any, clt: Any, features: Iterable[tuple[int, int]], n: int = N_LOGITS) -> dict[tuple[int, int], tuple[list[str], list[str]]]:
@@ -50,43 +49,13 @@ def logit_effects(model: Any, clt: Any, features: Iterable[tuple[int, int]], n: 
     return out
 
 
-def _example_json(tokens: list[str], acts: np.ndarray) -> dict[str, Any]:
-    return {"tokens": tokens, "tokens_acts_list": [float(a) for a in acts],
-            "train_token_ind": int(np.abs(acts).argmax()) if acts.size else 0, "is_repeated_datapoint": False}
-
-
 def page_from_examples(fx: Any, dense_acts: np.ndarray | None, transcoder_id: str,
                        logits: tuple[list[str], list[str]]) -> dict[str, Any]:
-    """A feature page from Stage II's :class:`~pie_lib.interpret.examples.FeatureExamples`.
+    """A feature page from Stage II's ``FeatureExamples`` (whole contexts) plus our logits."""
+    from pie_lib.interpret.feature_store import record_from_examples
 
-    Args:
-        dense_acts: ``[N]`` the feature's activation on every corpus context (0 where silent), for
-            ``quantile_values`` (activation at each percentile of the active contexts), the
-            histogram and ``activation_frequency``; None when unknown.
-    """
-    groups: dict[str, list[dict]] = {"Top activations": [], "Quantile samples": []}
-    all_acts = [np.zeros(0)]
-    for e in fx.examples:
-        toks = [e.text[s:t] for s, t in zip(e.starts, e.ends)]
-        acts = np.asarray(e.token_acts, dtype=np.float64)[: len(toks)]
-        all_acts.append(acts)
-        groups["Top activations" if e.kind == "top" else "Quantile samples"].append(_example_json(toks, acts))
-    cat = np.concatenate(all_acts)
-    act_min = float(min(cat.min(), 0.0)) if cat.size else 0.0
-    act_max = float(max(cat.max(), fx.max_act)) if cat.size else float(fx.max_act)
-    if dense_acts is not None and (dense_acts != 0).any():
-        active = dense_acts[dense_acts != 0]
-        qv = np.quantile(active, np.arange(1, 101) / 100).tolist()
-        hist = np.histogram(active, bins=N_HIST_BINS, range=(act_min, act_max if act_max > act_min else act_min + 1))[0]
-        freq = float((dense_acts != 0).mean())
-    else:
-        qv, hist, freq = [], np.zeros(0), float(fx.density)
-    return {
-        "transcoder_id": transcoder_id, "index": cantor(fx.layer, fx.feature),
-        "examples_quantiles": [{"quantile_name": k, "examples": v} for k, v in groups.items() if v],
-        "top_logits": logits[0], "bottom_logits": logits[1], "act_min": act_min, "act_max": act_max,
-        "quantile_values": [float(x) for x in qv], "histogram": [float(x) for x in hist], "activation_frequency": freq,
-    }
+    return {"transcoder_id": transcoder_id, "index": cantor(fx.layer, fx.feature), **record_from_examples(fx, dense_acts),
+            "top_logits": logits[0], "bottom_logits": logits[1]}
 
 
 def page_from_record(record: dict[str, Any], layer: int, feature: int, transcoder_id: str,

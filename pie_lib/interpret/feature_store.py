@@ -319,6 +319,87 @@ def write_feature_store(folder: str | os.PathLike, records: Mapping[tuple[int, i
     return out
 
 
+# --------------------------------------------------------------------------- from Stage II's examples
+N_HIST_BINS = 20
+
+
+def _window(acts: np.ndarray, peak: int, width: int | None) -> slice:
+    if width is None or acts.size <= width:
+        return slice(0, acts.size)
+    lo = min(max(0, peak - width // 2), acts.size - width)
+    return slice(lo, lo + width)
+
+
+def record_from_examples(fx: Any, dense_acts: np.ndarray | None, window: int | None = None) -> dict[str, Any]:
+    """A store record (the example part of a feature page) from Stage II's ``FeatureExamples``.
+
+    Args:
+        fx: :class:`~pie_lib.interpret.examples.FeatureExamples` of one feature.
+        dense_acts: ``[N]`` the feature's activation on every corpus context (0 where silent) for
+            ``quantile_values`` (activation at each percentile of the active contexts), the
+            histogram and ``activation_frequency``; None when unknown (empty / the examples' share).
+        window: keep this many tokens around each example's peak token (None: the whole context).
+    Returns:
+        ``{examples_quantiles, act_min, act_max, quantile_values, histogram, activation_frequency}``.
+    """
+    groups: dict[str, list[dict]] = {"Top activations": [], "Quantile samples": []}
+    all_acts = [np.zeros(0)]
+    for e in fx.examples:
+        toks = [e.text[a:b] for a, b in zip(e.starts, e.ends)]
+        acts = np.asarray(e.token_acts, dtype=np.float64)[: len(toks)]
+        peak = int(np.abs(acts).argmax()) if acts.size else 0
+        w = _window(acts, peak, window)
+        all_acts.append(acts)
+        groups["Top activations" if e.kind == "top" else "Quantile samples"].append({
+            "tokens": toks[w], "tokens_acts_list": [float(a) for a in acts[w]],
+            "train_token_ind": peak - (w.start or 0), "is_repeated_datapoint": False,
+        })
+    cat = np.concatenate(all_acts)
+    act_min = float(min(cat.min(), 0.0)) if cat.size else 0.0
+    act_max = float(max(cat.max(), fx.max_act)) if cat.size else float(fx.max_act)
+    if dense_acts is not None and (dense_acts != 0).any():
+        active = dense_acts[dense_acts != 0]
+        qv = np.quantile(active, np.arange(1, 101) / 100).tolist()
+        hi = act_max if act_max > act_min else act_min + 1.0
+        hist = np.histogram(np.clip(active, act_min, hi), bins=N_HIST_BINS, range=(act_min, hi))[0].tolist()
+        freq = float((dense_acts != 0).mean())
+    else:
+        qv, hist, freq = [], [], float(fx.density)
+    return {
+        "examples_quantiles": [{"quantile_name": k, "examples": v} for k, v in groups.items() if v],
+        "act_min": act_min, "act_max": act_max, "quantile_values": [float(x) for x in qv],
+        "histogram": [float(x) for x in hist], "activation_frequency": freq,
+    }
+
+
+def store_from_corpus(model: Any, clt: Any, out: str | os.PathLike, corpus: Any = None, n_top: int = 8,
+                      n_quantile_bins: int = 2, n_per_quantile: int = 2, window: int | None = 16,
+                      features: Iterable[tuple[int, int]] | None = None, compression: Compression = "gzip",
+                      work_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """Stream a corpus (Stage II's :class:`~pie_lib.interpret.examples.ActivationStore`) and write
+    the examples of ``features`` (default: every feature of the CLT) as a feature store under ``out``."""
+    import tempfile
+
+    from pie_lib.interpret.corpus import CorpusConfig
+    from pie_lib.interpret.examples import ActivationStore, ExampleConfig
+
+    keys = sorted(features) if features is not None else [(l, f) for l in range(clt.n_layers) for f in range(clt.n_features)]
+    ccfg = corpus if isinstance(corpus, CorpusConfig) else CorpusConfig(**({"source": corpus} if corpus else {}))
+    ecfg = ExampleConfig(n_top=n_top, n_quantile_bins=n_quantile_bins, n_per_quantile=n_per_quantile)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        acts = ActivationStore.build(model, clt, keys, Path(tmp) / "examples", ccfg, ecfg,
+                                     {"model": str(getattr(model, "name", "")), "clt": "in-memory"}, progress)
+        examples = acts.select_examples(keys, ecfg)
+        stats = acts.feature_stats(keys)
+        covered = set(zip(examples["layer"].astype(int), examples["feature"].astype(int)))
+        records = {}
+        for key in keys:
+            if key in covered:
+                fx = acts.feature_examples(examples, *key, stats=stats)
+                records[key] = record_from_examples(fx, acts.dense_acts(*key), window)
+    return write_feature_store(out, records, clt.n_features, compression)
+
+
 # --------------------------------------------------------------------------- to Stage II's examples
 def record_examples(record: Mapping[str, Any], layer: int, feature: int) -> Any:
     """A store record as Stage II's :class:`~pie_lib.interpret.examples.FeatureExamples`.
