@@ -43,8 +43,9 @@ class FrozenReplacement:
             y = xf * s * w
         return y.to(x.dtype)
 
-    def _run(self, record: bool, embed_offset: torch.Tensor | None = None,
-             mlp_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(
+        self, record: bool, embed_offset: torch.Tensor | None = None, mlp_offsets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         handles = []
         resid: list[torch.Tensor] = [None] * self.L  # type: ignore[list-item]
 
@@ -60,6 +61,7 @@ class FrozenReplacement:
 
         handles.append(self.layers[0].register_forward_pre_hook(pre_layer0, with_kwargs=True))
         for key, mod in self._norms():
+
             def norm_hook(mod, args, out, key=key):
                 x = args[0]
                 if record:
@@ -76,6 +78,7 @@ class FrozenReplacement:
 
             handles.append(rmod.register_forward_pre_hook(read_resid))
             for p in self.arch.pattern_inputs:
+
                 def pat_hook(mod, args, out, key=f"{l}.{p.path}", frac=p.fraction):
                     if record:
                         self.clean[f"pat:{key}"] = out.detach().clone()

@@ -20,13 +20,31 @@ def _record(layer: int, feature: int) -> dict:
     toks = ["The", " cat", f" f{feature}", " sat"]
     return {
         "examples_quantiles": [
-            {"quantile_name": "Top activations", "examples": [
-                {"tokens": toks, "tokens_acts_list": [0.0, 0.5, 2.0 + layer, 0.0], "train_token_ind": 2,
-                 "is_repeated_datapoint": False}]},
-            {"quantile_name": "Subsample Interval 1", "examples": [
-                {"tokens": toks[:2], "tokens_acts_list": [0.1, 0.2], "train_token_ind": 1, "is_repeated_datapoint": False}]},
+            {
+                "quantile_name": "Top activations",
+                "examples": [
+                    {
+                        "tokens": toks,
+                        "tokens_acts_list": [0.0, 0.5, 2.0 + layer, 0.0],
+                        "train_token_ind": 2,
+                        "is_repeated_datapoint": False,
+                    }
+                ],
+            },
+            {
+                "quantile_name": "Subsample Interval 1",
+                "examples": [
+                    {
+                        "tokens": toks[:2],
+                        "tokens_acts_list": [0.1, 0.2],
+                        "train_token_ind": 1,
+                        "is_repeated_datapoint": False,
+                    }
+                ],
+            },
         ],
-        "act_min": 0.0, "act_max": 2.0 + layer,
+        "act_min": 0.0,
+        "act_max": 2.0 + layer,
     }
 
 
@@ -125,7 +143,7 @@ class _FakeHubFS:
         self.root, self.calls = root, []
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        repo_rev, rel = path.split("/", 2)[:2], path.split("/", 2)[2]
+        rel = path.split("/", 2)[2]
         self.calls.append((path, start, end))
         data = (self.root / rel).read_bytes()
         return data[start:end] if start is not None else data
@@ -151,3 +169,76 @@ def test_hub_range_reads_and_disk_cache(tmp_path):
 def test_cantor():
     assert [cantor(l, f) for l, f in [(0, 0), (1, 0), (0, 1), (3, 5)]] == [0, 1, 2, 41]
     assert all(cantor_unpair(cantor(l, f)) == (l, f) for l in range(30) for f in range(0, 40000, 997))
+
+
+def test_pie_interpret_reads_a_reference_format_store(tiny_worlds, tmp_path, capsys, one_torch_thread):
+    """`pie interpret --examples store --store DIR` on a fixture world, with a store laid out by hand."""
+    from pie_lib.cli import main
+
+    w = tiny_worlds["gpt2"]
+    root = _hand_written_store(tmp_path / "store", _deflate)
+    out = tmp_path / "interp"
+    rc = main(
+        [
+            "interpret",
+            "--features",
+            "0:1,1:3",
+            "--model",
+            str(w.model_dir),
+            "--clt",
+            str(w.clt_dir),
+            "--examples",
+            "store",
+            "--store",
+            str(root),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    import pandas as pd
+
+    d = pd.read_parquet(out / "descriptions.parquet")
+    assert sorted(zip(d.layer, d.feature)) == [(0, 1), (1, 3)] and (d.status == "ok").all()
+    assert d.set_index(["layer", "feature"]).loc[(1, 3), "max_act"] == 3.0
+    assert "f3" in d.set_index(["layer", "feature"]).loc[(1, 3), "description"]  # the example's peak token
+    cfg = json.loads((out / "interpret_config.json").read_text())
+    assert cfg["examples_source"] == "store" and cfg["store"]["store"] == str((root / "features").resolve())
+    assert not (out / "examples").exists()  # nothing streamed
+    # a feature the store lacks: one line naming it, nothing written
+    rc = main(
+        [
+            "interpret",
+            "--features",
+            "0:4",
+            "--model",
+            str(w.model_dir),
+            "--clt",
+            str(w.clt_dir),
+            "--examples",
+            "store",
+            "--store",
+            str(root),
+            "--out",
+            str(tmp_path / "bad"),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "feature 0/4 (cantor 14)" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_toy_world_ships_its_store():
+    from pie_lib.toy import toy_feature_store_path
+
+    st = FeatureStore.open(toy_feature_store_path("llama"))
+    ix = st.index()
+    assert sorted(ix) == [0, 1, 2, 3] and all(len(v.offsets) == 512 + 1 for v in ix.values())
+    have = [(l, f) for l in range(4) for f in range(512) if st.has(l, f)]
+    assert len(have) > 1000
+    rec = st.record(*have[0])
+    ex = rec["examples_quantiles"][0]["examples"][0]
+    assert len(ex["tokens"]) == len(ex["tokens_acts_list"]) and rec["act_max"] >= max(ex["tokens_acts_list"])
+    assert len(rec["quantile_values"]) == 100 and 0 < rec["activation_frequency"] <= 1

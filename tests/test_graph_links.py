@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from replacement_reference import FrozenReplacement
 
 from pie_lib.clt import load_clt
 from pie_lib.graph.attribution import GraphConfig, build_circuit_graph, direct_effects
 from pie_lib.models.loading import load_model
-from replacement_reference import FrozenReplacement
 
 
 def _toy(arch):
@@ -82,8 +82,13 @@ def _check(model, clt, ids, correct, wrong, occ):
         delta = target_values(*ref.rerun(off, zero_m)) - base
         torch.testing.assert_close(delta, -adj[:, K + t], rtol=2e-3, atol=2e-4 * (1 + adj[:, K + t].abs().max()))
     # error sources: the direction of the error at (s, t) is a real-model quantity, recomputed here
-    recon = clt.decode(clt.encode(torch.stack([writes[f"norm_in:{l}.{model.arch.resid_mid}"][0]
-                                               for l in range(L)]).float())) if model.arch.resid_mid in model.arch.norms else None
+    recon = (
+        clt.decode(
+            clt.encode(torch.stack([writes[f"norm_in:{l}.{model.arch.resid_mid}"][0] for l in range(L)]).float())
+        )
+        if model.arch.resid_mid in model.arch.norms
+        else None
+    )
     assert recon is not None
     for s in range(L):
         for t in (1, T - 1):
@@ -114,7 +119,9 @@ def test_links_match_replacement_forward_gemma2(tiny_worlds, one_torch_thread):
     w = tiny_worlds["gemma2"]
     ids = torch.tensor(w.model.tokenize([w.pairs[0].text_clean])[0])
     occ = _pick_occurrences(w.model, w.clt, ids, per_layer=2)
-    _check(w.model, w.clt, ids, w.model.target_token(w.pairs[0].io_clean), w.model.target_token(w.pairs[0].s_clean), occ)
+    _check(
+        w.model, w.clt, ids, w.model.target_token(w.pairs[0].io_clean), w.model.target_token(w.pairs[0].s_clean), occ
+    )
 
 
 def test_a_wrong_gradient_would_fail(one_torch_thread):

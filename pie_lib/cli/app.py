@@ -13,6 +13,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 from pie_lib.cli.evaluate import add_evaluate_parser
+from pie_lib.cli.graph import add_graph_parser
 from pie_lib.cli.interpret import add_interpret_parser
 from pie_lib.cli.merge import add_merge_parser
 from pie_lib.cli.methods import add_methods_parser
@@ -26,6 +27,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (
     add_merge_parser,
     add_interpret_parser,
     add_evaluate_parser,
+    add_graph_parser,
     add_methods_parser,
     add_toy_parser,
 )

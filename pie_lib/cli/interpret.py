@@ -39,6 +39,20 @@ def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--n-top", type=int, default=40, help="top examples kept per feature (default 40)")
     g.add_argument("--max-examples", type=int, default=40, help="examples in the explainer prompt (default 40)")
     g.add_argument("--max-features", type=int, default=None, help="explain only the first N features (smoke runs)")
+    g.add_argument(
+        "--examples",
+        choices=("corpus", "store"),
+        default="corpus",
+        help="corpus: stream --corpus (default); store: read precomputed examples from a feature store "
+        "(the reference's Stage II)",
+    )
+    g.add_argument(
+        "--store",
+        default=None,
+        metavar="PATH_OR_HUB_ID",
+        help="feature store: a local folder or hub id owner/name[@revision] holding features/index.json.gz "
+        "(default: the toy world's store, or the --clt folder / hub id)",
+    )
     add_llm_flags(p)
     p.add_argument("--out", default="pie_out/interpret", help="output folder (default pie_out/interpret)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -81,6 +95,8 @@ def run_interpret(args: argparse.Namespace) -> int:
         out=args.out,
         config=cfg,
         progress=not args.no_progress,
+        examples_source=args.examples,
+        store=args.store,
     )
     counts = table["status"].value_counts().to_dict()
     print(

@@ -60,12 +60,10 @@ class TargetGradients:
     Attributes:
         mlp: ``[L, N, T, D]`` d target_b / d (MLP output of layer s at position t).
         embed: ``[N, T, D]`` d target_b / d (residual stream entering layer 0 at t).
-        value: ``[N]`` the targets' values (pre-activations, or logits) in the clean forward.
     """
 
     mlp: torch.Tensor
     embed: torch.Tensor
-    value: torch.Tensor
 
 
 @dataclass
@@ -110,8 +108,10 @@ def prompt_writes(model: LoadedModel, input_ids: torch.Tensor) -> PromptWrites:
         _walk_layers(model, {arch.resid_mid: read_in, arch.mlp_out: read_out})
         last = _logits(model)[:, -1].save()
     return PromptWrites(
-        embed=_val(emb)[0], resid_mid=torch.stack([_val(r)[0] for r in resid]),
-        mlp_out=torch.stack([_val(m)[0] for m in mlp]), last_logits=_val(last)[0],
+        embed=_val(emb)[0],
+        resid_mid=torch.stack([_val(r)[0] for r in resid]),
+        mlp_out=torch.stack([_val(m)[0] for m in mlp]),
+        last_logits=_val(last)[0],
     )
 
 
@@ -122,7 +122,7 @@ def replacement_target_gradients(model: LoadedModel, input_ids: torch.Tensor, ta
         input_ids: ``[T]`` (or ``[1, T]``) the prompt; it is repeated once per target.
         targets: N target nodes (features' pre-activations and/or last-position logits).
     Returns:
-        :class:`TargetGradients` with ``mlp`` ``[L, N, T, D]``, ``embed`` ``[N, T, D]``, ``value`` ``[N]``.
+        :class:`TargetGradients` with ``mlp`` ``[L, N, T, D]`` and ``embed`` ``[N, T, D]``.
     """
     arch = model.arch
     n = len(targets)
@@ -173,6 +173,7 @@ def replacement_target_gradients(model: LoadedModel, input_ids: torch.Tensor, ta
     actions[arch.resid_mid] = resid_action
     prev = actions.get(arch.mlp_out)
     if prev is not None:  # Gemma-2: mlp_out is a (frozen) norm: freeze, then make the leaf
+
         def both(layer: int, env: Any, prev=prev) -> None:
             prev(layer, env)
             out_action(layer, env)
@@ -194,30 +195,13 @@ def replacement_target_gradients(model: LoadedModel, input_ids: torch.Tensor, ta
         if logit_rows.numel():
             parts.append(logits[logit_rows, tokens[logit_rows]].float().sum())
         total = sum(parts[1:], parts[0])
-        total_saved = total.detach().save()
         with total.backward():
             # only MLP outputs upstream of some target get a gradient; nnsight wants them in reverse order
             for o in reversed(outs[:upstream]):
                 grads.append(o.grad.save())
             g_emb = emb_leaf.grad.save()
-    del total_saved
     got = [_val(g).float() for g in reversed(grads)]
     zero = torch.zeros_like(got[0]) if got else torch.zeros(n, ids.shape[1], model.d_model, device=dev)
     mlp_g = torch.stack(got + [zero] * (model.n_layers - upstream))  # [L, N, T, D]
     emb_g = _val(g_emb).float()
-    value = _target_values(model, input_ids, targets)
-    return TargetGradients(mlp=mlp_g, embed=emb_g, value=value)
-
-
-def _target_values(model: LoadedModel, input_ids: torch.Tensor, targets: GraphTargets) -> torch.Tensor:
-    """The targets' values in the clean forward (pre-activations incl. bias, or logits)."""
-    w = prompt_writes(model, input_ids)
-    out = torch.zeros(len(targets), dtype=torch.float32)
-    is_feat = targets.layer >= 0
-    if is_feat.any():
-        l, t = targets.layer[is_feat], targets.pos[is_feat]
-        x = w.resid_mid[l.to(w.resid_mid.device), t.to(w.resid_mid.device)].float().cpu()
-        out[is_feat] = (x * targets.enc[is_feat].float().cpu()).sum(-1) + targets.bias[is_feat].float().cpu()
-    if (~is_feat).any():
-        out[~is_feat] = w.last_logits.float().cpu()[targets.token[~is_feat]]
-    return out
+    return TargetGradients(mlp=mlp_g, embed=emb_g)

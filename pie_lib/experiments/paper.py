@@ -33,10 +33,13 @@ NOTEBOOKS: tuple[str, ...] = (
     "05_related_methods",
     "06_sensitivity",
     "07_beyond",
+    "08_graph",
 )
 
 #: What each notebook writes (toy world names; other models get a ``__<model>`` suffix):
 #: figures as ``figures/<name>.{png,pdf}``, tables as ``figures/tables/<name>.{csv,md,tex}``.
+#: (08_graph's screenshot ``toy_ioi_circuit`` needs a headless browser -- ``make browser`` -- so it
+#: is regenerated only where one is set up and is not required here.)
 FIGURES: dict[str, tuple[str, ...]] = {
     "00_toy_world": ("toy_clt_quality",),
     "01_prune": ("prune_kl_vs_k", "prune_kl_vs_kfrac", "prune_metrics_vs_kfrac"),

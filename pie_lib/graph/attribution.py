@@ -51,7 +51,9 @@ class GraphConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.edge_threshold < 1.0:
-            raise SettingError(f"--edge-threshold {self.edge_threshold}: must be in [0, 1) (a fraction of the largest |link|)")
+            raise SettingError(
+                f"--edge-threshold {self.edge_threshold}: must be in [0, 1) (a fraction of the largest |link|)"
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise SettingError(f"--batch-size {self.batch_size}: must be a positive integer")
 
@@ -112,8 +114,11 @@ def direct_effects(
     recon = clt.decode(acts.to(clt.dtype)).float().to(writes.mlp_out.device)  # [L, T, D]
     error = writes.mlp_out.float() - recon  # [L, T, D]
     a = acts[lay, pos, feat].cpu() if K else torch.zeros(0)
-    pre = (clt.pre_activations(writes.resid_mid.to(clt.device, clt.dtype)).float()[lay, pos, feat].cpu()
-           if K else torch.zeros(0))
+    pre = (
+        clt.pre_activations(writes.resid_mid.to(clt.device, clt.dtype)).float()[lay, pos, feat].cpu()
+        if K
+        else torch.zeros(0)
+    )
 
     M = targets_tokens.numel()
     tg = GraphTargets(
@@ -141,8 +146,12 @@ def direct_effects(
             adj[lo:hi, idx] = (eff * a[idx].to(gm.device)[:, None]).T.cpu()
         adj[lo:hi, K : K + T] = torch.einsum("td,ntd->nt", emb.to(gm.device), g.embed.to(gm.device)).cpu()
         adj[lo:hi, K + T :] = torch.einsum("std,sntd->nst", error, gm).reshape(hi - lo, L * T).cpu()
-    return adj, {"activation": a, "pre_activation": pre, "logits": writes.last_logits.float().cpu(),
-                 "error_norm": error.norm(dim=-1).cpu()}
+    return adj, {
+        "activation": a,
+        "pre_activation": pre,
+        "logits": writes.last_logits.float().cpu(),
+        "error_norm": error.norm(dim=-1).cpu(),
+    }
 
 
 def node_influence(adj: torch.Tensor, n_nodes_src: int, logit_weights: torch.Tensor) -> torch.Tensor:
@@ -191,8 +200,14 @@ def build_circuit_graph(
     occ = torch.as_tensor(occurrences, dtype=torch.long).reshape(-1, 3)
     ids = input_ids.reshape(-1).cpu()
     T, L = ids.numel(), model.n_layers
-    bad = occ[(occ[:, 0] < 0) | (occ[:, 0] >= L) | (occ[:, 1] < 0) | (occ[:, 1] >= T) | (occ[:, 2] < 0)
-              | (occ[:, 2] >= clt.n_features)]
+    bad = occ[
+        (occ[:, 0] < 0)
+        | (occ[:, 0] >= L)
+        | (occ[:, 1] < 0)
+        | (occ[:, 1] >= T)
+        | (occ[:, 2] < 0)
+        | (occ[:, 2] >= clt.n_features)
+    ]
     if bad.numel():
         raise SettingError(
             f"occurrence {bad[0].tolist()} [layer, position, feature] does not fit this prompt ({T} tokens) and CLT "
@@ -200,7 +215,7 @@ def build_circuit_graph(
         )
     logit_tokens = [int(correct)] if int(correct) == int(wrong) else [int(correct), int(wrong)]
     adj, extra = direct_effects(model, clt, ids, occ, torch.tensor(logit_tokens), cfg.batch_size)
-    K, M = occ.shape[0], len(logit_tokens)
+    K = occ.shape[0]
     probs = torch.softmax(extra["logits"], -1)[torch.tensor(logit_tokens)]
     influence = node_influence(adj, adj.shape[1], probs)
     tok = model.tokenizer
@@ -221,8 +236,11 @@ def build_circuit_graph(
     feature_ids = set(src_ids[:K])
     clash = [src_ids[K + T + j] for j in kept_err.nonzero().squeeze(-1).tolist() if src_ids[K + T + j] in feature_ids]
     if clash:  # "0_{layer}_{pos}" of an error can equal "0_{feature}_{pos}" of a layer-0 feature
-        log.warning("error node(s) %s share an id with a kept layer-0 feature in circuit-tracer's id scheme; "
-                    "they are left out of this graph", clash)
+        log.warning(
+            "error node(s) %s share an id with a kept layer-0 feature in circuit-tracer's id scheme; "
+            "they are left out of this graph",
+            clash,
+        )
         for cid in clash:
             keep[:, src_ids.index(cid, K + T)] = False
         kept_err = keep[:, K + T :].any(0)
@@ -230,32 +248,64 @@ def build_circuit_graph(
     nodes: list[dict] = []
     desc = descriptions or {}
     for j, (l, t, f) in enumerate(occ.tolist()):
-        nodes.append({
-            "node_id": src_ids[j], "feature": cantor(l, f), "layer": str(l), "ctx_idx": t,
-            "feature_type": "cross layer transcoder", "jsNodeId": f"{l}_{f}-0",
-            "clerp": desc.get((l, f), ""), "influence": float(influence[j]), "activation": float(extra["activation"][j]),
-        })
+        nodes.append(
+            {
+                "node_id": src_ids[j],
+                "feature": cantor(l, f),
+                "layer": str(l),
+                "ctx_idx": t,
+                "feature_type": "cross layer transcoder",
+                "jsNodeId": f"{l}_{f}-0",
+                "clerp": desc.get((l, f), ""),
+                "influence": float(influence[j]),
+                "activation": float(extra["activation"][j]),
+            }
+        )
     for t, v in enumerate(ids.tolist()):
-        nodes.append({
-            "node_id": src_ids[K + t], "feature": t, "layer": "E", "ctx_idx": t, "feature_type": "embedding",
-            "jsNodeId": f"E_{v}-{t}", "influence": float(influence[K + t]),
-        })
+        nodes.append(
+            {
+                "node_id": src_ids[K + t],
+                "feature": t,
+                "layer": "E",
+                "ctx_idx": t,
+                "feature_type": "embedding",
+                "jsNodeId": f"E_{v}-{t}",
+                "influence": float(influence[K + t]),
+            }
+        )
     for j in kept_err.nonzero().squeeze(-1).tolist():
         s, t = divmod(j, T)
-        nodes.append({
-            "node_id": src_ids[K + T + j], "feature": -1, "layer": str(s), "ctx_idx": t,
-            "feature_type": "mlp reconstruction error", "jsNodeId": f"{s}_{t}-0",
-            "influence": float(influence[K + T + j]),
-        })
+        nodes.append(
+            {
+                "node_id": src_ids[K + T + j],
+                "feature": -1,
+                "layer": str(s),
+                "ctx_idx": t,
+                "feature_type": "mlp reconstruction error",
+                "jsNodeId": f"{s}_{t}-0",
+                "influence": float(influence[K + T + j]),
+            }
+        )
     for m, v in enumerate(logit_tokens):
         p = float(probs[m])
-        nodes.append({
-            "node_id": tgt_ids[K + m], "feature": v, "layer": str(L + 1), "ctx_idx": T - 1, "feature_type": "logit",
-            "jsNodeId": f"L_{v}-{T - 1}", "token_prob": p, "is_target_logit": m == 0,
-            "clerp": f'Output "{tok.decode([v])}" (p={p:.3f})',
-        })
+        nodes.append(
+            {
+                "node_id": tgt_ids[K + m],
+                "feature": v,
+                "layer": str(L + 1),
+                "ctx_idx": T - 1,
+                "feature_type": "logit",
+                "jsNodeId": f"L_{v}-{T - 1}",
+                "token_prob": p,
+                "is_target_logit": m == 0,
+                "clerp": f'Output "{tok.decode([v])}" (p={p:.3f})',
+            }
+        )
     ti, si = keep.nonzero(as_tuple=True)
-    links = [{"source": src_ids[s], "target": tgt_ids[t], "weight": float(adj[t, s])}
-             for t, s in zip(ti.tolist(), si.tolist())]
-    return CircuitGraph(nodes=nodes, links=links, adjacency=adj, prompt_tokens=prompt_tokens,
-                        source_ids=src_ids, target_ids=tgt_ids)
+    links = [
+        {"source": src_ids[s], "target": tgt_ids[t], "weight": float(adj[t, s])}
+        for t, s in zip(ti.tolist(), si.tolist())
+    ]
+    return CircuitGraph(
+        nodes=nodes, links=links, adjacency=adj, prompt_tokens=prompt_tokens, source_ids=src_ids, target_ids=tgt_ids
+    )

@@ -79,8 +79,9 @@ def _run_config(selections: Path) -> dict[str, Any]:
         raise DataFormatError(f"{path}: not valid JSON ({exc}); rerun `pie prune` to rewrite it") from None
 
 
-def pick_circuits(records: list[dict], method: str, k: float, seed: int | None, prompt_idx: int | None,
-                  all_prompts: bool) -> tuple[int, list[dict]]:
+def pick_circuits(
+    records: list[dict], method: str, k: float, seed: int | None, prompt_idx: int | None, all_prompts: bool
+) -> tuple[int, list[dict]]:
     """The selection records a call asks for (last write wins per prompt), and the seed they share."""
     if (prompt_idx is None) == (not all_prompts):
         raise SettingError("pass exactly one of --prompt-idx I (one prompt) or --all (every prompt)")
@@ -91,8 +92,8 @@ def pick_circuits(records: list[dict], method: str, k: float, seed: int | None, 
     if not mine:
         have = sorted({(str(r.get("method")), float(r.get("k", -1))) for r in latest.values()})
         raise DataFormatError(
-            f"no selections for --method {method} --k {k:g}; the file has (method, K) " +
-            ", ".join(f"({m}, {kk:g})" for m, kk in have[:12])
+            f"no selections for --method {method} --k {k:g}; the file has (method, K) "
+            + ", ".join(f"({m}, {kk:g})" for m, kk in have[:12])
         )
     seeds = sorted({int(r["seed"]) for r in mine})
     if seed is None:
@@ -105,7 +106,9 @@ def pick_circuits(records: list[dict], method: str, k: float, seed: int | None, 
     if prompt_idx is not None:
         mine = [r for r in mine if int(r["prompt_idx"]) == prompt_idx]
         if not mine:
-            raise SettingError(f"--prompt-idx {prompt_idx}: no selection of {method} K={k:g} seed {seed} for that prompt")
+            raise SettingError(
+                f"--prompt-idx {prompt_idx}: no selection of {method} K={k:g} seed {seed} for that prompt"
+            )
     return seed, mine
 
 
@@ -132,16 +135,25 @@ def _descriptions(path: str | None) -> dict[tuple[int, int], str]:
     df = pd.read_parquet(p)
     missing = {"layer", "feature", "description"} - set(df.columns)
     if missing:
-        raise DataFormatError(f"--descriptions {p}: missing column(s) {sorted(missing)}; pass a descriptions.parquet of pie interpret")
-    return {(int(l), int(f)): str(d) for l, f, d in zip(df["layer"], df["feature"], df["description"]) if isinstance(d, str)}
+        raise DataFormatError(
+            f"--descriptions {p}: missing column(s) {sorted(missing)}; pass a descriptions.parquet of pie interpret"
+        )
+    return {
+        (int(l), int(f)): str(d) for l, f, d in zip(df["layer"], df["feature"], df["description"]) if isinstance(d, str)
+    }
 
 
 def graph_file(graph: Any, slug: str, scan: str, prompt: str, extra_meta: dict | None = None) -> dict[str, Any]:
     """The JSON object of one graph file (circuit-tracer's ``frontend/graph_models.Model``)."""
     return {
         "metadata": {
-            "slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": graph.prompt_tokens, "prompt": prompt,
-            "schema_version": SCHEMA_VERSION, **(extra_meta or {}),
+            "slug": slug,
+            "scan": scan,
+            "transcoder_list": [],
+            "prompt_tokens": graph.prompt_tokens,
+            "prompt": prompt,
+            "schema_version": SCHEMA_VERSION,
+            **(extra_meta or {}),
         },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": graph.nodes,
@@ -157,7 +169,9 @@ def update_graph_metadata(out: Path, entries: list[dict]) -> Path:
         try:
             graphs = list(json.loads(path.read_text(encoding="utf-8")).get("graphs", []))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise DataFormatError(f"{path} is corrupt; delete it (pie graph rewrites it for the graphs it writes)") from None
+            raise DataFormatError(
+                f"{path} is corrupt; delete it (pie graph rewrites it for the graphs it writes)"
+            ) from None
     new = {e["slug"] for e in entries}
     graphs = [g for g in graphs if g.get("slug") not in new] + entries
     return write_json({"graphs": graphs}, path)
@@ -195,32 +209,63 @@ def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[P
     for rec in tqdm(chosen, desc="pie graph", disable=not cfg.progress, unit="graph"):
         p_idx = int(rec["prompt_idx"])
         if not 0 <= p_idx < len(pairs):
-            raise DataFormatError(f"selection prompt_idx {p_idx} is outside the run's {len(pairs)} pairs; "
-                                  "was config.json rewritten by another run?")
+            raise DataFormatError(
+                f"selection prompt_idx {p_idx} is outside the run's {len(pairs)} pairs; "
+                "was config.json rewritten by another run?"
+            )
         pair = pairs[p_idx]
         ids = model.tokenize([pair.text_clean])[0]
         import torch
 
-        g = build_circuit_graph(model, clt, torch.tensor(ids), rec["occurrences"], model.target_token(pair.io_clean),
-                                model.target_token(pair.s_clean), cfg.graph, descriptions)
+        g = build_circuit_graph(
+            model,
+            clt,
+            torch.tensor(ids),
+            rec["occurrences"],
+            model.target_token(pair.io_clean),
+            model.target_token(pair.s_clean),
+            cfg.graph,
+            descriptions,
+        )
         slug = slug_for(cfg.method, cfg.k, seed, p_idx)
         obj = graph_file(g, slug, scan, pair.text_clean)
         written.append(write_json(obj, out / f"{slug}.json"))
-        entries.append({k: obj["metadata"][k] for k in ("slug", "scan", "prompt_tokens", "prompt", "schema_version")}
-                       | {"transcoder_list": [], "title_prefix": f"{cfg.method} K={cfg.k:g}"})
+        entries.append(
+            {k: obj["metadata"][k] for k in ("slug", "scan", "prompt_tokens", "prompt", "schema_version")}
+            | {"transcoder_list": [], "title_prefix": f"{cfg.method} K={cfg.k:g}"}
+        )
     update_graph_metadata(out, entries)
-    write_json({"selections": str(sel_path), "method": cfg.method, "k": cfg.k, "seed": seed,
-                "model": model_id, "clt": clt_id, "edge_threshold": cfg.graph.edge_threshold,
-                "descriptions": cfg.descriptions, "run_config": {k: run.get(k) for k in ("model_path", "clt_path",
-                                                                                     "model_hash", "clt_hash")},
-                "versions": run.get("versions")}, out / "graph_config.json")
+    write_json(
+        {
+            "selections": str(sel_path),
+            "method": cfg.method,
+            "k": cfg.k,
+            "seed": seed,
+            "model": model_id,
+            "clt": clt_id,
+            "edge_threshold": cfg.graph.edge_threshold,
+            "descriptions": cfg.descriptions,
+            "run_config": {k: run.get(k) for k in ("model_path", "clt_path", "model_hash", "clt_hash")},
+            "versions": run.get("versions"),
+        },
+        out / "graph_config.json",
+    )
     if cfg.descriptions:
         from pie_lib.graph.features import write_feature_pages
 
         feats = sorted({(int(l), int(f)) for r in chosen for l, _p, f in r["occurrences"]})
-        write_feature_pages(Path(cfg.descriptions).parent, feats, model, clt, out / "features", transcoder_id=str(clt_id))
+        write_feature_pages(
+            Path(cfg.descriptions).parent, feats, model, clt, out / "features", transcoder_id=str(clt_id)
+        )
     return written
 
 
-__all__ = ["GraphRunConfig", "SCHEMA_VERSION", "graph_file", "pick_circuits", "run_graph", "slug_for",
-           "update_graph_metadata"]
+__all__ = [
+    "GraphRunConfig",
+    "SCHEMA_VERSION",
+    "graph_file",
+    "pick_circuits",
+    "run_graph",
+    "slug_for",
+    "update_graph_metadata",
+]

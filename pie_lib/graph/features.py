@@ -29,7 +29,9 @@ log = logging.getLogger("pie_lib.graph")
 N_LOGITS = 10
 
 
-def logit_effects(model: Any, clt: Any, features: Iterable[tuple[int, int]], n: int = N_LOGITS) -> dict[tuple[int, int], tuple[list[str], list[str]]]:
+def logit_effects(
+    model: Any, clt: Any, features: Iterable[tuple[int, int]], n: int = N_LOGITS
+) -> dict[tuple[int, int], tuple[list[str], list[str]]]:
     """Top and bottom ``n`` tokens of ``W_U @ sum_s W_dec[l][i, s-l]`` per feature (one matmul per layer)."""
     W_U = model.hf.get_output_embeddings().weight.detach().float()  # [V, D]
     tok = model.tokenizer
@@ -49,34 +51,51 @@ def logit_effects(model: Any, clt: Any, features: Iterable[tuple[int, int]], n: 
     return out
 
 
-def page_from_examples(fx: Any, dense_acts: np.ndarray | None, transcoder_id: str,
-                       logits: tuple[list[str], list[str]]) -> dict[str, Any]:
+def page_from_examples(
+    fx: Any, dense_acts: np.ndarray | None, transcoder_id: str, logits: tuple[list[str], list[str]]
+) -> dict[str, Any]:
     """A feature page from Stage II's ``FeatureExamples`` (whole contexts) plus our logits."""
     from pie_lib.interpret.feature_store import record_from_examples
 
-    return {"transcoder_id": transcoder_id, "index": cantor(fx.layer, fx.feature), **record_from_examples(fx, dense_acts),
-            "top_logits": logits[0], "bottom_logits": logits[1]}
+    return {
+        "transcoder_id": transcoder_id,
+        "index": cantor(fx.layer, fx.feature),
+        **record_from_examples(fx, dense_acts),
+        "top_logits": logits[0],
+        "bottom_logits": logits[1],
+    }
 
 
-def page_from_record(record: dict[str, Any], layer: int, feature: int, transcoder_id: str,
-                     logits: tuple[list[str], list[str]]) -> dict[str, Any]:
+def page_from_record(
+    record: dict[str, Any], layer: int, feature: int, transcoder_id: str, logits: tuple[list[str], list[str]]
+) -> dict[str, Any]:
     """A feature-store record completed into a feature page (the logits are always ours)."""
     page = {k: record[k] for k in ("examples_quantiles", "act_min", "act_max")}
     missing = [k for k in ("quantile_values", "histogram", "activation_frequency") if k not in record]
     if missing:
-        log.warning("feature %d/%d: the store's record has no %s; its page shows them empty (0 for the frequency)",
-                    layer, feature, ", ".join(missing))
-    page.update({
-        "transcoder_id": transcoder_id, "index": cantor(layer, feature), "top_logits": logits[0],
-        "bottom_logits": logits[1], "quantile_values": [float(x) for x in record.get("quantile_values", [])],
-        "histogram": [float(x) for x in record.get("histogram", [])],
-        "activation_frequency": float(record.get("activation_frequency", 0.0)),
-    })
+        log.warning(
+            "feature %d/%d: the store's record has no %s; its page shows them empty (0 for the frequency)",
+            layer,
+            feature,
+            ", ".join(missing),
+        )
+    page.update(
+        {
+            "transcoder_id": transcoder_id,
+            "index": cantor(layer, feature),
+            "top_logits": logits[0],
+            "bottom_logits": logits[1],
+            "quantile_values": [float(x) for x in record.get("quantile_values", [])],
+            "histogram": [float(x) for x in record.get("histogram", [])],
+            "activation_frequency": float(record.get("activation_frequency", 0.0)),
+        }
+    )
     return page
 
 
-def pages_from_interpret(interpret_dir: str | os.PathLike, features: list[tuple[int, int]], model: Any, clt: Any,
-                         transcoder_id: str) -> dict[tuple[int, int], dict[str, Any]]:
+def pages_from_interpret(
+    interpret_dir: str | os.PathLike, features: list[tuple[int, int]], model: Any, clt: Any, transcoder_id: str
+) -> dict[tuple[int, int], dict[str, Any]]:
     """Feature pages of ``features`` from a ``pie interpret`` output folder (whichever example source it used).
 
     Features the folder does not cover get no page (a warning names them).
@@ -84,7 +103,9 @@ def pages_from_interpret(interpret_dir: str | os.PathLike, features: list[tuple[
     root = Path(interpret_dir)
     cfg_path = root / "interpret_config.json"
     if not cfg_path.exists():
-        raise DataFormatError(f"{cfg_path} is missing; --descriptions must be the descriptions.parquet of a `pie interpret` folder")
+        raise DataFormatError(
+            f"{cfg_path} is missing; --descriptions must be the descriptions.parquet of a `pie interpret` folder"
+        )
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     logits = logit_effects(model, clt, features)
     pages: dict[tuple[int, int], dict[str, Any]] = {}
@@ -121,8 +142,14 @@ def pages_from_interpret(interpret_dir: str | os.PathLike, features: list[tuple[
     return pages
 
 
-def write_feature_pages(interpret_dir: str | os.PathLike, features: list[tuple[int, int]], model: Any, clt: Any,
-                        out_dir: str | os.PathLike, transcoder_id: str) -> list[Path]:
+def write_feature_pages(
+    interpret_dir: str | os.PathLike,
+    features: list[tuple[int, int]],
+    model: Any,
+    clt: Any,
+    out_dir: str | os.PathLike,
+    transcoder_id: str,
+) -> list[Path]:
     """Write ``out_dir/<cantor>.json`` for every feature that has examples; returns the files."""
     out = Path(out_dir)
     pages = pages_from_interpret(interpret_dir, features, model, clt, transcoder_id)

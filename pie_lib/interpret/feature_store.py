@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Protocol
 
 import numpy as np
 
-from pie_lib.errors import DataFormatError, PieError
 from pie_lib.clt.naming import cantor
+from pie_lib.errors import DataFormatError, PieError
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -129,7 +129,11 @@ class HubSource:
         self.fs = fs
 
     def _path(self, name: str) -> str:
-        return f"{self.repo_id}@{self.revision}/{self.prefix}/{name}" if self.prefix else f"{self.repo_id}@{self.revision}/{name}"
+        return (
+            f"{self.repo_id}@{self.revision}/{self.prefix}/{name}"
+            if self.prefix
+            else f"{self.repo_id}@{self.revision}/{name}"
+        )
 
     def _cached(self, key: str, fetch: Callable[[], bytes]) -> bytes:
         path = self.cache / key
@@ -146,10 +150,24 @@ class HubSource:
         return self._cached(name, lambda: self.fs.cat_file(self._path(name)))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
-        return self._cached(f"{name}.ranges/{start}-{end}", lambda: self.fs.cat_file(self._path(name), start=start, end=end))
+        return self._cached(
+            f"{name}.ranges/{start}-{end}", lambda: self.fs.cat_file(self._path(name), start=start, end=end)
+        )
 
     def describe(self) -> str:
         return f"{self.repo_id}@{self.revision}/{self.prefix}"
+
+
+def default_store_for(clt: Any) -> str | os.PathLike:
+    """Where ``--examples store`` looks without ``--store``: the toy world's own store for the toy
+    CLT (``clt`` None), else the CLT's folder or hub id (the public CLT repos carry ``features/``)."""
+    if clt is None:
+        from pie_lib.toy import toy_feature_store_path
+
+        return toy_feature_store_path("llama")
+    if not isinstance(clt, (str, os.PathLike)):
+        raise FeatureStoreError("--examples store with an in-memory CLT needs --store PATH_OR_HUB_ID")
+    return clt
 
 
 def default_cache_dir() -> Path:
@@ -176,21 +194,30 @@ class FeatureStore:
         self._index: dict[int, LayerIndex] | None = None
 
     @classmethod
-    def open(cls, path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-             fs: Any = None, revision: str | None = None) -> "FeatureStore":
+    def open(
+        cls,
+        path_or_id: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        fs: Any = None,
+        revision: str | None = None,
+    ) -> "FeatureStore":
         """A local folder (holding ``index.json.gz``, or a ``features/`` folder that does), else a hub id
         ``owner/name[@revision]`` whose ``features/`` folder is read by range requests."""
         p = Path(path_or_id)
         if p.exists():
             folder = p if (p / INDEX_NAME).exists() else p / "features"
             if not (folder / INDEX_NAME).exists():
-                raise FeatureStoreError(f"--store {p}: no {INDEX_NAME} in it or in {p / 'features'}; "
-                                        "pass the folder of a feature store (see `pie_lib.interpret.feature_store`)")
+                raise FeatureStoreError(
+                    f"--store {p}: no {INDEX_NAME} in it or in {p / 'features'}; "
+                    "pass the folder of a feature store (see `pie_lib.interpret.feature_store`)"
+                )
             return cls(LocalSource(folder), {"store": str(folder.resolve()), "revision": None})
         text = str(path_or_id)
         repo, _, rev = text.partition("@")
         if repo.count("/") != 1 or repo.startswith((".", "/")):
-            raise FeatureStoreError(f"--store {text}: neither an existing folder nor a hub id like owner/name[@revision]")
+            raise FeatureStoreError(
+                f"--store {text}: neither an existing folder nor a hub id like owner/name[@revision]"
+            )
         resolved = rev or revision
         if fs is None:
             from pie_lib.provenance import hub_revision
@@ -214,7 +241,9 @@ class FeatureStore:
             except FileNotFoundError:
                 raise FeatureStoreError(f"{where} does not exist; is this a feature store?") from None
             except (OSError, EOFError, zlib.error, ValueError) as exc:
-                raise FeatureStoreError(f"{where} is corrupt ({type(exc).__name__}: {exc}); re-download or rewrite the store") from None
+                raise FeatureStoreError(
+                    f"{where} is corrupt ({type(exc).__name__}: {exc}); re-download or rewrite the store"
+                ) from None
             items = enumerate(raw) if isinstance(raw, list) else (raw.items() if isinstance(raw, dict) else None)
             if items is None:
                 raise FeatureStoreError(f"{where} is corrupt: expected a map layer -> {{filename, offsets}}")
@@ -223,7 +252,9 @@ class FeatureStore:
                 try:
                     out[int(key)] = LayerIndex(str(entry["filename"]), [int(o) for o in entry["offsets"]])
                 except (KeyError, TypeError, ValueError):
-                    raise FeatureStoreError(f"{where} is corrupt: layer {key!r} lacks a filename or integer offsets") from None
+                    raise FeatureStoreError(
+                        f"{where} is corrupt: layer {key!r} lacks a filename or integer offsets"
+                    ) from None
             self._index = out
         return self._index
 
@@ -247,30 +278,44 @@ class FeatureStore:
         name = _name(layer, feature)
         ix = self.index().get(int(layer))
         if ix is None:
-            raise FeatureStoreError(f"{name} is not in the store {self.source.describe()}: it has no layer {layer} "
-                                    f"(layers {sorted(self.index())[:3]}...)")
+            raise FeatureStoreError(
+                f"{name} is not in the store {self.source.describe()}: it has no layer {layer} "
+                f"(layers {sorted(self.index())[:3]}...)"
+            )
         span = self._span(ix, int(feature))
         if span is None:
-            raise FeatureStoreError(f"{name} is missing from the store {self.source.describe()} (no record in {ix.filename}); "
-                                    "use --examples corpus for features the store does not cover")
+            raise FeatureStoreError(
+                f"{name} is missing from the store {self.source.describe()} (no record in {ix.filename}); "
+                "use --examples corpus for features the store does not cover"
+            )
         start, end = span
         try:
-            head = self.source.read_range(ix.filename, start, start + HEADER.size) if end is None else \
-                self.source.read_range(ix.filename, start, end)
+            head = (
+                self.source.read_range(ix.filename, start, start + HEADER.size)
+                if end is None
+                else self.source.read_range(ix.filename, start, end)
+            )
         except FileNotFoundError:
             raise FeatureStoreError(f"{name}: the store's {ix.filename} is missing") from None
         if len(head) < HEADER.size:
             raise FeatureStoreError(f"{name}: truncated record in {ix.filename} at byte {start} (no 4-byte length)")
         (n,) = HEADER.unpack_from(head)
-        body = head[HEADER.size : HEADER.size + n] if end is not None else \
-            self.source.read_range(ix.filename, start + HEADER.size, start + HEADER.size + n)
+        body = (
+            head[HEADER.size : HEADER.size + n]
+            if end is not None
+            else self.source.read_range(ix.filename, start + HEADER.size, start + HEADER.size + n)
+        )
         if len(body) < n:
-            raise FeatureStoreError(f"{name}: truncated record in {ix.filename} at byte {start}: "
-                                    f"{len(body)} of {n} bytes; re-download or rewrite the store")
+            raise FeatureStoreError(
+                f"{name}: truncated record in {ix.filename} at byte {start}: "
+                f"{len(body)} of {n} bytes; re-download or rewrite the store"
+            )
         try:
             obj = json.loads(decompress_body(body))
         except (OSError, EOFError, zlib.error, ValueError) as exc:
-            raise FeatureStoreError(f"{name}: corrupt record in {ix.filename} at byte {start} ({type(exc).__name__})") from None
+            raise FeatureStoreError(
+                f"{name}: corrupt record in {ix.filename} at byte {start} ({type(exc).__name__})"
+            ) from None
         missing = [k for k in ("examples_quantiles", "act_min", "act_max") if k not in obj]
         if missing or not isinstance(obj.get("examples_quantiles"), list):
             raise FeatureStoreError(f"{name}: record lacks {missing or ['examples_quantiles (a list)']}")
@@ -281,9 +326,13 @@ class FeatureStore:
 
 
 # --------------------------------------------------------------------------- writer
-def write_feature_store(folder: str | os.PathLike, records: Mapping[tuple[int, int], Mapping[str, Any]],
-                        n_features: int | Mapping[int, int], compression: Compression = "gzip",
-                        filename: Callable[[int], str] = lambda l: f"layer_{l}.bin") -> Path:
+def write_feature_store(
+    folder: str | os.PathLike,
+    records: Mapping[tuple[int, int], Mapping[str, Any]],
+    n_features: int | Mapping[int, int],
+    compression: Compression = "gzip",
+    filename: Callable[[int], str] = lambda l: f"layer_{l}.bin",
+) -> Path:
     """Write records in the store format; returns the ``features/`` folder written.
 
     Args:
@@ -345,15 +394,21 @@ def record_from_examples(fx: Any, dense_acts: np.ndarray | None, window: int | N
     groups: dict[str, list[dict]] = {"Top activations": [], "Quantile samples": []}
     all_acts = [np.zeros(0)]
     for e in fx.examples:
-        toks = [e.text[a:b] for a, b in zip(e.starts, e.ends)]
+        # each token carries the whitespace before it, so the tokens joined give the context's text back
+        cuts = [e.starts[0] if len(e.starts) else 0] + list(e.ends)
+        toks = [e.text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
         acts = np.asarray(e.token_acts, dtype=np.float64)[: len(toks)]
         peak = int(np.abs(acts).argmax()) if acts.size else 0
         w = _window(acts, peak, window)
         all_acts.append(acts)
-        groups["Top activations" if e.kind == "top" else "Quantile samples"].append({
-            "tokens": toks[w], "tokens_acts_list": [float(a) for a in acts[w]],
-            "train_token_ind": peak - (w.start or 0), "is_repeated_datapoint": False,
-        })
+        groups["Top activations" if e.kind == "top" else "Quantile samples"].append(
+            {
+                "tokens": toks[w],
+                "tokens_acts_list": [float(a) for a in acts[w]],
+                "train_token_ind": peak - (w.start or 0),
+                "is_repeated_datapoint": False,
+            }
+        )
     cat = np.concatenate(all_acts)
     act_min = float(min(cat.min(), 0.0)) if cat.size else 0.0
     act_max = float(max(cat.max(), fx.max_act)) if cat.size else float(fx.max_act)
@@ -367,15 +422,28 @@ def record_from_examples(fx: Any, dense_acts: np.ndarray | None, window: int | N
         qv, hist, freq = [], [], float(fx.density)
     return {
         "examples_quantiles": [{"quantile_name": k, "examples": v} for k, v in groups.items() if v],
-        "act_min": act_min, "act_max": act_max, "quantile_values": [float(x) for x in qv],
-        "histogram": [float(x) for x in hist], "activation_frequency": freq,
+        "act_min": act_min,
+        "act_max": act_max,
+        "quantile_values": [float(x) for x in qv],
+        "histogram": [float(x) for x in hist],
+        "activation_frequency": freq,
     }
 
 
-def store_from_corpus(model: Any, clt: Any, out: str | os.PathLike, corpus: Any = None, n_top: int = 8,
-                      n_quantile_bins: int = 2, n_per_quantile: int = 2, window: int | None = 16,
-                      features: Iterable[tuple[int, int]] | None = None, compression: Compression = "gzip",
-                      work_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+def store_from_corpus(
+    model: Any,
+    clt: Any,
+    out: str | os.PathLike,
+    corpus: Any = None,
+    n_top: int = 8,
+    n_quantile_bins: int = 2,
+    n_per_quantile: int = 2,
+    window: int | None = 16,
+    features: Iterable[tuple[int, int]] | None = None,
+    compression: Compression = "gzip",
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
     """Stream a corpus (Stage II's :class:`~pie_lib.interpret.examples.ActivationStore`) and write
     the examples of ``features`` (default: every feature of the CLT) as a feature store under ``out``."""
     import tempfile
@@ -383,12 +451,24 @@ def store_from_corpus(model: Any, clt: Any, out: str | os.PathLike, corpus: Any 
     from pie_lib.interpret.corpus import CorpusConfig
     from pie_lib.interpret.examples import ActivationStore, ExampleConfig
 
-    keys = sorted(features) if features is not None else [(l, f) for l in range(clt.n_layers) for f in range(clt.n_features)]
+    keys = (
+        sorted(features)
+        if features is not None
+        else [(l, f) for l in range(clt.n_layers) for f in range(clt.n_features)]
+    )
     ccfg = corpus if isinstance(corpus, CorpusConfig) else CorpusConfig(**({"source": corpus} if corpus else {}))
     ecfg = ExampleConfig(n_top=n_top, n_quantile_bins=n_quantile_bins, n_per_quantile=n_per_quantile)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        acts = ActivationStore.build(model, clt, keys, Path(tmp) / "examples", ccfg, ecfg,
-                                     {"model": str(getattr(model, "name", "")), "clt": "in-memory"}, progress)
+        acts = ActivationStore.build(
+            model,
+            clt,
+            keys,
+            Path(tmp) / "examples",
+            ccfg,
+            ecfg,
+            {"model": str(getattr(model, "name", "")), "clt": "in-memory"},
+            progress,
+        )
         examples = acts.select_examples(keys, ecfg)
         stats = acts.feature_stats(keys)
         covered = set(zip(examples["layer"].astype(int), examples["feature"].astype(int)))
@@ -416,8 +496,9 @@ def record_examples(record: Mapping[str, Any], layer: int, feature: int) -> Any:
             toks = [str(t) for t in ex["tokens"]]
             acts = np.asarray(ex["tokens_acts_list"], dtype=np.float32)
             if acts.shape[0] != len(toks):
-                raise FeatureStoreError(f"{_name(layer, feature)}: an example has {len(toks)} tokens but "
-                                        f"{acts.shape[0]} activations")
+                raise FeatureStoreError(
+                    f"{_name(layer, feature)}: an example has {len(toks)} tokens but {acts.shape[0]} activations"
+                )
             ends = np.cumsum([len(t) for t in toks]).tolist()
             starts = [e - len(t) for e, t in zip(ends, toks)]
             peak = float(acts[int(np.abs(acts).argmax())]) if acts.size else 0.0
@@ -432,5 +513,50 @@ def record_stats(record: Mapping[str, Any]) -> dict[str, float]:
     (the store's ``activation_frequency``; NaN when the record does not carry it)."""
     n = sum(len(q.get("examples", [])) for q in record["examples_quantiles"])
     freq = record.get("activation_frequency")
-    return {"max_act": float(record["act_max"]), "n_active": int(n),
-            "density": float(freq) if freq is not None else float("nan")}
+    return {
+        "max_act": float(record["act_max"]),
+        "n_active": int(n),
+        "density": float(freq) if freq is not None else float("nan"),
+    }
+
+
+class StoreExamples:
+    """Stage II's examples of some features, read from a feature store instead of a corpus.
+
+    All records are read (and checked) when it is made, so a missing feature stops the run before
+    anything is written.
+    """
+
+    def __init__(self, store: FeatureStore, keys: Iterable[tuple[int, int]]) -> None:
+        self.store = store
+        self.records = store.records(keys)
+
+    def feature_stats(self, keys: Iterable[tuple[int, int]]) -> Any:
+        import pandas as pd
+
+        rows = [{"layer": l, "feature": f, **record_stats(self.records[(l, f)])} for l, f in keys]
+        return pd.DataFrame(rows, columns=["layer", "feature", "max_act", "n_active", "density"])
+
+    def feature_examples(self, layer: int, feature: int) -> Any:
+        return record_examples(self.records[(layer, feature)], layer, feature)
+
+
+def build_toy_store(arch: str = "llama") -> Path:
+    """Rebuild the toy world's shipped store (``python -m pie_lib.interpret.feature_store``; ~10 CPU-min)."""
+    from pie_lib.clt import load_clt
+    from pie_lib.models.loading import load_model
+    from pie_lib.toy import toy_clt_path, toy_feature_store_path, toy_model_path
+
+    model = load_model(str(toy_model_path(arch)), device="cpu")
+    clt = load_clt(str(toy_clt_path(arch)), device="cpu")
+    from pie_lib.interpret.corpus import CorpusConfig
+
+    return store_from_corpus(
+        model, clt, toy_feature_store_path(arch), corpus=CorpusConfig(source="toy", n_docs=600), progress=True
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - a build step
+    import sys
+
+    print(build_toy_store(sys.argv[1] if len(sys.argv) > 1 else "llama"))

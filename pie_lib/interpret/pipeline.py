@@ -225,6 +225,8 @@ def interpret(
     out: str | os.PathLike = "pie_out/interpret",
     config: InterpretConfig | None = None,
     progress: bool = True,
+    examples_source: str = "corpus",
+    store: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Describe every feature of the selected circuits.
 
@@ -274,6 +276,13 @@ def interpret(
             f"feature(s) {bad[:5]} do not exist in this CLT ({tc.n_layers} layers x {tc.n_features} features); "
             "were the selections made with another CLT?"
         )
+    from_store = None
+    if examples_source == "store":  # precomputed examples (the reference's Stage II); records checked here
+        from pie_lib.interpret.feature_store import FeatureStore, StoreExamples, default_store_for
+
+        from_store = StoreExamples(FeatureStore.open(store if store is not None else default_store_for(clt)), keys)
+    elif examples_source != "corpus":
+        raise DataFormatError(f"--examples {examples_source!r}: use 'corpus' or 'store'")
     # nothing is written before the inputs have been checked
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(feats, out / "features.parquet")
@@ -291,23 +300,31 @@ def interpret(
             "examples": asdict(cfg.examples),
             "explain": asdict(cfg.explain),
             "llm": llm_cfg.public(),
+            "examples_source": examples_source,
+            "store": from_store.store.provenance if from_store is not None else None,
         },
         out / "interpret_config.json",
         indent=1,
         default=str,
     )
 
-    store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
-    examples = store.select_examples(keys, cfg.examples)
-    write_parquet(examples, out / "examples" / "examples.parquet")
-    stats_df = store.feature_stats(keys)
+    if from_store is None:
+        store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
+        examples = store.select_examples(keys, cfg.examples)
+        write_parquet(examples, out / "examples" / "examples.parquet")
+        stats_df = store.feature_stats(keys)
+    else:
+        examples = pd.DataFrame({"layer": [], "feature": []})
+        stats_df = from_store.feature_stats(keys)
     stats = stats_df.set_index(["layer", "feature"])
 
     explainer = make_explainer(llm_cfg, cfg.explain)
     rows_dir = out / "descriptions" / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     check_settings(
-        out / "descriptions" / "config.json", {"explain": asdict(cfg.explain), "examples": asdict(cfg.examples)}
+        out / "descriptions" / "config.json",
+        {"explain": asdict(cfg.explain), "examples": asdict(cfg.examples)}
+        | ({"examples_source": "store", "store": from_store.store.provenance} if from_store is not None else {}),
     )
     n_circ = dict(zip(keys, feats["n_circuits"].astype(int)))
     todo = []
@@ -327,9 +344,12 @@ def interpret(
     examples.attrs["_groups"] = examples.groupby(["layer", "feature"]).indices if len(examples) else {}
 
     def work(key: FeatureKey) -> dict:
-        fx = store.feature_examples(
-            examples, *key, stats=stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])]
-        )
+        if from_store is not None:
+            fx = from_store.feature_examples(*key)
+        else:
+            fx = store.feature_examples(
+                examples, *key, stats=stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])]
+            )
         e = explainer.explain(fx)
         row = _row(e, stats_rows[key], n_circ[key], explainer.backend, explainer.model)
         write_json(row, _row_path(rows_dir, *key), indent=1, default=str)

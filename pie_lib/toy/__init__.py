@@ -6,6 +6,7 @@ deterministically by ``python -m pie_lib.toy.build``. Layout::
     assets/toy_world.json          accuracies, FVUs, L0s, sizes, seeds per arch
     assets/{arch}/model/           save_pretrained model (safetensors) + tokenizer
     assets/{arch}/clt/             JumpReLU CLT in circuit-tracer format
+    assets/llama/feature_store/    the CLT's activation examples in the public feature-store format
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def toy_clt_path(arch: str = "llama") -> Path:
     return TOY_ROOT / _check_arch(arch) / "clt"
 
 
+def toy_feature_store_path(arch: str = "llama") -> Path:
+    """Folder of the toy CLT's feature store (``features/index.json.gz`` + per-layer records in the
+    public stores' format; ``pie_lib.interpret.feature_store`` reads and writes it). Shipped for llama."""
+    return TOY_ROOT / _check_arch(arch) / "feature_store"
+
+
 def toy_summary() -> dict:
     """The build's numbers (``assets/toy_world.json``): per arch accuracies, FVUs, L0s, seeds."""
     path = TOY_ROOT / SUMMARY_FILE
@@ -42,4 +49,4 @@ def toy_summary() -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["ARCHS", "TOY_ROOT", "toy_clt_path", "toy_model_path", "toy_summary"]
+__all__ = ["ARCHS", "TOY_ROOT", "toy_clt_path", "toy_feature_store_path", "toy_model_path", "toy_summary"]

@@ -1,0 +1,184 @@
+"""`pie graph` end to end on a fixture world (random tiny models): graph files validate against
+circuit-tracer's own pydantic models, graph-metadata.json lists them, the viewer's server serves
+them on 127.0.0.1, and (where Chromium is installed) the page shows every kept occurrence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pie_lib.cli import main
+from pie_lib.graph.export import slug_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def graph_run(tiny_worlds, tmp_path_factory, one_torch_thread):
+    """prune + graph on the tiny Llama world (a fixture the project's code was not built on)."""
+    w = tiny_worlds["llama"]
+    out = tmp_path_factory.mktemp("graph_run")
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(w.model_dir),
+            "--clt",
+            str(w.clt_dir),
+            "--data",
+            str(w.pairs_path),
+            "--n",
+            "3",
+            "--methods",
+            "fap,random",
+            "--k",
+            "6",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    rc = main(
+        [
+            "graph",
+            "--selections",
+            str(out / "selections.jsonl"),
+            "--method",
+            "fap",
+            "--k",
+            "6",
+            "--all",
+            "--out",
+            str(out / "graphs"),
+            "--edge-threshold",
+            "0.0",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def _selections(run):
+    return [json.loads(x) for x in (run / "selections.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_graph_files_validate_against_circuit_tracer(graph_run):
+    gm = pytest.importorskip(
+        "circuit_tracer.frontend.graph_models", reason="pip install --no-deps circuit-tracer==0.5.0"
+    )
+    sels = [s for s in _selections(graph_run) if s["method"] == "fap"]
+    meta = json.loads((graph_run / "graphs" / "graph-metadata.json").read_text())
+    assert sorted(g["slug"] for g in meta["graphs"]) == sorted(slug_for("fap", 6, 0, s["prompt_idx"]) for s in sels)
+    for s in sels:
+        slug = slug_for("fap", 6, 0, s["prompt_idx"])
+        data = json.loads((graph_run / "graphs" / f"{slug}.json").read_text())
+        model = gm.Model.model_validate(data)
+        assert model.metadata.slug == slug and model.metadata.schema_version == 1
+        feats = {n.node_id: n for n in model.nodes if n.feature_type == "cross layer transcoder"}
+        assert set(feats) == {f"{l}_{f}_{t}" for l, t, f in s["occurrences"]}
+        for l, t, f in s["occurrences"]:
+            n = feats[f"{l}_{f}_{t}"]
+            assert n.feature == (l + f) * (l + f + 1) // 2 + f and n.ctx_idx == t and n.layer == str(l)
+        logits = [n for n in model.nodes if n.feature_type == "logit"]
+        assert len(logits) == 2 and [n.is_target_logit for n in logits] == [True, False]
+        assert all(0 <= n.token_prob <= 1 for n in logits)
+        emb = [n for n in model.nodes if n.feature_type == "embedding"]
+        assert len(emb) == len(model.metadata.prompt_tokens)
+        ids = {n.node_id for n in model.nodes}
+        assert len(ids) == len(model.nodes)
+        for link in model.links:
+            gm.Link.model_validate(link)
+            assert link["source"] in ids and link["target"] in ids
+
+
+def test_graph_bad_input_is_one_line(graph_run, capsys):
+    sel = str(graph_run / "selections.jsonl")
+    cases = [
+        (["--method", "fap", "--k", "7", "--all"], "no selections for --method fap --k 7"),
+        (["--method", "fap", "--k", "6"], "exactly one of --prompt-idx"),
+        (["--method", "fap", "--k", "6", "--prompt-idx", "99"], "--prompt-idx 99"),
+        (["--method", "fap", "--k", "6", "--all", "--seed", "5"], "--seed 5"),
+        (["--method", "fap", "--k", "6", "--all", "--edge-threshold", "2"], "--edge-threshold 2"),
+    ]
+    for extra, words in cases:
+        rc = main(["graph", "--selections", sel, "--out", str(graph_run / "bad"), *extra, "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and words in err and "\n" not in err, (extra, err)
+    rc = main(["graph", "--serve", str(graph_run)])
+    assert rc == 2 and "graph-metadata.json is missing" in capsys.readouterr().err
+
+
+def test_server_serves_on_loopback(graph_run):
+    pytest.importorskip("circuit_tracer.frontend.local_server", reason="pip install --no-deps circuit-tracer==0.5.0")
+    from pie_lib.graph.serve import start_viewer
+
+    viewer = start_viewer(graph_run / "graphs", port=0)
+    try:
+        assert viewer.url.startswith("http://127.0.0.1:")
+        assert viewer.httpd.server_address[0] == "127.0.0.1"
+        base = viewer.url.split("/index.html")[0]
+        meta = json.load(urllib.request.urlopen(f"{base}/data/graph-metadata.json", timeout=10))
+        slug = meta["graphs"][0]["slug"]
+        graph = json.load(urllib.request.urlopen(f"{base}/graph_data/{slug}.json", timeout=10))
+        assert graph["metadata"]["slug"] == slug
+        assert b"Attribution Graphs" in urllib.request.urlopen(viewer.url, timeout=10).read()
+    finally:
+        viewer.stop()
+
+
+def test_serve_command_prints_url(graph_run):
+    pytest.importorskip("circuit_tracer.frontend.local_server", reason="pip install --no-deps circuit-tracer==0.5.0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pie_lib", "graph", "--serve", str(graph_run / "graphs"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:") and "slug=fap-k6-s0-p" in url
+        assert urllib.request.urlopen(url, timeout=10).status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_without_circuit_tracer_is_a_clear_error(graph_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "circuit_tracer.frontend.local_server", None)
+    rc = main(["graph", "--serve", str(graph_run / "graphs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install --no-deps circuit-tracer==0.5.0" in err
+
+
+def test_every_kept_occurrence_on_screen_in_chromium(graph_run, tmp_path):
+    from pie_lib.graph.browser import load_graph_page, missing_requirements
+    from pie_lib.graph.serve import start_viewer
+
+    missing = missing_requirements()
+    if missing:
+        pytest.skip("no headless browser setup: " + "; ".join(missing) + " (make browser installs it)")
+    sel = next(s for s in _selections(graph_run) if s["method"] == "fap")
+    slug = slug_for("fap", 6, 0, sel["prompt_idx"])
+    viewer = start_viewer(graph_run / "graphs", port=0)
+    try:
+        report = load_graph_page(viewer.url.replace(viewer.url.split("slug=")[1], slug), screenshot=tmp_path / "g.png")
+    finally:
+        viewer.stop()
+    assert not [e for e in report.errors if e.startswith("page error")], report.errors
+    kept = {f"{l}_{f}_{t}" for l, t, f in sel["occurrences"]}
+    assert kept <= set(report.node_ids), kept - set(report.node_ids)
+    assert all(report.on_screen[i] for i in kept)
+    data = json.loads((graph_run / "graphs" / f"{slug}.json").read_text())
+    assert set(report.node_ids) == {n["node_id"] for n in data["nodes"]}
+    assert report.screenshot.stat().st_size > 10_000
