@@ -182,3 +182,85 @@ def test_every_kept_occurrence_on_screen_in_chromium(graph_run, tmp_path):
     data = json.loads((graph_run / "graphs" / f"{slug}.json").read_text())
     assert set(report.node_ids) == {n["node_id"] for n in data["nodes"]}
     assert report.screenshot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def toy_graph_run(tmp_path_factory, one_torch_thread):
+    """Toy world: prune, interpret (store and corpus examples), graph with descriptions."""
+    out = tmp_path_factory.mktemp("toy_graph")
+    assert (
+        main(["prune", "--n", "2", "--methods", "fap", "--k", "5", "--seeds", "0", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    sel = str(out / "selections.jsonl")
+    assert (
+        main(["interpret", "--selections", sel, "--examples", "store", "--out", str(out / "i_store"), "--no-progress"])
+        == 0
+    )
+    assert (
+        main(["interpret", "--selections", sel, "--n-docs", "120", "--out", str(out / "i_corpus"), "--no-progress"])
+        == 0
+    )
+    for src in ("i_store", "i_corpus"):
+        assert (
+            main(
+                [
+                    "graph",
+                    "--selections",
+                    sel,
+                    "--method",
+                    "fap",
+                    "--k",
+                    "5",
+                    "--all",
+                    "--descriptions",
+                    str(out / src / "descriptions.parquet"),
+                    "--out",
+                    str(out / f"g_{src}"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    return out
+
+
+@pytest.mark.parametrize("src", ["i_store", "i_corpus"])
+def test_feature_pages_and_labels(toy_graph_run, src):
+    fm = pytest.importorskip(
+        "circuit_tracer.frontend.feature_models", reason="pip install --no-deps circuit-tracer==0.5.0"
+    )
+    import pandas as pd
+    import torch
+
+    from pie_lib.clt import load_clt
+    from pie_lib.clt.naming import cantor
+    from pie_lib.models.loading import load_model
+    from pie_lib.toy import toy_clt_path, toy_model_path
+
+    out = toy_graph_run
+    desc = pd.read_parquet(out / src / "descriptions.parquet").set_index(["layer", "feature"])["description"]
+    gdir = out / f"g_{src}"
+    feats = set()
+    for f in gdir.glob("fap-k5-s0-p*.json"):
+        g = json.loads(f.read_text())
+        assert g["metadata"]["scan"] == "./data/features"
+        for n in g["nodes"]:
+            if n["feature_type"] == "cross layer transcoder":
+                l, fi, _ = map(int, n["node_id"].split("_"))
+                assert n["clerp"] == desc[(l, fi)]
+                feats.add((l, fi))
+    model = load_model(str(toy_model_path("llama")), device="cpu")
+    clt = load_clt(str(toy_clt_path("llama")), device="cpu")
+    W_U = model.hf.get_output_embeddings().weight.detach()
+    for l, fi in feats:
+        page = fm.Model.model_validate(json.loads((gdir / "features" / f"{cantor(l, fi)}.json").read_text()))
+        assert page.index == cantor(l, fi) and page.examples_quantiles and page.act_max > 0
+        ex = page.examples_quantiles[0].examples[0]
+        assert len(ex.tokens) == len(ex.tokens_acts_list) and abs(ex.tokens_acts_list[ex.train_token_ind]) == max(
+            abs(a) for a in ex.tokens_acts_list
+        )
+        scores = W_U @ clt.decoder_rows(l, torch.tensor([fi]))[0].sum(0)
+        assert page.top_logits[0] == model.tokenizer.decode([int(scores.argmax())])
+        assert page.bottom_logits[0] == model.tokenizer.decode([int(scores.argmin())])
+        assert len(page.quantile_values) == 100 and 0 < page.activation_frequency <= 1
