@@ -215,6 +215,8 @@ def test_offline_end_to_end_interpret_and_evaluate(world, tmp_path):
         assert set(zip(r.layer, r.feature)) == set(FEATURES) and (r.protocol == protocol).all()
         for col in ("clarity", "responsiveness", "purity"):
             assert r[col].notna().all(), (protocol, col, r)
+        assert (r.clarity_status == "computed").all() and (r.responsiveness_status == "computed").all()
+        assert (r.n_sparse_resampled >= 0).all() and (r.n_natural >= r.n_sparse_resampled).all()
         computed = r.faithfulness_status == "computed"
         assert r.loc[computed, "faithfulness"].notna().all()
         assert r.loc[~computed, "faithfulness"].isna().all()

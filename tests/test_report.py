@@ -198,8 +198,23 @@ def test_fade_by_method_counts_each_feature_once():
     syn = by.set_index("method").loc["fap-synergy"]
     assert syn["n_features"] == 2 and syn["clarity_mean"] == pytest.approx(0.9)
     t = tables.format_fade_table(by)
-    assert list(t.columns) == ["Model", "Method", "Features", "Clarity", "Purity", "Responsiveness", "Faithfulness"]
+    cols = ["Model", "Method", "Features", "Clarity", "Purity", "Responsiveness", "Faithfulness", "Undefined"]
+    assert list(t.columns) == cols
     assert t.iloc[0]["Features"] == "3/3"
+    # per metric: how many features have a score, and why the others have none
+    assert fap["faithfulness_n"] == 2 and fap["faithfulness_undefined"] == 1 and fap["clarity_undefined"] == 0
+    assert fap["faithfulness_why"] == "reason not recorded" and "(n=2)" in t.iloc[0]["Faithfulness"]
+    why = fade.assign(
+        faithfulness_status=[
+            "skipped: clarity or responsiveness < 0.5 (FADE gate)",
+            "computed",
+            "computed",
+            "not computed: no description",
+            "computed",
+        ]
+    )
+    t2 = tables.format_fade_table(tables.fade_by_method(why, _selections(), k=50))
+    assert t2.iloc[0]["Undefined"] == "faithfulness: skipped: clarity or responsiveness < 0.5 (FADE gate): 1"
 
 
 def test_paper_comparison_places_ours_next_to_the_paper(df):

@@ -11,11 +11,24 @@ For each described feature:
    decoder rows added to the MLP outputs of its target layers, all positions; greedy decoding)
    from natural prompts; continuations are rated; ``max(max_f p2(f) - p2(0), 0) / (1 - p2(0))``.
 
-Protocols: ``fade`` (FADE's defaults: ~500 rated samples, 10% top + 4 percentile bins, 15
-generation calls, 50 prompts x 30 tokens, faithfulness only when clarity and responsiveness are
->= 0.5) and ``pie`` (the PIE reference's lighter version: 10 top + 10 random samples rated, 5
-generated texts; it reports no faithfulness, so ours -- 10 prompts x 16 tokens, no gate -- is our
-addition). Whether faithfulness was computed, and why not, is in ``faithfulness_status``.
+Protocols, and what each one is:
+
+- ``fade``: FADE's sampling and settings -- ~500 rated samples (10% top + 4 percentile bins), and
+  when fewer than ``sparse_threshold`` (15) of them are rated 2, one more round of ``n_samples``
+  drawn the same way from the not-yet-rated contexts (FADE's sparse-concept retry); 15 generation
+  calls; 50 prompts x 30 tokens; faithfulness only when clarity and responsiveness are >= 0.5.
+  Steering is additive here (``c * a_max * W_dec`` added, :mod:`pie_lib.evaluate.steering`); FADE
+  *clamps* the activation to ``c * a_max`` instead -- not implemented yet, so faithfulness under
+  ``fade`` is FADE's score of an additive intervention, not FADE's own.
+- ``pie``: the PIE reference's *sampling* (10 top + 10 random samples rated, 5 generated texts)
+  with FADE's *metric definitions* as above (rated 2 against rated 0, ties by mid-ranks, the
+  feature read at its own source layer). It is not the reference's metric code: that code compares
+  rating 2 against {0, 1}, counts ties as losses and reads the residual after the layer; pie_lib
+  does not reproduce those choices. The reference reports no faithfulness; ours (10 prompts x 16
+  tokens, no gate) is our addition.
+
+Every undefined score says why: ``faithfulness_status``, ``clarity_status`` and
+``responsiveness_status`` (purity shares the latter).
 
 Work is resumable: every finished feature is written to ``fade_<protocol>/rows/`` at once; a
 feature whose LLM requests failed is marked ``request_failed`` and retried by a rerun.
@@ -70,6 +83,8 @@ FADE_COLUMNS = [
     "purity",
     "faithfulness",
     "faithfulness_status",
+    "clarity_status",
+    "responsiveness_status",
     "n_rated",
     "n_rated_0",
     "n_rated_1",
@@ -77,6 +92,7 @@ FADE_COLUMNS = [
     "n_unrated",
     "n_generated",
     "n_natural",
+    "n_sparse_resampled",
     "parse_failures",
     "calls",
     "prompt_tokens",
@@ -107,6 +123,10 @@ class ProtocolConfig:
             cut to one length, BOS included) and continuation length.
         faithfulness_gate: compute faithfulness only when clarity and responsiveness reach it
             (None: always).
+        sparse_threshold, max_sparse_retries: FADE's sparse-concept retry (stratified sampling
+            only): while fewer than ``sparse_threshold`` samples are rated 2, rate another
+            ``n_samples`` drawn the same way from the unrated contexts, at most
+            ``max_sparse_retries`` times (FADE: 15, 1; the "pie" protocol: no retry).
     """
 
     name: str = "pie"
@@ -133,6 +153,8 @@ class ProtocolConfig:
     steer_batch_size: int = 64
     text_batch_size: int = 32
     ctx_len: int = 64
+    sparse_threshold: int = 15
+    max_sparse_retries: int = 0
 
     @classmethod
     def named(cls, name: ProtocolName | str) -> "ProtocolConfig":
@@ -151,6 +173,7 @@ class ProtocolConfig:
                 steer_prompt_tokens=16,
                 gen_tokens=30,
                 faithfulness_gate=0.5,
+                max_sparse_retries=1,
             )
         raise DataFormatError(f"unknown protocol {name!r}; use 'pie' or 'fade'")
 
@@ -169,6 +192,7 @@ class _FeatureState:
     natural_idx: np.ndarray | None = None
     ratings: np.ndarray | None = None
     error: str | None = None
+    n_sparse_resampled: int = 0
     row: dict = field(default_factory=dict)
 
 
@@ -367,8 +391,35 @@ def _judge_natural(
         s.usage, s.parse_failures, s.generated = s.usage + g.usage, s.parse_failures + g.parse_failures, g.texts
         r = rater.rate(str(s.description), texts)
         s.usage, s.parse_failures, s.ratings = s.usage + r.usage, s.parse_failures + r.parse_failures, r.ratings
+        if pc.sampling == "stratified":
+            _sparse_retry(s, store, acts, pc, rater, rng)
     except LLMRequestError as exc:
         s.error = str(exc)
+
+
+def _sparse_retry(
+    s: _FeatureState,
+    store: ActivationStore,
+    acts: np.ndarray,
+    pc: ProtocolConfig,
+    rater: Rater,
+    rng: np.random.Generator,
+) -> None:
+    """FADE's sparse-concept retry: too few samples rated 2 -> rate ``n_samples`` more, drawn
+    with the same stratified scheme from the contexts not rated yet (at most ``max_sparse_retries``)."""
+    for _ in range(pc.max_sparse_retries):
+        assert s.natural_idx is not None and s.ratings is not None
+        if int((s.ratings == 2).sum()) >= pc.sparse_threshold:
+            return
+        unrated = np.setdiff1d(np.arange(len(acts)), s.natural_idx)
+        if unrated.size == 0:
+            return
+        extra = unrated[fade_sample(acts[unrated], pc.n_samples, pc.top_fraction, pc.percentiles, rng)]
+        r = rater.rate(str(s.description), store.contexts["text"].to_numpy()[extra].tolist())
+        s.usage, s.parse_failures = s.usage + r.usage, s.parse_failures + r.parse_failures
+        s.natural_idx = np.concatenate([s.natural_idx, extra])
+        s.ratings = np.concatenate([s.ratings, r.ratings])
+        s.n_sparse_resampled += int(extra.size)
 
 
 def _tokens(model: Any, texts: list[str], ctx_len: int) -> list[list[int]]:
@@ -468,6 +519,38 @@ def _faithfulness(
     _parallel(workers, rate_one, list(range(len(states))))
 
 
+def _common_status(s: _FeatureState) -> str | None:
+    if s.description is None:
+        return "not computed: no description"
+    if s.max_act == 0:
+        return "not computed: feature never active on the corpus"
+    if s.error is not None:
+        return "failed: LLM request error"
+    return None
+
+
+def _clarity_status(s: _FeatureState) -> str:
+    """Why clarity is (un)defined: it needs generated concept texts and natural activations."""
+    why = _common_status(s)
+    if why:
+        return why
+    if not s.row.get("n_generated"):
+        return "undefined: the generator returned no usable text"
+    return "computed" if not math.isnan(s.row.get("clarity", math.nan)) else "undefined: no natural activations"
+
+
+def _responsiveness_status(s: _FeatureState, ratings: np.ndarray) -> str:
+    """Why responsiveness / purity are (un)defined: they need samples rated 2 and samples rated 0."""
+    why = _common_status(s)
+    if why:
+        return why
+    if not (ratings == 2).any():
+        return "undefined: no sample rated 2"
+    if not (ratings == 0).any():
+        return "undefined: no sample rated 0"
+    return "computed"
+
+
 def _final_row(s: _FeatureState, pc: ProtocolConfig, chat: Any) -> dict:
     ratings = s.ratings if s.ratings is not None else np.zeros(0, dtype=np.int64)
     status = "ok" if s.error is None else "request_failed"
@@ -488,6 +571,8 @@ def _final_row(s: _FeatureState, pc: ProtocolConfig, chat: Any) -> dict:
         "purity": s.row.get("purity", nan),
         "faithfulness": s.row.get("faithfulness", nan) if s.error is None else nan,
         "faithfulness_status": fstatus,
+        "clarity_status": _clarity_status(s),
+        "responsiveness_status": _responsiveness_status(s, ratings),
         "n_rated": int((ratings >= 0).sum()),
         "n_rated_0": int((ratings == 0).sum()),
         "n_rated_1": int((ratings == 1).sum()),
@@ -495,6 +580,7 @@ def _final_row(s: _FeatureState, pc: ProtocolConfig, chat: Any) -> dict:
         "n_unrated": int((ratings < 0).sum()),
         "n_generated": int(s.row.get("n_generated", 0)),
         "n_natural": int(len(s.natural_idx)) if s.natural_idx is not None else 0,
+        "n_sparse_resampled": s.n_sparse_resampled,
         "parse_failures": s.parse_failures,
         **s.usage.to_dict(),
         "protocol": pc.name,

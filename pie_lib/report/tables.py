@@ -264,6 +264,14 @@ def circuit_features(
     return out
 
 
+_STATUS_OF = {
+    "clarity": "clarity_status",
+    "responsiveness": "responsiveness_status",
+    "purity": "responsiveness_status",
+    "faithfulness": "faithfulness_status",
+}
+
+
 def fade_by_method(
     fade: pd.DataFrame,
     selections: Sequence[dict],
@@ -280,8 +288,11 @@ def fade_by_method(
         k: the budget. methods: order and subset (default: all in the selections).
         seeds, prompts: restrict the circuits.
     Returns:
-        ``method, k, n_features, n_scored, <metric>_mean, <metric>_std`` for clarity, purity,
-        responsiveness, faithfulness (NaN-aware: faithfulness is gated in the FADE protocol).
+        ``method, k, n_features, n_scored, <metric>_mean, <metric>_std, <metric>_n,
+        <metric>_undefined, <metric>_why`` for clarity, purity, responsiveness, faithfulness:
+        ``_n`` features with a defined score, ``_undefined`` the others among the scored, ``_why``
+        their reasons with counts (from the ``*_status`` columns of the evaluation; purity shares
+        responsiveness's).
     """
     methods = _order({r["method"] for r in selections}, None) if methods is None else list(methods)
     scores = fade.set_index(["layer", "feature"])
@@ -294,17 +305,33 @@ def fade_by_method(
             v = sub[metric].astype(float) if metric in sub.columns else pd.Series(dtype=float)
             row[f"{metric}_mean"] = float(v.mean()) if v.notna().any() else np.nan
             row[f"{metric}_std"] = float(v.std(ddof=1)) if v.notna().sum() > 1 else np.nan
+            row[f"{metric}_n"] = int(v.notna().sum())
+            row[f"{metric}_undefined"] = int(v.isna().sum())
+            status_col = _STATUS_OF.get(metric)
+            if status_col in sub.columns:
+                why = sub.loc[v.isna().to_numpy(), status_col].fillna("unknown").value_counts()
+                row[f"{metric}_why"] = "; ".join(f"{reason}: {count}" for reason, count in why.items())
+            else:
+                row[f"{metric}_why"] = "" if not v.isna().any() else "reason not recorded"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def format_fade_table(by_method: pd.DataFrame, model: str = "toy", digits: int = 3) -> pd.DataFrame:
-    """``Model, Method, Features, Clarity, Purity, Responsiveness, Faithfulness`` (mean±std)."""
+    """``Model, Method, Features, Clarity, Purity, Responsiveness, Faithfulness, Undefined``:
+    mean±std (n = features with a defined score) per metric, and why the others are undefined."""
     rows = []
     for _, r in by_method.iterrows():
         row = {"Model": model, "Method": label(r["method"]), "Features": f"{int(r['n_scored'])}/{int(r['n_features'])}"}
+        why = []
         for metric in FADE_METRICS:
-            row[metric.capitalize()] = pm(r[f"{metric}_mean"], r[f"{metric}_std"], digits)
+            cell = pm(r[f"{metric}_mean"], r[f"{metric}_std"], digits)
+            if f"{metric}_n" in r:
+                cell += f" (n={int(r[f'{metric}_n'])})"
+                if r.get(f"{metric}_undefined", 0):
+                    why.append(f"{metric}: {r[f'{metric}_why']}")
+            row[metric.capitalize()] = cell
+        row["Undefined"] = " | ".join(why) if why else "–"
         rows.append(row)
     return pd.DataFrame(rows)
 
