@@ -228,3 +228,17 @@ def test_steered_generation_is_one_request(tiny_worlds, server, one_torch_thread
         logits, _ = patched_last_logits(loc, cur, -off.expand(-1, -1, cur.shape[1], -1))
         cur = torch.cat([cur, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(cur[:, ids.shape[1] :], want[0])
+
+
+def test_synergy_float32_is_refused_on_a_bfloat16_server(tiny_worlds):
+    """The skeleton's meta weights are float32 whatever the server runs: the server's dtype decides."""
+    from pie_lib.engine.precision import float32_weights, runs_in_float32
+
+    rem = _remote(tiny_worlds["gpt2"])
+    rem.extra["server_dtype"] = torch.bfloat16  # what a default NDIF deployment reports
+    assert not runs_in_float32(rem)
+    with pytest.raises(SettingError, match="bfloat16.*--synergy-precision model"):
+        with float32_weights(rem):
+            pass
+    rem.extra["server_dtype"] = torch.float32
+    assert runs_in_float32(rem)
