@@ -242,3 +242,25 @@ def test_synergy_float32_is_refused_on_a_bfloat16_server(tiny_worlds):
             pass
     rem.extra["server_dtype"] = torch.float32
     assert runs_in_float32(rem)
+
+
+def test_remote_sweep_checks_the_server_precision_first(tiny_worlds, tmp_path):
+    from pie_lib.prune.sweep import PruneConfig, run_prune
+
+    w = tiny_worlds["gpt2"]
+    rem = _remote(w)
+    rem.extra["server_dtype"] = torch.bfloat16  # no request: the probe's answer is cached
+    cfg = dict(
+        model=str(w.model_dir), clt=str(w.clt_dir), data=str(w.pairs_path), n=2, k=[2], seeds=[0], progress=False
+    )
+    with pytest.raises(SettingError, match="runs in bfloat16.*--synergy-precision model"):
+        run_prune(
+            PruneConfig(out=str(tmp_path / "a"), methods=["fap-synergy"], remote=True, **cfg), model=rem, clt=w.clt
+        )
+    with pytest.raises(SettingError, match="--dtype float32: the NDIF deployment .* runs in bfloat16"):
+        run_prune(
+            PruneConfig(out=str(tmp_path / "b"), methods=["fap"], dtype="float32", remote=True, **cfg),
+            model=rem,
+            clt=w.clt,
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything is written

@@ -16,11 +16,17 @@ from typing import Any
 
 import torch
 
+from pie_lib.engine.remote import is_remote, server_dtype
 from pie_lib.errors import SettingError
 
 
 def runs_in_float32(model: Any) -> bool:
-    """True when every floating parameter of ``model`` (a :class:`~pie_lib.models.loading.LoadedModel`) is float32."""
+    """True when every floating parameter of ``model`` (a :class:`~pie_lib.models.loading.LoadedModel`) is float32.
+
+    Remote: the server's dtype (probed once; the local skeleton's meta parameters say nothing).
+    """
+    if is_remote(model):
+        return server_dtype(model) == torch.float32
     return all(p.dtype == torch.float32 for p in model.hf.parameters() if p.is_floating_point())
 
 
@@ -37,7 +43,7 @@ def float32_weights(model: Any) -> Iterator[bool]:
     if model.remote:
         raise SettingError(
             f"float32 synergy forwards need the model's weights locally, but {model.name} runs remotely in "
-            f"{model.dtype}; pass --synergy-precision model (and optionally --synergy-eff-tol) instead"
+            f"{str(server_dtype(model)).removeprefix('torch.')}; pass --synergy-precision model (and optionally --synergy-eff-tol) instead"
         )
     tensors = [t for t in (*model.hf.parameters(), *model.hf.buffers()) if t.is_floating_point()]
     dtypes = [t.dtype for t in tensors]

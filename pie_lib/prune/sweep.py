@@ -416,8 +416,14 @@ def _remote_check(model: Any, cfg: PruneConfig) -> dict[str, Any]:
         )
     synergy_f32 = dt == "float32"
     if "fap-synergy" in cfg.methods and not synergy_f32:
+        if cfg.params.synergy.precision == "float32":  # refused now, not after the first batches
+            raise SettingError(
+                f"FAP-Synergy's M(.) forwards must run in float32 (--synergy-precision float32), but the NDIF "
+                f"deployment of {cfg.model} runs in {dt}; use a float32 deployment, run locally, or pass "
+                "--synergy-precision model (recorded in config.json)"
+            )
         warnings.warn(
-            f"FAP-Synergy's M(.) evaluations should run in float32 (spec section 4), but this server runs {dt}: "
+            f"FAP-Synergy's M(.) evaluations run in {dt} on this server (--synergy-precision model), not float32: "
             "its selections can differ from a float32 run on 10-25% of prompts (recorded in config.json)"
         )
     return {"server_dtype": dt, "synergy_m_float32": synergy_f32 if "fap-synergy" in cfg.methods else None}
