@@ -136,6 +136,20 @@ def load_graph_page(
     missing = missing_requirements()
     if missing:
         raise MissingDependencyError("cannot load the viewer in a browser: missing " + "; ".join(missing))
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _load(url, screenshot, timeout_s, viewport)
+    # inside a running event loop (a Jupyter kernel) playwright's sync API refuses to start: use a thread
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_load, url, screenshot, timeout_s, viewport).result()
+
+
+def _load(url: str, screenshot: str | os.PathLike | None, timeout_s: float, viewport: tuple[int, int]) -> PageReport:
     from playwright.sync_api import sync_playwright
 
     scripts = _cdn_scripts()
