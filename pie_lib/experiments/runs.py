@@ -15,11 +15,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pie_lib.errors import WeightsUnavailableError
+from pie_lib.toy import toy_arch
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
 
 def slug(model: str) -> str:
@@ -45,26 +50,17 @@ def fig_name(name: str, model: str) -> str:
 
 
 def toy_world_missing(model: str, clt: str) -> str | None:
-    """None if the checkpoints can be looked for; a note if "toy" is asked and not built."""
-    if not any(x == "toy" or str(x).startswith("toy:") for x in (model, clt)):
-        return None
-    from pie_lib.prune.sweep import resolve_checkpoints
+    """None if the checkpoints can be looked for; a note if "toy" is asked and not built.
 
-    try:
-        paths = resolve_checkpoints(model, clt)
-    except (FileNotFoundError, ValueError) as exc:
-        return str(exc)
+    An unknown toy arch ("toy:nosuch") is bad input, not a missing world: it raises.
+    """
+    from pie_lib.toy import resolve_toy
+
+    paths = [resolve_toy(x, kind) for x, kind in ((model, "model"), (clt, "clt")) if toy_arch(x) is not None]
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         return f"the toy world is not built ({missing[0]} is missing); run `make toy` (python -m pie_lib.toy.build)"
     return None
-
-
-def toy_arch(model: str) -> str | None:
-    """ "llama" for "toy", "gpt2" for "toy:gpt2", None for any other model."""
-    if model == "toy":
-        return "llama"
-    return model.split(":", 1)[1] if model.startswith("toy:") else None
 
 
 def toy_summary_or_none(model: str) -> dict | None:
@@ -107,24 +103,19 @@ def interpret_corpus(source: str = "toy", n_docs: int = 2000) -> Any:
 
 def load_world(
     model: str = "toy", clt: str = "toy", device: str | None = None, remote: bool = False
-) -> tuple[Any, Any]:
+) -> tuple[LoadedModel, CrossLayerTranscoder]:
     """Load the model (nnsight) and its CLT once, for every sweep of a notebook.
 
     Raises:
         WeightsUnavailableError: the toy world is not built, or weights cannot be fetched.
     """
-    from pie_lib.clt.io import load_clt
-    from pie_lib.models.loading import load_model
-    from pie_lib.prune.sweep import resolve_checkpoints
+    from pie_lib.world import load_world as load
 
     note = toy_world_missing(model, clt)
     if note:
         raise WeightsUnavailableError(note)
-    model_path, clt_path = resolve_checkpoints(model, clt)
-    lm = load_model(model_path, device=device, remote=remote)
-    tc = load_clt(clt_path, device=str(lm.device) if not remote else "cpu")
-    lm.check_clt(tc)
-    return lm, tc
+    world = load(model, clt, device=device, remote=remote)
+    return world.model, world.clt
 
 
 def prune_config(

@@ -20,7 +20,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pie_lib.errors import DataFormatError, WeightsUnavailableError
+from pie_lib.clt.transcoder import CrossLayerTranscoder
+from pie_lib.errors import DataFormatError
 from pie_lib.interpret.corpus import CorpusConfig
 from pie_lib.interpret.examples import (
     ActivationStore,
@@ -29,6 +30,7 @@ from pie_lib.interpret.examples import (
 )
 from pie_lib.interpret.explainers import ExplainConfig, Explanation, make_explainer
 from pie_lib.llm import LLMConfig
+from pie_lib.models.loading import LoadedModel
 from pie_lib.store import check_same_config, read_config, write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
@@ -132,33 +134,23 @@ def features_from_selections(
 
 # --------------------------------------------------------------------------- world
 def resolve_world(
-    model: Any = None, clt: Any = None, device: str | None = None, remote: bool | str = False, arch: str = "llama"
-) -> tuple[Any, Any, dict[str, Any]]:
+    model: str | os.PathLike | LoadedModel | None = None,
+    clt: str | os.PathLike | CrossLayerTranscoder | None = None,
+    device: str | None = None,
+    remote: bool | str = False,
+    arch: str = "llama",
+) -> tuple[LoadedModel, CrossLayerTranscoder, dict[str, Any]]:
     """Load model and CLT (default: the toy world's ``arch``); return them and their identity."""
-    from pie_lib.clt import load_clt
-    from pie_lib.models.loading import LoadedModel, load_model
+    from pie_lib.world import load_world, resolve_checkpoint
 
-    if model is None or clt is None:
-        from pie_lib.toy import toy_clt_path, toy_model_path
-
-        if model is None:
-            model = toy_model_path(arch)
-        if clt is None:
-            clt = toy_clt_path(arch)
-        for p in (model, clt):
-            if isinstance(p, Path) and not p.exists():
-                raise WeightsUnavailableError(
-                    f"the toy world is not built ({p} is missing); run `python -m pie_lib.toy.build` "
-                    "or pass --model and --clt"
-                )
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, remote=remote)
-    tc = clt if not isinstance(clt, (str, os.PathLike)) else load_clt(clt, device=str(lm.device))
-    lm.check_clt(tc)
+    model = Path(resolve_checkpoint(f"toy:{arch}", "model")) if model is None else model
+    clt = Path(resolve_checkpoint(f"toy:{arch}", "clt")) if clt is None else clt
+    world = load_world(model, clt, device=device, remote=remote)
     identity = {
         "model": str(model if not isinstance(model, LoadedModel) else model.name),
         "clt": str(clt) if isinstance(clt, (str, os.PathLike)) else "in-memory",
     }
-    return lm, tc, identity
+    return world.model, world.clt, identity
 
 
 # --------------------------------------------------------------------------- rows

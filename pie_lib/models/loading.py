@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,8 +192,17 @@ def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def _looks_like_hub_id(s: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not Path(s).exists()
+def check_model_source(name: str) -> None:
+    """Refuse, without loading anything, a model name that is a file or neither a folder nor a hub id."""
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise WeightsUnavailableError(
+            f"model {name!r} is a file; pass the folder that holds config.json, weights and tokenizer"
+        )
+    if not local.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+        raise WeightsUnavailableError(
+            f"model {name!r}: no such local folder, and not a Hugging Face repo id (owner/name)"
+        )
 
 
 def load_model(
@@ -226,15 +234,8 @@ def load_model(
     dtype = check_dtype(dtype)
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    check_model_source(name)
     local = Path(name).expanduser()
-    if local.exists() and not local.is_dir():
-        raise WeightsUnavailableError(
-            f"model {name!r} is a file; pass the folder that holds config.json, weights and tokenizer"
-        )
-    if not local.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
-        raise WeightsUnavailableError(
-            f"model {name!r}: no such local folder, and not a Hugging Face repo id (owner/name)"
-        )
     try:
         cfg = AutoConfig.from_pretrained(name)
     except Exception as exc:
