@@ -194,14 +194,10 @@ def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[P
     model_id = cfg.model or identity.get("model") or "toy"
     clt_id = cfg.clt or identity.get("clt") or "toy"
     if model is None or clt is None:
-        from pie_lib.clt import load_clt
-        from pie_lib.models.loading import load_model
-        from pie_lib.prune.sweep import resolve_checkpoints
+        from pie_lib.world import load_world
 
-        mpath, cpath = resolve_checkpoints(model_id, clt_id)
-        model = model or load_model(mpath, device=cfg.device)
-        clt = clt or load_clt(cpath, device=str(model.device))
-        model.check_clt(clt)
+        world = load_world(model or model_id, clt or clt_id, device=cfg.device)
+        model, clt = world.model, world.clt
     pairs = _pairs(identity, model, seed)
     scan = LOCAL_FEATURES_SCAN if cfg.descriptions else str(clt_id)
     out.mkdir(parents=True, exist_ok=True)

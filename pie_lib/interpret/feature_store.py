@@ -543,16 +543,17 @@ class StoreExamples:
 
 def build_toy_store(arch: str = "llama") -> Path:
     """Rebuild the toy world's shipped store (``python -m pie_lib.interpret.feature_store``; ~10 CPU-min)."""
-    from pie_lib.clt import load_clt
-    from pie_lib.models.loading import load_model
-    from pie_lib.toy import toy_clt_path, toy_feature_store_path, toy_model_path
-
-    model = load_model(str(toy_model_path(arch)), device="cpu")
-    clt = load_clt(str(toy_clt_path(arch)), device="cpu")
     from pie_lib.interpret.corpus import CorpusConfig
+    from pie_lib.toy import toy_feature_store_path
+    from pie_lib.world import load_world
 
+    world = load_world(f"toy:{arch}", f"toy:{arch}", device="cpu")
     return store_from_corpus(
-        model, clt, toy_feature_store_path(arch), corpus=CorpusConfig(source="toy", n_docs=600), progress=True
+        world.model,
+        world.clt,
+        toy_feature_store_path(arch),
+        corpus=CorpusConfig(source="toy", n_docs=600),
+        progress=True,
     )
 
 

@@ -34,7 +34,6 @@ from pie_lib.errors import (
     DataFormatError,
     OutputPathError,
     SettingError,
-    WeightsUnavailableError,
 )
 from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.occurrences import tokenize_pairs
@@ -51,6 +50,7 @@ from pie_lib.store import (
     write_json,
     write_parquet,
 )
+from pie_lib.world import load_world, resolve_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -176,29 +176,6 @@ class PruneConfig:
         }
 
 
-def resolve_checkpoints(model: str, clt: str) -> tuple[str, str]:
-    """Map "toy" / "toy:<arch>" to the shipped toy-world folders."""
-    from pie_lib import toy
-
-    def res(x: str, kind: str) -> str:
-        if x == "toy" or x.startswith("toy:"):
-            arch = x.split(":", 1)[1] if ":" in x else "llama"
-            if arch not in toy.ARCHS:
-                raise WeightsUnavailableError(
-                    f"unknown toy arch {arch!r} in --{kind} {x}; the toy world has {', '.join(toy.ARCHS)} (e.g. toy:gpt2)"
-                )
-            path = toy.toy_model_path(arch) if kind == "model" else toy.toy_clt_path(arch)
-            if not Path(path).exists():
-                raise WeightsUnavailableError(
-                    f"the toy world ({x}) is not built: {path} is missing; run `python -m pie_lib.toy.build` "
-                    "or pass --model and --clt"
-                )
-            return str(path)
-        return x
-
-    return res(model, "model"), res(clt, "clt")
-
-
 def _pairs_for_seed(cfg: PruneConfig, model: Any, seed: int) -> list[Pair]:
     if cfg.data:
         return load_pairs(cfg.data, limit=cfg.n if cfg.n else None)
@@ -246,8 +223,6 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     Args:
         cfg: the run; model / clt: already-loaded objects (else loaded from ``cfg``).
     """
-    from pie_lib.clt.io import load_clt
-    from pie_lib.models.loading import load_model
     from pie_lib.provenance import checkpoint_fingerprint, file_sha256, versions
 
     # Everything that can be checked is checked before anything is written: bad input leaves no
@@ -269,14 +244,8 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     _check_config(out, cfg, fingerprints)
     if shard:
         _check_config(folder, cfg, fingerprints)
-    own_clt = clt is None
-    if own_clt:  # cheap, so a broken CLT fails before the model is loaded
-        clt = load_clt(clt_path, device="cpu")
-    if model is None:
-        model = load_model(model_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote)
-    if own_clt and not cfg.remote:
-        clt.to(device=model.device)
-    model.check_clt(clt)
+    world = load_world(model or model_path, clt or clt_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote)
+    model, clt = world.model, world.clt
     requests_before = request_summary()
     remote_info = _remote_check(model, cfg) if is_remote(model) else None
     # When every seed sees the same prompts (a data file, or a fixed data_seed), one batch context

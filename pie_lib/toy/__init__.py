@@ -12,7 +12,11 @@ deterministically by ``python -m pie_lib.toy.build``. Layout::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Literal
+
+from pie_lib.errors import WeightsUnavailableError
 
 TOY_ROOT: Path = Path(__file__).resolve().parent / "assets"
 ARCHS: tuple[str, ...] = ("llama", "gpt2")
@@ -41,6 +45,32 @@ def toy_feature_store_path(arch: str = "llama") -> Path:
     return TOY_ROOT / _check_arch(arch) / "feature_store"
 
 
+def toy_arch(name: str | os.PathLike) -> str | None:
+    """The toy arch a model / CLT name asks for: "llama" for "toy", "gpt2" for "toy:gpt2", None otherwise."""
+    name = str(name)
+    if name == "toy":
+        return "llama"
+    return name.split(":", 1)[1] if name.startswith("toy:") else None
+
+
+def resolve_toy(name: str | os.PathLike, kind: Literal["model", "clt"]) -> str:
+    """THE resolver of toy names: the toy world's ``kind`` folder for "toy" / "toy:<arch>", else ``name``.
+
+    Whether the folder exists is not checked here (:func:`pie_lib.world.resolve_checkpoint` does).
+
+    Raises:
+        WeightsUnavailableError: "toy:<arch>" with an arch the toy world does not have.
+    """
+    arch = toy_arch(name)
+    if arch is None:
+        return str(name)
+    if arch not in ARCHS:
+        raise WeightsUnavailableError(
+            f"unknown toy arch {arch!r} in --{kind} {name}; the toy world has {', '.join(ARCHS)} (e.g. toy:gpt2)"
+        )
+    return str(toy_model_path(arch) if kind == "model" else toy_clt_path(arch))
+
+
 def toy_summary() -> dict:
     """The build's numbers (``assets/toy_world.json``): per arch accuracies, FVUs, L0s, seeds."""
     path = TOY_ROOT / SUMMARY_FILE
@@ -49,4 +79,13 @@ def toy_summary() -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["ARCHS", "TOY_ROOT", "toy_clt_path", "toy_feature_store_path", "toy_model_path", "toy_summary"]
+__all__ = [
+    "ARCHS",
+    "TOY_ROOT",
+    "resolve_toy",
+    "toy_arch",
+    "toy_clt_path",
+    "toy_feature_store_path",
+    "toy_model_path",
+    "toy_summary",
+]
