@@ -242,3 +242,14 @@ def test_toy_world_ships_its_store():
     ex = rec["examples_quantiles"][0]["examples"][0]
     assert len(ex["tokens"]) == len(ex["tokens_acts_list"]) and rec["act_max"] >= max(ex["tokens_acts_list"])
     assert len(rec["quantile_values"]) == 100 and 0 < rec["activation_frequency"] <= 1
+
+
+def test_hub_failure_is_one_line(tmp_path):
+    class Down:
+        def cat_file(self, path, start=None, end=None):
+            raise ConnectionError("Name or service not known\nmore lines")
+
+    st = FeatureStore.open("someone/clt@" + "a" * 40, cache_dir=tmp_path, fs=Down())
+    with pytest.raises(FeatureStoreError, match="cannot read someone/clt@a+/features/index.json.gz from the hub") as e:
+        st.record(0, 0)
+    assert "\n" not in str(e.value)

@@ -146,13 +146,22 @@ class HubSource:
         os.replace(tmp, path)
         return data
 
+    def _fetch(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(name), start=start, end=end)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # network / auth errors of the hub client: one line, with the fix
+            raise FeatureStoreError(
+                f"cannot read {self._path(name)} from the hub ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                "connect (and `huggingface-cli login` for a gated repo), or pass a local --store folder"
+            ) from None
+
     def read(self, name: str) -> bytes:
-        return self._cached(name, lambda: self.fs.cat_file(self._path(name)))
+        return self._cached(name, lambda: self._fetch(name))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
-        return self._cached(
-            f"{name}.ranges/{start}-{end}", lambda: self.fs.cat_file(self._path(name), start=start, end=end)
-        )
+        return self._cached(f"{name}.ranges/{start}-{end}", lambda: self._fetch(name, start, end))
 
     def describe(self) -> str:
         return f"{self.repo_id}@{self.revision}/{self.prefix}"
@@ -242,7 +251,7 @@ class FeatureStore:
                 raise FeatureStoreError(f"{where} does not exist; is this a feature store?") from None
             except (OSError, EOFError, zlib.error, ValueError) as exc:
                 raise FeatureStoreError(
-                    f"{where} is corrupt ({type(exc).__name__}: {exc}); re-download or rewrite the store"
+                    f"{where} is corrupt ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); re-download or rewrite the store"
                 ) from None
             items = enumerate(raw) if isinstance(raw, list) else (raw.items() if isinstance(raw, dict) else None)
             if items is None:
