@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 from pie_lib.errors import PieError, WeightsUnavailableError  # noqa: E402
 from pie_lib.experiments import notebook, runs, world  # noqa: E402
 from pie_lib.report import paper_numbers, plots, tables  # noqa: E402
+from pie_lib.selections import query_selections  # noqa: E402
 
 METHODS = ["fap", "fap-synergy", "clt-relp", "act-mag", "random"]
 BASE = {"fap": 1.0, "fap-synergy": 0.9, "clt-relp": 1.02, "act-mag": 1.4, "random": 1.8}
@@ -511,9 +512,9 @@ def test_select_rows_keeps_one_ladder(df):
 
 def test_filter_and_write_selections(tmp_path):
     recs = _selections()
-    got = runs.filter_selections(recs, methods=["fap-synergy"], ks=[50, 75], prompts=range(1))
+    got = query_selections(recs, methods=["fap-synergy"], ks=[50, 75], prompts=range(1), budget="abs")
     assert [(r["method"], r["k"]) for r in got] == [("fap-synergy", 50), ("fap-synergy", 75)]
-    assert len(runs.filter_selections(recs, seeds=[1])) == 0
+    assert len(query_selections(recs, seeds=[1], budget="abs")) == 0
     path = runs.write_selections(got, tmp_path / "s" / "selections.jsonl")
     from pie_lib.interpret.pipeline import read_selections
 

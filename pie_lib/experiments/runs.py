@@ -260,31 +260,6 @@ def select_rows(
     return df[keep].reset_index(drop=True)
 
 
-def filter_selections(
-    records: Iterable[dict],
-    methods: Sequence[str] | None = None,
-    ks: Sequence[float] | None = None,
-    seeds: Sequence[int] | None = None,
-    prompts: Sequence[int] | None = None,
-    budget: str | None = "abs",
-) -> list[dict]:
-    """The selection records (``load_selections``) of the given methods, budgets, seeds, prompts."""
-    out = []
-    for r in records:
-        if methods is not None and r["method"] not in methods:
-            continue
-        if ks is not None and float(r["k"]) not in {float(k) for k in ks}:
-            continue
-        if seeds is not None and int(r["seed"]) not in set(seeds):
-            continue
-        if prompts is not None and int(r["prompt_idx"]) not in set(prompts):
-            continue
-        if budget is not None and r.get("budget", "abs") != budget:
-            continue
-        out.append(r)
-    return out
-
-
 def write_selections(records: Iterable[dict], path: str | Path) -> Path:
     """Write selection records as JSONL (the input format of ``pie interpret``), atomically."""
     from pie_lib.store import write_jsonl
@@ -295,7 +270,6 @@ def write_selections(records: Iterable[dict], path: str | Path) -> Path:
 __all__ = [
     "fade_protocol",
     "fig_name",
-    "filter_selections",
     "interpret_corpus",
     "load_world",
     "toy_arch",

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pie_lib.errors import DataFormatError, OutputPathError, SettingError
 from pie_lib.graph.attribution import GraphConfig, build_circuit_graph
+from pie_lib.selections import latest_selections, query_selections
 from pie_lib.store import write_json
 
 log = logging.getLogger("pie_lib.graph")
@@ -85,12 +86,10 @@ def pick_circuits(
     """The selection records a call asks for (last write wins per prompt), and the seed they share."""
     if (prompt_idx is None) == (not all_prompts):
         raise SettingError("pass exactly one of --prompt-idx I (one prompt) or --all (every prompt)")
-    latest: dict[tuple, dict] = {}
-    for r in records:
-        latest[(r.get("method"), float(r.get("k", -1)), r.get("seed"), r.get("prompt_idx"))] = r
-    mine = [r for r in latest.values() if r.get("method") == method and float(r.get("k", -1)) == float(k)]
+    latest = latest_selections(records)
+    mine = query_selections(latest, methods=method, ks=k)
     if not mine:
-        have = sorted({(str(r.get("method")), float(r.get("k", -1))) for r in latest.values()})
+        have = sorted({(str(r.get("method")), float(r.get("k", -1))) for r in latest})
         raise DataFormatError(
             f"no selections for --method {method} --k {k:g}; the file has (method, K) "
             + ", ".join(f"({m}, {kk:g})" for m, kk in have[:12])
@@ -179,7 +178,7 @@ def update_graph_metadata(out: Path, entries: list[dict]) -> Path:
 
 def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[Path]:
     """Write the graphs a :class:`GraphRunConfig` asks for; returns the graph files written."""
-    from pie_lib.interpret.pipeline import read_selections
+    from pie_lib.selections import read_selections
 
     sel_path = Path(cfg.selections)
     records = read_selections(sel_path)

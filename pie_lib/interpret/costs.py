@@ -17,7 +17,7 @@ from typing import Sequence
 import pandas as pd
 
 from pie_lib.errors import DataFormatError
-from pie_lib.interpret.pipeline import read_selections
+from pie_lib.selections import query_selections, read_selections
 
 COST_COLUMNS = ("calls", "prompt_tokens", "completion_tokens")
 
@@ -42,12 +42,7 @@ class BudgetCostSaving:
 
 
 def _circuits(recs: Sequence[dict], k: int, method: str | None) -> list[set[tuple[int, int]]]:
-    out = []
-    for r in recs:
-        if int(r.get("k", -1)) != int(k) or (method is not None and r.get("method") != method):
-            continue
-        out.append({(int(l), int(f)) for l, _p, f in r["occurrences"]})
-    return out
+    return [{(int(l), int(f)) for l, _p, f in r["occurrences"]} for r in query_selections(recs, methods=method, ks=k)]
 
 
 def effective_budget_cost_saving(

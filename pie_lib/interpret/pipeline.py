@@ -31,6 +31,7 @@ from pie_lib.interpret.examples import (
 from pie_lib.interpret.explainers import ExplainConfig, Explanation, make_explainer
 from pie_lib.llm import LLMConfig
 from pie_lib.models.loading import LoadedModel
+from pie_lib.selections import query_selections, read_selections
 from pie_lib.store import check_same_config, read_config, write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
@@ -69,35 +70,6 @@ class InterpretConfig:
 
 
 # --------------------------------------------------------------------------- selections
-def read_selections(path: str | os.PathLike) -> list[dict]:
-    """Read a ``selections.jsonl`` written by ``pie prune``.
-
-    Each line: ``{"method", "k", "seed", "prompt_idx", "n_active", "occurrences": [[layer,
-    position, feature], ...], "scores": [...]}``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataFormatError(
-            f"selections file {path} does not exist; run `pie prune` first or pass the right --selections"
-        )
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON") from None
-            occ = obj.get("occurrences") if isinstance(obj, dict) else None
-            if not isinstance(occ, list) or any(not isinstance(o, (list, tuple)) or len(o) != 3 for o in occ):
-                raise DataFormatError(
-                    f'{path}:{lineno}: expected an object with "occurrences": [[layer, position, feature], ...]'
-                )
-            out.append(obj)
-    return out
-
-
 def features_from_selections(
     selections: Sequence[dict] | str | os.PathLike,
     method: str | None = None,
@@ -114,13 +86,7 @@ def features_from_selections(
     """
     recs = read_selections(selections) if isinstance(selections, (str, os.PathLike)) else list(selections)
     rows = []
-    for i, r in enumerate(recs):
-        if method is not None and r.get("method") != method:
-            continue
-        if k is not None and int(r.get("k", -1)) != int(k):
-            continue
-        if seed is not None and int(r.get("seed", -1)) != int(seed):
-            continue
+    for i, r in enumerate(query_selections(recs, methods=method, ks=k, seeds=seed)):
         for layer, _pos, feat in r["occurrences"]:
             rows.append((int(layer), int(feat), i))
     if not rows:

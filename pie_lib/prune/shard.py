@@ -159,6 +159,7 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
             not (it computes what is missing).
     """
     from pie_lib.prune import sweep
+    from pie_lib.selections import budget_label
     from pie_lib.store import read_jsonl, write_json, write_jsonl
 
     out = Path(out)
@@ -214,15 +215,15 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
     l_pos = {lab: i for i, lab in enumerate(plan["labels"])}
 
     def key(r: dict[str, Any]) -> tuple:
-        return (r["method"], sweep._label(r), int(r["seed"]), int(r["prompt_idx"]))
+        return (r["method"], budget_label(r), int(r["seed"]), int(r["prompt_idx"]))
 
     def order(item: tuple[int, dict[str, Any]]) -> tuple:
         n, r = item
         w = where.get((int(r["seed"]), int(r["prompt_idx"])))
-        if w is None or r["method"] not in m_pos or sweep._label(r) not in l_pos:
+        if w is None or r["method"] not in m_pos or budget_label(r) not in l_pos:
             return (1, n)  # not part of this plan: after the planned rows, in file order
         ui, si, pi = w
-        return (0, ui, si, m_pos[r["method"]], l_pos[sweep._label(r)], pi)
+        return (0, ui, si, m_pos[r["method"]], l_pos[budget_label(r)], pi)
 
     results: dict[tuple, dict[str, Any]] = {}
     selections: dict[tuple, dict[str, Any]] = {}

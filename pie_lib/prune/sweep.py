@@ -6,6 +6,7 @@ Output folder layout::
     DIR/results.jsonl      one row per (method, k, seed, prompt_idx), appended as batches finish
     DIR/results.parquet    the same rows, rewritten atomically at the end of each run
     DIR/selections.jsonl   kept occurrences [layer, position, feature] and their scores per row
+    DIR/selections.parquet the same, one row per kept occurrence (pie_lib.selections.SELECTION_COLUMNS)
 
 Rerunning the same command skips every finished row: kill it midway, rerun, nothing is lost or
 recomputed. Adding methods, budgets or seeds to a finished folder computes only the new rows; a
@@ -41,6 +42,7 @@ from pie_lib.prune.params import MethodParams
 from pie_lib.prune.registry import get_methods
 from pie_lib.prune.retention import evaluate_keep_masks
 from pie_lib.prune.shard import assign, has_shards, merge_shards, parse_shard, plan_record, plan_units, shard_folder
+from pie_lib.selections import budget_label, latest_selections, write_selections_table
 from pie_lib.store import (
     append_jsonl,
     check_same_config,
@@ -284,7 +286,9 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-        remove_stale_temps(folder, ["config.json", "results.parquet"])  # left by a kill during an atomic write
+        remove_stale_temps(
+            folder, ["config.json", "results.parquet", "selections.parquet"]
+        )  # left by a kill during an atomic write
         if shard:
             write_json(plan_record(units, shard.count, cfg.methods, [lab for lab, _ in ladder]), folder / "plan.json")
         write_json(
@@ -359,7 +363,7 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 start_folder()
                 append_jsonl(sel_path, sels)  # selections first: a row is finished once its result is written
                 append_jsonl(res_path, rows)
-                done.update((r["method"], _label(r), r["seed"], r["prompt_idx"]) for r in rows)
+                done.update((r["method"], budget_label(r), r["seed"], r["prompt_idx"]) for r in rows)
     if clipped:
         warnings.warn(f"{clipped} (prompt, K) budgets exceeded the active set and were clipped to it (k_eff < k)")
     start_folder()  # also when every row was already there
@@ -369,9 +373,11 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
 
 
 def finish_folder(out: str | Path) -> pd.DataFrame:
-    """What every run (and ``pie merge``) ends with: ``results.parquet`` from the folder's rows."""
+    """What every run (and ``pie merge``) ends with: ``results.parquet`` and ``selections.parquet``
+    from the folder's rows."""
     df = load_results(out)
     write_parquet(df, Path(out) / "results.parquet")
+    write_selections_table(load_selections(out), Path(out) / "selections.parquet")
     return df
 
 
@@ -490,7 +496,7 @@ def _finished_rows(res_path: Path) -> set[tuple[str, str, int, int]]:
     done = set()
     for i, r in enumerate(read_jsonl(res_path), start=1):
         try:
-            done.add((r["method"], _label(r), int(r["seed"]), int(r["prompt_idx"])))
+            done.add((r["method"], budget_label(r), int(r["seed"]), int(r["prompt_idx"])))
         except (KeyError, TypeError, ValueError):
             raise DataFormatError(
                 f"{res_path}: row {i} is not a pie prune result (needs method, k, budget, seed, prompt_idx); "
@@ -509,15 +515,8 @@ def load_results(out: str | Path) -> pd.DataFrame:
 
 def load_selections(out: str | Path) -> list[dict[str, Any]]:
     """Selections of a sweep folder, last write wins per (method, k, seed, prompt_idx)."""
-    rows = read_jsonl(Path(out) / "selections.jsonl")
-    latest = {(r["method"], _label(r), r["seed"], r["prompt_idx"]): r for r in rows}
-    return list(latest.values())
+    return latest_selections(read_jsonl(Path(out) / "selections.jsonl"))
 
 
 def _k_value(label: str) -> int | float:
     return float(label[1:]) if label.startswith("f") else int(label)
-
-
-def _label(row: dict[str, Any]) -> str:
-    """The ladder label of a stored row: "50" for K=50, "f0.05" for 5% of the active set."""
-    return f"f{float(row['k']):g}" if row.get("budget") == "frac" else str(int(row["k"]))

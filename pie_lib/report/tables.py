@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pie_lib.report import paper_numbers as paper
+from pie_lib.selections import query_selections
 
 FADE_METRICS = ("clarity", "purity", "responsiveness", "faithfulness")
 
@@ -253,13 +254,7 @@ def circuit_features(
 ) -> set[tuple[int, int]]:
     """The union of kept (layer, feature) pairs of ``method`` at budget ``k`` over the circuits."""
     out: set[tuple[int, int]] = set()
-    for r in selections:
-        if r["method"] != method or float(r["k"]) != float(k):
-            continue
-        if seeds is not None and int(r["seed"]) not in seeds:
-            continue
-        if prompts is not None and int(r["prompt_idx"]) not in prompts:
-            continue
+    for r in query_selections(selections, methods=method, ks=k, seeds=seeds, prompts=prompts):
         out.update((int(l), int(f)) for l, _p, f in r["occurrences"])
     return out
 
@@ -609,10 +604,9 @@ def top_descriptions(
     """The ``n`` features most often kept by ``method`` at ``k`` (over the circuits) with their
     descriptions: ``Layer, Feature, Circuits, Description``."""
     counts: dict[tuple[int, int], int] = {}
-    for r in selections:
-        if r["method"] == method and float(r["k"]) == float(k):
-            for key in {(int(l), int(f)) for l, _p, f in r["occurrences"]}:
-                counts[key] = counts.get(key, 0) + 1
+    for r in query_selections(selections, methods=method, ks=k):
+        for key in {(int(l), int(f)) for l, _p, f in r["occurrences"]}:
+            counts[key] = counts.get(key, 0) + 1
     d = desc.set_index(["layer", "feature"])["description"]
     rows = [
         {"Layer": l, "Feature": f, "Circuits": c, "Description": str(d.get((l, f), "–"))}
