@@ -190,3 +190,63 @@ def test_prune_and_interpret_against_the_real_server(stack, tmp_path):
         a, b = pd.read_parquet(tmp_path / "ir" / name), pd.read_parquet(tmp_path / "il" / name)
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
     print(f"real NDIF server: prune {n_prune} requests, interpret {n_interp} requests")
+
+
+def test_an_unseen_model_and_clt_keep_the_local_occurrences(stack, tmp_path):
+    """A Llama and a CLT built just now (random weights: nothing the project has seen), deployed into
+    the running server, pruned remotely with every gradient mode: the local run's selections."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_world
+
+    root = ROOT / "models" / "unseen-llama"
+    shutil.rmtree(root, ignore_errors=True)
+    w = build_world(root, "llama", seed=11)
+    key = json.dumps({"repo_id": str(w.model_dir), "revision": None, "task": "text-generation"})
+    yaml = tmp_path / "unseen.yaml"
+    yaml.write_text(
+        "models:\n"
+        f"  - checkpoint: {w.model_dir}\n"
+        f"    model_key: 'nnsight.modeling.transformers.TransformersModel:{key}'\n"
+        "    task: text-generation\n"
+        f"    size_bytes: {(w.model_dir / 'model.safetensors').stat().st_size}\n"
+        "    dtype: float32\n    pinned: true\n"
+    )
+    r = subprocess.run(
+        ["ip", "netns", "exec", NS, "bash", "-c", f"source {ROOT}/env.sh && ndif deploy -f {yaml}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0 and "ready" in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
+    prune = [
+        "prune",
+        "--model",
+        str(w.model_dir),
+        "--clt",
+        str(w.clt_dir),
+        "--data",
+        str(w.pairs_path),
+        "--n",
+        "8",
+        "--methods",
+        "fap,fap-synergy,clt-relp,fap-full,random",
+        "--k",
+        "2,4,8",
+        "--seeds",
+        "0,1",
+        "--no-progress",
+    ]
+    out = _pie([*prune, "--remote", "--out", str(tmp_path / "r")], remote_model=w.model_dir)
+    _pie([*prune, "--device", "cpu", "--out", str(tmp_path / "l")])
+    rr, rl = pd.read_parquet(tmp_path / "r" / "results.parquet"), pd.read_parquet(tmp_path / "l" / "results.parquet")
+    assert len(rr) == len(rl) == 8 * 5 * 3 * 2
+    assert (rr["kl"] - rl["kl"]).abs().max() <= 1e-5
+
+    def sel(p):
+        return [
+            (r["method"], r["k"], r["seed"], r["prompt_idx"], r["occurrences"])
+            for r in map(json.loads, (p / "selections.jsonl").read_text().splitlines())
+        ]
+
+    assert sel(tmp_path / "r") == sel(tmp_path / "l")
+    print(f"unseen Llama on the real server: {len(rr)} rows equal, {_requests(out)} requests")
