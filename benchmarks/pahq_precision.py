@@ -107,11 +107,11 @@ def main() -> None:
     from pie_lib import toy
     from pie_lib.clt.io import load_clt
     from pie_lib.data.pairs import load_pairs
+    from pie_lib.engine.masked import last_token_kl
     from pie_lib.engine.traces import patched_last_logits
     from pie_lib.models.loading import load_model
     from pie_lib.prune.context import BatchContext, ScoringConfig
     from pie_lib.prune.methods import fap
-    from pie_lib.prune.patching import last_token_kl
     from pie_lib.prune.related.pahq import fast_dtype, pahq_patched_last_logits, reduced_precision, source_layers
     from pie_lib.prune.select import topk_global
 

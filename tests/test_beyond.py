@@ -152,7 +152,7 @@ def test_fap_iterative_one_round_is_fap_and_more_rounds_rescore_at_the_pruned_po
     plan = survivors(ctx.occ.counts(), torch.full((ctx.occ.n_prompts,), k), 2)
     first = topk_global(ctx.occ, fap(ctx), plan[0])
     removed = (~first).nonzero().squeeze(-1)
-    off = ctx.evaluator._offsets(ctx.occ.prompt[removed], removed, None, ctx.occ.n_prompts)
+    off = ctx.evaluator.offsets(ctx.occ.prompt[removed], removed, None, ctx.occ.n_prompts)
     g, _ = patched_mlp_out_gradients(ctx.model, batch.clean_ids, off, batch.correct, batch.wrong)
     here = fap_scores(ctx.occ, g, ctx.rows)
     torch.testing.assert_close(s2[first], here[first])

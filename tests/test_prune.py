@@ -105,7 +105,7 @@ def test_fap_matches_finite_difference_of_replacement_model(tiny_worlds):
         v = Variants(
             c.occ.prompt[[n]], torch.tensor([0]), torch.tensor([n]), torch.tensor([False]), weight=torch.tensor([eps])
         )
-        off = c.evaluator._offsets(v.var, v.occ, v.weight, 1)  # [L, 1, T, D] for that prompt
+        off = c.evaluator.offsets(v.var, v.occ, v.weight, 1)  # [L, 1, T, D] for that prompt
         full = torch.zeros(w.model.n_layers, *b.clean_ids.shape, w.model.d_model)
         full[:, int(c.occ.prompt[n])] = off[:, 0]
         m = _frozen_gpt2_metric(w.model, b.clean_ids, -full, b.correct, b.wrong)
@@ -119,7 +119,7 @@ def test_factp_equals_single_forwards(ctx):
     for n in [0, len(ctx.occ) // 2, len(ctx.occ) - 1]:
         b = int(ctx.occ.prompt[n])
         v = Variants.singles(ctx.occ.prompt[[n]], torch.tensor([n]))
-        off = ctx.evaluator._offsets(v.var, v.occ, None, 1)
+        off = ctx.evaluator.offsets(v.var, v.occ, None, 1)
         logits, _ = patched_last_logits(ctx.model, ctx.batch.clean_ids[[b]], off)
         m = logits[0, ctx.batch.correct[b]] - logits[0, ctx.batch.wrong[b]]
         torch.testing.assert_close(eff[n], m_clean[b] - m, rtol=1e-4, atol=1e-6)

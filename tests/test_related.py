@@ -17,6 +17,7 @@ import torch
 
 from pie_lib.clt import load_clt, save_clt
 from pie_lib.data.pairs import Pair, save_pairs
+from pie_lib.engine.masked import last_token_kl
 from pie_lib.engine.traces import patched_last_logits, run_with_cache
 from pie_lib.errors import BudgetError
 from pie_lib.models.loading import load_model
@@ -24,7 +25,6 @@ from pie_lib.models.random_init import save_random_model
 from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.occurrences import tokenize_pairs
 from pie_lib.prune.params import MethodParams
-from pie_lib.prune.patching import last_token_kl
 from pie_lib.prune.registry import METHODS, get_methods
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -128,7 +128,8 @@ def test_hard_concrete_distribution():
 
 
 def test_delta_writer_matches_evaluator_and_is_differentiable(world):
-    from pie_lib.prune.related.masks import DeltaWriter, frozen_parameters, masked_last_logits
+    from pie_lib.engine.masked import masked_last_logits
+    from pie_lib.prune.related.masks import DeltaWriter, frozen_parameters
 
     ctx = world.ctx
     N = len(ctx.occ)

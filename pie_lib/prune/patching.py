@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
+from pie_lib.engine.masked import last_token_kl
 from pie_lib.engine.remote import is_remote
 from pie_lib.engine.traces import MetricKind, metric_value, patched_last_logits, patched_last_logits_many
 from pie_lib.errors import SettingError
@@ -47,6 +48,33 @@ class LayerRows:
     rows: torch.Tensor
     occ_u: torch.Tensor
     occ_idx: torch.Tensor
+
+
+def layer_entries(
+    rows: list[LayerRows | None], occ_layer: torch.Tensor, occ_idx: torch.Tensor
+) -> list[tuple[int, torch.Tensor, torch.Tensor, LayerRows]]:
+    """Which decoder rows a list of occurrences writes with, layer by layer.
+
+    Args:
+        rows: the batch's :class:`LayerRows` per source layer (None: no active feature there).
+        occ_layer: ``[N]`` source layer of every batch occurrence; occ_idx: ``[E]`` entries
+            (batch occurrence indices, any order, repeats allowed), on ``occ_layer``'s device.
+    Returns:
+        ``(layer, sel, u, lr)`` for every layer with entries: ``sel`` the positions in ``occ_idx``
+        of that layer's entries (on ``occ_idx``'s device), ``u`` their rows in ``lr.rows``.
+    """
+    layer_of = occ_layer[occ_idx]
+    out = []
+    for layer, lr in enumerate(rows):
+        if lr is None:
+            continue
+        sel = (layer_of == layer).nonzero().squeeze(-1)
+        if sel.numel() == 0:
+            continue
+        # position of each selected occurrence inside this layer's list -> its decoder row
+        local = torch.searchsorted(lr.occ_idx, occ_idx[sel].to(lr.occ_idx.device))
+        out.append((layer, sel, lr.occ_u[local.to(lr.occ_u.device)], lr))
+    return out
 
 
 def gather_rows(
@@ -121,13 +149,6 @@ class PatchResult:
     pred_change: torch.Tensor
 
 
-def last_token_kl(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
-    """KL(P_clean || P_patched) over the vocabulary at the last position, ``[B, V] -> [B]``."""
-    lp = torch.log_softmax(clean_logits.float(), -1)
-    lq = torch.log_softmax(patched_logits.float(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
-
-
 class PatchEvaluator:
     """Runs removal variants of one batch in the real model.
 
@@ -174,7 +195,7 @@ class PatchEvaluator:
         )
 
     # -------------------------------------------------------------- offsets
-    def _offsets(
+    def offsets(
         self, var: torch.Tensor, occ_idx: torch.Tensor, weight: torch.Tensor | None, n_var: int
     ) -> torch.Tensor:
         """Summed delta writes ``[L, n_var, T, D]`` of entries (variant ``var[e]``, occurrence ``occ_idx[e]``)."""
@@ -184,16 +205,7 @@ class PatchEvaluator:
         coef = self.delta[occ_idx]
         if weight is not None:
             coef = coef * weight.to(coef)
-        layer_of = self.occ.layer[occ_idx]
-        for layer, lr in enumerate(self.rows):
-            if lr is None:
-                continue
-            sel = (layer_of == layer).nonzero().squeeze(-1)
-            if sel.numel() == 0:
-                continue
-            # position of each selected occurrence inside this layer's list -> its decoder row
-            local = torch.searchsorted(lr.occ_idx, occ_idx[sel])
-            u = lr.occ_u[local.to(lr.occ_u.device)]
+        for layer, sel, u, lr in layer_entries(self.rows, self.occ.layer, occ_idx):
             v_e = var[sel].to(lr.rows.device)
             t_e = self.occ.pos[occ_idx[sel]].to(lr.rows.device)
             c_e = coef[sel].to(lr.rows.device, lr.rows.dtype)
@@ -239,7 +251,7 @@ class PatchEvaluator:
     def null_offsets(self) -> torch.Tensor:
         """``[L, B, T, D]``: every active occurrence of each prompt removed."""
         if self._null is None:
-            self._null = self._offsets(self.occ.prompt, torch.arange(len(self.occ)), None, self.batch.size)
+            self._null = self.offsets(self.occ.prompt, torch.arange(len(self.occ)), None, self.batch.size)
         return self._null
 
     # -------------------------------------------------------------- forwards
@@ -355,7 +367,7 @@ class PatchEvaluator:
         lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
         ent = order[lo:hi]
         w = variants.weight[ent] if variants.weight is not None else None
-        off = self._offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start)
+        off = self.offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start)
         prompts = variants.prompt[start:stop]
         comp = variants.complement[start:stop]
         if comp.any():

@@ -348,7 +348,7 @@ def acdc_select(
             complement=False,
         )
         base = evaluator.run(removed_now)
-        base_off = evaluator._offsets(removed_now.var, removed_now.occ, None, occ.n_prompts)
+        base_off = evaluator.offsets(removed_now.var, removed_now.occ, None, occ.n_prompts)
         res = evaluator.run(Variants.singles(prompt[cand], cand), extra_offsets=base_off)
         inc = res.kl - base.kl[prompt[cand]]
         _, r = rank_within(prompt[cand], -inc)  # rank 0 = smallest increase

@@ -48,7 +48,7 @@ def iterative_select(ctx: BatchContext, k: Budget, cfg: IterativeConfig) -> tupl
             grads = ctx.grads(ctx.cfg.gradient)  # the clean gradient, shared with FAP
         else:
             removed = (~keep).nonzero().squeeze(-1)
-            off = ctx.evaluator._offsets(prompt[removed], removed, None, occ.n_prompts)
+            off = ctx.evaluator.offsets(prompt[removed], removed, None, occ.n_prompts)
             grads, _ = patched_mlp_out_gradients(
                 ctx.model, b.clean_ids, off, b.correct, b.wrong, ctx.cfg.metric, ctx.cfg.gradient
             )

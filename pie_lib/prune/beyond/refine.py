@@ -90,7 +90,7 @@ def refine_circuits(
     def base_offsets() -> torch.Tensor:
         """``[L, B, T, D]`` offsets of the current circuits: every active occurrence removed but the kept."""
         kept = keep.nonzero().squeeze(-1)
-        return ev.null_offsets() - ev._offsets(prompt[kept], kept, None, B)
+        return ev.null_offsets() - ev.offsets(prompt[kept], kept, None, B)
 
     base = base_offsets()
     cur = ev.run(Variants(torch.arange(B), empty, empty, torch.zeros(B, dtype=torch.bool)), extra_offsets=base).kl

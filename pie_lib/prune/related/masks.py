@@ -33,11 +33,10 @@ from typing import Any, Iterator
 
 import torch
 
-from pie_lib.engine.remote import is_remote
-from pie_lib.engine.traces import _logits, _val, _walk_layers
-from pie_lib.errors import SettingError
+from pie_lib.engine.masked import last_token_kl, masked_last_logits
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext
+from pie_lib.prune.patching import layer_entries
 from pie_lib.prune.related.config import MaskConfig
 
 
@@ -70,8 +69,8 @@ class HardConcrete:
 # ----------------------------------------------------------------------------- differentiable patching
 class DeltaWriter:
     """Summed delta writes ``[L, B, T, D]`` of a fixed set of occurrences with per-occurrence
-    coefficients, differentiable w.r.t. the coefficients (the scatter of ``PatchEvaluator._offsets``
-    with one variant per prompt).
+    coefficients, differentiable w.r.t. the coefficients (``PatchEvaluator.offsets`` with one
+    variant per prompt; both find their decoder rows with :func:`~pie_lib.prune.patching.layer_entries`).
 
     Args:
         ctx: the batch context (its occurrences and decoder rows).
@@ -85,16 +84,9 @@ class DeltaWriter:
         self.device = ctx.model.device
         self.n = occ_idx.numel()
         occ_idx = occ_idx.cpu()
-        layer_of = occ.layer.cpu()[occ_idx]
         self.parts: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
-        for layer, lr in enumerate(ctx.rows):
-            if lr is None:
-                continue
-            sel = (layer_of == layer).nonzero().squeeze(-1)
-            if sel.numel() == 0:
-                continue
-            local = torch.searchsorted(lr.occ_idx.cpu(), occ_idx[sel])
-            u = lr.occ_u.cpu()[local]
+        for layer, sel, u, lr in layer_entries(ctx.rows, occ.layer.cpu(), occ_idx):
+            u = u.cpu()
             U = lr.feats.numel()
             flat = (occ.prompt.cpu()[occ_idx[sel]] * self.T + occ.pos.cpu()[occ_idx[sel]]) * U + u
             self.parts.append((layer, sel, flat, U, lr.rows))
@@ -111,39 +103,6 @@ class DeltaWriter:
                 outs[layer + j] = outs[layer + j] + w[j]
         zero = torch.zeros(self.B, self.T, self.D, device=self.device)
         return torch.stack([o.to(self.device, torch.float32) if torch.is_tensor(o) else zero for o in outs])
-
-
-def masked_last_logits(model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Real-model forward with ``offsets`` subtracted from every MLP output, *with* autograd.
-
-    The differentiable twin of :func:`pie_lib.engine.traces.patched_last_logits`: the returned
-    logits carry a graph back to ``offsets`` (and whatever produced them).
-
-    Args:
-        input_ids: ``[B, T]``; offsets: ``[L, B, T, D]``.
-    Returns:
-        ``[B, V]`` last-token logits (float32).
-    """
-    if is_remote(model):
-        raise SettingError(
-            "mask-learning methods (edge-pruning, hap, ensemble-seq) backpropagate into offsets built here, "
-            "which cannot cross to an NDIF server; run them without --remote"
-        )
-
-    def sub(layer: int, env: Any) -> None:
-        env.output = env.output - offsets[layer].to(env.output.dtype)
-
-    with torch.enable_grad(), model.trace(input_ids.to(model.device)):
-        _walk_layers(model, {model.arch.mlp_out: sub})
-        last = _logits(model)[:, -1].save()
-    return _val(last).float()
-
-
-def kl_last_token(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Differentiable ``KL(P_clean || P)`` at the last token, ``[B, V] -> [B]``."""
-    lp = torch.log_softmax(clean_logits.float(), -1)
-    lq = torch.log_softmax(logits.float(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 @contextlib.contextmanager
@@ -246,7 +205,7 @@ def learn_masks(
     trained = (count > 0) & (final_density.to(dev).float() < 1.0)
     weight = trained.float()
     fixed = torch.zeros(0, dtype=torch.long) if fixed_removed is None else fixed_removed.cpu()
-    base = ctx.evaluator._offsets(occ.prompt.cpu()[fixed], fixed, None, B).to(dev) if fixed.numel() else None
+    base = ctx.evaluator.offsets(occ.prompt.cpu()[fixed], fixed, None, B).to(dev) if fixed.numel() else None
     writer = DeltaWriter(ctx, train_idx)
     clean = ctx.evaluator.clean_logits.to(dev).float()
     ids = ctx.batch.clean_ids
@@ -269,7 +228,7 @@ def learn_masks(
             if base is not None:
                 off = off + base
             logits = masked_last_logits(ctx.model, ids, off)
-            kl = kl_last_token(clean, logits)
+            kl = last_token_kl(clean, logits, floor_at_zero=False)
             s = torch.zeros(B, device=dev).index_add(0, prompt_t, hc.p_open(log_alpha)[unit_of]) / count.clamp_min(1)
             ramp = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
             t = 1.0 + (final_density.to(dev).float() - 1.0) * ramp
@@ -315,7 +274,6 @@ __all__ = [
     "TIMINGS",
     "clear_mask_timings",
     "frozen_parameters",
-    "kl_last_token",
     "learn_masks",
     "mask_timings",
     "masked_last_logits",
