@@ -262,7 +262,7 @@ def profile_pass(
         pie_pass(model, clt, batches, cfg, mem, PhaseLog())
         sync(model.device)
         total = time.perf_counter() - t0
-    overhead = trace_overhead(model, batches[0], min(cfg.scoring.chunk, 64))
+    overhead = trace_overhead(model, batches[0], min(cfg.scoring.chunk or 64, 64))
     print(format_profile(rec, n_prompts, overhead, total))
     key = "self_cuda_time_total" if len(acts) > 1 else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top))
@@ -594,6 +594,8 @@ def run_benchmark(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: B
         "memory_kind": mem.kind,
         "n_active": _stats(torch.cat([o.ctx.occ.counts().cpu().float() for o in outs])),
         "pie_forwards_per_prompt": sum(o.ctx.evaluator.n_forwards for o in outs) / n_prompts,
+        "pie_sequences_per_prompt": sum(o.ctx.evaluator.n_sequences for o in outs) / n_prompts,
+        "seq_len": _stats(torch.tensor([float(o.ctx.batch.seq_len) for o in outs for _ in range(o.ctx.batch.size)])),
         "pie": _per_prompt(pie, n_prompts),
     }
     if cfg.naive:
@@ -701,7 +703,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--naive-repeats", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--chunk", type=int, default=64, help="patch variants per forward (pie_lib)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="patch variants per forward (pie_lib; default: sized from free memory and prompt length)",
+    )
     p.add_argument(
         "--threads",
         type=int,

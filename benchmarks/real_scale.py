@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prune_speed as ps  # noqa: E402
 
-from pie_lib.clt import load_clt, save_clt  # noqa: E402
+from pie_lib.clt import load_clt  # noqa: E402
 from pie_lib.clt.lazy import MemmapTensor  # noqa: E402
 from pie_lib.models.loading import load_model  # noqa: E402
 from pie_lib.models.random_init import REAL_SHAPES, random_model, word_tokenizer  # noqa: E402
@@ -48,8 +49,6 @@ from pie_lib.prune.occurrences import PairBatch  # noqa: E402
 #: Features per layer of the public CLTs (spec §9).
 CLT_FEATURES = {"llama-3.2-1b": 32768, "gemma-2-2b": 16384}
 BOS = 2  # random_init's bos_token_id
-#: Decoders with more values than this are written layer by layer instead of through save_clt.
-STREAM_ABOVE = 200_000_000
 
 
 def scaled_shape(shape: str, scale: int) -> tuple[str, dict[str, Any], int]:
@@ -80,43 +79,35 @@ def scaled_shape(shape: str, scale: int) -> tuple[str, dict[str, Any], int]:
     return arch, cfg, F
 
 
-def _stream_write_clt(
-    folder: Path,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    b_dec: torch.Tensor,
-    thr: torch.Tensor,
-    make_dec,
-    model_name: str,
-    dtype: torch.dtype,
-) -> Path:
-    """circuit-tracer CLT layout written one layer at a time (the decoders never sit in memory whole).
+def _write_safetensors_streamed(path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype, chunks) -> None:
+    """Write one tensor as a safetensors file from ``chunks`` (tensors along dim 0), never whole in memory.
 
-    Same files, keys and config as :func:`pie_lib.clt.save_clt`; ``make_dec(l)`` returns W_dec_l.
+    The format is an 8-byte little-endian header length, a JSON header, then the raw row-major
+    bytes; ``chunks`` must yield exactly ``shape[0]`` rows in order.
     """
-    import yaml
-    from safetensors.torch import save_file
+    import struct
 
-    L = W_enc.shape[0]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    cfg = {
-        "model_kind": "cross_layer_transcoder",
-        "feature_input_hook": "hook_resid_mid",
-        "feature_output_hook": "hook_mlp_out",
-        "model_name": model_name,
-    }
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    for i in range(L):
-        enc = {f"W_enc_{i}": W_enc[i], f"b_enc_{i}": b_enc[i], f"b_dec_{i}": b_dec[i], f"threshold_{i}": thr[i]}
-        save_file({k: v.to(dtype).contiguous().cpu() for k, v in enc.items()}, str(tmp / f"W_enc_{i}.safetensors"))
-        dec = make_dec(i).to(dtype).contiguous().cpu()
-        save_file({f"W_dec_{i}": dec}, str(tmp / f"W_dec_{i}.safetensors"))
-        del dec
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    nbytes = itemsize * math.prod(shape)
+    header = json.dumps(
+        {
+            key: {"dtype": names[dtype], "shape": list(shape), "data_offsets": [0, nbytes]},
+            "__metadata__": {"format": "pt"},
+        }
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    written = 0
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)))
+        fh.write(header)
+        for c in chunks:
+            c = c.to(dtype).contiguous().cpu()
+            raw = c.view(torch.int16) if itemsize == 2 else c.view(torch.int32)
+            fh.write(raw.numpy().tobytes())
+            written += c.numel() * itemsize
+    if written != nbytes:
+        raise RuntimeError(f"{path}: wrote {written} bytes, expected {nbytes}")
 
 
 def build_real_scale(
@@ -127,24 +118,34 @@ def build_real_scale(
     active_per_token: float = 300.0,
     device: str = "cpu",
     disk_dtype: torch.dtype = torch.bfloat16,
-    stream: bool | None = None,
+    calib_dtype: str = "float32",
     rebuild: bool = False,
     log=print,
 ) -> tuple[Path, Path, dict[str, Any]]:
-    """Build (once) the random model and calibrated random CLT of ``shape`` / ``scale``.
+    """Build (once) the random model and calibrated random CLT of ``shape`` / ``scale``, layer by layer.
+
+    Memory stays near one model in ``disk_dtype`` plus one layer's encoder: the model is initialised
+    directly in ``disk_dtype``; each layer's encoder is drawn, rounded to ``disk_dtype``, calibrated
+    (JumpReLU threshold = the pre-activation quantile leaving ``active_per_token / L`` features per
+    token and layer, on 8 random prompts) and written; each decoder is drawn and streamed to its
+    file in chunks of features. A full-scale Llama CLT (18 GB bf16) builds in a few GB of RAM.
 
     Returns:
         (model folder, CLT folder, build info incl. the measured active features per token).
     """
+    import yaml
+    from safetensors.torch import save_file
+
     arch, cfg, F = scaled_shape(shape, scale)
     model_dir, clt_dir, stamp = folder / "model", folder / "clt", folder / "build.json"
     spec = {
-        "version": 1,
+        "version": 2,
         "shape": shape,
         "scale": scale,
         "seed": seed,
         "active_per_token": active_per_token,
         "disk_dtype": str(disk_dtype),
+        "calib_dtype": calib_dtype,
         "features": F,
         "config": dict(cfg),
     }
@@ -152,62 +153,91 @@ def build_real_scale(
         info = json.loads(stamp.read_text())
         if info.get("spec") == spec:
             return model_dir, clt_dir, info
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     t0 = time.perf_counter()
     vocab = cfg.pop("vocab_size")
     log(
         f"building random {shape} (scale {scale}): {cfg['num_hidden_layers']} layers, d_model {cfg['hidden_size']}, "
         f"vocab {vocab}, CLT {F} features/layer -> {folder}"
     )
-    hf = random_model(arch, vocab_size=vocab, seed=seed, **cfg)
-    hf.to(disk_dtype).save_pretrained(model_dir)
-    word_tokenizer([f"t{i}" for i in range(64)]).save_pretrained(str(model_dir))  # ids are random anyway
-    del hf
-    run_dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = load_model(model_dir, device=device, dtype=run_dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(disk_dtype)  # initialise in the stored dtype: no float32 copy of a 2.6B model
+    try:
+        hf = random_model(arch, vocab_size=vocab, seed=seed, dtype=disk_dtype, **cfg)
+    finally:
+        torch.set_default_dtype(default)
+    hf.save_pretrained(model_dir)
+    tok = word_tokenizer([f"t{i}" for i in range(64)])  # ids are random anyway
+    tok.save_pretrained(str(model_dir))
+    from pie_lib.engine.traces import run_with_cache
+    from pie_lib.models.loading import wrap_model
+
+    # calibrate on the in-memory model (the same weights as on disk): no second copy is loaded
+    model = wrap_model(hf.to(device=device, dtype=getattr(torch, calib_dtype)), tok, name=str(model_dir))
     L, D = model.n_layers, model.d_model
     g = torch.Generator().manual_seed(seed + 1)
     calib = torch.randint(3, vocab, (8, 18), generator=g)
     calib[:, 0] = BOS
-    W_enc, b_enc, _, b_dec, thr, dec_scale = ps.random_clt_for(
-        model, calib, F, active_per_token, seed, round_dtype=disk_dtype
-    )
-    gdev = torch.Generator(device=model.device).manual_seed(seed + 2)
-
-    def make_dec(l: int) -> torch.Tensor:
-        return torch.randn(F, L - l, D, generator=gdev, device=model.device) * float(dec_scale[l])
-
-    n_dec = F * D * L * (L + 1) // 2
-    if stream is None:
-        stream = n_dec > STREAM_ABOVE
-    name = f"random-{shape}" + (f"-scale{scale}" if scale > 1 else "")
-    if stream:
-        _stream_write_clt(clt_dir, W_enc, b_enc, b_dec, thr, make_dec, name, disk_dtype)
-    else:
-        W_dec = [make_dec(l).to(disk_dtype) for l in range(L)]
-        save_clt(
-            clt_dir,
-            W_enc.to(disk_dtype),
-            b_enc.to(disk_dtype),
-            W_dec,
-            b_dec.to(disk_dtype),
-            thr.to(disk_dtype),
-            model_name=name,
-        )
-        del W_dec
-    # what actually fires with the stored (bf16) weights, on fresh random prompts
-    clt = load_clt(clt_dir, device=model.device, dtype=torch.float32)
     probe = torch.randint(3, vocab, (4, 18), generator=g)
     probe[:, 0] = BOS
-    from pie_lib.engine.traces import run_with_cache
-
-    resid = run_with_cache(model, probe).resid_mid[:, :, 1:].float()
-    l0 = sum(float((clt.encode(resid[l], layer=l) != 0).sum(-1).float().mean()) for l in range(L))
+    cache = run_with_cache(model, calib)
+    resid = cache.resid_mid[:, :, 1:].float().flatten(1, 2)  # [L, tokens, D], BOS excluded
+    out_scale = cache.mlp_out[:, :, 1:].float().flatten(1, 2).norm(dim=-1).mean(-1)  # [L]
+    probe_resid = run_with_cache(model, probe).resid_mid[:, :, 1:].float()  # fresh prompts: what fires
+    del cache, model, hf
+    per_layer = max(active_per_token / L, 0.5)
+    frac = min(per_layer / F, 0.5)
+    dec_scale = out_scale / math.sqrt(D * per_layer)  # summed writes ~ the size of a real MLP output
+    genc = torch.Generator().manual_seed(seed)
+    gdec = torch.Generator().manual_seed(seed + 2)
+    name = f"random-{shape}" + (f"-scale{scale}" if scale > 1 else "")
+    tmp = Path(tempfile.mkdtemp(prefix="clt.", dir=folder))
+    (tmp / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model_kind": "cross_layer_transcoder",
+                "feature_input_hook": "hook_resid_mid",
+                "feature_output_hook": "hook_mlp_out",
+                "model_name": name,
+            },
+            sort_keys=False,
+        )
+    )
+    rows_per_chunk = max(1, (1 << 25) // (L * D))  # ~32M float32 values drawn at a time
+    l0 = 0.0  # active features per token with the stored (rounded) weights, on the probe prompts
+    for l in range(L):
+        x = resid[l]
+        W = (torch.randn(F, D, generator=genc) / x.norm(dim=-1).mean().clamp_min(1e-6)).to(disk_dtype)
+        pre = (x @ W.float().T).flatten()  # b_enc = 0
+        k = max(1, int(round((1 - frac) * pre.numel())))
+        thr = pre.kthvalue(k).values.clamp_min(1e-4)
+        thr_stored = float(thr.to(disk_dtype))
+        l0 += float(((probe_resid[l] @ W.float().T) > thr_stored).sum(-1).float().mean())
+        save_file(
+            {
+                f"W_enc_{l}": W.contiguous(),
+                f"b_enc_{l}": torch.zeros(F, dtype=disk_dtype),
+                f"b_dec_{l}": torch.zeros(D, dtype=disk_dtype),
+                f"threshold_{l}": thr.expand(F).to(disk_dtype).contiguous(),
+            },
+            str(tmp / f"W_enc_{l}.safetensors"),
+        )
+        del W, pre
+        n_out, sc = L - l, float(dec_scale[l])
+        chunks = (
+            torch.randn(min(rows_per_chunk, F - a), n_out, D, generator=gdec) * sc for a in range(0, F, rows_per_chunk)
+        )
+        _write_safetensors_streamed(tmp / f"W_dec_{l}.safetensors", f"W_dec_{l}", (F, n_out, D), disk_dtype, chunks)
+        log(f"  CLT layer {l + 1}/{L} written ({time.perf_counter() - t0:.0f} s)")
+    tmp.chmod(0o755)
+    tmp.rename(clt_dir)
+    n_dec = F * D * L * (L + 1) // 2
     info = {
         "spec": spec,
         "active_per_token_measured": l0,
         "decoder_values": n_dec,
-        "streamed": bool(stream),
         "build_seconds": time.perf_counter() - t0,
         "disk_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
     }
@@ -270,21 +300,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--cache", default="~/.cache/pie_lib/real_scale", help="build folder (one subfolder per shape/scale)"
     )
     p.add_argument("--rebuild", action="store_true")
-    p.add_argument("--stream", choices=("auto", "yes", "no"), default="auto", help="write the CLT layer by layer")
-    p.add_argument("--rows-dtype", default="float32", help="dtype of gathered decoder rows (pie_lib default float32)")
+    p.add_argument("--build-only", action="store_true", help="build (or find) the world and stop")
+    p.add_argument(
+        "--rows-dtype",
+        default=None,
+        help="dtype of gathered decoder rows (default: float32, or the run dtype when it is bfloat16 on CPU)",
+    )
     p.add_argument("--naive", action="store_true", help="also run the naive reference (slow; small --n only)")
+    p.add_argument(
+        "--results", default=None, help="folder for real_scale_<shape>_s<scale>_<device>.json (default: only --json)"
+    )
     args = p.parse_args(argv)
     ps.set_threads(args.threads)
     torch.manual_seed(args.seed)
     hw = ps.hardware()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     sub = (
         args.shape
         + (f"-s{args.scale}" if args.scale > 1 else "")
         + (f"-a{args.active_per_token:g}" if args.active_per_token != 300 else "")
     )
     folder = Path(args.cache).expanduser() / sub
-    stream = {"auto": None, "yes": True, "no": False}[args.stream]
     model_dir, clt_dir, info = build_real_scale(
         folder,
         args.shape,
@@ -292,32 +329,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seed,
         args.active_per_token,
         device=device,
-        stream=stream,
+        calib_dtype=dtype,
         rebuild=args.rebuild,
     )
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    if args.build_only:
+        return info
+    mem = ps.PeakMemory(device)
+    load_log = ps.PhaseLog()
     t0 = time.perf_counter()
-    model = load_model(model_dir, device=device, dtype=dtype)
-    clt = load_clt(clt_dir, device=model.device, dtype=getattr(torch, dtype))
+    with load_log.phase("load", device, mem):
+        model = load_model(model_dir, device=device, dtype=dtype)
+        clt = load_clt(clt_dir, device=model.device, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t0
     model.check_clt(clt)
     batches = random_pair_batches(args.n, model.vocab_size, args.seed, args.batch_size)
     cfg = ps.bench_config(args, naive=args.naive)
-    cfg.scoring.rows_dtype = getattr(torch, args.rows_dtype)
+    rows_dtype = args.rows_dtype or ("bfloat16" if dtype == "bfloat16" and device == "cpu" else "float32")
+    cfg.scoring.rows_dtype = getattr(torch, rows_dtype)
+    t_run = time.perf_counter()
     result = ps.run_benchmark(model, clt, batches, cfg)
+    run_s = time.perf_counter() - t_run
     if args.profile:
         result["profile"] = ps.profile_pass(model, clt, batches, cfg)
     per_prompt = result["pie"]["seconds_per_prompt"]
     target = {k: per_prompt[k] * 500 / 60 for k in ("fap_total", "synergy", "ladder_total", "total")}
+    peaks_mb = {**result["pie"]["peak_mb"], "load": load_log.peak_mb["load"]}
     result.update(
         shape=args.shape,
         scale=args.scale,
+        n=sum(b.size for b in batches),
         build=info,
         load_seconds=load_s,
         device=str(model.device),
-        dtype=str(model.dtype),
+        dtype=str(model.dtype).removeprefix("torch."),
+        seconds_per_prompt=per_prompt,
+        total_seconds=load_s + run_s,
+        peak_memory_bytes=int(max(peaks_mb.values()) * 2**20),
+        peak_memory_kind=mem.kind,
+        peak_memory_mb_by_phase=peaks_mb,
         hardware=hw,
         projected_minutes_for_500_pairs=target,
+        model_shape={
+            "layers": model.n_layers,
+            "d_model": model.d_model,
+            "vocab": model.vocab_size,
+            "clt_features_per_layer": clt.n_features,
+            "params": sum(p.numel() for p in model.hf.parameters()),
+            "decoder_values": info["decoder_values"],
+        },
         config={
             "methods": cfg.methods,
             "k": cfg.k,
@@ -327,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup": cfg.warmup,
             "batch_size": args.batch_size,
             "chunk": args.chunk,
-            "rows_dtype": args.rows_dtype,
+            "rows_dtype": rows_dtype,
+            "threads": args.threads,
             "lazy_decoder": isinstance(clt.decoder.sources[0], MemmapTensor),
         },
     )
@@ -349,12 +409,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else " (the < 5 min target is for full scale on one H200; this is not that run)"
         )
     )
-    peak = max(result["pie"]["peak_mb"].values()) / 1024
     print(
-        f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: {peak:.2f} GiB "
-        f"(model load {load_s:.1f} s; CLT decoders {'lazy (memory-mapped)' if result['config']['lazy_decoder'] else 'in memory'})"
+        f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: "
+        f"{result['peak_memory_bytes'] / 2**30:.2f} GiB (model + CLT load {load_s:.1f} s; CLT decoders "
+        f"{'lazy (memory-mapped)' if result['config']['lazy_decoder'] else 'in memory'}); total {result['total_seconds']:.1f} s"
     )
-    return ps.finish(result, args.json, cfg.naive)
+    json_path = args.json
+    if args.results:
+        json_path = str(Path(args.results) / f"real_scale_{args.shape}_s{args.scale}_{model.device.type}.json")
+    return ps.finish(result, json_path, cfg.naive)
 
 
 if __name__ == "__main__":

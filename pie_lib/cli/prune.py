@@ -10,7 +10,7 @@ from pie_lib.cli.args import floats, ints, names
 
 
 def add_prune_parser(sub: argparse._SubParsersAction) -> None:
-    from pie_lib.prune.sweep import DEFAULT_LADDER, DEFAULT_METHODS
+    from pie_lib.prune.defaults import DEFAULT_LADDER, DEFAULT_METHODS  # a leaf module: --help stays fast
 
     p = sub.add_parser(
         "prune",
@@ -40,7 +40,12 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient", choices=["replacement", "full"], default="replacement")
     p.add_argument("--corruption", choices=["corrupted", "zero"], default="corrupted")
     p.add_argument("--metric", choices=["logit_diff", "logsumexp"], default="logit_diff")
-    p.add_argument("--chunk", type=int, default=64, help="patch variants per forward")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="patch variants per forward (default: sized from free memory and prompt length)",
+    )
     p.add_argument("--lambda-syn", type=float, default=3.0, help="FAP-Synergy λ (paper 3.0; reference script 5.0)")
     p.add_argument("--boundary-percent", type=float, default=25.0, help="FAP-Synergy bp (paper 25; script 50)")
     p.add_argument("--boundary-cap", type=int, default=32)

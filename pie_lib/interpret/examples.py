@@ -14,6 +14,15 @@ the value at its token of largest ``|activation|``; the ``n_top`` contexts with 
 ``|activation|`` are the top examples, and ``n_per_quantile`` contexts are sampled from each of
 ``n_quantile_bins`` activation-quantile bins of the remaining active contexts. Written to
 ``examples.parquet`` with the nonzero token activations of every example.
+
+Streaming mode (``ExampleConfig(store="stream")``, ``pie interpret --store stream``): instead of
+every nonzero activation, :class:`StreamingExamples` keeps per feature a running top-N and a
+uniform reservoir of its active contexts (bottom-R by a seeded hash of (feature, context), so the
+sample does not depend on batching), with their token activations, the active-context count and
+nothing else. Memory and disk are ``O(features x (N + R) x ctx_len)`` whatever the corpus size or
+feature density; a checkpoint every few batches makes it resumable. Top examples are the same as
+in records mode; quantile examples are drawn from the reservoir (quantile bins estimated from it).
+``dense_acts`` needs every context's activation, so it is only available in records mode.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from tqdm.auto import tqdm
 
 from pie_lib.errors import DataFormatError
 from pie_lib.interpret.corpus import CorpusConfig, iter_documents, make_contexts
-from pie_lib.store import check_same_config, read_config, write_json, write_parquet
+from pie_lib.store import check_same_config, read_config, write_atomic, write_json, write_parquet
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -49,7 +58,10 @@ class ExampleConfig:
         batch_size: contexts per forward.
         n_top: top-activating contexts kept per feature.
         n_quantile_bins, n_per_quantile: quantile-sampled contexts (below the top ones).
-        seed: seed of the quantile sampling.
+        seed: seed of the quantile sampling (and of the streaming reservoir's hash).
+        store: "records" (every nonzero activation on disk) or "stream" (running top-N + reservoir).
+        reservoir: reservoir contexts per feature in stream mode (0 = 4 x bins x per-bin samples).
+        checkpoint_every: stream mode writes its state every this many batches (resume point).
     """
 
     batch_size: int = 32
@@ -57,6 +69,13 @@ class ExampleConfig:
     n_quantile_bins: int = 4
     n_per_quantile: int = 5
     seed: int = 0
+    store: str = "records"
+    reservoir: int = 0
+    checkpoint_every: int = 50
+
+    def reservoir_size(self) -> int:
+        """Contexts kept per feature for quantile sampling (default 4 x bins x per-bin samples)."""
+        return self.reservoir or 4 * max(1, self.n_quantile_bins) * max(1, self.n_per_quantile)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -225,6 +244,7 @@ class ActivationStore:
         self._ctx_table: pd.DataFrame | None = None
         self._ct_groups: dict | None = None  # (layer, feature) -> row indices of context_table()
         self._rec_groups: dict | None = None  # (layer, feature) -> row indices of records()
+        self._stream_cache: list[StreamingExamples] | None = None
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -254,7 +274,9 @@ class ActivationStore:
         cfg = cfg or ExampleConfig()
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        manifest = {"version": 1, "identity": identity or {}, "corpus": asdict(corpus)}
+        if cfg.store not in ("records", "stream"):
+            raise DataFormatError(f"example store {cfg.store!r}: use 'records' or 'stream'")
+        manifest = {"version": 1, "identity": identity or {}, "corpus": asdict(corpus), "store": cfg.store}
         mpath = root / "manifest.json"
         old = read_config(mpath, "activation store")
         if old is not None:
@@ -265,7 +287,13 @@ class ActivationStore:
                 f"{old.get('corpus', {}).get('source')}; differs in {{keys}}); pass a fresh --out folder or delete this one",
                 keys=("identity", "corpus"),
             )
-            manifest = old
+            check_same_config(
+                {"store": old.get("store", "records")},
+                {"store": cfg.store},
+                f"{root} is a {old.get('store', 'records')!r} example store, not {cfg.store!r}; pass the same "
+                "--store or a fresh --out folder",
+            )
+            manifest = {**old, "store": cfg.store}
         ctx_path = root / "contexts.parquet"
         if not ctx_path.exists():
             docs = list(iter_documents(corpus))
@@ -287,7 +315,91 @@ class ActivationStore:
             out.append(r)
         return out
 
+    @property
+    def is_stream(self) -> bool:
+        return self.manifest.get("store", "records") == "stream"
+
+    def _records_only(self, what: str) -> None:
+        if self.is_stream:
+            raise DataFormatError(
+                f"{self.root} is a streaming example store (top-N + reservoir per feature): {what} needs every "
+                "nonzero activation; rebuild it with `pie interpret --store records`"
+            )
+
+    def _streams(self) -> list[StreamingExamples]:
+        if self._stream_cache is None:
+            self._stream_cache = [
+                StreamingExamples.load(r["dir"] / "stream.npz")
+                for r in self._rounds()
+                if (r["dir"] / "stream.npz").exists()
+            ]
+        return self._stream_cache
+
+    def _stream_of(self, layer: int, feature: int) -> StreamingExamples | None:
+        return next((st for st in self._streams() if (layer, feature) in st.index), None)
+
+    def _extend_stream(
+        self, model: Any, clt: Any, features: list[FeatureKey], cfg: ExampleConfig, progress: bool
+    ) -> None:
+        """Stream the corpus once per round of new features, folding each batch into the running state."""
+        covered = {tuple(f) for r in self._rounds() for f in r["features"]}
+        missing = sorted(set(features) - covered)
+        if missing:
+            rdir = self.root / "rounds" / _round_id(missing)
+            write_json(
+                {
+                    "features": [list(f) for f in missing],
+                    "batch_size": cfg.batch_size,
+                    "n_top": cfg.n_top,
+                    "reservoir": cfg.reservoir_size(),
+                    "seed": cfg.seed,
+                },
+                rdir / "features.json",
+                indent=1,
+                default=str,
+            )
+        contexts = self.contexts
+        tokens = contexts["token_ids"].tolist()
+        ctx_ids = torch.tensor(contexts["ctx_id"].to_numpy(), dtype=torch.long)
+        ctx_len = max((len(t) for t in tokens), default=1)
+        pad = pad_id_of(model.tokenizer)
+        requested = set(features)
+        for r in self._rounds():
+            feats = [tuple(f) for f in r["features"]]
+            if not requested.intersection(feats):
+                continue
+            path = r["dir"] / "stream.npz"
+            st = (
+                StreamingExamples.load(path)
+                if path.exists()
+                else StreamingExamples(
+                    feats,
+                    int(r.get("n_top", cfg.n_top)),
+                    int(r.get("reservoir", cfg.reservoir_size())),
+                    ctx_len,
+                    int(r.get("seed", cfg.seed)),
+                )
+            )
+            bs = int(r["batch_size"])
+            n_batches = math.ceil(len(tokens) / bs)
+            if st.next_batch >= n_batches:
+                continue
+            by_layer = features_by_layer(feats)
+            todo = range(st.next_batch, n_batches)
+            for b in tqdm(
+                todo, desc=f"activations, streaming ({len(feats)} features)", disable=not progress, unit="batch"
+            ):
+                lo = b * bs
+                for layer, fl, acts in batch_activations(model, clt, tokens[lo : lo + bs], by_layer, pad):
+                    st.update(layer, fl.cpu(), acts, ctx_ids[lo : lo + bs])
+                st.next_batch = b + 1
+                if st.next_batch % max(1, cfg.checkpoint_every) == 0 or st.next_batch == n_batches:
+                    st.save(path)  # resume point: a rerun continues after the last saved batch
+        self._stream_cache = None
+
     def _extend(self, model: Any, clt: Any, features: list[FeatureKey], cfg: ExampleConfig, progress: bool) -> None:
+        if self.is_stream:
+            return self._extend_stream(model, clt, features, cfg, progress)
         requested = set(features)
         rounds = self._rounds()
         covered = {tuple(f) for r in rounds for f in r["features"]}
@@ -338,7 +450,8 @@ class ActivationStore:
         return {tuple(f) for r in self._rounds() for f in r["features"]}  # type: ignore[misc]
 
     def records(self) -> pd.DataFrame:
-        """All stored nonzero activations: layer, feature, ctx, pos, act."""
+        """All stored nonzero activations: layer, feature, ctx, pos, act (records mode only)."""
+        self._records_only("records()")
         if self._records is None:
             parts = [p for r in self._rounds() for p in sorted(r["dir"].glob("part-*.parquet"))]
             self._records = (
@@ -351,6 +464,7 @@ class ActivationStore:
     def context_table(self) -> pd.DataFrame:
         """Per (layer, feature, ctx) with any nonzero activation: the activation at the token of
         largest |activation| (``act``) and that token's position (``pos``)."""
+        self._records_only("context_table()")
         if self._ctx_table is None:
             rec = self.records()
             if len(rec) == 0:
@@ -365,6 +479,21 @@ class ActivationStore:
 
     def feature_stats(self, features: Iterable[FeatureKey] | None = None) -> pd.DataFrame:
         """Per feature: max_act (signed, at the largest |activation|), n_active contexts, density."""
+        if self.is_stream:
+            want = sorted(set(features) if features is not None else self.covered_features())
+            frames = [st.stats(self.n_contexts) for st in self._streams()]
+            have = (
+                pd.concat(frames, ignore_index=True)
+                if frames
+                else pd.DataFrame(columns=["layer", "feature", "max_act", "n_active", "density"])
+            )
+            keys = pd.DataFrame(want, columns=["layer", "feature"]).merge(
+                have.drop(columns=["density"]), how="left", on=["layer", "feature"]
+            )
+            keys["max_act"] = keys["max_act"].fillna(0.0).astype(float)
+            keys["n_active"] = keys["n_active"].fillna(0).astype(int)
+            keys["density"] = keys["n_active"] / max(self.n_contexts, 1)
+            return keys
         ct = self.context_table()
         keys = pd.DataFrame(
             sorted(set(features) if features is not None else self.covered_features()), columns=["layer", "feature"]
@@ -383,6 +512,7 @@ class ActivationStore:
 
     def dense_acts(self, layer: int, feature: int) -> np.ndarray:
         """``[N]`` activation of every context (zeros for contexts where the feature is silent)."""
+        self._records_only("dense_acts() (every context's activation, e.g. for pie evaluate)")
         ct = self.context_table()
         rows = self._group_rows("ct", layer, feature)
         out = np.zeros(self.n_contexts, dtype=np.float64)
@@ -412,6 +542,16 @@ class ActivationStore:
 
     def token_acts(self, layer: int, feature: int, ctx_ids: Sequence[int]) -> list[np.ndarray]:
         """Dense ``[T]`` token activations for each context in ``ctx_ids``."""
+        if self.is_stream:
+            st = self._stream_of(layer, feature)
+            got = st.token_acts(layer, feature, ctx_ids) if st is not None else None
+            if got is None:
+                raise DataFormatError(
+                    f"streaming store {self.root}: feature ({layer}, {feature}) keeps token activations only for "
+                    "its top and reservoir contexts"
+                )
+            lens = self.contexts["token_ids"].map(len).to_numpy()[self._ctx_positions(np.asarray(ctx_ids))]
+            return [g[: int(n)].astype(np.float32) for g, n in zip(got, lens)]
         rec = self.records().iloc[self._group_rows("rec", layer, feature)]
         sel = rec[rec["ctx"].isin(list(ctx_ids))]
         lens = self.contexts["token_ids"].map(len).to_numpy()[self._ctx_positions(np.asarray(ctx_ids))]
@@ -431,6 +571,13 @@ class ActivationStore:
         """
         cfg = cfg or ExampleConfig()
         keys = pd.DataFrame(sorted(set(features)), columns=["layer", "feature"])
+        if self.is_stream:
+            cols = ["layer", "feature", "kind", "rank", "ctx", "act", "pos", "nz_pos", "nz_act"]
+            frames = [st.examples(cfg) for st in self._streams()]
+            ex = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            if len(ex) == 0:
+                return pd.DataFrame({c: [] for c in cols})
+            return ex.merge(keys, on=["layer", "feature"]).reset_index(drop=True)
         ct = self.context_table().merge(keys, on=["layer", "feature"])
         cols = ["layer", "feature", "kind", "rank", "ctx", "act", "pos", "nz_pos", "nz_act"]
         if len(ct) == 0:
@@ -489,3 +636,247 @@ class ActivationStore:
         max_act = float(st.at[(layer, feature), "max_act"]) if (layer, feature) in st.index else 0.0
         n_active = int(st.at[(layer, feature), "n_active"]) if (layer, feature) in st.index else 0
         return FeatureExamples(layer, feature, max_act, n_active, self.n_contexts, out)
+
+
+# --------------------------------------------------------------------------- streaming mode
+def _hash01(seed: int, layer: int, features: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+    """``[B, U]`` uniform [0, 1) numbers from a splitmix64 hash of (seed, layer, feature, context).
+
+    A pure function of its inputs: the reservoir keeps the same contexts however the corpus is
+    batched or resumed.
+    """
+    with np.errstate(over="ignore"):
+        f = features.astype(np.uint64)[None, :]
+        c = ctx.astype(np.uint64)[:, None]
+        x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) ^ (np.uint64(layer) * np.uint64(0xD1B54A32D192ED03))
+        x = x ^ (f * np.uint64(0xABC98388FB8FAC03)) ^ (c * np.uint64(0x8CB92BA72F3D8DD7))
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+
+
+def _sort_rows(primary: torch.Tensor, ctx: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Per row, the order by ``primary`` (desc or asc), ties by ascending context id (``[U, M]``)."""
+    o1 = torch.argsort(ctx, dim=1, stable=True)
+    p = primary.gather(1, o1)
+    o2 = torch.argsort(-p if descending else p, dim=1, stable=True)
+    return o1.gather(1, o2)
+
+
+class StreamingExamples:
+    """Running top-N and reservoir of active contexts for a fixed list of features.
+
+    State per feature u (U features, N = ``n_top``, R = ``reservoir``, T = ``ctx_len``):
+    ``n_active[u]``; top ``[U, N]`` |act|, signed act, context id, argmax position and token
+    activations ``[U, N, T]``; the same for the reservoir, plus its hash keys. A context's
+    activation is the value at its token of largest |activation| (records mode's definition).
+    """
+
+    FIELDS = ("abs", "act", "ctx", "pos", "tok")
+
+    def __init__(self, features: Sequence[FeatureKey], n_top: int, reservoir: int, ctx_len: int, seed: int = 0) -> None:
+        self.keys = sorted({(int(l), int(f)) for l, f in features})
+        U, N, R, T = len(self.keys), int(n_top), int(reservoir), int(ctx_len)
+        self.n_top, self.reservoir, self.ctx_len, self.seed = N, R, T, int(seed)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.n_active = torch.zeros(U, dtype=torch.int64)
+        self.next_batch = 0
+        self.top = self._empty(U, N, float("-inf"))
+        self.res = self._empty(U, R, float("-inf"))
+        self.res_key = torch.full((U, R), float("inf"), dtype=torch.float64)
+
+    def _empty(self, U: int, M: int, fill: float) -> dict[str, torch.Tensor]:
+        return {
+            "abs": torch.full((U, M), fill),
+            "act": torch.zeros(U, M),
+            "ctx": torch.full((U, M), -1, dtype=torch.int64),
+            "pos": torch.full((U, M), -1, dtype=torch.int64),
+            "tok": torch.zeros(U, M, self.ctx_len),
+        }
+
+    @property
+    def nbytes(self) -> int:
+        ts = list(self.top.values()) + list(self.res.values()) + [self.res_key, self.n_active]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def update(self, layer: int, features: torch.Tensor, acts: torch.Tensor, ctx_ids: torch.Tensor) -> None:
+        """Fold one batch of one layer in.
+
+        Args:
+            features: ``[U_l]`` feature ids of ``layer`` (all in this collector).
+            acts: ``[B, T_b, U_l]`` activations, zero at BOS and padding.
+            ctx_ids: ``[B]`` context ids of the batch rows.
+        """
+        u = torch.tensor([self.index[(layer, int(f))] for f in features.tolist()], dtype=torch.long)
+        a = acts.detach().float().cpu()
+        B, Tb, Ul = a.shape
+        if Tb < self.ctx_len:
+            a = torch.nn.functional.pad(a, (0, 0, 0, self.ctx_len - Tb))
+        a = a[:, : self.ctx_len]
+        best_abs, best_pos = a.abs().max(dim=1)  # [B, U_l]
+        best_act = a.gather(1, best_pos[:, None, :]).squeeze(1)
+        active = best_abs > 0
+        self.n_active[u] += active.sum(0)
+        ctx = ctx_ids.detach().cpu().long()
+        cand = {
+            "abs": torch.where(active, best_abs, torch.tensor(float("-inf"))).T,
+            "act": best_act.T,
+            "ctx": torch.where(active, ctx[:, None], torch.tensor(-1)).T,
+            "pos": best_pos.T,
+            "tok": a.permute(2, 0, 1),
+        }  # [U_l, B, ...]
+        # top-N: |act| descending, ties by context id
+        merged = {k: torch.cat([self.top[k][u], cand[k]], 1) for k in self.FIELDS}
+        order = _sort_rows(merged["abs"], merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62), True)[:, : self.n_top]
+        for k in self.FIELDS:
+            self.top[k][u] = self._take(merged[k], order)
+        # reservoir: the R active contexts of smallest hash key = a uniform sample without replacement
+        key = torch.from_numpy(_hash01(self.seed, layer, features.numpy(), ctx.numpy())).T  # [U_l, B]
+        key = torch.where(active.T, key, torch.tensor(float("inf"), dtype=torch.float64))
+        mk = torch.cat([self.res_key[u], key], 1)
+        merged = {k: torch.cat([self.res[k][u], cand[k]], 1) for k in self.FIELDS}
+        order = _sort_rows(mk, merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62), False)[:, : self.reservoir]
+        self.res_key[u] = mk.gather(1, order)
+        for k in self.FIELDS:
+            self.res[k][u] = self._take(merged[k], order)
+
+    @staticmethod
+    def _take(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:
+            return t.gather(1, order[..., None].expand(-1, -1, t.shape[2]))
+        return t.gather(1, order)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: Path) -> None:
+        arrays = {f"top_{k}": v.numpy() for k, v in self.top.items()}
+        arrays.update({f"res_{k}": v.numpy() for k, v in self.res.items()})
+        arrays.update(
+            res_key=self.res_key.numpy(),
+            n_active=self.n_active.numpy(),
+            keys=np.asarray(self.keys, dtype=np.int64).reshape(-1, 2),
+            meta=np.asarray([self.n_top, self.reservoir, self.ctx_len, self.seed, self.next_batch], dtype=np.int64),
+        )
+
+        def dump(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)  # token activations are mostly zeros
+
+        write_atomic(path, dump)
+
+    @classmethod
+    def load(cls, path: Path) -> "StreamingExamples":
+        with np.load(path) as z:
+            n_top, res, ctx_len, seed, next_batch = (int(x) for x in z["meta"])
+            obj = cls([tuple(k) for k in z["keys"].tolist()], n_top, res, ctx_len, seed)
+            obj.next_batch = next_batch
+            obj.n_active = torch.from_numpy(z["n_active"].copy())
+            obj.res_key = torch.from_numpy(z["res_key"].copy())
+            for k in cls.FIELDS:
+                obj.top[k] = torch.from_numpy(z[f"top_{k}"].copy())
+                obj.res[k] = torch.from_numpy(z[f"res_{k}"].copy())
+        return obj
+
+    # ------------------------------------------------------------ outputs
+    def stats(self, n_contexts: int) -> pd.DataFrame:
+        """layer, feature, max_act (signed, at the largest |activation|), n_active, density."""
+        keys = np.asarray(self.keys, dtype=np.int64).reshape(-1, 2)
+        n = self.n_active.numpy()
+        return pd.DataFrame(
+            {
+                "layer": keys[:, 0],
+                "feature": keys[:, 1],
+                "max_act": np.where(n > 0, self.top["act"][:, 0].numpy(), 0.0).astype(float),
+                "n_active": n.astype(int),
+                "density": n / max(n_contexts, 1),
+            }
+        )
+
+    def _table(self, part: dict[str, torch.Tensor], extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+        U, M = part["ctx"].shape
+        keys = np.asarray(self.keys, dtype=np.int64).reshape(-1, 2)
+        df = pd.DataFrame(
+            {
+                "u": np.repeat(np.arange(U), M),
+                "slot": np.tile(np.arange(M), U),
+                "layer": np.repeat(keys[:, 0], M),
+                "feature": np.repeat(keys[:, 1], M),
+                "ctx": part["ctx"].numpy().ravel(),
+                "act": part["act"].numpy().ravel(),
+                "abs": part["abs"].numpy().ravel(),
+                "pos": part["pos"].numpy().ravel(),
+                **(extra or {}),
+            }
+        )
+        return df[df["ctx"] >= 0]
+
+    def examples(self, cfg: ExampleConfig) -> pd.DataFrame:
+        """Top and quantile examples, with :meth:`ActivationStore.select_examples`' columns.
+
+        Top rows are the exact top ``n_top`` (rank = rank by |act|). Quantile rows: the reservoir
+        (a uniform sample of the feature's active contexts) ranked by |act| gives each entry an
+        estimated quantile; ``n_quantile_bins`` bins of it, minus the top contexts, each give
+        ``n_per_quantile`` entries of smallest hash key (random). ``rank`` of a quantile row is its
+        estimated rank among all active contexts.
+        """
+        cols = ["layer", "feature", "kind", "rank", "ctx", "act", "pos", "nz_pos", "nz_act"]
+        top = self._table(self.top)
+        top = top[top["slot"] < cfg.n_top].assign(kind="top", rank=lambda d: d["slot"])
+        parts = [top]
+        if cfg.n_quantile_bins > 0 and cfg.n_per_quantile > 0 and self.reservoir > 0:
+            res = self._table(self.res, {"key": self.res_key.numpy().ravel()})
+            res = res.sort_values(["u", "abs", "ctx"], ascending=[True, False, True], kind="stable")
+            g = res.groupby("u", sort=False)
+            r = g.cumcount().to_numpy()
+            n_res = g["ctx"].transform("size").to_numpy()
+            res["qbin"] = (r * cfg.n_quantile_bins // n_res).astype(int)
+            n_act = self.n_active.numpy()[res["u"].to_numpy()]
+            res["rank"] = (r * n_act // n_res).astype(int)
+            in_top = pd.MultiIndex.from_frame(top[["u", "ctx"]])
+            res = res[~pd.MultiIndex.from_frame(res[["u", "ctx"]]).isin(in_top)]
+            res = res.sort_values(["u", "qbin", "key"], kind="stable")
+            q = res.groupby(["u", "qbin"], sort=False).head(cfg.n_per_quantile)
+            parts.append(
+                q.sort_values(["u", "abs", "ctx"], ascending=[True, False, True], kind="stable").assign(kind="quantile")
+            )
+        ex = pd.concat(parts, ignore_index=True)
+        if len(ex) == 0:
+            return pd.DataFrame({c: [] for c in cols})
+        src = {"top": self.top["tok"], "quantile": self.res["tok"]}
+        nz_pos, nz_act = [], []
+        for kind, u, slot in zip(ex["kind"].to_numpy(), ex["u"].to_numpy(), ex["slot"].to_numpy()):
+            tok = src[kind][u, slot].numpy()
+            nz = np.nonzero(tok)[0]
+            nz_pos.append(nz.astype(np.int64).tolist())
+            nz_act.append(tok[nz].astype(np.float32).tolist())
+        ex["nz_pos"], ex["nz_act"] = nz_pos, nz_act
+        ex = ex.sort_values(["layer", "feature"], kind="stable")
+        ex = ex.astype({"layer": np.int32, "feature": np.int32, "pos": np.int32, "act": np.float32})
+        return ex[cols].reset_index(drop=True)
+
+    def token_acts(self, layer: int, feature: int, ctx_ids: Sequence[int]) -> list[np.ndarray] | None:
+        """Token activations of contexts held in the top list or the reservoir (None if one is not)."""
+        u = self.index[(layer, feature)]
+        held = {}
+        for part in (self.res, self.top):
+            for slot, c in enumerate(part["ctx"][u].tolist()):
+                if c >= 0:
+                    held[c] = part["tok"][u, slot].numpy()
+        if not all(int(c) in held for c in ctx_ids):
+            return None
+        return [held[int(c)] for c in ctx_ids]
+
+
+def batch_activations(
+    model: Any, clt: Any, token_lists: Sequence[Sequence[int]], by_layer: dict[int, torch.Tensor], pad_id: int
+) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(layer, features ``[U_l]``, activations ``[B, T, U_l]`` zeroed at BOS/padding) per layer, one forward."""
+    from pie_lib.engine.traces import run_with_cache
+
+    ids, valid = pad_batch(token_lists, pad_id)
+    cache = run_with_cache(model, ids)
+    for layer, feats in by_layer.items():
+        acts = encode_features(clt, cache.resid_mid[layer], layer, feats)
+        yield layer, feats, acts * valid.to(acts.device)[..., None]

@@ -267,7 +267,11 @@ def load_model(
             ) from None
     else:
         try:
-            lm = LanguageModel(name, device_map=str(device), dispatch=True, dtype=dtype)
+            lm = (
+                _load_local(name, device, dtype)
+                if local.is_dir() and remote is False  # "local" remote simulation keeps nnsight's loader
+                else LanguageModel(name, device_map=str(device), dispatch=True, dtype=dtype)
+            )
         except Exception as exc:  # missing/truncated weights, missing tokenizer, bad config values
             if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
                 raise SettingError(
@@ -281,6 +285,24 @@ def load_model(
             ) from None
         lm.eval()
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
+
+
+def _load_local(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A local folder's weights loaded once, straight onto ``device``, then wrapped in nnsight.
+
+    nnsight's own loading of a repo id first builds a meta-device copy (to trace without weights)
+    and then loads the real weights -- two model constructions. With the folder on disk the real
+    model is all we need. The tokenizer gets nnsight's settings (EOS as pad when there is no pad
+    token, left padding for causal LMs), so both paths hand back the same object.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device))
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return _nnsight_class()(hf.eval(), tokenizer=tok)
 
 
 def wrap_model(

@@ -23,7 +23,7 @@ class ScoringConfig:
         corruption: "corrupted" (a_corr from the corrupted prompt; paper) or "zero".
         metric: "logit_diff" (paper, IOI/Doc-String) or "logsumexp" (reference flag default).
         zero_bos: exclude position 0 (BOS), as the paper does.
-        chunk: patch variants per forward.
+        chunk: patch variants per forward; None = sized from the free memory and the sequence length.
         rows_dtype: dtype of decoder rows used in scores and offsets.
     """
 
@@ -31,7 +31,7 @@ class ScoringConfig:
     corruption: Corruption = "corrupted"
     metric: MetricKind = "logit_diff"
     zero_bos: bool = True
-    chunk: int = 64
+    chunk: int | None = None
     rows_dtype: torch.dtype = torch.float32
 
 

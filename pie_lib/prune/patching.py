@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
@@ -33,6 +34,47 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     msg = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free bytes, else the host's MemAvailable (Linux) or 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+#: On a CPU, forwards of more tokens than this are not faster per token (measured on the toy world:
+#: 64 x 15 and 256 x 15 tokens per forward ran at the same speed, 1024 x 15 1.5x slower per token).
+CPU_TOKENS_PER_FORWARD = 4096
+
+
+def auto_chunk(model: LoadedModel, seq_len: int, fraction: float = 0.25, max_variants: int = 4096) -> int:
+    """Patch variants per forward from the free memory and the sequence length.
+
+    A variant costs (float32 offsets, bytes): its ``[L, T, D]`` offsets, the transient activations
+    of one layer (~``T * (4 D + 2 d_mlp)`` values plus ``heads * T^2`` attention scores) and one
+    row of last-position logits. ``fraction`` of the free memory is spent; on a CPU the chunk is
+    also capped at :data:`CPU_TOKENS_PER_FORWARD` tokens.
+    """
+    cfg = model.config
+    L, D = model.n_layers, model.d_model
+    d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D)
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1)
+    T = max(1, int(seq_len))
+    per_variant = 4 * (L * T * D) + 4 * T * (4 * D + 2 * d_mlp) + 4 * heads * T * T + 4 * model.vocab_size
+    dev = model.device
+    n = int(fraction * available_memory_bytes(dev)) // max(per_variant, 1)
+    if dev.type != "cuda":
+        n = min(n, CPU_TOKENS_PER_FORWARD // T)
+    return max(1, min(n, max_variants))
 
 
 @dataclass
@@ -158,10 +200,14 @@ class PatchEvaluator:
         corruption: "corrupted" (Δa = a_clean - a_corr) or "zero" (Δa = a_clean).
         metric: the behaviour metric m.
         clean_logits: ``[B, V]`` last-token logits of the clean runs.
-        chunk: variants per forward. A forward that runs out of memory is retried with half as
-            many variants (down to 1), and the smaller chunk is kept for the rest of the batch.
+        chunk: variants per forward; None = :func:`auto_chunk` (free memory and sequence length).
+            A forward that runs out of memory is retried with half as many variants (down to 1),
+            and the smaller chunk is kept for the rest of the batch.
         request_bytes: remote only: the offsets one request (session) may carry; the chunks of
             one :meth:`run` go as ``ceil(offset bytes / request_bytes)`` requests.
+
+    Identical variants (same prompt, same removed set and weights, same complement flag) run
+    once per :meth:`run` call -- e.g. FAP and FAP-Synergy circuits that coincide at a budget.
     """
 
     def __init__(
@@ -174,19 +220,22 @@ class PatchEvaluator:
         corruption: Corruption,
         metric: MetricKind,
         clean_logits: torch.Tensor,
-        chunk: int = 64,
+        chunk: int | None = None,
         request_bytes: int = 256 << 20,
     ) -> None:
         self.model, self.clt, self.batch, self.occ, self.rows = model, clt, batch, occ, rows
         self.metric = metric
         self.delta = occ.delta(corruption)
         self.clean_logits = clean_logits.float()
+        if chunk is None:
+            chunk = auto_chunk(model, batch.seq_len)
         if chunk < 1:
             raise SettingError(f"chunk {chunk}: patch variants per forward must be a positive integer")
         self.chunk = chunk
         self.request_bytes = request_bytes
         self._null: torch.Tensor | None = None
-        self.n_forwards = 0
+        self.n_forwards = 0  # patch traces run
+        self.n_sequences = 0  # patched sequences (variants) they held, after de-duplication
         dev = self.clean_logits.device
         self.m_clean = (
             metric_value(self.clean_logits, batch.correct.to(dev), batch.wrong.to(dev), "logit_diff")
@@ -262,16 +311,27 @@ class PatchEvaluator:
             variants: what each variant removes.
             extra_offsets: optional ``[L, B, T, D]`` added to every variant of prompt b (a shared
                 base state, e.g. ACDC's current removals), by linearity of the offsets.
+        Returns:
+            Host tensors. Locally, every chunk's results stay on the device until all chunks ran
+            (one host copy per call, not one per chunk).
         """
+        uniq, inverse = _unique_variants(variants)
+        if uniq is not None:
+            res = self._run_all(uniq, extra_offsets)
+            return PatchResult(res.metric[inverse], res.kl[inverse], res.pred_change[inverse])
+        return self._run_all(variants, extra_offsets)
+
+    def _run_all(self, variants: Variants, extra_offsets: torch.Tensor | None) -> PatchResult:
         V = variants.n
-        metric = torch.empty(V)
-        kl = torch.empty(V)
-        change = torch.empty(V, dtype=torch.bool)
         order = torch.argsort(variants.var, stable=True)
         var_sorted = variants.var[order]
         if is_remote(self.model):
+            metric = torch.empty(V)
+            kl = torch.empty(V)
+            change = torch.empty(V, dtype=torch.bool)
             self._run_remote(variants, order, var_sorted, extra_offsets, metric, kl, change)
             return PatchResult(metric, kl, change)
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < V:
             stop = min(V, start + self.chunk)
@@ -294,9 +354,12 @@ class PatchEvaluator:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            metric[start:stop], kl[start:stop], change[start:stop] = res
+            parts.append(res)
             start = stop
-        return PatchResult(metric, kl, change)
+        if not parts:
+            return PatchResult(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
+        metric, kl, change = (torch.cat([p[i] for p in parts]).cpu() for i in range(3))
+        return PatchResult(metric.float(), kl.float(), change.bool())
 
     def _run_remote(
         self,
@@ -325,6 +388,7 @@ class PatchEvaluator:
             for (lo, hi, _, _, prompts), (logits, lse) in zip(pending, outs):
                 metric[lo:hi], kl[lo:hi], change[lo:hi] = self._finish_range(prompts, logits, lse)
             self.n_forwards += len(pending)
+            self.n_sequences += sum(hi - lo for lo, hi, *_ in pending)
             pending.clear()
             size = 0
 
@@ -352,6 +416,7 @@ class PatchEvaluator:
         ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets)
         logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
         self.n_forwards += 1
+        self.n_sequences += stop - start
         return self._finish_range(prompts, logits, lse)
 
     def _prepare_range(
@@ -384,13 +449,13 @@ class PatchEvaluator:
         """Metric, KL and argmax change from one forward's last-token logits."""
         logits = logits.float()
         clean = self.clean_logits[prompts.to(self.clean_logits.device)]
-        kl = last_token_kl(clean, logits).cpu()
-        change = (clean.argmax(-1) != logits.argmax(-1)).cpu()
+        kl = last_token_kl(clean, logits)
+        change = clean.argmax(-1) != logits.argmax(-1)
         if self.metric == "logit_diff":
-            metric = metric_value(logits, self.batch.correct[prompts], self.batch.wrong[prompts], "logit_diff").cpu()
+            metric = metric_value(logits, self.batch.correct[prompts], self.batch.wrong[prompts], "logit_diff")
         else:
-            metric = lse.float().cpu()
-        return metric, kl, change
+            metric = lse.float()
+        return metric, kl, change  # on the device: the caller copies them to the host once
 
     def clean_metric(self) -> torch.Tensor:
         """``[B]`` metric of the unpatched clean runs."""
@@ -405,3 +470,49 @@ class PatchEvaluator:
             )
             self.m_clean = res.metric
         return self.m_clean.cpu().float()
+
+
+def _unique_variants(variants: Variants) -> tuple[Variants | None, torch.Tensor | None]:
+    """(the distinct variants, index of each original among them), or (None, None) if all differ.
+
+    Two variants are the same when prompt, complement flag and the multiset of (occurrence,
+    weight) entries agree; their outcomes are then the same forward, so it runs once.
+    """
+    V = variants.n
+    if V < 2:
+        return None, None
+    order = (
+        torch.argsort(
+            variants.var * (int(variants.occ.max()) + 1 if variants.occ.numel() else 1) + variants.occ, stable=True
+        )
+        if variants.occ.numel()
+        else torch.zeros(0, dtype=torch.long)
+    )
+    var_s, occ_s = variants.var[order].numpy(), variants.occ[order].numpy()
+    w_s = variants.weight[order].float().numpy() if variants.weight is not None else None
+    bounds = np.searchsorted(var_s, np.arange(V + 1))
+    prompt, comp = variants.prompt.tolist(), variants.complement.tolist()
+    seen: dict[tuple, int] = {}
+    first: list[int] = []
+    inverse = np.empty(V, dtype=np.int64)
+    for v in range(V):
+        lo, hi = bounds[v], bounds[v + 1]
+        key = (prompt[v], comp[v], occ_s[lo:hi].tobytes(), w_s[lo:hi].tobytes() if w_s is not None else b"")
+        j = seen.setdefault(key, len(first))
+        if j == len(first):
+            first.append(v)
+        inverse[v] = j
+    if len(first) == V:
+        return None, None
+    keep = torch.tensor(first)
+    new_id = torch.full((V,), -1, dtype=torch.long)
+    new_id[keep] = torch.arange(keep.numel())
+    ent = new_id[variants.var] >= 0
+    uniq = Variants(
+        prompt=variants.prompt[keep],
+        var=new_id[variants.var[ent]],
+        occ=variants.occ[ent],
+        complement=variants.complement[keep],
+        weight=variants.weight[ent] if variants.weight is not None else None,
+    )
+    return uniq, torch.from_numpy(inverse)

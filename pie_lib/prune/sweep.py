@@ -56,8 +56,8 @@ from pie_lib.world import load_world, resolve_checkpoints
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LADDER = (50, 75, 100, 200, 400, 800)
-DEFAULT_METHODS = ("fap", "fap-synergy", "clt-relp", "act-mag", "random")
+from pie_lib.prune.defaults import DEFAULT_LADDER, DEFAULT_METHODS  # noqa: E402,F401 (re-exported)
+
 RESULT_COLUMNS = [
     "method",
     "k",
@@ -141,6 +141,8 @@ class PruneConfig:
                 f"--n {self.n}: the number of pairs must be a positive integer (0 = all, with --data only)"
             )
         for flag, value in (("--batch-size", self.batch_size), ("--chunk", self.scoring.chunk)):
+            if flag == "--chunk" and value is None:  # sized from free memory and sequence length
+                continue
             if not isinstance(value, int) or value < 1:
                 raise SettingError(f"{flag} {value}: must be a positive integer")
         if self.min_tokens < 0:
