@@ -13,11 +13,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pie_lib.errors import ConfigMismatchError, DataFormatError, OutputPathError
+
+if TYPE_CHECKING:  # pandas costs ~0.4 s to import; `pie --help` reaches this module
+    import pandas as pd
 
 
 def _clean_tail(path: Path) -> None:
