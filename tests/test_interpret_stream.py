@@ -46,7 +46,7 @@ def test_stream_matches_records_on_top_examples_and_stats(interp_world, tmp_path
     # token activations come back for the held contexts; dense_acts is refused with the fix named
     (l, f), c = FEATURES[0], int(tb.ctx[0])
     assert np.allclose(st.token_acts(l, f, [c])[0], rec.token_acts(l, f, [c])[0], atol=1e-6)
-    with pytest.raises(DataFormatError, match="--store records"):
+    with pytest.raises(DataFormatError, match="--examples-store records"):
         st.dense_acts(l, f)
     # disk: the state, not one part per batch
     assert not list((tmp_path / "st").glob("rounds/*/part-*.parquet"))

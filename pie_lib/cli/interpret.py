@@ -38,7 +38,7 @@ def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32, help="contexts per forward (default 32)")
     g.add_argument("--n-top", type=int, default=40, help="top examples kept per feature (default 40)")
     g.add_argument(
-        "--store",
+        "--examples-store",
         choices=["records", "stream"],
         default="records",
         help="records: every nonzero activation on disk (pie evaluate needs it); stream: a running top-N and a "
@@ -84,7 +84,7 @@ def run_interpret(args: argparse.Namespace) -> int:
     cfg.corpus.source, cfg.corpus.n_docs, cfg.corpus.ctx_len = args.corpus, args.n_docs, args.ctx_len
     cfg.corpus.text_field, cfg.corpus.split, cfg.corpus.hf_config = args.text_field, args.split, args.hf_config
     cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
-    cfg.examples.store = args.store
+    cfg.examples.store = args.examples_store
     cfg.explain.max_examples = args.max_examples
     if args.selections is None and args.features is None:
         raise PieError("pie interpret needs --selections (from `pie prune`) or --features")

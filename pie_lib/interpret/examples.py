@@ -15,7 +15,7 @@ the value at its token of largest ``|activation|``; the ``n_top`` contexts with 
 ``n_quantile_bins`` activation-quantile bins of the remaining active contexts. Written to
 ``examples.parquet`` with the nonzero token activations of every example.
 
-Streaming mode (``ExampleConfig(store="stream")``, ``pie interpret --store stream``): instead of
+Streaming mode (``ExampleConfig(store="stream")``, ``pie interpret --examples-store stream``): instead of
 every nonzero activation, :class:`StreamingExamples` keeps per feature a running top-N and a
 uniform reservoir of its active contexts (bottom-R by a seeded hash of (feature, context), so the
 sample does not depend on batching), with their token activations, the active-context count and
@@ -291,7 +291,7 @@ class ActivationStore:
                 {"store": old.get("store", "records")},
                 {"store": cfg.store},
                 f"{root} is a {old.get('store', 'records')!r} example store, not {cfg.store!r}; pass the same "
-                "--store or a fresh --out folder",
+                "--examples-store or a fresh --out folder",
             )
             manifest = {**old, "store": cfg.store}
         ctx_path = root / "contexts.parquet"
@@ -323,7 +323,7 @@ class ActivationStore:
         if self.is_stream:
             raise DataFormatError(
                 f"{self.root} is a streaming example store (top-N + reservoir per feature): {what} needs every "
-                "nonzero activation; rebuild it with `pie interpret --store records`"
+                "nonzero activation; rebuild it with `pie interpret --examples-store records`"
             )
 
     def _streams(self) -> list[StreamingExamples]:
