@@ -154,11 +154,11 @@ def test_the_worker_is_as_strict_as_the_server(tiny_worlds, server):
     ids = _ids(tiny_worlds["gpt2"])
     lm, arch = rem.lm, rem.arch
     with pytest.raises(RemoteError, match="pie_lib"):
-        with rem.trace(ids):
+        with remote_.trace(rem, ids):
             x = lm.transformer.h[0].mlp.output.save()  # noqa: F841 (the trace body is what is sent)
             name = arch.name  # noqa: F841 (a pie_lib dataclass: pickled by reference)
     outside = []
-    with rem.trace(ids):
+    with remote_.trace(rem, ids):
         outside.append(lm.transformer.h[0].mlp.output.save())
         inside = lm.transformer.h[0].mlp.output.save()
     assert outside == []  # the server appended to its own copy; nothing came back

@@ -100,7 +100,7 @@ def patched_mlp_out_gradients(
     kind = 0 if metric == "logit_diff" else (1 if metric == "logsumexp" else 2)
     log_p = remote_.host(model, torch.log_softmax(clean_logits.float(), -1)) if kind == 2 else None
     keep = _last_only(model) if kind != 1 else {}
-    with torch.enable_grad(), model.trace(remote_.host(model, input_ids), kind="gradient", **keep):
+    with torch.enable_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="gradient", **keep):
         leaves = []
         for op in plan:
             env = op[1]

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from pie_lib.engine import remote as remote_
 from pie_lib.engine.rules import detach_leading, frozen_norm
 from pie_lib.engine.traces import _logits, _val, _walk_layers
 from pie_lib.models.arch import get_path
@@ -103,7 +104,7 @@ def prompt_writes(model: LoadedModel, input_ids: torch.Tensor) -> PromptWrites:
     def read_out(layer: int, env: Any) -> None:
         mlp.append(env.output.save())
 
-    with torch.no_grad(), model.trace(ids):
+    with torch.no_grad(), remote_.trace(model, ids):
         emb = model.layer(0).input.save()
         _walk_layers(model, {arch.resid_mid: read_in, arch.mlp_out: read_out})
         last = _logits(model)[:, -1].save()
@@ -183,7 +184,10 @@ def replacement_target_gradients(model: LoadedModel, input_ids: torch.Tensor, ta
         actions[arch.mlp_out] = out_action
 
     grads: list[Any] = []
-    with torch.enable_grad(), model.trace(ids, **({"logits_to_keep": 1} if arch.supports_logits_to_keep else {})):
+    with (
+        torch.enable_grad(),
+        remote_.trace(model, ids, **({"logits_to_keep": 1} if arch.supports_logits_to_keep else {})),
+    ):
         first = model.layer(0)
         emb_leaf = first.input.detach().requires_grad_(True)
         first.input = emb_leaf

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pie_lib.engine import remote as remote_
 from pie_lib.engine.remote import is_remote
 from pie_lib.engine.traces import _logits, _val, _walk_layers
 from pie_lib.errors import SettingError
@@ -50,7 +51,7 @@ def masked_last_logits(model: LoadedModel, input_ids: torch.Tensor, offsets: tor
     def sub(layer: int, env: Any) -> None:
         env.output = env.output - offsets[layer].to(env.output.dtype)
 
-    with torch.enable_grad(), model.trace(input_ids.to(model.device)):
+    with torch.enable_grad(), remote_.trace(model, input_ids.to(model.device)):
         _walk_layers(model, {model.arch.mlp_out: sub})
         last = _logits(model)[:, -1].save()
     return _val(last).float()

@@ -23,10 +23,13 @@ Every request costs a queue round trip, so the traces of one step go as one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nnsight
 import torch
+
+if TYPE_CHECKING:
+    from pie_lib.models.loading import LoadedModel
 
 
 @dataclass
@@ -99,6 +102,26 @@ def host(model: Any, t: torch.Tensor) -> torch.Tensor:
     return t.to(model.device)
 
 
+def trace(model: LoadedModel, *inputs: Any, kind: str = "trace", **kwargs: Any) -> Any:
+    """``lm.trace`` with the model's ``remote`` setting: every pie_lib trace is opened here (or inside
+    a :func:`session`). Remote, it is one request, counted under ``kind``."""
+    if "remote" not in kwargs:
+        kwargs.update(remote_kwargs(model, kind))
+    elif kwargs["remote"] is False:
+        kwargs.pop("remote")
+    return model.lm.trace(*inputs, **kwargs)
+
+
+def remote_kwargs(model: LoadedModel, kind: str = "trace") -> dict[str, Any]:
+    """``{"remote": ...}`` for an nnsight call opened directly on ``lm`` (``lm.generate`` must be the
+    ``with`` statement's own call), counting it as one request when remote."""
+    if model.remote is False:
+        return {}
+    ship_rules()
+    note_request(model, kind)
+    return {"remote": model.remote}
+
+
 def session(model: Any, kind: str = "session") -> Any:
     """``model.lm.session(remote=...)``: one request for every trace opened inside it (remote only).
 
@@ -127,7 +150,7 @@ def server_dtype(model: Any) -> torch.dtype:
     bos = getattr(model.tokenizer, "bos_token_id", None)
     ids = torch.tensor([[bos if bos is not None else 0]])
     lm = model.lm
-    with model.trace(ids, kind="probe"):
+    with trace(model, ids, kind="probe"):
         out = lm.output
         logits = nnsight.save(out.logits if hasattr(out, "logits") else out[0])
     dt = logits.dtype

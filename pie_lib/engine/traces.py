@@ -89,7 +89,7 @@ def run_with_cache(model: LoadedModel, input_ids: torch.Tensor) -> ForwardCache:
         raise AssertionError("resid_mid and mlp_out must be different modules")
     steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
     lm = model.lm
-    with torch.no_grad(), model.trace(remote_.host(model, input_ids), kind="cache", **_last_only(model)):
+    with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="cache", **_last_only(model)):
         reads_in, reads_out = [], []
         for is_input, env in steps:
             if is_input:
@@ -188,7 +188,7 @@ def mlp_out_gradients(
     lm = model.lm
     correct, wrong = remote_.host(model, correct), remote_.host(model, wrong)
     keep = _last_only(model) if metric == "logit_diff" else {}
-    with torch.enable_grad(), model.trace(remote_.host(model, input_ids), kind="gradient", **keep):
+    with torch.enable_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="gradient", **keep):
         leaves = []
         for op in plan:
             env = op[1]
@@ -255,7 +255,7 @@ def patched_last_logits(
     lm = model.lm
     lse = None
     keep = {} if with_logsumexp else _last_only(model)
-    with torch.no_grad(), model.trace(remote_.host(model, input_ids), kind="patch", **keep):
+    with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="patch", **keep):
         for layer, env in enumerate(steps):
             y = env.output
             env.output = y - off[layer].to(y.device, y.dtype)
@@ -345,7 +345,7 @@ def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, e
         rec = clt.b_dec[layer].to(error.dtype) + (accum[layer] if accum[layer] is not None else 0)
         env.output = (rec + error[layer]).to(env.output.dtype)
 
-    with torch.no_grad(), model.trace(input_ids.to(model.device), **_last_only(model)):
+    with torch.no_grad(), remote_.trace(model, input_ids.to(model.device), **_last_only(model)):
         _walk_layers(model, {arch.resid_mid: encode, arch.mlp_out: write})
         last = _logits(model)[:, -1].save()
     return _val(last)

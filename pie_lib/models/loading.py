@@ -80,29 +80,6 @@ class LoadedModel:
     def envoy(self, layer: int, rel_path: str) -> Any:
         return get_path(self.layer(layer), rel_path)
 
-    def trace(self, *inputs: Any, kind: str = "trace", **kwargs: Any):
-        """``lm.trace`` with this model's ``remote`` setting (every pie_lib trace goes through here).
-
-        A remote trace is one request, counted under ``kind`` (traces inside an engine session are
-        opened on ``lm`` directly, in the session's block, and are part of its one request).
-        """
-        if "remote" not in kwargs:
-            kwargs.update(self.remote_kwargs(kind))
-        elif kwargs["remote"] is False:
-            kwargs.pop("remote")
-        return self.lm.trace(*inputs, **kwargs)
-
-    def remote_kwargs(self, kind: str = "trace") -> dict[str, Any]:
-        """``{"remote": ...}`` for an nnsight call opened directly on ``lm`` (``lm.generate`` must be
-        the ``with`` statement's own call), counting it as one request when remote."""
-        if self.remote is False:
-            return {}
-        from pie_lib.engine import remote as _remote
-
-        _remote.ship_rules()
-        _remote.note_request(self, kind)
-        return {"remote": self.remote}
-
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, always starting with BOS.
 
