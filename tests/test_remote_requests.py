@@ -264,3 +264,34 @@ def test_remote_sweep_checks_the_server_precision_first(tiny_worlds, tmp_path):
             clt=w.clt,
         )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_graph_traces_through_a_server_without_pie_lib(tiny_worlds, server, one_torch_thread, arch):
+    from pie_lib.engine.graph import GraphTargets, prompt_writes, replacement_target_gradients
+
+    w = tiny_worlds[arch]
+    rem, loc = _remote(w), w.model
+    ids = _ids(w, 1)[0]
+    a, b = prompt_writes(rem, ids), prompt_writes(loc, ids)
+    for x, y in (
+        (a.embed, b.embed),
+        (a.resid_mid, b.resid_mid),
+        (a.mlp_out, b.mlp_out),
+        (a.last_logits, b.last_logits),
+    ):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    for layer in ([1, 2, -1], [1, 1]):  # with a logit target, and features only (fewer upstream layers)
+        n = len(layer)
+        t = GraphTargets(
+            layer=torch.tensor(layer),
+            pos=torch.tensor([2, 3, 0][:n]),
+            enc=torch.randn(n, loc.d_model, generator=g),
+            bias=torch.zeros(n),
+            token=torch.tensor([-1, -1, 5][:n]),
+        )
+        r, l = replacement_target_gradients(rem, ids, t), replacement_target_gradients(loc, ids, t)
+        assert r.mlp.shape == l.mlp.shape == (loc.n_layers, n, ids.numel(), loc.d_model) and l.mlp.abs().sum() > 0
+        torch.testing.assert_close(r.mlp, l.mlp, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r.embed, l.embed, rtol=1e-5, atol=1e-7)

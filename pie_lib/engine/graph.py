@@ -18,13 +18,14 @@ Shapes: L layers, N targets in a batch, T tokens, D d_model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+import nnsight
 import torch
 
 from pie_lib.engine import remote as remote_
 from pie_lib.engine.rules import detach_leading, frozen_norm
-from pie_lib.engine.traces import _logits, _val, _walk_layers
+from pie_lib.engine.traces import _forward_steps, _val
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
 
@@ -92,32 +93,43 @@ def _norm_eps(env: Any) -> tuple[float, Any]:
 
 
 def prompt_writes(model: LoadedModel, input_ids: torch.Tensor) -> PromptWrites:
-    """One no-grad forward of a single prompt ``[T]`` (or ``[1, T]``) saving its residual-stream writes."""
-    ids = input_ids.reshape(1, -1).to(model.device)
+    """One no-grad forward of a single prompt ``[T]`` (or ``[1, T]``) saving its residual-stream writes.
+
+    Written to the engine's remote rules (:mod:`pie_lib.engine.remote`): the block reads prebuilt
+    envoys only and binds stacked values to names inside it.
+    """
+    ids = remote_.host(model, input_ids.reshape(1, -1))
     arch = model.arch
-    resid: list[Any] = []
-    mlp: list[Any] = []
-
-    def read_in(layer: int, env: Any) -> None:
-        resid.append(env.input.save())
-
-    def read_out(layer: int, env: Any) -> None:
-        mlp.append(env.output.save())
-
-    with torch.no_grad(), remote_.trace(model, ids):
-        emb = model.layer(0).input.save()
-        _walk_layers(model, {arch.resid_mid: read_in, arch.mlp_out: read_out})
-        last = _logits(model)[:, -1].save()
+    steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
+    first = model.layer(0)
+    lm = model.lm
+    with torch.no_grad(), remote_.trace(model, ids, kind="graph-writes"):
+        emb = nnsight.save(first.input)
+        reads_in, reads_out = [], []
+        for is_input, env in steps:
+            if is_input:
+                reads_in.append(env.input)
+            else:
+                reads_out.append(env.output)
+        resid = nnsight.save(torch.stack(reads_in))
+        mlp = nnsight.save(torch.stack(reads_out))
+        out = lm.output
+        last = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
     return PromptWrites(
-        embed=_val(emb)[0],
-        resid_mid=torch.stack([_val(r)[0] for r in resid]),
-        mlp_out=torch.stack([_val(m)[0] for m in mlp]),
-        last_logits=_val(last)[0],
+        embed=_val(emb)[0], resid_mid=_val(resid)[:, 0], mlp_out=_val(mlp)[:, 0], last_logits=_val(last)[0]
     )
+
+
+def _norm_op(env: Any) -> tuple:
+    eps, w = _norm_eps(env)
+    return ("norm", env, eps, w is not None)
 
 
 def replacement_target_gradients(model: LoadedModel, input_ids: torch.Tensor, targets: GraphTargets) -> TargetGradients:
     """Gradients of a batch of targets in the replacement setting, in one forward and one backward.
+
+    Written to the engine's remote rules: the block reads a plan of envoys and plain values, marks
+    its gradient leaves itself and binds stacked gradients to names inside it.
 
     Args:
         input_ids: ``[T]`` (or ``[1, T]``) the prompt; it is repeated once per target.
@@ -127,85 +139,70 @@ def replacement_target_gradients(model: LoadedModel, input_ids: torch.Tensor, ta
     """
     arch = model.arch
     n = len(targets)
-    ids = input_ids.reshape(1, -1).to(model.device).expand(n, -1)
-    dev = model.device
-    layer_of = targets.layer.to(dev)
-    pos_of = targets.pos.to(dev)
-    enc = targets.enc.to(dev, torch.float32)
+    ids = remote_.host(model, input_ids.reshape(1, -1).expand(n, -1))
+    layer_of = targets.layer.cpu()
+    pos_of = targets.pos.cpu()
+    enc = targets.enc.detach().to("cpu", torch.float32)
     # MLP outputs of layers >= the deepest feature target cannot reach it (it reads the stream before
     # that layer's MLP); with a logit target every layer is upstream
-    upstream = model.n_layers if bool((targets.layer < 0).any()) else int(targets.layer.max())
-    feat_rows = {int(l): (layer_of == l).nonzero().squeeze(-1) for l in torch.unique(targets.layer).tolist() if l >= 0}
+    upstream = model.n_layers if bool((layer_of < 0).any()) else int(layer_of.max())
+    feat_rows = {int(l): (layer_of == l).nonzero().squeeze(-1) for l in torch.unique(layer_of).tolist() if l >= 0}
     logit_rows = (layer_of < 0).nonzero().squeeze(-1)
-    tokens = targets.token.to(dev)
+    tokens = targets.token.cpu()
+    norm_kind = arch.norm_kind
 
-    outs: list[Any] = []
-    parts: list[Any] = []
-
-    def norm_action(layer: int, env: Any) -> None:
-        eps, w = _norm_eps(env)
-        env.output = frozen_norm(arch.norm_kind, env.input, env.output, w, eps)
-
-    def pattern_action(fraction: tuple[int, int]) -> Callable[[int, Any], None]:
-        def act(layer: int, env: Any) -> None:
-            env.output = detach_leading(env.output, fraction)
-
-        return act
-
-    def resid_action(layer: int, env: Any) -> None:
-        # read the target pre-activations of this layer off the CLT input, then freeze the norm
-        if layer in feat_rows:
-            r = feat_rows[layer]
-            x = env.input[r, pos_of[r]]  # [n_l, D]
-            parts.append((x.float() * enc[r]).sum())
-        if arch.resid_mid in arch.norms:
-            norm_action(layer, env)
-
-    def out_action(layer: int, env: Any) -> None:
-        leaf = env.output.detach().requires_grad_(True)
-        env.output = leaf
-        outs.append(leaf)
-
-    actions: dict[str, Callable[[int, Any], None]] = {}
-    for nm in arch.norms:
-        actions[nm] = norm_action
-    for p in arch.pattern_inputs:
-        actions[p.path] = pattern_action(p.fraction)
-    actions[arch.resid_mid] = resid_action
-    prev = actions.get(arch.mlp_out)
-    if prev is not None:  # Gemma-2: mlp_out is a (frozen) norm: freeze, then make the leaf
-
-        def both(layer: int, env: Any, prev=prev) -> None:
-            prev(layer, env)
-            out_action(layer, env)
-
-        actions[arch.mlp_out] = both
-    else:
-        actions[arch.mlp_out] = out_action
-
-    grads: list[Any] = []
-    with (
-        torch.enable_grad(),
-        remote_.trace(model, ids, **({"logits_to_keep": 1} if arch.supports_logits_to_keep else {})),
-    ):
-        first = model.layer(0)
+    # the plan, in forward order: read a layer's targets off the CLT input, freeze norms and patterns,
+    # make every MLP output a leaf
+    pattern = {p.path: p.fraction for p in arch.pattern_inputs}
+    plan: list[tuple] = []
+    for layer, rel, env in _forward_steps(model, set(arch.layer_order)):
+        if rel == arch.resid_mid and layer in feat_rows:
+            plan.append(("read", env, feat_rows[layer]))
+        if rel in arch.norms:
+            plan.append(_norm_op(env))
+        if rel in pattern:
+            plan.append(("pattern", env, pattern[rel]))
+        if rel == arch.mlp_out:
+            plan.append(("out", env))
+    final = _norm_op(get_path(model.lm, arch.final_norm))
+    first = model.layer(0)
+    lm = model.lm
+    g_mlp = None
+    keep = {"logits_to_keep": 1} if arch.supports_logits_to_keep else {}
+    with torch.enable_grad(), remote_.trace(model, ids, kind="graph-gradient", **keep):
         emb_leaf = first.input.detach().requires_grad_(True)
         first.input = emb_leaf
-        _walk_layers(model, actions)
-        fn = get_path(model.lm, arch.final_norm)
-        eps, w = _norm_eps(fn)
-        fn.output = frozen_norm(arch.norm_kind, fn.input, fn.output, w, eps)
-        logits = _logits(model)[:, -1]  # [N, V]
+        leaves, parts = [], []
+        for op in plan:
+            env = op[1]
+            if op[0] == "read":
+                x = env.input
+                r = op[2].to(x.device)
+                parts.append((x[r, pos_of.to(x.device)[r]].float() * enc.to(x.device)[r]).sum())
+            elif op[0] == "norm":
+                env.output = frozen_norm(norm_kind, env.input, env.output, env._module.weight if op[3] else None, op[2])
+            elif op[0] == "pattern":
+                env.output = detach_leading(env.output, op[2])
+            else:
+                leaf = env.output.detach().requires_grad_(True)
+                env.output = leaf
+                leaves.append(leaf)
+        fn = final[1]
+        fn.output = frozen_norm(norm_kind, fn.input, fn.output, fn._module.weight if final[3] else None, final[2])
+        out = lm.output
+        logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1]  # [N, V]
         if logit_rows.numel():
-            parts.append(logits[logit_rows, tokens[logit_rows]].float().sum())
+            rows = logit_rows.to(logits.device)
+            parts.append(logits[rows, tokens.to(logits.device)[rows]].float().sum())
         total = sum(parts[1:], parts[0])
         with total.backward():
             # only MLP outputs upstream of some target get a gradient; nnsight wants them in reverse order
-            for o in reversed(outs[:upstream]):
-                grads.append(o.grad.save())
-            g_emb = emb_leaf.grad.save()
-    got = [_val(g).float() for g in reversed(grads)]
-    zero = torch.zeros_like(got[0]) if got else torch.zeros(n, ids.shape[1], model.d_model, device=dev)
-    mlp_g = torch.stack(got + [zero] * (model.n_layers - upstream))  # [L, N, T, D]
-    emb_g = _val(g_emb).float()
-    return TargetGradients(mlp=mlp_g, embed=emb_g)
+            grads_rev = [leaf.grad for leaf in reversed(leaves[:upstream])]
+            if grads_rev:
+                g_mlp = nnsight.save(torch.stack(grads_rev[::-1]).float())
+            g_emb = nnsight.save(emb_leaf.grad.float())
+    emb_g = _val(g_emb)
+    shape = (n, ids.shape[1], model.d_model)
+    got = _val(g_mlp) if g_mlp is not None else emb_g.new_zeros(0, *shape)
+    rest = emb_g.new_zeros(model.n_layers - upstream, *shape)
+    return TargetGradients(mlp=torch.cat([got, rest]), embed=emb_g)
