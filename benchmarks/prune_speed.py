@@ -479,7 +479,7 @@ def pie_pass(
         counts = ctx.occ.counts().cpu()
         with log.phase("synergy", dev, mem):
             syn_cfg = SynergyConfig(**{**cfg.params.synergy.__dict__, "seed": cfg.seed})
-            syn_keep = synergy_rerank(ctx.evaluator, s, syn_budget(counts, cfg), syn_cfg)
+            syn_keep = synergy_rerank(ctx.evaluator, s, syn_budget(counts, cfg), syn_cfg, cache=ctx.synergy)
         keeps: dict[tuple[str, str], torch.Tensor] = {}
         for m in methods:
             with log.phase(f"select[{m.name}]", dev, mem):

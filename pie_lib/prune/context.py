@@ -12,6 +12,7 @@ from pie_lib.engine.traces import GradientMode, MetricKind, mlp_out_gradients
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch, active_occurrences, run_pair_caches
 from pie_lib.prune.patching import PatchEvaluator, gather_rows
+from pie_lib.prune.select import SynergyCache
 
 
 @dataclass
@@ -48,6 +49,8 @@ class BatchContext:
     cfg: ScoringConfig
     occ: Occurrences = field(init=False)
     evaluator: PatchEvaluator = field(init=False)
+    #: FAP-Synergy's single / pair effect caches, shared by every K of the batch
+    synergy: SynergyCache = field(default_factory=SynergyCache, init=False)
     _grads: dict = field(default_factory=dict, init=False)
     _scores: dict = field(default_factory=dict, init=False)
 

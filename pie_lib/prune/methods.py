@@ -39,7 +39,7 @@ def _topk(score_fn: Callable[[BatchContext], torch.Tensor], per_layer: bool = Fa
 def _synergy(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     s = fap(ctx)
     cfg = SynergyConfig(**{**params.synergy.__dict__, "seed": seed})
-    return synergy_rerank(ctx.evaluator, s, k, cfg), s
+    return synergy_rerank(ctx.evaluator, s, k, cfg, cache=ctx.synergy), s
 
 
 def _signal(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -136,45 +136,64 @@ class SynergyTrace:
     n_forwards: int
 
 
-def synergy_rerank(
-    evaluator: PatchEvaluator,
-    scores: torch.Tensor,
-    k: Budget,
-    cfg: SynergyConfig = SynergyConfig(),
-    return_trace: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, SynergyTrace]:
-    """FAP-Synergy boundary reranking (spec §4), every prompt of the batch at once.
+@dataclass
+class SynergyEffects:
+    """The M(.) effects one batch has paid for, in one precision of the forwards.
 
-    ``M(S) = m_clean - m(S removed)``; ``Syn(c, p) = M({c, p}) - M({c}) - M({p})``.
-    Core = the top ``K' - half`` by |S|; the boundary ``order[K'-half : K'+half]`` (first
-    ``boundary_cap``) is reranked by ``|S_c| / base_scale + λ · max(0, median Syn) / med_partner``
-    and the best ``half`` are kept; any shortfall is filled in |S| order. Partner draws follow the
-    reference exactly: one ``random.Random(seed + 1337)`` per prompt, candidates in boundary order,
-    a draw only for candidates with a nonzero write. All single and pair removals of all prompts run
-    as two batched rounds of forwards.
-
-    ``cfg.precision="float32"`` (default) runs every M(.) forward in float32 whatever the model's
-    dtype (:func:`float32_synergy`); ``"model"`` keeps the model's dtype, as the reference does
-    (bf16 autocast). ``cfg.eff_tol`` is the noise tolerance of the ``eff > 0`` filters.
-
-    Args:
-        evaluator: patches the batch; scores: ``[N]`` FAP scores; k: budget.
-    Returns:
-        keep mask ``[N]`` (and a :class:`SynergyTrace` with ``return_trace``).
+    Attributes:
+        single: ``[N]`` ``M({i}) = m_clean - m({i} removed)``; NaN = not computed yet.
+        pairs: ``Syn(c, p) = M({c, p}) - M({c}) - M({p})`` of the pairs computed so far.
+        m_clean: the clean metric of this precision (None: the evaluator's own; float32 upcasts keep theirs).
     """
-    model = getattr(evaluator, "model", None)  # None: a stand-in evaluator without a model (tests)
-    if cfg.precision == "float32" and model is not None and not runs_in_float32(model):
-        with float32_synergy(evaluator):  # the same rerank, its forwards now in float32
-            return synergy_rerank(evaluator, scores, k, replace(cfg, precision="model"), return_trace)
-    occ = evaluator.occ
-    kv = budget_per_prompt(k, occ.n_prompts)
+
+    single: torch.Tensor
+    pairs: dict[tuple[int, int], float] = field(default_factory=dict)
+    m_clean: torch.Tensor | None = None
+
+
+@dataclass
+class SynergyCache:
+    """Effect caches of one batch, per precision (a :class:`~pie_lib.prune.context.BatchContext` owns one,
+    so a K ladder over the same prompts pays for each single and pair removal once)."""
+
+    by_precision: dict[str, SynergyEffects] = field(default_factory=dict)
+
+    def effects(self, precision: str, n: int) -> SynergyEffects:
+        e = self.by_precision.get(precision)
+        if e is None or e.single.numel() != n:
+            e = self.by_precision[precision] = SynergyEffects(torch.full((n,), float("nan")))
+        return e
+
+
+@dataclass(frozen=True)
+class BoundaryPlan:
+    """One prompt's reranking plan (spec §4).
+
+    Attributes:
+        order: ``[n]`` the prompt's occurrences by descending |S|; K: its budget (clipped to n).
+        core_k: ``K - half`` kept outright; boundary: ``[<= boundary_cap]`` candidates
+            ``order[core_k : K + half]``; partners: ``[<= partners]`` the top of the core.
+        base_scale: the lower median |S| of the top K (the score normaliser).
+        forced: the boundary fits the free slots, so the selection is plain top-K (no forwards).
+    """
+
+    order: torch.Tensor
+    K: int
+    core_k: int
+    boundary: torch.Tensor
+    partners: torch.Tensor
+    base_scale: float
+    forced: bool
+
+
+def plan_boundaries(
+    occ: Occurrences, s_abs: torch.Tensor, kv: torch.Tensor, cfg: SynergyConfig
+) -> list[BoundaryPlan | None]:
+    """Step 1: per prompt, its core, boundary candidates and partners (None: no active occurrence)."""
     prompt = occ.prompt.cpu()
-    order, _ = rank_within(prompt, scores.abs())
+    order, _ = rank_within(prompt, s_abs)
     starts = occ.offsets().cpu()
-    delta = evaluator.delta.cpu()
-    s_abs = scores.abs()
-    keep = torch.zeros(len(occ), dtype=torch.bool)
-    plans = []
+    plans: list[BoundaryPlan | None] = []
     for b in range(occ.n_prompts):
         ob = order[starts[b] : starts[b + 1]]
         n = ob.numel()
@@ -185,58 +204,72 @@ def synergy_rerank(
         half = int(round(cfg.boundary_percent / 100.0 * K * 0.5))
         core_k = max(0, K - half)
         boundary = ob[core_k : min(n, K + half)][: cfg.boundary_cap]
-        partners = ob[: min(cfg.partners, core_k)]
-        base_vals = s_abs[ob[:K]]
         # torch.median is the lower median (as in the reference); np.median averages (also as there)
-        base_scale = max(float(base_vals.median()), 1e-6)
-        plans.append(
-            dict(ob=ob, K=K, half=half, core_k=core_k, boundary=boundary, partners=partners, base_scale=base_scale)
-        )
+        base_scale = max(float(s_abs[ob[:K]].median()), 1e-6)
+        # a boundary no longer than the free slots keeps every candidate whatever its boosted score:
+        # plain top-K, no forwards (K >= 400 at the paper's settings), and no generator draw matters
+        forced = boundary.numel() <= K - core_k
+        plans.append(BoundaryPlan(ob, K, core_k, boundary, ob[: min(cfg.partners, core_k)], base_scale, forced))
+    return plans
 
-    # A prompt whose boundary is no longer than the number of free slots keeps every candidate
-    # whatever its boosted score: its selection is plain top-K and needs no forwards (K >= 400 at
-    # the paper's settings). Its generator draws cannot change anything either.
-    for p in plans:
-        if p is not None:
-            p["forced"] = p["boundary"].numel() <= p["K"] - p["core_k"]
 
-    # Round 1: single removals of partners and candidates with a nonzero write. Effects are cached
-    # on the evaluator, so a K ladder (same prompts, overlapping partners) pays for each once.
-    cache_single = _effect_cache(evaluator, "_synergy_single", len(occ))
-    need = [torch.cat([p["partners"], p["boundary"]]) for p in plans if p and not p["forced"]]
+def single_effects(
+    evaluator: PatchEvaluator, plans: list[BoundaryPlan | None], effects: SynergyEffects, m_clean: torch.Tensor
+) -> torch.Tensor:
+    """Step 2: ``[N]`` single effects M({i}) of the partners and candidates (one batched round of
+    forwards for those not cached; zero-write occurrences have no effect and need none)."""
+    delta, cache = evaluator.delta.cpu(), effects.single
+    prompt = evaluator.occ.prompt.cpu()
+    need = [torch.cat([p.partners, p.boundary]) for p in plans if p and not p.forced]
     singles = torch.unique(torch.cat(need)) if need else torch.zeros(0, dtype=torch.long)
-    singles = singles[(delta[singles] != 0) & torch.isnan(cache_single[singles])]
-    m_clean = evaluator.clean_metric()
+    singles = singles[(delta[singles] != 0) & torch.isnan(cache[singles])]
     if singles.numel():
         res = evaluator.run(Variants.singles(prompt[singles], singles))
-        cache_single[singles] = m_clean[prompt[singles]] - res.metric
-    eff = torch.nan_to_num(cache_single, nan=0.0)  # zero-write occurrences have no effect
+        cache[singles] = m_clean[prompt[singles]] - res.metric
+    return torch.nan_to_num(cache, nan=0.0)
 
-    # Partner draws, per prompt, exactly as the reference consumes its generator.
-    pair_c, pair_p, draws = [], [], []
-    for b, p in enumerate(plans):
-        if p is None or p["forced"]:
+
+PartnerDraws = list[list[list[int] | None]]  # per prompt, per boundary candidate: its partners (None: no draw)
+
+
+def draw_partners(
+    plans: list[BoundaryPlan | None], delta: torch.Tensor, eff: torch.Tensor, cfg: SynergyConfig
+) -> tuple[PartnerDraws, list[tuple[int, int]]]:
+    """Step 3: partner draws exactly as the reference consumes its generator -- one
+    ``random.Random(seed + 1337)`` per prompt, candidates in boundary order, a draw only for a
+    candidate with a nonzero write -- and the (candidate, partner) pairs whose synergy is needed
+    (both single effects above ``cfg.eff_tol``)."""
+    draws: PartnerDraws = []
+    pairs: list[tuple[int, int]] = []
+    for p in plans:
+        if p is None or p.forced:
             draws.append([])
             continue
         rng = random.Random(cfg.seed + 1337)
-        n_part = p["partners"].numel()
-        per_cand = []
-        for c in p["boundary"].tolist():
+        n_part = p.partners.numel()
+        per_cand: list[list[int] | None] = []
+        for c in p.boundary.tolist():
             if delta[c] == 0 or n_part == 0:
                 per_cand.append(None)
                 continue
             idxs = rng.sample(range(n_part), min(cfg.partners_per_candidate, n_part))
-            mates = [int(p["partners"][i]) for i in idxs]
+            mates = [int(p.partners[i]) for i in idxs]
             per_cand.append(mates)
-            for m in mates:
-                if eff[m] > cfg.eff_tol and eff[c] > cfg.eff_tol:
-                    pair_c.append(c)
-                    pair_p.append(m)
+            pairs += [(c, m) for m in mates if eff[m] > cfg.eff_tol and eff[c] > cfg.eff_tol]
         draws.append(per_cand)
+    return draws, pairs
 
-    # Round 2: pair removals M({c, p}), only where both single effects are positive (cached too).
-    pair_eff: dict[tuple[int, int], float] = evaluator.__dict__.setdefault("_synergy_pairs", {})
-    todo = sorted({(c, q) for c, q in zip(pair_c, pair_p) if (c, q) not in pair_eff})
+
+def pair_synergies(
+    evaluator: PatchEvaluator,
+    pairs: list[tuple[int, int]],
+    eff: torch.Tensor,
+    effects: SynergyEffects,
+    m_clean: torch.Tensor,
+) -> dict[tuple[int, int], float]:
+    """Step 4: ``Syn(c, p)`` of every needed pair (one batched round of pair removals for those not cached)."""
+    prompt = evaluator.occ.prompt.cpu()
+    todo = sorted({t for t in pairs if t not in effects.pairs})
     if todo:
         pc, pp = torch.tensor([t[0] for t in todo]), torch.tensor([t[1] for t in todo])
         V = pc.numel()
@@ -244,78 +277,126 @@ def synergy_rerank(
         ent = torch.stack([pc, pp], 1).flatten()
         res = evaluator.run(Variants(prompt[pc], var, ent, torch.zeros(V, dtype=torch.bool)))
         syn = (m_clean[prompt[pc]] - res.metric) - eff[pc] - eff[pp]
-        pair_eff.update({t: float(v) for t, v in zip(todo, syn.tolist())})
+        effects.pairs.update({t: float(v) for t, v in zip(todo, syn.tolist())})
+    return effects.pairs
 
-    trace = SynergyTrace([], [], [], evaluator.n_forwards)
+
+def rerank_boundaries(
+    plans: list[BoundaryPlan | None],
+    draws: PartnerDraws,
+    eff: torch.Tensor,
+    syn: dict[tuple[int, int], float],
+    s_abs: torch.Tensor,
+    cfg: SynergyConfig,
+) -> tuple[torch.Tensor, SynergyTrace]:
+    """Step 5: keep the core, the best boundary candidates by
+    ``|S_c| / base_scale + λ · max(0, median Syn) / med_partner``, and fill any shortfall in |S| order."""
+    keep = torch.zeros(s_abs.numel(), dtype=torch.bool)
+    trace = SynergyTrace([], [], [], 0)
     for b, p in enumerate(plans):
         if p is None:
             for lst in (trace.core, trace.boundary, trace.boosted):
                 lst.append([])
             continue
-        if p["forced"]:
-            keep[p["ob"][: p["K"]]] = True
-            trace.core.append(p["ob"][: p["core_k"]].tolist())
-            trace.boundary.append(p["boundary"].tolist())
+        trace.core.append(p.order[: p.core_k].tolist())
+        trace.boundary.append(p.boundary.tolist())
+        if p.forced:
+            keep[p.order[: p.K]] = True
             trace.boosted.append([])
             continue
-        keep[p["ob"][: p["core_k"]]] = True
-        part_eff = [float(eff[i]) for i in p["partners"].tolist()]
+        keep[p.order[: p.core_k]] = True
+        part_eff = [float(eff[i]) for i in p.partners.tolist()]
         med_partner = max(float(np.median(np.abs(part_eff))) if part_eff else 1.0, 1e-6)
         cands = []
-        for j, c in enumerate(p["boundary"].tolist()):
-            base_z = float(s_abs[c]) / p["base_scale"]
+        for j, c in enumerate(p.boundary.tolist()):
+            base_z = float(s_abs[c]) / p.base_scale
             mates = draws[b][j]
             if mates is None:
                 cands.append((base_z, c))
                 continue
-            vals = [pair_eff[(c, m)] for m in mates if (c, m) in pair_eff]
+            vals = [syn[(c, m)] for m in mates if (c, m) in syn]
             syn_stat = float(np.median(vals)) if vals else 0.0
             cands.append((base_z + cfg.lam * max(0.0, syn_stat) / (med_partner + 1e-6), c))
-        needed = p["K"] - p["core_k"]
         ranked = sorted(cands, key=lambda x: -x[0])  # stable, like the reference
-        for _, c in ranked[:needed]:
+        for _, c in ranked[: p.K - p.core_k]:
             keep[c] = True
-        short = p["K"] - int(keep[p["ob"]].sum())
+        short = p.K - int(keep[p.order].sum())
         if short > 0:
-            rest = p["ob"][~keep[p["ob"]]]
+            rest = p.order[~keep[p.order]]
             keep[rest[:short]] = True
-        trace.core.append(p["ob"][: p["core_k"]].tolist())
-        trace.boundary.append(p["boundary"].tolist())
         trace.boosted.append([s for s, _ in cands])
-    trace.n_forwards = evaluator.n_forwards - trace.n_forwards
+    return keep, trace
+
+
+def synergy_rerank(
+    evaluator: PatchEvaluator,
+    scores: torch.Tensor,
+    k: Budget,
+    cfg: SynergyConfig = SynergyConfig(),
+    return_trace: bool = False,
+    cache: SynergyCache | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, SynergyTrace]:
+    """FAP-Synergy boundary reranking (spec §4), every prompt of the batch at once.
+
+    ``M(S) = m_clean - m(S removed)``; ``Syn(c, p) = M({c, p}) - M({c}) - M({p})``. The steps:
+    :func:`plan_boundaries` (core, boundary, partners per prompt) -> :func:`single_effects` ->
+    :func:`draw_partners` -> :func:`pair_synergies` -> :func:`rerank_boundaries`. All single and
+    pair removals of all prompts run as two batched rounds of forwards.
+
+    ``cfg.precision="float32"`` (default) runs every M(.) forward in float32 whatever the model's
+    dtype (:func:`float32_synergy`); ``"model"`` keeps the model's dtype, as the reference does
+    (bf16 autocast). ``cfg.eff_tol`` is the noise tolerance of the ``eff > 0`` filters.
+
+    Args:
+        evaluator: patches the batch; scores: ``[N]`` FAP scores; k: budget.
+        cache: the batch's effect caches (default: a fresh one, nothing reused across calls).
+    Returns:
+        keep mask ``[N]`` (and a :class:`SynergyTrace` with ``return_trace``).
+    """
+    cache = SynergyCache() if cache is None else cache
+    n = len(evaluator.occ)
+    model = getattr(evaluator, "model", None)  # None: a stand-in evaluator without a model (tests)
+    if cfg.precision == "float32" and model is not None and not runs_in_float32(model):
+        effects = cache.effects("float32-upcast", n)
+        with float32_synergy(evaluator, effects):  # the same rerank, its forwards now in float32
+            return _rerank(evaluator, scores, k, cfg, effects, return_trace)
+    return _rerank(evaluator, scores, k, cfg, cache.effects("model", n), return_trace)
+
+
+def _rerank(
+    evaluator: PatchEvaluator,
+    scores: torch.Tensor,
+    k: Budget,
+    cfg: SynergyConfig,
+    effects: SynergyEffects,
+    return_trace: bool,
+) -> torch.Tensor | tuple[torch.Tensor, SynergyTrace]:
+    occ = evaluator.occ
+    n_before = evaluator.n_forwards
+    s_abs = scores.abs()
+    plans = plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg)
+    m_clean = evaluator.clean_metric()
+    eff = single_effects(evaluator, plans, effects, m_clean)
+    draws, pairs = draw_partners(plans, evaluator.delta.cpu(), eff, cfg)
+    syn = pair_synergies(evaluator, pairs, eff, effects, m_clean)
+    keep, trace = rerank_boundaries(plans, draws, eff, syn, s_abs, cfg)
+    trace.n_forwards = evaluator.n_forwards - n_before
     return (keep, trace) if return_trace else keep
 
 
-_SYNERGY_CACHES = ("_synergy_single", "_synergy_pairs")
-
-
 @contextmanager
-def float32_synergy(evaluator: PatchEvaluator) -> Iterator[None]:
+def float32_synergy(evaluator: PatchEvaluator, effects: SynergyEffects) -> Iterator[None]:
     """Inside the block ``evaluator``'s forwards run in float32 (:func:`~pie_lib.engine.precision.float32_weights`)
-    against a float32 clean metric, with effect caches of their own (kept across calls, apart from
-    the model-dtype ones), so ``M(S) = m_clean - m(S removed)`` is float32 end to end."""
-    mine = evaluator.__dict__.pop("_synergy_float32", {})
-    saved = {key: evaluator.__dict__.pop(key) for key in _SYNERGY_CACHES if key in evaluator.__dict__}
-    evaluator.__dict__.update(mine.get("caches", {}))
+    against the float32 clean metric kept in ``effects`` (computed on first use), so
+    ``M(S) = m_clean - m(S removed)`` is float32 end to end; the model-dtype clean metric is restored after."""
     m_clean = evaluator.m_clean
     with float32_weights(evaluator.model):
-        evaluator.m_clean = mine.get("m_clean")  # None: clean_metric() runs the zero-offset forward, in float32
+        evaluator.m_clean = effects.m_clean  # None: clean_metric() runs the zero-offset forward, in float32
         try:
             yield
         finally:
-            caches = {key: evaluator.__dict__.pop(key) for key in _SYNERGY_CACHES if key in evaluator.__dict__}
-            evaluator.__dict__["_synergy_float32"] = {"m_clean": evaluator.m_clean, "caches": caches}
+            effects.m_clean = evaluator.m_clean
             evaluator.m_clean = m_clean
-            evaluator.__dict__.update(saved)
-
-
-def _effect_cache(evaluator: PatchEvaluator, name: str, n: int) -> torch.Tensor:
-    """A NaN-initialised ``[n]`` tensor stored on the evaluator (one per batch)."""
-    cache = getattr(evaluator, name, None)
-    if cache is None or cache.numel() != n:
-        cache = torch.full((n,), float("nan"))
-        setattr(evaluator, name, cache)
-    return cache
 
 
 def acdc_select(
