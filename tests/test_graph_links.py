@@ -164,3 +164,17 @@ def test_edge_threshold_and_nodes(one_torch_thread):
     assert err_nodes == {x["source"] for x in g1.links if x["source"].startswith("0_") and x["source"] in err_nodes}
     with pytest.raises(Exception, match="edge-threshold"):
         GraphConfig(edge_threshold=1.5)
+
+
+def test_node_influence_by_hand():
+    from pie_lib.graph.attribution import node_influence
+
+    # sources: f0, f1, emb; targets: f0, f1, logit
+    adj = torch.tensor(
+        [
+            [0.0, 0.0, 1.0],  # f0 <- emb
+            [2.0, 0.0, -2.0],  # f1 <- f0, emb
+            [1.0, -1.0, 0.0],
+        ]
+    )  # logit <- f0, f1
+    torch.testing.assert_close(node_influence(adj, torch.tensor([0.9])), torch.tensor([0.75, 0.5, 1.0]))

@@ -154,7 +154,7 @@ def direct_effects(
     }
 
 
-def node_influence(adj: torch.Tensor, n_nodes_src: int, logit_weights: torch.Tensor) -> torch.Tensor:
+def node_influence(adj: torch.Tensor, logit_weights: torch.Tensor) -> torch.Tensor:
     """circuit-tracer's notion of influence: how much of the logits' (probability-weighted) input
     flows through each node, along all paths, with every node's inputs normalised to sum 1.
 
@@ -164,9 +164,7 @@ def node_influence(adj: torch.Tensor, n_nodes_src: int, logit_weights: torch.Ten
     Returns:
         ``[n_sources]`` influence of each source node.
     """
-    K_M, S = adj.shape
-    M = logit_weights.numel()
-    K = K_M - M
+    K = adj.shape[0] - logit_weights.numel()
     a = adj.abs()
     a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
     w = logit_weights / logit_weights.sum().clamp_min(1e-12)
@@ -217,7 +215,7 @@ def build_circuit_graph(
     adj, extra = direct_effects(model, clt, ids, occ, torch.tensor(logit_tokens), cfg.batch_size)
     K = occ.shape[0]
     probs = torch.softmax(extra["logits"], -1)[torch.tensor(logit_tokens)]
-    influence = node_influence(adj, adj.shape[1], probs)
+    influence = node_influence(adj, probs)
     tok = model.tokenizer
     prompt_tokens = [tok.decode([int(t)]) for t in ids]
 
