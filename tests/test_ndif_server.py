@@ -2,7 +2,7 @@
 
 Starts the stack from ``../shared/ndif/ndif-local.sh`` (or reuses one that is up), deploying the
 toy GPT-2 in float32, then runs ``pie prune --remote`` (FAP and FAP-Synergy, a few prompts) and
-``pie interpret --remote`` as a user would (through ``tests/ndif_client.py``, which only seeds
+``pie interpret --remote`` and ``pie evaluate --remote`` as a user would (through ``tests/ndif_client.py``, which only seeds
 nnsight's offline model-id cache) and the same commands locally. Selections and examples must be
 equal, KLs within 1e-5. Skipped, with the reason, where the stack cannot start (not root, no
 ``ip netns``, no CPython 3.12, no script). Not part of the default run: it takes ~2-4 minutes
@@ -189,7 +189,35 @@ def test_prune_and_interpret_against_the_real_server(stack, tmp_path):
     for name in ("features.parquet", "descriptions.parquet", "examples/examples.parquet"):
         a, b = pd.read_parquet(tmp_path / "ir" / name), pd.read_parquet(tmp_path / "il" / name)
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
-    print(f"real NDIF server: prune {n_prune} requests, interpret {n_interp} requests")
+
+    # stage III: activations and steered generation (nnsight generate) on the server
+    ev = ["evaluate", "--model", model, "--clt", clt, "--max-features", "3", "--no-progress"]
+    out_e = _pie(
+        [
+            *ev,
+            "--remote",
+            "--descriptions",
+            str(tmp_path / "ir" / "descriptions.parquet"),
+            "--out",
+            str(tmp_path / "er"),
+        ],
+        remote_model=stack,
+    )
+    _pie(
+        [
+            *ev,
+            "--device",
+            "cpu",
+            "--descriptions",
+            str(tmp_path / "il" / "descriptions.parquet"),
+            "--out",
+            str(tmp_path / "el"),
+        ]
+    )
+    n_eval = _requests(out_e)
+    a, b = pd.read_parquet(tmp_path / "er" / "fade_pie.parquet"), pd.read_parquet(tmp_path / "el" / "fade_pie.parquet")
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
+    print(f"real NDIF server: prune {n_prune} requests, interpret {n_interp}, evaluate {n_eval}")
 
 
 def test_an_unseen_model_and_clt_keep_the_local_occurrences(stack, tmp_path):
