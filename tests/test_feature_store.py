@@ -253,3 +253,13 @@ def test_hub_failure_is_one_line(tmp_path):
     with pytest.raises(FeatureStoreError, match="cannot read someone/clt@a+/features/index.json.gz from the hub") as e:
         st.record(0, 0)
     assert "\n" not in str(e.value)
+
+
+def test_default_store_for_toy_names():
+    from pie_lib.interpret.feature_store import default_store_for
+    from pie_lib.toy import toy_feature_store_path
+
+    assert default_store_for(None) == default_store_for("toy") == toy_feature_store_path("llama")
+    assert default_store_for("mntss/clt-llama-3.2-1b-524k") == "mntss/clt-llama-3.2-1b-524k"
+    with pytest.raises(FeatureStoreError, match="llama CLT only, not toy:gpt2"):
+        default_store_for("toy:gpt2")

@@ -170,10 +170,15 @@ class HubSource:
 def default_store_for(clt: Any) -> str | os.PathLike:
     """Where ``--examples store`` looks without ``--store``: the toy world's own store for the toy
     CLT (``clt`` None), else the CLT's folder or hub id (the public CLT repos carry ``features/``)."""
-    if clt is None:
+    if clt is None or str(clt) in ("toy", "toy:llama"):
         from pie_lib.toy import toy_feature_store_path
 
         return toy_feature_store_path("llama")
+    if str(clt).startswith("toy:"):
+        raise FeatureStoreError(
+            f"--examples store: the toy world ships a feature store for its llama CLT only, not {clt}; "
+            "pass --store PATH, or --examples corpus"
+        )
     if not isinstance(clt, (str, os.PathLike)):
         raise FeatureStoreError("--examples store with an in-memory CLT needs --store PATH_OR_HUB_ID")
     return clt
