@@ -22,12 +22,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.data.pairs import Pair, load_pairs
 from pie_lib.engine.remote import is_remote, request_summary, server_dtype
 from pie_lib.errors import (
@@ -36,12 +37,23 @@ from pie_lib.errors import (
     OutputPathError,
     SettingError,
 )
+from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext, ScoringConfig
-from pie_lib.prune.occurrences import tokenize_pairs
+from pie_lib.prune.occurrences import TokenizedPairs, tokenize_pairs
 from pie_lib.prune.params import MethodParams
-from pie_lib.prune.registry import get_methods
+from pie_lib.prune.registry import Method, get_methods
 from pie_lib.prune.retention import evaluate_keep_masks
-from pie_lib.prune.shard import assign, has_shards, merge_shards, parse_shard, plan_record, plan_units, shard_folder
+from pie_lib.prune.shard import (
+    Shard,
+    Unit,
+    assign,
+    has_shards,
+    merge_shards,
+    parse_shard,
+    plan_record,
+    plan_units,
+    shard_folder,
+)
 from pie_lib.selections import budget_label, latest_selections, write_selections_table
 from pie_lib.store import (
     append_jsonl,
@@ -221,23 +233,33 @@ def _check_config(out: Path, cfg: PruneConfig, fingerprints: dict[str, str | Non
     )
 
 
-def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFrame:
-    """Run (or resume) a sweep and return every row of the folder as a DataFrame.
+@dataclass(frozen=True)
+class _Checked:
+    """What ``run_prune`` checked before loading or writing anything."""
 
-    Args:
-        cfg: the run; model / clt: already-loaded objects (else loaded from ``cfg``).
-    """
-    from pie_lib.provenance import checkpoint_fingerprint, file_sha256, versions
+    methods: list[Method]
+    ladder: list[tuple[str, float]]
+    out: Path
+    shard: Shard | None
+    folder: Path  # where this run writes (a shard's own folder; shards never share a file)
+    file_pairs: list[Pair] | None
+    model_path: str
+    clt_path: str
+    fingerprints: dict[str, str | None]
 
-    # Everything that can be checked is checked before anything is written: bad input leaves no
-    # output folder behind (or an existing one untouched).
+
+def _check_run(cfg: PruneConfig) -> _Checked:
+    """Step 1: everything that can be checked, before anything is loaded or written (bad input
+    leaves no output folder behind, or an existing one untouched)."""
+    from pie_lib.provenance import checkpoint_fingerprint, file_sha256
+
     methods = get_methods(cfg.methods)
     ladder = cfg.ladder()
     cfg.validate()
     out = Path(cfg.out)
     _check_out(out)
     shard = parse_shard(cfg.shard)
-    folder = shard_folder(out, shard) if shard else out  # where this run writes (shards never share a file)
+    folder = shard_folder(out, shard) if shard else out
     file_pairs = load_pairs(cfg.data, limit=cfg.n if cfg.n else None) if cfg.data else None
     model_path, clt_path = resolve_checkpoints(cfg.model, cfg.clt)
     fingerprints = {
@@ -248,14 +270,22 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
     _check_config(out, cfg, fingerprints)
     if shard:
         _check_config(folder, cfg, fingerprints)
-    world = load_world(model or model_path, clt or clt_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote)
-    model, clt = world.model, world.clt
-    requests_before = request_summary()
-    remote_info = _remote_check(model, cfg) if is_remote(model) else None
-    # When every seed sees the same prompts (a data file, or a fixed data_seed), one batch context
-    # serves all seeds and seed-independent methods are selected and evaluated once.
+    return _Checked(methods, ladder, out, shard, folder, file_pairs, model_path, clt_path, fingerprints)
+
+
+PairGroup = tuple[list[int], list[Pair]]  # seeds sharing these prompts, the prompts
+
+
+def _tokenized_groups(
+    cfg: PruneConfig, model: LoadedModel, file_pairs: list[Pair] | None
+) -> tuple[list[PairGroup], list[tuple[list[int], TokenizedPairs]]]:
+    """Step 2: the prompts of every seed, tokenized into batches.
+
+    When every seed sees the same prompts (a data file, or a fixed data_seed), one group serves
+    all seeds and seed-independent methods are selected and evaluated once.
+    """
     shared = cfg.data is not None or cfg.data_seed is not None
-    groups = (
+    groups: list[PairGroup] = (
         [(list(cfg.seeds), file_pairs or _pairs_for_seed(cfg, model, cfg.seeds[0]))]
         if shared
         else [([s], _pairs_for_seed(cfg, model, s)) for s in cfg.seeds]
@@ -271,28 +301,35 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 f"no usable pairs for seeds {seeds}: all {len(pairs)} pair(s) were skipped (e.g. pair {first[0]}: "
                 f"{first[1]}); use longer prompts or a lower --min-tokens"
             )
-    units = plan_units(tokenized)
-    owners = assign(units, shard.count) if shard else [0] * len(units)
-    if not shard and has_shards(out):  # a later unsharded run takes in what shards computed
-        merge_shards(out, require_complete=False)
-    res_path, sel_path = folder / "results.jsonl", folder / "selections.jsonl"
-    done = _finished_rows(res_path)
-    started = False
+    return groups, tokenized
 
-    def start_folder() -> None:
-        """Create the folder and (re)write config.json just before the first rows are written."""
-        nonlocal started
-        if started:
+
+class _RunFolder:
+    """Step 3: the run's output folder -- created, and its config.json (re)written, just before the
+    first rows are written; rows are appended selections first (a row is finished once its result
+    is written)."""
+
+    def __init__(self, cfg: PruneConfig, checked: _Checked, units: list[Unit]) -> None:
+        self.cfg, self.checked, self.units = cfg, checked, units
+        self.res_path = checked.folder / "results.jsonl"
+        self.sel_path = checked.folder / "selections.jsonl"
+        self.started = False
+
+    def start(self) -> None:
+        if self.started:
             return
+        from pie_lib.provenance import versions
+
+        c, cfg, folder = self.checked, self.cfg, self.checked.folder
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-        remove_stale_temps(
-            folder, ["config.json", "results.parquet", "selections.parquet"]
-        )  # left by a kill during an atomic write
-        if shard:
-            write_json(plan_record(units, shard.count, cfg.methods, [lab for lab, _ in ladder]), folder / "plan.json")
+            raise OutputPathError(f"--out {c.out}: cannot create the folder ({exc.strerror or exc})") from None
+        # left by a kill during an atomic write
+        remove_stale_temps(folder, ["config.json", "results.parquet", "selections.parquet"])
+        if c.shard:
+            labels = [lab for lab, _ in c.ladder]
+            write_json(plan_record(self.units, c.shard.count, cfg.methods, labels), folder / "plan.json")
         write_json(
             {
                 "identity": cfg.identity(),
@@ -301,15 +338,103 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
                 "k_frac": cfg.k_frac,
                 "seeds": cfg.seeds,
                 "versions": versions(),
-                "model_path": model_path,
-                "clt_path": clt_path,
-                **fingerprints,
-                **({"shard": str(shard)} if shard else {}),
+                "model_path": c.model_path,
+                "clt_path": c.clt_path,
+                **c.fingerprints,
+                **({"shard": str(c.shard)} if c.shard else {}),
             },
             folder / "config.json",
         )
-        started = True
+        self.started = True
 
+    def append(self, rows: list[dict[str, Any]], sels: list[dict[str, Any]]) -> None:
+        self.start()
+        append_jsonl(self.sel_path, sels)
+        append_jsonl(self.res_path, rows)
+
+
+Todo = dict[int, list[tuple[Method, str, float]]]  # seed -> (method, K label, K value) not finished yet
+
+
+def _todo(methods: list[Method], ladder: list[tuple[str, float]], seeds: list[int], pidx: list[int], done: set) -> Todo:
+    """The (method, K) cells of each seed with at least one prompt of the batch not finished."""
+    return {
+        seed: [
+            (m, lab, val)
+            for m in methods
+            for lab, val in ladder
+            if any((m.name, lab, seed, p) not in done for p in pidx)
+        ]
+        for seed in seeds
+    }
+
+
+def _prune_batch(
+    ctx: BatchContext, todo: Todo, cfg: PruneConfig, done: set, task: str, prompt_ids: list[str], t0: float
+) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]], int]]:
+    """Step 4: select and evaluate every unfinished (method, K, seed) of one batch.
+
+    Yields, seed by seed (so a seed's rows are written before the next seed is computed): its
+    result rows, selection records, and how many (prompt, K) budgets were clipped to the active set.
+    """
+    counts = ctx.occ.counts().cpu()
+    pidx = ctx.batch.prompt_idx.tolist()
+    # (method, K label, seed or None for seed-independent methods) -> its outcome, so a
+    # deterministic method is selected and evaluated once however many seeds share the prompts
+    outcomes: dict[tuple[str, str, int | None], _Outcome] = {}
+    for seed, cells in todo.items():
+        if not cells:
+            continue
+        wanted = [(m, lab, val, (m.name, lab, seed if m.seeded else None)) for m, lab, val in cells]
+        selected = []
+        clipped = 0
+        for m, lab, val, key in wanted:
+            if key in outcomes:
+                continue
+            kv = _budgets(lab, val, counts)
+            clipped += int((kv > counts).sum())
+            selected.append((key, *m.select(ctx, kv, seed, cfg.params), kv))
+        if selected:
+            ev = evaluate_keep_masks(ctx, torch.stack([x[1] for x in selected]))
+            for j, (key, keep, sc, kv) in enumerate(selected):
+                outcomes[key] = _Outcome(keep, sc, {n: (v[j] if v.dim() == 2 else v) for n, v in ev.items()}, kv)
+        secs = (time.perf_counter() - t0) / ctx.batch.size
+        rows: list[dict[str, Any]] = []
+        sels: list[dict[str, Any]] = []
+        for m, lab, _, key in wanted:
+            r, sl = _rows(outcomes[key], ctx, m.name, lab, seed, pidx, done, task, secs, prompt_ids)
+            rows += r
+            sels += sl
+        yield rows, sels, clipped
+
+
+def run_prune(
+    cfg: PruneConfig, model: LoadedModel | None = None, clt: CrossLayerTranscoder | None = None
+) -> pd.DataFrame:
+    """Run (or resume) a sweep and return every row of the folder as a DataFrame.
+
+    The steps: :func:`_check_run` (nothing loaded or written yet) -> load the model and CLT ->
+    :func:`_tokenized_groups` -> per batch :func:`_prune_batch`, its rows appended by
+    :class:`_RunFolder` -> :func:`finish_folder` (the parquet files).
+
+    Args:
+        cfg: the run; model / clt: already-loaded objects (else loaded from ``cfg``).
+    """
+    checked = _check_run(cfg)
+    world = load_world(
+        model or checked.model_path, clt or checked.clt_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote
+    )
+    model, clt = world.model, world.clt
+    requests_before = request_summary()
+    remote_info = _remote_check(model, cfg) if is_remote(model) else None
+    groups, tokenized = _tokenized_groups(cfg, model, checked.file_pairs)
+    shard = checked.shard
+    units = plan_units(tokenized)
+    owners = assign(units, shard.count) if shard else [0] * len(units)
+    if not shard and has_shards(checked.out):  # a later unsharded run takes in what shards computed
+        merge_shards(checked.out, require_complete=False)
+    folder = _RunFolder(cfg, checked, units)
+    done = _finished_rows(folder.res_path)
     task_name = "data" if cfg.data else cfg.task
     clipped = 0
     unit_owner = iter(owners)
@@ -318,60 +443,24 @@ def run_prune(cfg: PruneConfig, model: Any = None, clt: Any = None) -> pd.DataFr
         ids = [pair.prompt_id() for pair in group_pairs]
         if tok.skipped:
             log.warning("skipped %d pair(s): %s", len(tok.skipped), dict(list(tok.skipped.items())[:3]))
-        bar = tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch")
-        for batch in bar:
+        for batch in tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch"):
             if shard and next(unit_owner) != shard.index:
                 continue  # another shard's batch
-            pidx = batch.prompt_idx.tolist()
-            todo = {
-                seed: [
-                    (m, lab, val)
-                    for m in methods
-                    for lab, val in ladder
-                    if any((m.name, lab, seed, p) not in done for p in pidx)
-                ]
-                for seed in seeds
-            }
+            todo = _todo(checked.methods, checked.ladder, seeds, batch.prompt_idx.tolist(), done)
             if not any(todo.values()):
                 continue
             t0 = time.perf_counter()
             ctx = BatchContext(model, clt, batch, cfg.scoring)
-            counts = ctx.occ.counts().cpu()
-            # (method, K label, seed or None for seed-independent methods) -> its outcome, so a
-            # deterministic method is selected and evaluated once however many seeds share the prompts
-            outcomes: dict[tuple[str, str, int | None], _Outcome] = {}
-            for seed in seeds:
-                if not todo[seed]:
-                    continue
-                wanted = [(m, lab, val, (m.name, lab, seed if m.seeded else None)) for m, lab, val in todo[seed]]
-                fresh = [w for w in wanted if w[3] not in outcomes]
-                selected = []
-                for m, lab, val, key in fresh:
-                    kv = _budgets(lab, val, counts)
-                    clipped += int((kv > counts).sum())
-                    selected.append((key, *m.select(ctx, kv, seed, cfg.params), kv))
-                if selected:
-                    ev = evaluate_keep_masks(ctx, torch.stack([x[1] for x in selected]))
-                    for j, (key, keep, sc, kv) in enumerate(selected):
-                        outcomes[key] = _Outcome(
-                            keep, sc, {n: (v[j] if v.dim() == 2 else v) for n, v in ev.items()}, kv
-                        )
-                secs = (time.perf_counter() - t0) / batch.size
-                rows, sels = [], []
-                for m, lab, _, key in wanted:
-                    r, sl = _rows(outcomes[key], ctx, m.name, lab, seed, pidx, done, task_name, secs, ids)
-                    rows += r
-                    sels += sl
-                start_folder()
-                append_jsonl(sel_path, sels)  # selections first: a row is finished once its result is written
-                append_jsonl(res_path, rows)
+            for rows, sels, n_clipped in _prune_batch(ctx, todo, cfg, done, task_name, ids, t0):
+                clipped += n_clipped
+                folder.append(rows, sels)
                 done.update((r["method"], budget_label(r), r["seed"], r["prompt_idx"]) for r in rows)
     if clipped:
         warnings.warn(f"{clipped} (prompt, K) budgets exceeded the active set and were clipped to it (k_eff < k)")
-    start_folder()  # also when every row was already there
+    folder.start()  # also when every row was already there
     if remote_info is not None:
-        _record_remote(folder, remote_info, requests_before)
-    return finish_folder(folder)
+        _record_remote(checked.folder, remote_info, requests_before)
+    return finish_folder(checked.folder)
 
 
 def finish_folder(out: str | Path) -> pd.DataFrame:
