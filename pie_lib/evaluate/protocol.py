@@ -17,15 +17,14 @@ Protocols, and what each one is:
   when fewer than ``sparse_threshold`` (15) of them are rated 2, one more round of ``n_samples``
   drawn the same way from the not-yet-rated contexts (FADE's sparse-concept retry); 15 generation
   calls; 50 prompts x 30 tokens; faithfulness only when clarity and responsiveness are >= 0.5.
-  Steering is additive here (``c * a_max * W_dec`` added, :mod:`pie_lib.evaluate.steering`); FADE
-  *clamps* the activation to ``c * a_max`` instead -- not implemented yet, so faithfulness under
-  ``fade`` is FADE's score of an additive intervention, not FADE's own.
+  Steering clamps the feature's activation to ``c * a_max`` (FADE's definition,
+  :mod:`pie_lib.evaluate.steering`; ``steering="add"`` keeps the additive intervention).
 - ``pie``: the PIE reference's *sampling* (10 top + 10 random samples rated, 5 generated texts)
   with FADE's *metric definitions* as above (rated 2 against rated 0, ties by mid-ranks, the
   feature read at its own source layer). It is not the reference's metric code: that code compares
   rating 2 against {0, 1}, counts ties as losses and reads the residual after the layer; pie_lib
   does not reproduce those choices. The reference reports no faithfulness; ours (10 prompts x 16
-  tokens, no gate) is our addition.
+  tokens, additive steering, no gate) is our addition.
 
 Every undefined score says why: ``faithfulness_status``, ``clarity_status`` and
 ``responsiveness_status`` (purity shares the latter).
@@ -123,6 +122,7 @@ class ProtocolConfig:
             cut to one length, BOS included) and continuation length.
         faithfulness_gate: compute faithfulness only when clarity and responsiveness reach it
             (None: always).
+        steering: "add" (``c * a_max * W_dec`` added) or "clamp" (activation set to ``c * a_max``).
         sparse_threshold, max_sparse_retries: FADE's sparse-concept retry (stratified sampling
             only): while fewer than ``sparse_threshold`` samples are rated 2, rate another
             ``n_samples`` drawn the same way from the unrated contexts, at most
@@ -155,6 +155,7 @@ class ProtocolConfig:
     ctx_len: int = 64
     sparse_threshold: int = 15
     max_sparse_retries: int = 0
+    steering: Literal["add", "clamp"] = "add"
 
     @classmethod
     def named(cls, name: ProtocolName | str) -> "ProtocolConfig":
@@ -174,6 +175,7 @@ class ProtocolConfig:
                 gen_tokens=30,
                 faithfulness_gate=0.5,
                 max_sparse_retries=1,
+                steering="clamp",
             )
         raise DataFormatError(f"unknown protocol {name!r}; use 'pie' or 'fade'")
 
@@ -489,7 +491,7 @@ def _faithfulness(
     keys = [(s.layer, s.feature) for s in states]
     scales = [abs(s.max_act) for s in states]
     gen = steered_generate(
-        model, clt, keys, scales, prompts, pc.factors, pc.gen_tokens, pc.steer_batch_size
+        model, clt, keys, scales, prompts, pc.factors, pc.gen_tokens, pc.steer_batch_size, mode=pc.steering
     )  # [U,K,P,G]
     tok = model.tokenizer
     U, K, P, _ = gen.shape
