@@ -336,3 +336,40 @@ def test_cli_runs_the_three_methods_with_ig_steps(llama_world, tmp_path, one_tor
     assert cfg["identity"]["params"]["extra"] == {"refine_max_forwards": "40", "ig_steps": 3}
     assert {r["method"] for r in load_selections(out)} == {"fap-ig", "fap-iterative", "greedy-refine"}
     assert main([*argv[:-3], "--ig-steps", "0", "--out", str(tmp_path / "bad"), "--no-progress"]) != 0
+
+
+def test_cost_benchmark_counts_forwards(tmp_path, one_torch_thread):
+    """benchmarks/beyond_costs.py on the toy world: FAP spends one gradient pass per prompt,
+    FAP-IG one per path point, greedy-refine stays under its forward bound (plus FAP-Synergy's)."""
+    import sys
+    from pathlib import Path
+
+    from pie_lib.experiments.runs import toy_world_missing
+
+    if note := toy_world_missing("toy", "toy"):
+        pytest.skip(note)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import beyond_costs
+
+    out = tmp_path / "c.json"
+    rows = beyond_costs.main(
+        [
+            "--n",
+            "3",
+            "--k",
+            "4",
+            "--methods",
+            "fap,fap-synergy,fap-ig,greedy-refine",
+            "--param",
+            "ig_steps=5",
+            "--param",
+            "refine_max_forwards=30",
+            "--json",
+            str(out),
+        ]
+    )
+    by = {r["method"]: r for r in rows}
+    assert by["(context)"]["forwards_per_prompt"] == 2  # clean + corrupted
+    assert by["fap"]["forwards_per_prompt"] == 1 and by["fap-ig"]["forwards_per_prompt"] == 5
+    assert by["greedy-refine"]["forwards_per_prompt"] <= by["fap-synergy"]["forwards_per_prompt"] + 30
+    assert json.loads(out.read_text())[0]["method"] == "(context)"
