@@ -198,7 +198,8 @@ def goal_table(
     - ``syn_beats_fap``: FAP-Synergy's mean KL at k_ref is below FAP's, with the paired
       difference's bootstrap CI (FAP - FAP-Synergy, over (seed, prompt) units) and its t-test p;
     - ``reached``: ``k_eff_ci_high <= k_ref / 2`` against FAP-Synergy;
-    - the method's cost at K = k_ref (forwards and seconds per prompt) when ``costs`` has it.
+    - with ``costs``: the method's cost (forwards and seconds per prompt) at ``k_half = k_ref // 2``
+      and FAP-Synergy's at ``k_ref`` (NaN where that K was not measured).
     """
     from pie_lib.stats import paired_test
 
@@ -223,10 +224,12 @@ def goal_table(
             "half_k_ref": r.k_ref / 2,
             "reached": _reached(r.k_eff_ci_high, r.k_ref, d, r.method),
         }
-        if costs is not None:
-            c = costs[(costs["task"] == r.task) & (costs["method"] == r.method) & (costs["k"] == r.k_ref)]
-            row["forwards_per_prompt"] = float(c["forwards_per_prompt"].iloc[0]) if len(c) else np.nan
-            row["seconds_per_prompt"] = float(c["seconds_per_prompt"].iloc[0]) if len(c) else np.nan
+        if costs is not None:  # the new method at half the budget against FAP-Synergy at the full one
+            row["k_half"] = int(r.k_ref // 2)
+            for prefix, method, kk in (("", r.method, row["k_half"]), ("syn_", "fap-synergy", r.k_ref)):
+                c = costs[(costs["task"] == r.task) & (costs["method"] == method) & (costs["k"] == kk)]
+                for col in ("forwards_per_prompt", "seconds_per_prompt"):
+                    row[prefix + col] = float(c[col].iloc[0]) if len(c) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
