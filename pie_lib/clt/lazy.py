@@ -125,12 +125,6 @@ class LazyDecoder:
         self._full = [None] * len(self.sources)
         return self
 
-    def materialize(self) -> "LazyDecoder":
-        """Load every layer whole onto the target device (small CLTs, or a GPU with room)."""
-        for layer in range(len(self.sources)):
-            self._full[layer] = self._load(layer, None)
-        return self
-
     def _load(self, layer: int, index: np.ndarray | None) -> torch.Tensor:
         src = self.sources[layer]
         if isinstance(src, MemmapTensor):

@@ -233,7 +233,7 @@ DOCSTRING_HEADER = 'def {fn}({args}):\n    """{desc}\n\n'
 DOCSTRING_PARAM = "    :param {arg}: {desc}\n"
 DOCSTRING_OPEN = "    :param"
 
-Corruption = Literal["abc", "s2_io"]
+PromptCorruption = Literal["abc", "s2_io"]
 Task = Literal["ioi", "docstring"]
 
 
@@ -349,7 +349,7 @@ def ioi_pairs(
     seed: int = 0,
     names: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
-    corruption: Corruption = "abc",
+    corruption: PromptCorruption = "abc",
     places: Sequence[str] | None = None,
     objects: Sequence[str] | None = None,
     pair_filter: Callable[[str, str], bool] | None = None,

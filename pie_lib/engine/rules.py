@@ -56,8 +56,3 @@ def identity_rule(z: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
 def half_rule(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """LRP half rule on a gated product: value a * b, relevance split equally between a and b."""
     return 0.5 * (a * b.detach() + a.detach() * b)
-
-
-def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` forward, ``surrogate``'s gradient backward."""
-    return value.detach() + (surrogate - surrogate.detach()).to(value.dtype)

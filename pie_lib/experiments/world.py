@@ -139,12 +139,12 @@ def clt_quality(model: Any, clt: Any, texts: Sequence[str], batch_size: int = 32
         resid.append(cache.resid_mid[:, keep].float().cpu())
         mlp.append(cache.mlp_out[:, keep].float().cpu())
     x, y = torch.cat(resid, 1), torch.cat(mlp, 1)
-    c = clt.to("cpu") if str(clt.device) != "cpu" else clt
-    acts = c.encode(x.to(c.W_enc.dtype))
-    recon = c.decode(acts)
-    f, l0 = fvu(recon.float(), y), mean_l0(acts)
+    # on the CLT's own device: the caller's CLT is not moved
+    acts = clt.encode(x.to(clt.W_enc.device, clt.W_enc.dtype))
+    recon = clt.decode(acts)
+    f, l0 = fvu(recon.float().cpu(), y), mean_l0(acts.cpu())
     return pd.DataFrame(
-        {"layer": range(c.n_layers), "fvu": f.double().numpy(), "l0": l0.double().numpy(), "n_tokens": x.shape[1]}
+        {"layer": range(clt.n_layers), "fvu": f.double().numpy(), "l0": l0.double().numpy(), "n_tokens": x.shape[1]}
     )
 
 

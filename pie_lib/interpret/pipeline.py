@@ -202,11 +202,11 @@ def interpret(
         The descriptions table (also written to ``out/descriptions.parquet``), one row per feature
         with columns :data:`DESCRIPTION_COLUMNS`.
     """
-    cfg = config or InterpretConfig()
+    cfg = replace(config) if config is not None else InterpretConfig()  # the caller's config is not modified
     if isinstance(corpus, CorpusConfig):
         cfg.corpus = corpus
     elif corpus is not None:
-        cfg.corpus.source = str(corpus)
+        cfg.corpus = replace(cfg.corpus, source=str(corpus))
     llm_cfg = replace(llm or cfg.llm)  # a copy: the caller's config is not modified
     if backend is not None:
         llm_cfg.backend = backend  # type: ignore[assignment]

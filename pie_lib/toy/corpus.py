@@ -68,7 +68,7 @@ FILLER_TEMPLATES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class CorpusConfig:
+class ToyCorpusConfig:
     """Mixture weights of the training corpus (they need not sum to 1)."""
 
     p_ioi: float = 0.30
@@ -97,7 +97,7 @@ def _train_args(rng: random.Random, n: int) -> list[str]:
             return args
 
 
-def _docstring_function(rng: random.Random, cfg: CorpusConfig) -> str:
+def _docstring_function(rng: random.Random, cfg: ToyCorpusConfig) -> str:
     """A complete function: def, docstring documenting every argument, closing quotes, a body."""
     args = _train_args(rng, rng.randint(cfg.min_args, cfg.max_args))
     fn = rng.choice(FUNCTION_NAMES)
@@ -127,13 +127,13 @@ def _filler(rng: random.Random) -> str:
 KINDS: tuple[str, ...] = ("ioi", "docstring", "filler")
 
 
-def training_texts(n: int, seed: int, cfg: CorpusConfig | None = None) -> tuple[list[str], list[str]]:
+def training_texts(n: int, seed: int, cfg: ToyCorpusConfig | None = None) -> tuple[list[str], list[str]]:
     """``n`` training texts (one IOI sentence, function or filler sentence each), seeded.
 
     Returns:
         (texts, kinds) with each kind in :data:`KINDS`.
     """
-    cfg = cfg or CorpusConfig()
+    cfg = cfg or ToyCorpusConfig()
     rng = random.Random(seed)
     weights = (cfg.p_ioi, cfg.p_docstring, cfg.p_filler)
     texts, kinds = [], []
@@ -153,7 +153,7 @@ def heldout_texts(n: int, seed: int) -> list[str]:
     """``n`` texts outside the training distribution's IOI split (held-out templates and name
     pairs), mixed with freshly drawn functions and filler; used for CLT evaluation (FVU)."""
     rng = random.Random(seed)
-    cfg = CorpusConfig()
+    cfg = ToyCorpusConfig()
     out = []
     for i in range(n):
         kind = i % 3

@@ -7,7 +7,6 @@ prepends ``<bos>``). Special tokens: ``<pad>`` = 0, ``<unk>`` = 1, ``<bos>`` = 2
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -42,8 +41,3 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
         padding_side="right",
         model_max_length=256,
     )
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:
-    """``save_pretrained`` into ``folder`` (the model folder, so AutoTokenizer finds it there)."""
-    tokenizer.save_pretrained(str(folder))

@@ -20,7 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pie_lib.data.pairs import Pair
-from pie_lib.toy.corpus import CorpusConfig, training_texts
+from pie_lib.toy.corpus import ToyCorpusConfig, training_texts
 
 Arch = Literal["llama", "gpt2"]
 
@@ -45,7 +45,7 @@ class LMConfig:
     answer_weight: float = 4.0
     weight_decay: float = 0.01
     seed: int = 0
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    corpus: ToyCorpusConfig = field(default_factory=ToyCorpusConfig)
 
 
 def make_model(arch: Arch, vocab_size: int, cfg: LMConfig, tokenizer: Any) -> PreTrainedModel:

@@ -1,6 +1,6 @@
 """Hyper-parameters of the related methods, read from ``MethodParams.extra``.
 
-``MethodParams.extra`` is a flat dict (CLI: ``--extra key=value``). Each config below owns one key
+``MethodParams.extra`` is a flat dict (CLI: ``--param key=value``, repeatable). Each config below owns one key
 prefix; a key ``<prefix><field>`` sets that field. Values may be typed or strings (from a command
 line): strings are converted to the field's type. An unknown key with a known prefix is an error
 naming the valid keys, so a typo never silently runs the defaults.
