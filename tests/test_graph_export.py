@@ -264,3 +264,33 @@ def test_feature_pages_and_labels(toy_graph_run, src):
         assert page.top_logits[0] == model.tokenizer.decode([int(scores.argmax())])
         assert page.bottom_logits[0] == model.tokenizer.decode([int(scores.argmin())])
         assert len(page.quantile_values) == 100 and 0 < page.activation_frequency <= 1
+
+
+def test_clicking_a_feature_shows_its_examples_in_chromium(toy_graph_run):
+    from pie_lib.clt.naming import cantor
+    from pie_lib.graph.browser import load_graph_page, missing_requirements
+    from pie_lib.graph.serve import start_viewer
+
+    missing = missing_requirements()
+    if missing:
+        pytest.skip("no headless browser setup: " + "; ".join(missing) + " (make browser installs it)")
+    gdir = toy_graph_run / "g_i_store"
+    slug = json.loads((gdir / "graph-metadata.json").read_text())["graphs"][0]["slug"]
+    node = next(
+        n
+        for n in json.loads((gdir / f"{slug}.json").read_text())["nodes"]
+        if n["feature_type"] == "cross layer transcoder"
+    )
+    l, f, _ = map(int, node["node_id"].split("_"))
+    page = json.loads((gdir / "features" / f"{cantor(l, f)}.json").read_text())
+    viewer = start_viewer(gdir, port=0)
+    try:
+        report = load_graph_page(viewer.url.split("?")[0] + f"?slug={slug}&clickedId={node['node_id']}")
+    finally:
+        viewer.stop()
+    text = " ".join(report.detail_text.split())
+    assert node["clerp"][:20] in text  # the Stage II description
+    assert page["top_logits"][0].strip() in text  # W_dec . W_U logits
+    first = page["examples_quantiles"][0]["examples"][0]["tokens"]
+    peak = first[page["examples_quantiles"][0]["examples"][0]["train_token_ind"]].strip()
+    assert peak and peak in text  # an example context, from the feature page

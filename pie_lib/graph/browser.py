@@ -124,6 +124,7 @@ class PageReport:
     on_screen: dict[str, bool]
     errors: list[str]
     screenshot: Path | None
+    detail_text: str = ""  # the feature panel's text (the clicked node's examples and logits)
 
 
 def load_graph_page(
@@ -175,6 +176,12 @@ def _load(url: str, screenshot: str | os.PathLike | None, timeout_s: float, view
             page.goto(url)
             page.wait_for_selector(".link-graph text.node", timeout=timeout_s * 1000)
             page.wait_for_timeout(500)  # let the layout settle
+            if "clickedId=" in url:  # the clicked node's feature page loads asynchronously
+                try:
+                    page.wait_for_selector(".feature-example-list .ctx-container", timeout=5000)
+                except Exception:  # no examples shown: the caller sees an empty / header-only detail_text
+                    pass
+            detail = page.evaluate("() => (document.querySelector('.feature-detail') || {}).innerText || ''")
             info = page.evaluate(
                 "() => { const W = window.innerWidth, H = window.innerHeight;"
                 " return Array.from(document.querySelectorAll('.link-graph text.node')).map(e => {"
@@ -190,4 +197,4 @@ def _load(url: str, screenshot: str | os.PathLike | None, timeout_s: float, view
         finally:
             browser.close()
     ids = [i for i, _ in info if i is not None]
-    return PageReport(ids, {i: bool(v) for i, v in info if i is not None}, errors, shot)
+    return PageReport(ids, {i: bool(v) for i, v in info if i is not None}, errors, shot, detail)

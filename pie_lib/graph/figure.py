@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def circuit_screenshot(graph_dir: str | os.PathLike, slug: str, figures: str | os.PathLike, name: str) -> str:
-    """Serve ``graph_dir``, open graph ``slug`` with its correct-answer logit clicked (so its input
-    links show), and write ``figures/<name>.png`` and ``.pdf``.
+    """Serve ``graph_dir``, open graph ``slug`` with its most influential kept occurrence clicked (so
+    its links, feature page examples and logits show), and write ``figures/<name>.png`` and ``.pdf``.
 
     Returns a one-line account: what was written, or why nothing was (no browser set up -- the
     committed figure then stays as it is).
@@ -21,7 +21,13 @@ def circuit_screenshot(graph_dir: str | os.PathLike, slug: str, figures: str | o
     if missing:
         return "browser missing, figure not regenerated: " + "; ".join(missing) + " (make browser sets it up)"
     data = json.loads((Path(graph_dir) / f"{slug}.json").read_text(encoding="utf-8"))
-    target = next(n["node_id"] for n in data["nodes"] if n.get("is_target_logit"))
+    feats = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    # the most influential kept occurrence: its links, examples and logits are shown
+    target = (
+        max(feats, key=lambda n: n.get("influence") or 0.0)["node_id"]
+        if feats
+        else next(n["node_id"] for n in data["nodes"] if n.get("is_target_logit"))
+    )
     png = Path(figures) / f"{name}.png"
     viewer = start_viewer(graph_dir, port=0)
     try:
