@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -154,8 +155,12 @@ def _env(threads: int, **extra: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run_reference(fx: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
-    """One official run per (method, K); returns wall times and per-prompt kept sets."""
+def run_reference(fx: Path, work: Path, a: argparse.Namespace, after_run=None) -> dict[str, Any]:
+    """One official run per (method, K); returns wall times and per-prompt kept sets.
+
+    ``after_run(i)`` is called after the i-th run (0-based): pie runs go in between, so a drift of
+    the machine's load over the minutes the reference takes affects both sides alike.
+    """
     hf_home = work / "hf-home"
     env = _env(
         a.threads,
@@ -224,6 +229,8 @@ def run_reference(fx: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]
                 kept[(method, k, r["idx"])] = {tuple(o[:3]) for o in r["kept_final"]}
             runs.append({"run": name, "wall_seconds": wall, "prompts": len(recs)})
             print(f"  reference {name:16s} {wall:7.1f} s  ({len(recs)} prompts)", flush=True)
+            if after_run is not None:
+                after_run(len(runs) - 1)
     return {"runs": runs, "wall_seconds": sum(r["wall_seconds"] for r in runs), "kept": kept}
 
 
@@ -334,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--official-dir", type=Path, default=Path(os.environ.get("PIE_OFFICIAL_DIR", "/tmp/pie-official")))
     p.add_argument("--work", type=Path, default=Path("/tmp/pie_vs_reference"), help="scratch folder (wiped)")
+    p.add_argument("--pie-repeats", type=int, default=3, help="pie runs, spread over the reference runs (median)")
     p.add_argument("--allow-mismatch", type=int, default=0, help="differing selections tolerated before exit 1")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
@@ -352,13 +360,19 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     load0 = os.getloadavg()
-    ref = run_reference(fx, a.work, a)
-    pie = run_pie(fx, a.work, a)
+    n_ref = 2 * len(a.k)
+    slots = (
+        {round(j * n_ref / (a.pie_repeats - 1)) - 1 for j in range(1, a.pie_repeats)} if a.pie_repeats > 1 else set()
+    )
+    pies = [run_pie(fx, a.work, a)]  # before the reference, then interleaved with its runs
+    ref = run_reference(fx, a.work, a, after_run=lambda i: pies.append(run_pie(fx, a.work, a)) if i in slots else None)
+    pie_times = [p_["wall_seconds"] for p_ in pies]
+    pie = {**pies[-1], "wall_seconds": statistics.median(pie_times)}
     cmp = compare(ref["kept"], pie["kept"])
     ratio = ref["wall_seconds"] / pie["wall_seconds"]
     print(
-        f"reference: {ref['wall_seconds']:.1f} s ({len(ref['runs'])} runs)   pie prune: {pie['wall_seconds']:.2f} s   "
-        f"ratio: {ratio:.1f}x"
+        f"reference: {ref['wall_seconds']:.1f} s ({len(ref['runs'])} runs)   pie prune: median {pie['wall_seconds']:.2f} s "
+        f"of {len(pie_times)} runs {[round(t, 1) for t in pie_times]}   ratio: {ratio:.1f}x"
     )
     print(
         f"selections: {cmp['identical']}/{cmp['compared']} identical, {cmp['differ']} differ, "
@@ -373,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_seconds": ref["wall_seconds"],
         "reference_runs": ref["runs"],
         "pie_seconds": pie["wall_seconds"],
+        "pie_seconds_each": pie_times,
         "ratio": ratio,
         "pie_command": pie["command"],
         "selections": cmp,
