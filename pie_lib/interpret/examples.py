@@ -710,7 +710,7 @@ class StreamingExamples:
             acts: ``[B, T_b, U_l]`` activations, zero at BOS and padding.
             ctx_ids: ``[B]`` context ids of the batch rows.
         """
-        u = torch.tensor([self.index[(layer, int(f))] for f in features.tolist()], dtype=torch.long)
+        u = self._rows_of(layer, features)
         a = acts.detach().float().cpu()
         B, Tb, Ul = a.shape
         if Tb < self.ctx_len:
@@ -728,20 +728,37 @@ class StreamingExamples:
             "pos": best_pos.T,
             "tok": a.permute(2, 0, 1),
         }  # [U_l, B, ...]
-        # top-N: |act| descending, ties by context id
-        merged = {k: torch.cat([self.top[k][u], cand[k]], 1) for k in self.FIELDS}
-        order = _sort_rows(merged["abs"], merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62), True)[:, : self.n_top]
-        for k in self.FIELDS:
-            self.top[k][u] = self._take(merged[k], order)
+        # top-N (|act| descending, ties by context id): only features where a candidate can enter,
+        # i.e. one at least as strong as the current N-th (or the list is not full yet)
+        need = (active.T & (cand["abs"] >= self.top["abs"][u, -1:])).any(1).nonzero().squeeze(1)
+        if need.numel():
+            ur = u[need]
+            merged = {k: torch.cat([self.top[k][ur], cand[k][need]], 1) for k in self.FIELDS}
+            ctx_key = merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62)
+            order = _sort_rows(merged["abs"], ctx_key, True)[:, : self.n_top]
+            for k in self.FIELDS:
+                self.top[k][ur] = self._take(merged[k], order)
         # reservoir: the R active contexts of smallest hash key = a uniform sample without replacement
         key = torch.from_numpy(_hash01(self.seed, layer, features.numpy(), ctx.numpy())).T  # [U_l, B]
         key = torch.where(active.T, key, torch.tensor(float("inf"), dtype=torch.float64))
-        mk = torch.cat([self.res_key[u], key], 1)
-        merged = {k: torch.cat([self.res[k][u], cand[k]], 1) for k in self.FIELDS}
-        order = _sort_rows(mk, merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62), False)[:, : self.reservoir]
-        self.res_key[u] = mk.gather(1, order)
-        for k in self.FIELDS:
-            self.res[k][u] = self._take(merged[k], order)
+        need = (key <= self.res_key[u, -1:]).any(1).nonzero().squeeze(1)
+        if need.numel():
+            ur = u[need]
+            mk = torch.cat([self.res_key[ur], key[need]], 1)
+            merged = {k: torch.cat([self.res[k][ur], cand[k][need]], 1) for k in self.FIELDS}
+            ctx_key = merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62)
+            order = _sort_rows(mk, ctx_key, False)[:, : self.reservoir]
+            self.res_key[ur] = mk.gather(1, order)
+            for k in self.FIELDS:
+                self.res[k][ur] = self._take(merged[k], order)
+
+    def _rows_of(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """State rows of ``features`` of ``layer`` (looked up once per layer and feature list)."""
+        key = (layer, features.numpy().tobytes())
+        cache = self.__dict__.setdefault("_row_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor([self.index[(layer, int(f))] for f in features.tolist()], dtype=torch.long)
+        return cache[key]
 
     @staticmethod
     def _take(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
