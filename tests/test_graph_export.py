@@ -294,3 +294,33 @@ def test_clicking_a_feature_shows_its_examples_in_chromium(toy_graph_run):
     first = page["examples_quantiles"][0]["examples"][0]["tokens"]
     peak = first[page["examples_quantiles"][0]["examples"][0]["train_token_ind"]].strip()
     assert peak and peak in text  # an example context, from the feature page
+
+
+def test_graph_refuses_other_checkpoints_than_the_run(graph_run, tiny_worlds, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(graph_run, run, ignore=shutil.ignore_patterns("graphs", "bad"))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["clt_hash"] = "0" * 64  # as if the CLT folder had changed since the run
+    (run / "config.json").write_text(json.dumps(cfg))
+    args = [
+        "graph",
+        "--selections",
+        str(run / "selections.jsonl"),
+        "--method",
+        "fap",
+        "--k",
+        "6",
+        "--all",
+        "--out",
+        str(run / "graphs"),
+        "--no-progress",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "clt loaded now differ" in err and "--model/--clt" in err and not (run / "graphs").exists()
+    w = tiny_worlds["llama"]
+    assert main(args + ["--clt", str(w.clt_dir)]) == 0  # an explicit override is allowed (with a warning)
+    loaded = json.loads((run / "graphs" / "graph_config.json").read_text())["loaded"]
+    assert loaded["clt_hash"] == json.loads((graph_run / "config.json").read_text())["clt_hash"]

@@ -19,8 +19,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pie_lib.errors import DataFormatError, OutputPathError, SettingError
+from pie_lib.errors import ConfigMismatchError, DataFormatError, OutputPathError, SettingError
 from pie_lib.graph.attribution import GraphConfig, build_circuit_graph
+from pie_lib.provenance import versions
 from pie_lib.selections import latest_selections, query_selections
 from pie_lib.store import write_json
 
@@ -176,6 +177,33 @@ def update_graph_metadata(out: Path, entries: list[dict]) -> Path:
     return write_json({"graphs": graphs}, path)
 
 
+def _check_same_checkpoints(
+    run: dict[str, Any], model_path: str | None, clt_path: str | None, overridden: bool
+) -> dict[str, Any]:
+    """Fingerprints of the checkpoints loaded now, compared with those the run recorded.
+
+    Without --model/--clt a difference is an error (the selections index another model's or CLT's
+    features); with an override it is a warning.
+    """
+    from pie_lib.provenance import checkpoint_fingerprint
+
+    now = {
+        "model_path": model_path,
+        "clt_path": clt_path,
+        "model_hash": checkpoint_fingerprint(model_path) if model_path else None,
+        "clt_hash": checkpoint_fingerprint(clt_path) if clt_path else None,
+    }
+    changed = [k for k in ("model_hash", "clt_hash") if run.get(k) and now[k] and run[k] != now[k]]
+    if changed and not overridden:
+        raise ConfigMismatchError(
+            f"the {' and '.join(k.split('_')[0] for k in changed)} loaded now differ(s) from the one(s) the run recorded "
+            f"in config.json ({', '.join(changed)}); rerun `pie prune`, or pass --model/--clt to build the graphs anyway"
+        )
+    if changed:
+        log.warning("--model/--clt differ from the checkpoints of the run (%s); links use the new ones", changed)
+    return now
+
+
 def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[Path]:
     """Write the graphs a :class:`GraphRunConfig` asks for; returns the graph files written."""
     from pie_lib.selections import read_selections
@@ -197,6 +225,9 @@ def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[P
 
         world = load_world(model or model_id, clt or clt_id, device=cfg.device)
         model, clt = world.model, world.clt
+        loaded = _check_same_checkpoints(run, world.model_path, world.clt_path, overridden=bool(cfg.model or cfg.clt))
+    else:
+        loaded = {"model": "in-memory", "clt": "in-memory"}
     pairs = _pairs(identity, model, seed)
     scan = LOCAL_FEATURES_SCAN if cfg.descriptions else str(clt_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,8 +271,10 @@ def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[P
             "clt": clt_id,
             "edge_threshold": cfg.graph.edge_threshold,
             "descriptions": cfg.descriptions,
+            "loaded": loaded,
             "run_config": {k: run.get(k) for k in ("model_path", "clt_path", "model_hash", "clt_hash")},
-            "versions": run.get("versions"),
+            "versions": versions(),
+            "run_versions": run.get("versions"),
         },
         out / "graph_config.json",
     )
