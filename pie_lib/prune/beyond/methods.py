@@ -56,7 +56,7 @@ def greedy_refine(ctx: BatchContext, k: Budget, seed: int, params: MethodParams)
     kv = budget_per_prompt(k, ctx.occ.n_prompts)
     keep0, s0 = methods[cfg.start].select(ctx, kv, seed, params)
     keep, trace = refine_circuits(ctx, keep0, s0, cfg)
-    ctx.__dict__.setdefault("refine_traces", []).append(trace)  # read by the cost benchmark / notebook
+    ctx.__dict__.setdefault("refine_traces", []).append(trace)  # forwards, swaps, KL per prompt (tests)
     return keep, s0
 
 
