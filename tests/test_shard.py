@@ -39,9 +39,10 @@ def _same_rows(a, b):
     assert list(ra.columns) == list(rb.columns) and len(ra) == len(rb) > 0
     pd.testing.assert_frame_equal(ra.drop(columns="seconds"), rb.drop(columns="seconds"), check_exact=True)
     assert _lines(a / "selections.jsonl") == _lines(b / "selections.jsonl")
-    for name in ("selections.parquet",):  # written by the sweep's finish step where it exists
-        if (a / name).exists() or (b / name).exists():
-            pd.testing.assert_frame_equal(pd.read_parquet(a / name), pd.read_parquet(b / name), check_exact=True)
+    # the table the sweep's finish step writes, from the merged selections
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a / "selections.parquet"), pd.read_parquet(b / "selections.parquet"), check_exact=True
+    )
 
 
 @pytest.fixture(scope="module")
