@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the gates of .ci/run: import layers (pyproject [tool.importlinter]), ruff lint, ruff format
+# the gates of .ci/run: import layers (pyproject [tool.importlinter]), ruff lint, ruff format,
+# basedpyright basic (no error beyond .basedpyright/baseline.json)
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/basedpyright
 
 test: $(STAMP)
 	$(PY) -m pytest -q

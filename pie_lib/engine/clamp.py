@@ -14,7 +14,7 @@ The additive mode (``c * a_max * W_dec`` added whatever a(t) is) is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import nnsight
 import torch
@@ -23,8 +23,11 @@ from pie_lib.engine.traces import _forward_steps
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
 
-def clamp_parts(clt: Any, layers: torch.Tensor, feats: torch.Tensor) -> dict[str, torch.Tensor | None]:
+
+def clamp_parts(clt: CrossLayerTranscoder, layers: torch.Tensor, feats: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """Encoder rows, biases, thresholds and per-target-layer decoder rows of the clamped features.
 
     Returns:
@@ -50,7 +53,7 @@ def clamp_parts(clt: Any, layers: torch.Tensor, feats: torch.Tensor) -> dict[str
 @torch.no_grad()
 def clamped_greedy(
     model: LoadedModel,
-    clt: Any,
+    clt: CrossLayerTranscoder,
     layers: torch.Tensor,
     feats: torch.Tensor,
     values: torch.Tensor,

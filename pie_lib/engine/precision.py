@@ -12,15 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from pie_lib.engine.remote import is_remote, server_dtype
 from pie_lib.errors import SettingError
 
+if TYPE_CHECKING:
+    from pie_lib.models.loading import LoadedModel
 
-def runs_in_float32(model: Any) -> bool:
+
+def runs_in_float32(model: LoadedModel) -> bool:
     """True when every floating parameter of ``model`` (a :class:`~pie_lib.models.loading.LoadedModel`) is float32.
 
     Remote: the server's dtype (probed once; the local skeleton's meta parameters say nothing).
@@ -31,7 +34,7 @@ def runs_in_float32(model: Any) -> bool:
 
 
 @contextmanager
-def float32_weights(model: Any) -> Iterator[bool]:
+def float32_weights(model: LoadedModel) -> Iterator[bool]:
     """Upcast a local model to float32 inside the block; yields whether anything was converted.
 
     Raises:

@@ -91,7 +91,7 @@ def ship_rules() -> None:
     _SHIPPED = True
 
 
-def host(model: Any, t: torch.Tensor) -> torch.Tensor:
+def host(model: LoadedModel, t: torch.Tensor) -> torch.Tensor:
     """Where an input tensor goes before a trace: the model's device locally, the CPU when remote.
 
     A remote model's device is meta; a tensor moved there keeps its shape and loses its values.
@@ -122,7 +122,7 @@ def remote_kwargs(model: LoadedModel, kind: str = "trace") -> dict[str, Any]:
     return {"remote": model.remote}
 
 
-def session(model: Any, kind: str = "session") -> Any:
+def session(model: LoadedModel, kind: str = "session") -> Any:
     """``model.lm.session(remote=...)``: one request for every trace opened inside it (remote only).
 
     Use it directly in a ``with`` statement of the function whose block it is (nnsight captures the
@@ -137,7 +137,7 @@ def session(model: Any, kind: str = "session") -> Any:
     return model.lm.session(remote=model.remote)
 
 
-def server_dtype(model: Any) -> torch.dtype:
+def server_dtype(model: LoadedModel) -> torch.dtype:
     """The dtype the server's weights are in (one tiny request; the deployment decides it).
 
     Locally: the model's own dtype, no request.

@@ -12,16 +12,21 @@ V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import nnsight
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from pie_lib.engine import remote as remote_
 from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identity_rule
 from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
 
 MetricKind = Literal["logit_diff", "logsumexp"]
 GradientMode = Literal["replacement", "full", "relp"]
@@ -37,9 +42,9 @@ class ForwardCache:
         last_logits: ``[B, V]`` logits at the last position.
     """
 
-    resid_mid: torch.Tensor
-    mlp_out: torch.Tensor
-    last_logits: torch.Tensor
+    resid_mid: Float[Tensor, "L B T D"]
+    mlp_out: Float[Tensor, "L B T D"]
+    last_logits: Float[Tensor, "B V"]
 
 
 def _val(x: Any) -> torch.Tensor:
@@ -311,7 +316,9 @@ def patched_last_logits_many(
     return results
 
 
-def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+def spliced_last_logits(
+    model: LoadedModel, clt: CrossLayerTranscoder, input_ids: torch.Tensor, error: torch.Tensor
+) -> torch.Tensor:
     """Forward with every MLP output replaced by ``CLT reconstruction + error``.
 
     The CLT encodes the residual stream *of this forward* at each layer (so any change upstream
@@ -339,10 +346,12 @@ def spliced_last_logits(model: LoadedModel, clt: Any, input_ids: torch.Tensor, e
             rows = clt.decoder_rows(layer, used)  # [U, n_out, D]
             writes = torch.einsum("btu,usd->sbtd", acts[..., used], rows.to(acts.dtype))
             for j, s in enumerate(clt.targets(layer)):
-                accum[s] = writes[j] if accum[s] is None else accum[s] + writes[j]
+                prev = accum[s]
+                accum[s] = writes[j] if prev is None else prev + writes[j]
 
     def write(layer: int, env: Any) -> None:
-        rec = clt.b_dec[layer].to(error.dtype) + (accum[layer] if accum[layer] is not None else 0)
+        acc = accum[layer]
+        rec = clt.b_dec[layer].to(error.dtype) + (acc if acc is not None else 0)
         env.output = (rec + error[layer]).to(env.output.dtype)
 
     with torch.no_grad(), remote_.trace(model, input_ids.to(model.device), **_last_only(model)):

@@ -42,7 +42,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -68,6 +68,10 @@ from pie_lib.interpret.examples import (
 from pie_lib.interpret.pipeline import check_settings, collect_rows, resolve_world
 from pie_lib.llm import LLMConfig, Usage
 from pie_lib.store import write_json, write_parquet
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
 log = logging.getLogger("pie_lib.evaluate")
 
@@ -200,7 +204,11 @@ class _FeatureState:
 
 # --------------------------------------------------------------------------- activations of texts
 def text_activations(
-    model: Any, clt: Any, token_lists: Sequence[Sequence[int]], keys: Sequence[FeatureKey], batch_size: int = 32
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    token_lists: Sequence[Sequence[int]],
+    keys: Sequence[FeatureKey],
+    batch_size: int = 32,
 ) -> np.ndarray:
     """Activation of feature ``keys[i]`` on text ``token_lists[i]``: the value at its token of
     largest |activation|, BOS excluded.
@@ -247,8 +255,8 @@ def evaluate(
     protocol: ProtocolName | ProtocolConfig = "pie",
     backend: str | None = None,
     llm: LLMConfig | None = None,
-    model: Any = None,
-    clt: Any = None,
+    model: str | os.PathLike | LoadedModel | None = None,
+    clt: str | os.PathLike | CrossLayerTranscoder | None = None,
     device: str | None = None,
     remote: bool | str | None = None,
     examples: str | os.PathLike | None = None,
@@ -424,14 +432,14 @@ def _sparse_retry(
         s.n_sparse_resampled += int(extra.size)
 
 
-def _tokens(model: Any, texts: list[str], ctx_len: int) -> list[list[int]]:
+def _tokens(model: LoadedModel, texts: list[str], ctx_len: int) -> list[list[int]]:
     cfg = CorpusConfig(ctx_len=ctx_len, max_chunks_per_doc=1)
     ctxs = make_contexts(model.tokenizer, texts, cfg)
     return [c.token_ids for c in ctxs]
 
 
 def _score_activation_metrics(
-    model: Any, clt: Any, states: list[_FeatureState], natural: dict, pc: ProtocolConfig
+    model: LoadedModel, clt: CrossLayerTranscoder, states: list[_FeatureState], natural: dict, pc: ProtocolConfig
 ) -> None:
     texts, keys, owner = [], [], []
     for j, s in enumerate(states):
@@ -479,8 +487,8 @@ def _steer_prompts(store: ActivationStore, pc: ProtocolConfig, rng: np.random.Ge
 
 
 def _faithfulness(
-    model: Any,
-    clt: Any,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
     states: list[_FeatureState],
     prompts: torch.Tensor,
     pc: ProtocolConfig,

@@ -14,7 +14,7 @@ together are one request.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -24,8 +24,12 @@ from pie_lib.engine.generation import steered_greedy
 from pie_lib.engine.remote import is_remote
 from pie_lib.interpret.examples import FeatureKey, features_by_layer
 
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
-def steering_vectors(clt: Any, features: Sequence[FeatureKey]) -> torch.Tensor:
+
+def steering_vectors(clt: CrossLayerTranscoder, features: Sequence[FeatureKey]) -> torch.Tensor:
     """Decoder rows of ``features`` laid out per target layer.
 
     Returns:
@@ -45,8 +49,8 @@ def steering_vectors(clt: Any, features: Sequence[FeatureKey]) -> torch.Tensor:
 
 @torch.no_grad()
 def steered_generate(
-    model: Any,
-    clt: Any,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
     features: Sequence[FeatureKey],
     scales: Sequence[float],
     prompt_ids: torch.Tensor,
@@ -99,8 +103,8 @@ def steered_generate(
 
 
 def _clamped(
-    model: Any,
-    clt: Any,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
     features: Sequence[FeatureKey],
     scales: Sequence[float],
     prompt_ids: torch.Tensor,

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
+
 
 def time_methods(
-    model: Any,
-    clt: Any,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
     methods: Sequence[str],
     task: str = "ioi",
     n: int = 8,

@@ -11,13 +11,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
-def world_card(model: Any, clt: Any) -> pd.DataFrame:
+
+def world_card(model: LoadedModel, clt: CrossLayerTranscoder) -> pd.DataFrame:
     """``quantity, value`` rows: model architecture, layers, d_model, vocabulary, parameters,
     CLT features per layer, activation, decoder targets."""
     try:
@@ -39,7 +43,7 @@ def world_card(model: Any, clt: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["quantity", "value"]).astype({"value": str})
 
 
-def task_pairs(model: Any, task: str, n: int, seed: int, heldout: bool = True) -> list:
+def task_pairs(model: LoadedModel, task: str, n: int, seed: int, heldout: bool = True) -> list:
     """``n`` pairs of ``task``: the toy world's held-out split (templates / name and argument pairs
     never trained on) when ``heldout``, else the plain generator (any tokenizer)."""
     from pie_lib.data.tasks import generate_task
@@ -54,7 +58,7 @@ def task_pairs(model: Any, task: str, n: int, seed: int, heldout: bool = True) -
 
 @torch.no_grad()
 def task_accuracy(
-    model: Any, task: str, n: int = 500, seed: int = 1234, heldout: bool = True, batch_size: int = 128
+    model: LoadedModel, task: str, n: int = 500, seed: int = 1234, heldout: bool = True, batch_size: int = 128
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on ``n`` pairs of ``task`` (clean prompts, last-token logits).
 
@@ -88,7 +92,11 @@ def task_accuracy(
 
 
 def accuracy_table(
-    model: Any, tasks: Sequence[str] = ("ioi", "docstring"), n: int = 500, seed: int = 1234, heldout: bool = True
+    model: LoadedModel,
+    tasks: Sequence[str] = ("ioi", "docstring"),
+    n: int = 500,
+    seed: int = 1234,
+    heldout: bool = True,
 ) -> pd.DataFrame:
     """:func:`task_accuracy` for each task, one row each."""
     return pd.DataFrame([task_accuracy(model, t, n, seed, heldout) for t in tasks])
@@ -102,7 +110,9 @@ def heldout_corpus(n: int = 300, seed: int = 1234) -> list[str]:
 
 
 @torch.no_grad()
-def clt_quality(model: Any, clt: Any, texts: Sequence[str], batch_size: int = 32, max_tokens: int = 64) -> pd.DataFrame:
+def clt_quality(
+    model: LoadedModel, clt: CrossLayerTranscoder, texts: Sequence[str], batch_size: int = 32, max_tokens: int = 64
+) -> pd.DataFrame:
     """Per-layer FVU and L0 of ``clt`` on ``texts`` (BOS and padding positions excluded).
 
     Returns:

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -24,6 +24,10 @@ from pie_lib.graph.attribution import GraphConfig, build_circuit_graph
 from pie_lib.provenance import versions
 from pie_lib.selections import latest_selections, query_selections
 from pie_lib.store import write_json
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
 log = logging.getLogger("pie_lib.graph")
 
@@ -112,7 +116,7 @@ def pick_circuits(
     return seed, mine
 
 
-def _pairs(identity: dict[str, Any], model: Any, seed: int) -> list:
+def _pairs(identity: dict[str, Any], model: LoadedModel, seed: int) -> list:
     """The pairs the sweep used for ``seed`` (same rule as ``pie prune``)."""
     from pie_lib.data.pairs import load_pairs
     from pie_lib.data.tasks import generate_task
@@ -204,7 +208,9 @@ def _check_same_checkpoints(
     return now
 
 
-def run_graph(cfg: GraphRunConfig, model: Any = None, clt: Any = None) -> list[Path]:
+def run_graph(
+    cfg: GraphRunConfig, model: LoadedModel | None = None, clt: CrossLayerTranscoder | None = None
+) -> list[Path]:
     """Write the graphs a :class:`GraphRunConfig` asks for; returns the graph files written."""
     from pie_lib.selections import read_selections
 

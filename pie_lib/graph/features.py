@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -24,16 +24,20 @@ from pie_lib.clt.naming import cantor
 from pie_lib.errors import DataFormatError
 from pie_lib.store import write_json
 
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
+
 log = logging.getLogger("pie_lib.graph")
 
 N_LOGITS = 10
 
 
 def logit_effects(
-    model: Any, clt: Any, features: Iterable[tuple[int, int]], n: int = N_LOGITS
+    model: LoadedModel, clt: CrossLayerTranscoder, features: Iterable[tuple[int, int]], n: int = N_LOGITS
 ) -> dict[tuple[int, int], tuple[list[str], list[str]]]:
     """Top and bottom ``n`` tokens of ``W_U @ sum_s W_dec[l][i, s-l]`` per feature (one matmul per layer)."""
-    W_U = model.hf.get_output_embeddings().weight.detach().float()  # [V, D]
+    W_U = model.hf.get_output_embeddings().weight.detach().float()  # pyright: ignore[reportCallIssue]  [V, D]
     tok = model.tokenizer
     by_layer: dict[int, list[int]] = {}
     for l, f in features:
@@ -94,7 +98,11 @@ def page_from_record(
 
 
 def pages_from_interpret(
-    interpret_dir: str | os.PathLike, features: list[tuple[int, int]], model: Any, clt: Any, transcoder_id: str
+    interpret_dir: str | os.PathLike,
+    features: list[tuple[int, int]],
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    transcoder_id: str,
 ) -> dict[tuple[int, int], dict[str, Any]]:
     """Feature pages of ``features`` from a ``pie interpret`` output folder (whichever example source it used).
 
@@ -145,8 +153,8 @@ def pages_from_interpret(
 def write_feature_pages(
     interpret_dir: str | os.PathLike,
     features: list[tuple[int, int]],
-    model: Any,
-    clt: Any,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
     out_dir: str | os.PathLike,
     transcoder_id: str,
 ) -> list[Path]:

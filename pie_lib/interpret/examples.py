@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,10 @@ from tqdm.auto import tqdm
 from pie_lib.errors import DataFormatError
 from pie_lib.interpret.corpus import CorpusConfig, iter_documents, make_contexts
 from pie_lib.store import check_same_config, read_config, write_atomic, write_json, write_parquet
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -79,7 +83,7 @@ class ExampleConfig:
 
 
 # --------------------------------------------------------------------------- encoding
-def encode_features(clt: Any, x: torch.Tensor, layer: int, features: torch.Tensor) -> torch.Tensor:
+def encode_features(clt: CrossLayerTranscoder, x: torch.Tensor, layer: int, features: torch.Tensor) -> torch.Tensor:
     """Activations of only ``features`` of source ``layer``.
 
     Gathers the encoder rows of those features and applies the CLT's activation (JumpReLU with
@@ -134,7 +138,11 @@ def features_by_layer(features: Sequence[FeatureKey]) -> dict[int, torch.Tensor]
 
 
 def sparse_activations(
-    model: Any, clt: Any, token_lists: Sequence[Sequence[int]], by_layer: dict[int, torch.Tensor], pad_id: int
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    token_lists: Sequence[Sequence[int]],
+    by_layer: dict[int, torch.Tensor],
+    pad_id: int,
 ) -> pd.DataFrame:
     """Nonzero activations of the given features on a batch of contexts.
 
@@ -250,8 +258,8 @@ class ActivationStore:
     @classmethod
     def build(
         cls,
-        model: Any,
-        clt: Any,
+        model: LoadedModel,
+        clt: CrossLayerTranscoder,
         features: Iterable[FeatureKey],
         root: str | os.PathLike,
         corpus: CorpusConfig | None = None,
@@ -339,7 +347,12 @@ class ActivationStore:
         return next((st for st in self._streams() if (layer, feature) in st.index), None)
 
     def _extend_stream(
-        self, model: Any, clt: Any, features: list[FeatureKey], cfg: ExampleConfig, progress: bool
+        self,
+        model: LoadedModel,
+        clt: CrossLayerTranscoder,
+        features: list[FeatureKey],
+        cfg: ExampleConfig,
+        progress: bool,
     ) -> None:
         """Stream the corpus once per round of new features, folding each batch into the running state."""
         covered = {tuple(f) for r in self._rounds() for f in r["features"]}
@@ -397,7 +410,14 @@ class ActivationStore:
                     st.save(path)  # resume point: a rerun continues after the last saved batch
         self._stream_cache = None
 
-    def _extend(self, model: Any, clt: Any, features: list[FeatureKey], cfg: ExampleConfig, progress: bool) -> None:
+    def _extend(
+        self,
+        model: LoadedModel,
+        clt: CrossLayerTranscoder,
+        features: list[FeatureKey],
+        cfg: ExampleConfig,
+        progress: bool,
+    ) -> None:
         if self.is_stream:
             return self._extend_stream(model, clt, features, cfg, progress)
         requested = set(features)
@@ -887,7 +907,11 @@ class StreamingExamples:
 
 
 def batch_activations(
-    model: Any, clt: Any, token_lists: Sequence[Sequence[int]], by_layer: dict[int, torch.Tensor], pad_id: int
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    token_lists: Sequence[Sequence[int]],
+    by_layer: dict[int, torch.Tensor],
+    pad_id: int,
 ) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
     """(layer, features ``[U_l]``, activations ``[B, T, U_l]`` zeroed at BOS/padding) per layer, one forward."""
     from pie_lib.engine.traces import run_with_cache

@@ -26,12 +26,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Protocol
 
 import numpy as np
 
 from pie_lib.clt.naming import cantor
 from pie_lib.errors import DataFormatError, PieError
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.models.loading import LoadedModel
 
 log = logging.getLogger("pie_lib.interpret")
 
@@ -167,7 +171,7 @@ class HubSource:
         return f"{self.repo_id}@{self.revision}/{self.prefix}"
 
 
-def default_store_for(clt: Any) -> str | os.PathLike:
+def default_store_for(clt: str | os.PathLike | CrossLayerTranscoder | None) -> str | os.PathLike:
     """Where ``--examples store`` looks without ``--store``: the toy world's own store for the toy
     CLT (``clt`` None), else the CLT's folder or hub id (the public CLT repos carry ``features/``)."""
     if clt is None or str(clt) in ("toy", "toy:llama"):
@@ -445,8 +449,8 @@ def record_from_examples(fx: Any, dense_acts: np.ndarray | None, window: int | N
 
 
 def store_from_corpus(
-    model: Any,
-    clt: Any,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
     out: str | os.PathLike,
     corpus: Any = None,
     n_top: int = 8,

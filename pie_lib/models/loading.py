@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pie_lib.errors import SettingError, ShapeMismatchError, WeightsUnavailableError
 from pie_lib.models.arch import ArchSpec, arch_for, get_path
+
+if TYPE_CHECKING:
+    from pie_lib.clt.transcoder import CrossLayerTranscoder
 
 Remote = bool | str  # False, True (NDIF), or "local" (nnsight's local simulation of remote)
 
@@ -103,7 +106,7 @@ class LoadedModel:
             raise ShapeMismatchError(f"target {text!r} tokenises to nothing")
         return int(ids[-1])
 
-    def check_clt(self, clt: Any) -> None:
+    def check_clt(self, clt: CrossLayerTranscoder) -> None:
         """Raise a clear error when the CLT does not fit this model."""
         if clt.d_model != self.d_model:
             raise ShapeMismatchError(

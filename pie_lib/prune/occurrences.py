@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.data.pairs import Pair
@@ -32,11 +34,11 @@ class PairBatch:
         prompt_idx: ``[B]`` index of each pair in the caller's list.
     """
 
-    clean_ids: torch.Tensor
-    corr_ids: torch.Tensor
-    correct: torch.Tensor
-    wrong: torch.Tensor
-    prompt_idx: torch.Tensor
+    clean_ids: Int[Tensor, "B T"]
+    corr_ids: Int[Tensor, "B T"]
+    correct: Int[Tensor, " B"]
+    wrong: Int[Tensor, " B"]
+    prompt_idx: Int[Tensor, " B"]
 
     @property
     def size(self) -> int:
@@ -132,12 +134,12 @@ class Occurrences:
         n_prompts: B.
     """
 
-    prompt: torch.Tensor
-    layer: torch.Tensor
-    pos: torch.Tensor
-    feat: torch.Tensor
-    a_clean: torch.Tensor
-    a_corr: torch.Tensor
+    prompt: Int[Tensor, " N"]
+    layer: Int[Tensor, " N"]
+    pos: Int[Tensor, " N"]
+    feat: Int[Tensor, " N"]
+    a_clean: Float[Tensor, " N"]
+    a_corr: Float[Tensor, " N"]
     n_prompts: int
 
     def __len__(self) -> int:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.engine.masked import last_token_kl
@@ -86,10 +88,10 @@ class LayerRows:
         each occurrence of this layer; occ_idx: ``[N_l]`` those occurrences' indices in the batch.
     """
 
-    feats: torch.Tensor
-    rows: torch.Tensor
-    occ_u: torch.Tensor
-    occ_idx: torch.Tensor
+    feats: Int[Tensor, " U"]
+    rows: Float[Tensor, "U n_out D"]
+    occ_u: Int[Tensor, " N_l"]
+    occ_idx: Int[Tensor, " N_l"]
 
 
 def layer_entries(

@@ -192,7 +192,7 @@ class PruneConfig:
         }
 
 
-def _pairs_for_seed(cfg: PruneConfig, model: Any, seed: int) -> list[Pair]:
+def _pairs_for_seed(cfg: PruneConfig, model: LoadedModel, seed: int) -> list[Pair]:
     if cfg.data:
         return load_pairs(cfg.data, limit=cfg.n if cfg.n else None)
     from pie_lib.data.tasks import generate_task
@@ -472,7 +472,7 @@ def finish_folder(out: str | Path) -> pd.DataFrame:
     return df
 
 
-def _remote_check(model: Any, cfg: PruneConfig) -> dict[str, Any]:
+def _remote_check(model: LoadedModel, cfg: PruneConfig) -> dict[str, Any]:
     """The server's precision (probed once), checked against --dtype and FAP-Synergy's need for float32."""
     dt = str(server_dtype(model)).removeprefix("torch.")
     if cfg.dtype is not None and str(cfg.dtype).removeprefix("torch.") != dt:
