@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # missing / unreadable / not-a-folder paths, disk full ...
         if args.traceback:
             raise
+        if _remote_failure(args, exc):
+            return 2
         where = f": {exc.filename}" if exc.filename else ""
         print(f"pie {args.command}: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
         return 2
@@ -79,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a bare traceback: one line, the stack on request
         if args.traceback:
             raise
+        if _remote_failure(args, exc):
+            return 2
         from pie_lib.prune.patching import is_out_of_memory
 
         if is_out_of_memory(exc):
@@ -96,6 +100,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _NEWLINES = re.compile(r"\s*\n\s*")
+
+
+def _remote_failure(args: argparse.Namespace, exc: BaseException) -> bool:
+    """With --remote: a request that never reached, or was refused by, the NDIF server gets one
+    line naming the server and the fix (printed here; True when it was such a failure)."""
+    if not getattr(args, "remote", False):
+        return False
+    from nnsight.intervention.backends.remote import RemoteError
+
+    try:
+        import httpx
+
+        http: tuple[type, ...] = (httpx.HTTPError,)
+    except ImportError:  # pragma: no cover - nnsight depends on httpx
+        http = ()
+    if not isinstance(exc, (RemoteError, ConnectionError, TimeoutError, *http)):
+        return False
+    from nnsight import CONFIG
+
+    print(
+        f"pie {args.command}: error: the NDIF server at {CONFIG.API.HOST} could not run the request "
+        f"({_one_line(exc)}); check NDIF_HOST (nnsight.CONFIG.API.HOST) and your API key, or run without --remote",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
