@@ -158,7 +158,7 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
             has not finished all its rows; ``pie merge`` requires it, a later unsharded run does
             not (it computes what is missing).
     """
-    from pie_lib.prune import sweep
+    from pie_lib.prune.results import finish_folder
     from pie_lib.selections import budget_label
     from pie_lib.store import read_jsonl, write_json, write_jsonl
 
@@ -262,7 +262,7 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> MergeReport:
 
     write_jsonl(out / "selections.jsonl", sel_rows)
     write_jsonl(out / "results.jsonl", res_rows)
-    sweep.finish_folder(out)
+    finish_folder(out)
     planned = sum(u.rows for u in units) * len(plan["methods"]) * len(plan["labels"])
     done = sum(1 for r in res_rows if order((0, r))[0] == 0)
     return MergeReport(shards=len(found), rows=len(res_rows), missing_rows=max(0, planned - done))

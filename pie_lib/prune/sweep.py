@@ -42,6 +42,7 @@ from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.occurrences import TokenizedPairs, tokenize_pairs
 from pie_lib.prune.params import MethodParams
 from pie_lib.prune.registry import Method, get_methods
+from pie_lib.prune.results import RESULT_COLUMNS, finish_folder, load_results, load_selections  # noqa: F401 (re-exported)
 from pie_lib.prune.retention import evaluate_keep_masks
 from pie_lib.prune.shard import (
     Shard,
@@ -54,7 +55,7 @@ from pie_lib.prune.shard import (
     plan_units,
     shard_folder,
 )
-from pie_lib.selections import budget_label, latest_selections, write_selections_table
+from pie_lib.selections import budget_label
 from pie_lib.store import (
     append_jsonl,
     check_same_config,
@@ -62,36 +63,12 @@ from pie_lib.store import (
     read_jsonl,
     remove_stale_temps,
     write_json,
-    write_parquet,
 )
 from pie_lib.world import load_world, resolve_checkpoints
 
 log = logging.getLogger(__name__)
 
 from pie_lib.prune.defaults import DEFAULT_LADDER, DEFAULT_METHODS  # noqa: E402,F401 (re-exported)
-
-RESULT_COLUMNS = [
-    "method",
-    "k",
-    "budget",
-    "seed",
-    "prompt_idx",
-    "prompt_id",
-    "n_active",
-    "k_eff",
-    "n_kept",
-    "kl",
-    "pred_change",
-    "faithfulness",
-    "completeness",
-    "m_clean",
-    "m_null",
-    "m_circuit",
-    "m_complement",
-    "kl_null",
-    "task",
-    "seconds",
-]
 
 
 @dataclass
@@ -463,15 +440,6 @@ def run_prune(
     return finish_folder(checked.folder)
 
 
-def finish_folder(out: str | Path) -> pd.DataFrame:
-    """What every run (and ``pie merge``) ends with: ``results.parquet`` and ``selections.parquet``
-    from the folder's rows."""
-    df = load_results(out)
-    write_parquet(df, Path(out) / "results.parquet")
-    write_selections_table(load_selections(out), Path(out) / "selections.parquet")
-    return df
-
-
 def _remote_check(model: LoadedModel, cfg: PruneConfig) -> dict[str, Any]:
     """The server's precision (probed once), checked against --dtype and FAP-Synergy's need for float32."""
     dt = str(server_dtype(model)).removeprefix("torch.")
@@ -594,19 +562,6 @@ def _finished_rows(res_path: Path) -> set[tuple[str, str, int, int]]:
                 "delete the file to recompute it"
             ) from None
     return done
-
-
-def load_results(out: str | Path) -> pd.DataFrame:
-    """Every finished row of a sweep folder (duplicates from a crash between files dropped)."""
-    rows = read_jsonl(Path(out) / "results.jsonl")
-    df = pd.DataFrame(rows, columns=RESULT_COLUMNS) if rows else pd.DataFrame(columns=RESULT_COLUMNS)
-    df = df.drop_duplicates(subset=["method", "budget", "k", "seed", "prompt_idx"], keep="last")
-    return df.reset_index(drop=True)
-
-
-def load_selections(out: str | Path) -> list[dict[str, Any]]:
-    """Selections of a sweep folder, last write wins per (method, k, seed, prompt_idx)."""
-    return latest_selections(read_jsonl(Path(out) / "selections.jsonl"))
 
 
 def _k_value(label: str) -> int | float:
