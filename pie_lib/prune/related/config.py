@@ -17,12 +17,12 @@ prefix               config                      used by
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pie_lib.errors import BudgetError
+from pie_lib.prune.extra import build_from_extra
 
 C = TypeVar("C")
 
@@ -114,27 +114,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def config_from_extra(cls: type[C], extra: dict | None) -> C:
-    """Build ``cls`` from the keys of ``extra`` that carry its prefix (others are ignored).
-
-    Raises:
-        BudgetError: a key with this prefix that names no field, or a value of the wrong type.
-    """
-    prefix = PREFIXES[cls]
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in (extra or {}).items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
-        if name not in names:
-            valid = ", ".join(prefix + n for n in sorted(names))
-            raise BudgetError(f"unknown parameter {key!r}; valid keys: {valid}")
-        try:
-            kwargs[name] = _convert(value, hints[name], key)
-        except (TypeError, ValueError):
-            raise BudgetError(f"parameter {key}={value!r} is not a valid {hints[name]}") from None
-    return cls(**kwargs)
+    """Build ``cls`` from the keys of ``extra`` that carry its prefix (:func:`pie_lib.prune.extra.build_from_extra`)."""
+    return build_from_extra(cls, extra, PREFIXES[cls], _convert)
 
 
 __all__ = ["EnsembleConfig", "HapConfig", "MaskConfig", "config_from_extra", "PREFIXES"]
