@@ -57,3 +57,7 @@ class OutputPathError(PieError):
 
 class NumericalError(PieError):
     """A model or CLT produced NaN/Inf values (corrupt weights, or a dtype that overflows)."""
+
+
+class FolderBusyError(PieError):
+    """Another live run is writing the same output folder (and shard)."""

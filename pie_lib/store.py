@@ -9,13 +9,18 @@ old or new, never half: :func:`write_atomic` is the one place that does this, ev
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from pie_lib.errors import ConfigMismatchError, DataFormatError, OutputPathError
+from pie_lib.errors import ConfigMismatchError, DataFormatError, FolderBusyError, OutputPathError
 
 if TYPE_CHECKING:  # pandas costs ~0.4 s to import; `pie --help` reaches this module
     import pandas as pd
@@ -53,17 +58,45 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = path.read_bytes().split(b"\n")
     complete = lines[:-1]  # the text after the last newline is incomplete (or empty)
     rows = []
-    for i, line in enumerate(complete, start=1):
-        if not line.strip():
+    for i, raw in enumerate(complete, start=1):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataFormatError(
+                f"{path}:{i}: corrupt line (not UTF-8 text); delete the file to recompute it"
+            ) from None
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{path}:{i}: corrupt line ({exc.msg}); delete the file to recompute it") from None
+        except RecursionError:
+            raise DataFormatError(
+                f"{path}:{i}: corrupt line (nested too deeply); delete the file to recompute it"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataFormatError(
+                f"{path}:{i}: corrupt line (a JSON {type(row).__name__}, not a row object); "
+                "delete the file to recompute it"
+            )
+        rows.append(row)
     return rows
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut an incomplete last line (a kill mid-append); every complete row is kept byte for byte.
+
+    Returns:
+        The number of bytes cut (0 when the file ends with a newline or does not exist).
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    _clean_tail(path)
+    return size - path.stat().st_size
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
@@ -171,3 +204,168 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------- one folder, one writer
+LOCK_NAME = ".pie.lock"
+
+
+def lock_path(folder: str | os.PathLike, shard: str | None = None) -> Path:
+    """``folder/.pie.lock``, or ``folder/.pie.lock.shard-I-of-N`` for shard ``"I/N"`` (one writer each)."""
+    if not shard:
+        return Path(folder) / LOCK_NAME
+    return Path(folder) / f"{LOCK_NAME}.shard-{str(shard).strip().replace('/', '-of-')}"
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 4096, 0)
+        info = json.loads(data.decode("utf-8")) if data.strip() else {}
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _busy(folder: Path, lock: Path, info: dict[str, Any], what: str) -> FolderBusyError:
+    pid = info.get("pid", "unknown")
+    host = info.get("host")
+    since = info.get("started")
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    return FolderBusyError(
+        f"{folder} is being written by another run ({info.get('command') or what}, PID {pid}{where}"
+        f"{', since ' + since if since else ''}); wait for it to finish, stop it (kill {pid}), or pass another --out"
+        f" (lock file {lock.name})"
+    )
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, shard: str | None = None, what: str = "pie"):
+    """Hold the writer lock of ``folder`` (per shard) for the duration of the block.
+
+    A second holder is refused with :class:`FolderBusyError` naming the live PID. The lock is an
+    ``flock`` on ``.pie.lock``: the kernel drops it when its process dies, so the file a killed run
+    leaves behind is a stale lock that the next run takes over (with a warning naming the dead PID).
+    On file systems without ``flock`` the PID recorded in the file decides (alive => busy).
+    The folder must exist; the lock file is removed on exit.
+    """
+    folder = Path(folder)
+    path = lock_path(folder, shard)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _holder(fd)
+            os.close(fd)
+            raise _busy(folder, path, info, what) from None
+        except OSError:  # no flock here (some network file systems): trust the recorded PID
+            info = _holder(fd)
+            if (
+                _pid_alive(info.get("pid"))
+                and info.get("pid") != os.getpid()
+                and info.get("host", socket.gethostname()) == socket.gethostname()
+            ):
+                os.close(fd)
+                raise _busy(folder, path, info, what) from None
+        try:  # the previous holder may have unlinked the file between our open and our flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    old = _holder(fd)
+    if old.get("pid") not in (None, os.getpid()):
+        warnings.warn(
+            f"{folder}: took over the stale lock of PID {old.get('pid')} (that run is no longer running)", stacklevel=3
+        )
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": what,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    os.fsync(fd)
+    try:
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def read_parquet(path: str | os.PathLike, what: str, fix: str, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """Read a parquet table written by pie_lib; a damaged or foreign file is a one-line error.
+
+    Args:
+        path: the file; what: what it should be (e.g. "descriptions table"); fix: what to do when it
+            is not (e.g. "rerun `pie interpret`"); columns: columns it must have.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file ({what}); {fix}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises its own types for truncated / foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataFormatError(f"{path}: not a readable parquet file ({what}; {first}); {fix}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataFormatError(f"{path}: the {what} lacks column(s) {missing}; {fix}")
+    return df
+
+
+@contextlib.contextmanager
+def own_folder(
+    out: str | os.PathLike,
+    shard: str | None = None,
+    what: str = "pie prune",
+    jsonl: tuple[str, ...] = ("results.jsonl", "selections.jsonl"),
+    say: Callable[[str], None] = print,
+) -> Iterator[Path]:
+    """Create ``out`` if needed and hold its writer lock (per shard) for the block.
+
+    Torn last lines of the ``jsonl`` files (a kill mid-append) are cut, keeping every finished row,
+    and reported. A folder this call created is removed again if the block leaves it empty
+    (bad input found late leaves nothing behind).
+    """
+    out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    try:
+        with folder_lock(out, shard=shard, what=what):
+            for name in jsonl:
+                cut = repair_jsonl(out / name)
+                if cut:
+                    say(
+                        f"repaired {out / name}: cut an incomplete last line ({cut} bytes, left by a killed run); "
+                        "every finished row is kept"
+                    )
+            yield out
+    finally:
+        for folder in created:  # only succeeds while empty: rows written are never touched
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -53,30 +53,15 @@ def run_cli(args: list[str], timeout: float = 120, cwd: str | Path | None = None
 
 
 def prune_args(world, out: Path, *, model=None, clt=None, data=None, extra: list[str] | None = None) -> list[str]:
-    """``pie prune`` on the tiny world, small and quiet; override any input."""
-    return [
-        "prune",
-        "--model",
-        str(model or world.model_dir),
-        "--clt",
-        str(clt or world.clt_dir),
-        "--data",
-        str(data or world.pairs_path),
-        "--n",
-        "4",
-        "--methods",
-        "fap,random",
-        "--k",
-        "5",
-        "--seeds",
-        "0",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--no-progress",
-        *(extra or []),
-    ]
+    """``pie prune`` on the tiny world, small and quiet (every pair of the data file); a flag in
+    ``extra`` replaces the default one (a flag given twice is itself an error)."""
+    base = ["--model", str(model or world.model_dir), "--clt", str(clt or world.clt_dir),
+            "--data", str(data or world.pairs_path), "--methods", "fap,random", "--k", "5",
+            "--seeds", "0", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    extra = list(extra or [])
+    given = {x.split("=", 1)[0] for x in extra if x.startswith("--")}
+    kept = [x for i in range(0, len(base), 2) if base[i] not in given for x in base[i : i + 2]]
+    return ["prune", *kept, "--no-progress", *extra]
 
 
 # ----------------------------------------------------------------------------- builders
@@ -507,7 +492,7 @@ CASES: dict[str, tuple[Callable, str]] = {
     "clt_bad_yaml": (clt_bad_yaml, r"config\.yaml.*invalid YAML"),
     "clt_is_a_file": (clt_is_a_file, r"W_enc_0\.safetensors is a file"),
     "clt_no_such_folder": (clt_no_such_folder, r"CLT .*nope.*no such local folder"),
-    "clt_empty_folder": (clt_empty_folder, r"empty.*no W_enc_<i>\.safetensors"),
+    "clt_empty_folder": (clt_empty_folder, r"empty/config\.yaml: missing"),
     "model_small_d": (model_small_d, r"d_model 32 != model d_model 16"),
     "model_two_layers": (model_two_layers, r"CLT has 3 layers but model .* has 2"),
     "model_unknown_arch": (model_unknown_arch, r"'MistralForCausalLM' is not supported.*LlamaForCausalLM"),
@@ -554,3 +539,290 @@ CASES: dict[str, tuple[Callable, str]] = {
     "out_other_config": (out_other_config, r"different configuration.*clt"),
     "out_corrupt_results": (out_corrupt_results, r"results\.jsonl:2: corrupt line"),
 }
+
+
+# ----------------------------------------------------------------------------- issue 13: nothing silent
+def _clt_config(world, folder, text: str | bytes | None):
+    c = copy_clt(world, folder)
+    if text is None:
+        (c / "config.yaml").unlink()
+    else:
+        (c / "config.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return prune_args(world, folder / "out", clt=c)
+
+
+def clt_no_config(world, folder):
+    return _clt_config(world, folder, None)
+
+
+def clt_config_no_kind(world, folder):
+    return _clt_config(world, folder, "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n")
+
+
+def clt_config_no_hooks(world, folder):
+    return _clt_config(world, folder, "model_kind: cross_layer_transcoder\n")
+
+
+def clt_config_other_hook(world, folder):
+    return _clt_config(
+        world,
+        folder,
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_pre\nfeature_output_hook: hook_mlp_out\n",
+    )
+
+
+def clt_config_topk_no_k(world, folder):
+    return _clt_config(
+        world,
+        folder,
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\n"
+        "feature_output_hook: hook_mlp_out\nactivation: topk\n",
+    )
+
+
+def clt_config_topk_with_thresholds(world, folder):
+    return _clt_config(
+        world,
+        folder,
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\n"
+        "feature_output_hook: hook_mlp_out\nactivation: topk\nk: 4\n",
+    )
+
+
+def clt_config_not_utf8(world, folder):
+    return _clt_config(world, folder, b"model_kind: \xff\xfe cross\n")
+
+
+def clt_config_a_list(world, folder):
+    return _clt_config(world, folder, "- model_kind\n- cross_layer_transcoder\n")
+
+
+def clt_hub_id_offline(world, folder):
+    return prune_args(world, folder / "out", clt="pie-test/no-such-clt")
+
+
+def model_hub_id_offline(world, folder):
+    return prune_args(world, folder / "out", model="pie-test/no-such-model")
+
+
+def model_no_bos(world, folder):
+    m = copy_model(world, folder)
+    cfg = json.loads((m / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = None
+    (m / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return prune_args(world, folder / "out", model=m)
+
+
+def _data(world, folder, lines, extra=None):
+    return prune_args(world, folder / "out", data=write_jsonl(folder / "d.jsonl", lines), extra=extra)
+
+
+def data_multi_token_target(world, folder):
+    return _data(world, folder, [pair_line(), pair_line(io=" w3 w17")])
+
+
+def data_corrupt_longer(world, folder):
+    return _data(world, folder, [pair_line(), pair_line(corr="w1 w2 w9 w4 w8 w6 w7")])
+
+
+def data_corrupt_longer_with_last_flag(world, folder):
+    """--target-token last does not also allow cutting: each flag covers one behaviour."""
+    return _data(
+        world,
+        folder,
+        [pair_line(io=" w3 w17"), pair_line(corr="w1 w2 w9 w4 w8 w6 w7")],
+        extra=["--target-token", "last"],
+    )
+
+
+def data_same_targets(world, folder):
+    return _data(world, folder, [pair_line(), pair_line(io=" w7", s=" w7")])
+
+
+def data_identical_prompts(world, folder):
+    return _data(world, folder, [pair_line(), pair_line(corr="w1 w2 w3 w4 w5 w6")])
+
+
+def data_whitespace_prompt(world, folder):
+    return _data(world, folder, [pair_line(), pair_line(clean="   ", corr="   ")])
+
+
+def data_duplicate_key(world, folder):
+    line = '{"text_clean": "w1 w2", "text_clean": "w3 w4", "text_corr": "w1 w5", "io_clean": " w6", "s_clean": " w7"}'
+    return _data(world, folder, [pair_line(), line])
+
+
+def data_bom(world, folder):
+    (folder / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + (pair_line() + "\n").encode())
+    return prune_args(world, folder / "out", data=folder / "d.jsonl")
+
+
+def data_lone_surrogate(world, folder):
+    return _data(
+        world, folder, ['{"text_clean": "w1 \\ud800 w2", "text_corr": "w1 w3 w2", "io_clean": " w4", "s_clean": " w5"}']
+    )
+
+
+def data_deep_nesting(world, folder):
+    return _data(world, folder, [pair_line(), "[" * 50_000])
+
+
+def data_null_target(world, folder):
+    return _data(
+        world, folder, [json.dumps({"text_clean": "w1 w2", "text_corr": "w1 w3", "io_clean": None, "s_clean": " w5"})]
+    )
+
+
+def data_number_prompt(world, folder):
+    return _data(
+        world, folder, [json.dumps({"text_clean": 12, "text_corr": "w1 w3", "io_clean": " w4", "s_clean": " w5"})]
+    )
+
+
+def data_not_utf8_line3(world, folder):
+    (folder / "d.jsonl").write_bytes(((pair_line() + "\n") * 2).encode() + b'{"text_clean": "w1 \xe9"}\n')
+    return prune_args(world, folder / "out", data=folder / "d.jsonl")
+
+
+def data_n_above_file(world, folder):
+    return prune_args(world, folder / "out", extra=["--n", "50"])
+
+
+def data_empty_path(world, folder):
+    args = prune_args(world, folder / "out")
+    args[args.index("--data") + 1] = ""
+    return args
+
+
+def n_zero(world, folder):
+    return prune_args(world, folder / "out", extra=["--n", "0"])
+
+
+def n_not_a_number(world, folder):
+    return prune_args(world, folder / "out", extra=["--n", "all"])
+
+
+def out_empty(world, folder):
+    args = prune_args(world, folder / "out")
+    args[args.index("--out") + 1] = ""
+    return args
+
+
+def out_read_only(world, folder):
+    return prune_args(world, Path("/sys/pie_out"))
+
+
+def seeds_duplicate(world, folder):
+    return prune_args(world, folder / "out", extra=["--seeds", "0,1,0"])
+
+
+def seeds_not_ints(world, folder):
+    return prune_args(world, folder / "out", extra=["--seeds", "0,1.5"])
+
+
+def k_duplicate(world, folder):
+    return prune_args(world, folder / "out", extra=["--k", "5,10,5"])
+
+
+def k_frac_zero(world, folder):
+    return prune_args(world, folder / "out", extra=["--k-frac", "0"])
+
+
+def flag_given_twice(world, folder):
+    return [*prune_args(world, folder / "out"), "--k", "10"]  # --k 5 is already there
+
+
+def flag_unknown(world, folder):
+    return prune_args(world, folder / "out", extra=["--frobnicate", "3"])
+
+
+def target_token_unknown(world, folder):
+    return prune_args(world, folder / "out", extra=["--target-token", "first"])
+
+
+def method_wrong_case(world, folder):
+    return prune_args(world, folder / "out", extra=["--methods", "FAP"])
+
+
+def batch_size_not_int(world, folder):
+    return prune_args(world, folder / "out", extra=["--batch-size", "eight"])
+
+
+def lambda_nan(world, folder):
+    return prune_args(world, folder / "out", extra=["--methods", "fap-synergy", "--lambda-syn", "nan"])
+
+
+def dtype_integer(world, folder):
+    return prune_args(world, folder / "out", extra=["--dtype", "int8"])
+
+
+def device_bad_index(world, folder):
+    return prune_args(world, folder / "out", extra=["--device", "cuda:x"])
+
+
+def data_and_task(world, folder):
+    return prune_args(world, folder / "out", extra=["--task", "ioi"])
+
+
+CASES.update(
+    {
+        "clt_no_config": (clt_no_config, r"clt/config\.yaml: missing; pie_lib does not guess.*model_kind"),
+        "clt_config_no_kind": (clt_config_no_kind, r"config\.yaml: no model_kind; add 'model_kind: cross_layer"),
+        "clt_config_no_hooks": (clt_config_no_hooks, r"config\.yaml: no feature_input_hook.*add 'feature_input_hook"),
+        "clt_config_other_hook": (clt_config_other_hook, r"feature_input_hook 'hook_resid_pre' is not supported"),
+        "clt_config_topk_no_k": (clt_config_topk_no_k, r"activation topk needs k, a positive integer"),
+        "clt_config_topk_with_thresholds": (clt_config_topk_with_thresholds, r"activation topk, but the weights store"),
+        "clt_config_not_utf8": (clt_config_not_utf8, r"config\.yaml: not UTF-8"),
+        "clt_config_a_list": (clt_config_a_list, r"config\.yaml: expected a mapping.*got list"),
+        "clt_hub_id_offline": (clt_hub_id_offline, r"CLT 'pie-test/no-such-clt': weights not reachable"),
+        "model_hub_id_offline": (model_hub_id_offline, r"model 'pie-test/no-such-model': weights not reachable"),
+        "model_no_bos": (model_no_bos, r"tokenizer of model .* has no BOS token"),
+        "data_multi_token_target": (
+            data_multi_token_target,
+            r"d\.jsonl:2: pair 1: io_clean ' w3 w17' is 2 tokens.*--target-token last",
+        ),
+        "data_corrupt_longer": (
+            data_corrupt_longer,
+            r"d\.jsonl:2: pair 1: corrupted prompt has 8 tokens but the clean prompt has 7.*"
+            r"--cut-corrupted",
+        ),
+        "data_corrupt_longer_with_last_flag": (data_corrupt_longer_with_last_flag, r"d\.jsonl:2: .*--cut-corrupted"),
+        "data_same_targets": (data_same_targets, r"d\.jsonl:2: pair 1: io_clean ' w7' and s_clean ' w7' are the same"),
+        "data_identical_prompts": (
+            data_identical_prompts,
+            r"d\.jsonl:2: pair 1: the clean and corrupted prompts are the "
+            r"same tokens",
+        ),
+        "data_whitespace_prompt": (
+            data_whitespace_prompt,
+            r"d\.jsonl:2: pair 1: the clean prompt '   ' tokenises to "
+            r"nothing",
+        ),
+        "data_duplicate_key": (data_duplicate_key, r"d\.jsonl:2: key 'text_clean' is given twice"),
+        "data_bom": (data_bom, r"d\.jsonl:1: invalid JSON \(Unexpected UTF-8 BOM"),
+        "data_lone_surrogate": (data_lone_surrogate, r"d\.jsonl:1: text_clean holds an invalid Unicode escape"),
+        "data_deep_nesting": (data_deep_nesting, r"d\.jsonl:2: invalid JSON"),
+        "data_null_target": (data_null_target, r"d\.jsonl:1: key\(s\) \['io_clean'\] must be non-empty strings"),
+        "data_number_prompt": (data_number_prompt, r"d\.jsonl:1: key\(s\) \['text_clean'\] must be non-empty strings"),
+        "data_not_utf8_line3": (data_not_utf8_line3, r"d\.jsonl:3: not UTF-8 text"),
+        "data_n_above_file": (data_n_above_file, r"--n 50: .*pairs\.jsonl holds only 8 pair\(s\)"),
+        "data_empty_path": (data_empty_path, r"--data '' is empty"),
+        "n_zero": (n_zero, r"--n 0: the number of pairs must be a positive integer"),
+        "n_not_a_number": (n_not_a_number, r"--n.*invalid int value: 'all'"),
+        "out_empty": (out_empty, r"--out '' is empty"),
+        "out_read_only": (out_read_only, r"--out /sys/pie_out: /sys is not writable"),
+        "seeds_duplicate": (seeds_duplicate, r"--seeds: \[0\] listed twice"),
+        "seeds_not_ints": (seeds_not_ints, r"--seeds.*comma-separated integers.*'0,1\.5'"),
+        "k_duplicate": (k_duplicate, r"--k: \[5\] listed twice"),
+        "k_frac_zero": (k_frac_zero, r"fractions \[0(\.0)?\] must be in \(0, 1\]"),
+        "flag_given_twice": (flag_given_twice, r"--k given twice \(--k \.\.\. --k\); give it once"),
+        "flag_unknown": (flag_unknown, r"unrecognized arguments: --frobnicate"),
+        "target_token_unknown": (target_token_unknown, r"--target-token.*invalid choice: 'first'"),
+        "method_wrong_case": (method_wrong_case, r"unknown method.*'FAP'"),
+        "batch_size_not_int": (batch_size_not_int, r"--batch-size.*invalid int value: 'eight'"),
+        "lambda_nan": (lambda_nan, r"--lambda-syn nan: must be a finite number"),
+        "dtype_integer": (dtype_integer, r"--dtype 'int8' is not a floating-point torch dtype"),
+        "device_bad_index": (device_bad_index, r"--device 'cuda:x' is not a device"),
+        "data_and_task": (data_and_task, r"--task.*not allowed with argument --data"),
+    }
+)

@@ -103,7 +103,9 @@ def test_topk_config(tmp_path):
 def test_plt_layout_loads_as_single_target(tmp_path):
     folder = tmp_path / "plt"
     folder.mkdir()
-    (folder / "config.yaml").write_text("model_kind: transcoder_set\n")
+    (folder / "config.yaml").write_text(
+        "model_kind: transcoder_set\nfeature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+    )
     g = torch.Generator().manual_seed(1)
     decs = []
     for i in range(L):
@@ -169,7 +171,9 @@ def test_nan_weights(tmp_path):
 def test_unknown_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(WeightsUnavailableError, match="could not be fetched"):
+    with pytest.raises(
+        WeightsUnavailableError, match="'nobody/no-such-clt': weights not reachable -- the hub is switched off here"
+    ):
         load_clt("nobody/no-such-clt")
     with pytest.raises(WeightsUnavailableError, match="no such local folder"):
         load_clt(str(tmp_path / "does" / "not" / "exist"))

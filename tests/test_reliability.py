@@ -15,9 +15,10 @@
 4. Resource limits: decoders above the eager limit are memory-mapped and served correctly; a patch
    forward that runs out of memory is retried with half the variants.
 
-Decisions documented here (spec §1): a target string is *not* required to be a single token --
-its LAST token is the target; a target that tokenises to nothing is an error naming the pair.
-A corrupted prompt longer than the clean one is cut; shorter is an error naming the pair. K larger
+Decisions documented here (issue 13, nothing silent): a target of several tokens, and a corrupted
+prompt of another token length than its clean prompt, are errors naming the file, line and pair;
+the reference's rules (the target's LAST token; a longer corrupted prompt cut to the clean length)
+only by ``--target-token last`` / ``--cut-corrupted``, with the pairs they touched counted. K larger
 than a prompt's active set is clipped (k_eff = n_active) with a warning; K <= 0 is an error.
 """
 
@@ -62,8 +63,9 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("rel_world"), "llama")
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and every folder under ``folder``: an empty folder left behind counts."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 def _check_failure(name: str, rc: int, stderr: str, before: dict, after: dict) -> None:
@@ -94,7 +96,16 @@ def test_bad_input_cli_in_process(name, world, tmp_path, capsys):
 
 
 #: Cases that argparse itself refuses (no Python API equivalent).
-CLI_ONLY = {"k_not_a_number"}
+CLI_ONLY = {
+    "k_not_a_number",
+    "n_not_a_number",
+    "seeds_not_ints",
+    "batch_size_not_int",
+    "flag_given_twice",
+    "flag_unknown",
+    "target_token_unknown",
+    "data_and_task",
+}
 
 
 @pytest.mark.parametrize("name", sorted(set(bi.CASES) - CLI_ONLY))
@@ -159,13 +170,20 @@ def test_cli_turns_unexpected_errors_into_one_line(monkeypatch, capsys, tmp_path
         cli_main(["--traceback", *args])
 
 
-def test_targets_use_last_token_and_corrupted_is_cut(world):
-    """Multi-token targets are accepted (last token used); longer corrupted prompts are cut."""
+def test_targets_use_last_token_and_corrupted_is_cut_only_when_asked(world):
+    """The reference's rules (multi-token target -> its last token; longer corrupted prompt -> cut)
+    apply only with their flags; without them each is an error naming the pair (issue 13)."""
+    from pie_lib.errors import ShapeMismatchError
     from pie_lib.prune.occurrences import tokenize_pairs
 
     m = world.model
     pair = Pair("w1 w2 w3 w4 w5", "w1 w9 w3 w8 w5 w6 w7 w0", " w3 w17", " w12 w4 w22")
-    tok = tokenize_pairs(m, [pair])
+    with pytest.raises(ShapeMismatchError, match="pair 0: corrupted prompt has 9 tokens.*--cut-corrupted"):
+        tokenize_pairs(m, [pair])
+    with pytest.raises(ShapeMismatchError, match="pair 0: io_clean ' w3 w17' is 2 tokens.*--target-token last"):
+        tokenize_pairs(m, [pair], cut_corrupted=True)
+    tok = tokenize_pairs(m, [pair], target_token="last", cut_corrupted=True)
+    assert tok.n_last_token_targets == 1 and tok.n_cut_corrupted == 1
     b = tok.batches[0]
     vocab = m.tokenizer.get_vocab()
     assert int(b.correct[0]) == vocab["w17"] and int(b.wrong[0]) == vocab["w22"]
@@ -311,7 +329,10 @@ def test_prune_resumes_after_kill(sig, kill_setup):
         assert rc == 130 and "Traceback" not in err
         assert "interrupted; finished rows are saved" in err.strip().splitlines()[-1]
     assert not (out / "results.parquet").exists()  # written only at the end, atomically
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "half-written temp file left behind"
+    temps = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".pie.lock"]
+    assert not temps, f"half-written temp file left behind: {temps}"
+    # SIGINT releases the writer lock; SIGKILL leaves it (stale: the rerun takes it over)
+    assert (out / ".pie.lock").exists() == (sig == signal.SIGKILL)
     before = res.read_bytes()
     before = before[: before.rfind(b"\n") + 1]  # a kill may tear the last line; only whole lines are finished
     n_before = before.count(b"\n")
@@ -327,6 +348,8 @@ def test_prune_resumes_after_kill(sig, kill_setup):
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr
+    assert "repaired" in resumed.stdout and "every finished row is kept" in resumed.stdout
+    assert not (out / ".pie.lock").exists()
     after = res.read_bytes()
     assert after.startswith(before), "rows finished before the kill were rewritten"
     rows = _rows(res)

@@ -36,6 +36,29 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump): ``pie prune: error: ... (see pie prune --help)``."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._refuse_repeats(sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_repeats(self, args: list[str]) -> None:
+        """A flag given twice is ambiguous (argparse would silently keep the last one); repeatable
+        flags (``--param``) are ``append`` actions and allowed. Stops at the sub-command's name:
+        its own parser checks the rest."""
+        commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+        seen: dict[str, str] = {}
+        for tok in args:
+            if tok == "--" or tok in commands:
+                break
+            if not tok.startswith("--"):
+                continue
+            name = tok.split("=", 1)[0]
+            action = self._option_string_actions.get(name)
+            if action is None or isinstance(action, (argparse._AppendAction, argparse._HelpAction)):
+                continue
+            if action.dest in seen:
+                self.error(f"{name} given twice ({seen[action.dest]} ... {tok}); give it once")
+            seen[action.dest] = tok
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -52,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the sub-command's parser, so the line names it (pie prune: error: ...)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:  # its retry warnings would break the one-line error of an unreachable hub id
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace], int] = args.func
     if getattr(args, "no_progress", False):
         quiet_progress()

@@ -45,18 +45,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     pc = ProtocolConfig.named(args.protocol)
     pc.seed = args.seed
     before = request_count()
-    table = evaluate(
-        args.descriptions,
-        protocol=pc,
-        llm=llm_config(args),
-        model=args.model,
-        clt=args.clt,
-        device=args.device,
-        remote=args.remote,
-        out=args.out,
-        max_features=args.max_features,
-        progress=not args.no_progress,
-    )
+    from pathlib import Path
+
+    from pie_lib.store import own_folder
+
+    if args.out is not None:
+        out = Path(args.out)
+    else:  # evaluate writes next to the descriptions by default
+        d = Path(args.descriptions)
+        out = d if d.is_dir() else d.parent
+    with own_folder(out, what="pie evaluate", jsonl=()):  # one writer per folder
+        table = evaluate(
+            args.descriptions,
+            protocol=pc,
+            llm=llm_config(args),
+            model=args.model,
+            clt=args.clt,
+            device=args.device,
+            remote=args.remote,
+            out=args.out,
+            max_features=args.max_features,
+            progress=not args.no_progress,
+        )
     means = table[["clarity", "responsiveness", "purity", "faithfulness"]].mean(numeric_only=True).round(3).to_dict()
     print(
         f"{len(table)} features scored ({args.protocol}); means {means}; status {table['status'].value_counts().to_dict()}"

@@ -89,23 +89,28 @@ def run_interpret(args: argparse.Namespace) -> int:
     if args.selections is None and args.features is None:
         raise PieError("pie interpret needs --selections (from `pie prune`) or --features")
     before = request_count()
-    table = interpret(
-        args.selections,
-        features=_parse_features(args.features) if args.features else None,
-        method=args.method,
-        k=args.k,
-        model=args.model,
-        clt=args.clt,
-        device=args.device,
-        remote=bool(args.remote),
-        corpus=None,
-        llm=llm_config(args),
-        out=args.out,
-        config=cfg,
-        progress=not args.no_progress,
-        examples_source=args.examples,
-        store=args.store,
-    )
+    from pathlib import Path
+
+    from pie_lib.store import own_folder
+
+    with own_folder(Path(args.out), what="pie interpret", jsonl=()):  # one writer per folder
+        table = interpret(
+            args.selections,
+            features=_parse_features(args.features) if args.features else None,
+            method=args.method,
+            k=args.k,
+            model=args.model,
+            clt=args.clt,
+            device=args.device,
+            remote=bool(args.remote),
+            corpus=None,
+            llm=llm_config(args),
+            out=args.out,
+            config=cfg,
+            progress=not args.no_progress,
+            examples_source=args.examples,
+            store=args.store,
+        )
     counts = table["status"].value_counts().to_dict()
     print(
         f"{len(table)} features -> {args.out}/descriptions.parquet; status {counts}; "

@@ -22,8 +22,19 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clt", default="toy", help="CLT folder or hub id (circuit-tracer format); 'toy' for the toy world")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="JSONL of pairs (text_clean, text_corr, io_clean, s_clean)")
-    src.add_argument("--task", choices=["ioi", "docstring"], default="ioi", help="generate pairs of this task")
-    p.add_argument("--n", type=int, default=32, help="number of pairs (generated, or first N of --data)")
+    src.add_argument(
+        "--task",
+        choices=["ioi", "docstring"],
+        default=None,
+        help="generate pairs of this task (default ioi when --data is not given)",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="number of pairs: the first N of --data (default: every pair of the file), or N generated pairs of "
+        "--task (default 32)",
+    )
     p.add_argument(
         "--data-seed", type=int, default=0, help="seed of generated pairs; -1 = each sweep seed draws its own prompts"
     )
@@ -37,6 +48,19 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remote", action="store_true", help="run every trace on NDIF (nnsight remote execution)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--min-tokens", type=int, default=0, help="skip prompts shorter than this (reference: 8)")
+    p.add_argument(
+        "--target-token",
+        choices=["single", "last"],
+        default="single",
+        help="single: a target must be one token (default); last: score a multi-token target by its last token "
+        "(the reference's behaviour; the pairs affected are printed and counted in config.json)",
+    )
+    p.add_argument(
+        "--cut-corrupted",
+        action="store_true",
+        help="cut corrupted prompts longer than their clean prompt to the clean length (the reference's behaviour; "
+        "default: a length mismatch is an error); the pairs cut are printed and counted in config.json",
+    )
     p.add_argument("--gradient", choices=["replacement", "full"], default="replacement")
     p.add_argument("--corruption", choices=["corrupted", "zero"], default="corrupted")
     p.add_argument("--metric", choices=["logit_diff", "logsumexp"], default="logit_diff")
@@ -101,7 +125,7 @@ def prune_config_from_args(a: argparse.Namespace):
         model=a.model,
         clt=a.clt,
         data=a.data,
-        task=a.task,
+        task=a.task or "ioi",
         n=a.n,
         data_seed=None if a.data_seed == -1 else a.data_seed,
         methods=a.methods,
@@ -114,6 +138,8 @@ def prune_config_from_args(a: argparse.Namespace):
         remote=a.remote,
         batch_size=a.batch_size,
         min_tokens=a.min_tokens,
+        target_token=a.target_token,
+        cut_corrupted=a.cut_corrupted,
         scoring=ScoringConfig(gradient=a.gradient, corruption=a.corruption, metric=a.metric, chunk=a.chunk),
         params=MethodParams(
             synergy=SynergyConfig(

@@ -49,45 +49,102 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(s, allow_patterns=["*.yaml", "*.safetensors"]))
-    except Exception as exc:  # offline, gated, missing: all need the same advice
-        raise WeightsUnavailableError(
-            f"CLT {s!r} could not be fetched from the Hugging Face hub ({type(exc).__name__}); "
-            "download it where there is network (huggingface-cli download "
-            f"{s}) and pass the local folder, or set HF_HOME to a cache that holds it"
-        ) from None
+    except Exception as exc:  # offline, gated, missing
+        from pie_lib.provenance import hub_unreachable
+
+        raise WeightsUnavailableError(hub_unreachable("CLT", s, exc)) from None
 
 
-def _read_config(folder: Path) -> CLTConfig:
+#: Hook names pie_lib can honour. It reads the residual stream before the MLP norm and writes the
+#: MLP output (spec §1); a transcoder trained elsewhere would be applied at the wrong place.
+#: TransformerLens' ``hook_mlp_in`` is the same tensor as ``hook_resid_mid`` (taken before ln2).
+INPUT_HOOKS = ("hook_resid_mid", "hook_mlp_in")
+OUTPUT_HOOKS = ("hook_mlp_out",)
+_BLOCK_PREFIX = re.compile(r"^blocks\.(\{layer\}|\{l\}|\d+)\.")
+CONFIG_HELP = (
+    "write config.yaml with model_kind (cross_layer_transcoder or transcoder_set), "
+    "feature_input_hook: hook_resid_mid and feature_output_hook: hook_mlp_out"
+)
+
+
+def _hook(raw: dict, key: str, allowed: tuple[str, ...], cfg_path: Path) -> str:
+    value = raw.get(key)
+    if value is None:
+        raise CLTFormatError(
+            f"{cfg_path}: no {key}; pie_lib does not guess where a transcoder reads and writes -- "
+            f"add '{key}: {allowed[0]}' if that is where it was trained"
+        )
+    if not isinstance(value, str) or _BLOCK_PREFIX.sub("", value) not in allowed:
+        raise CLTFormatError(
+            f"{cfg_path}: {key} {value!r} is not supported; pie_lib's transcoders read hook_resid_mid and write "
+            "hook_mlp_out -- use a transcoder trained on those hooks"
+        )
+    return value
+
+
+def read_config(folder: Path) -> CLTConfig:
+    """Parse and check ``config.yaml``; nothing is guessed (a missing or odd key is an error)."""
     cfg_path = folder / "config.yaml"
-    raw: dict = {}
-    if cfg_path.exists():
-        try:
-            raw = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CLTFormatError(f"{cfg_path}: invalid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CLTFormatError(f"{cfg_path}: expected a mapping of keys to values")
+    if not cfg_path.is_file():
+        raise CLTFormatError(
+            f"{cfg_path}: missing; pie_lib does not guess a transcoder's kind and hooks -- " + CONFIG_HELP
+        )
+    try:
+        raw = yaml.safe_load(cfg_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CLTFormatError(f"{cfg_path}: not UTF-8 text (byte offset {exc.start}); {CONFIG_HELP}") from None
+    except yaml.YAMLError as exc:
+        raise CLTFormatError(f"{cfg_path}: invalid YAML ({_one_line(exc)}); {CONFIG_HELP}") from None
+    except RecursionError:
+        raise CLTFormatError(f"{cfg_path}: invalid YAML (nested too deeply); {CONFIG_HELP}") from None
+    if not isinstance(raw, dict):
+        raise CLTFormatError(
+            f"{cfg_path}: expected a mapping of keys to values, got {type(raw).__name__}; " + CONFIG_HELP
+        )
     kind = raw.get("model_kind")
     if kind is None:
-        kind = "transcoder_set" if list(folder.glob("layer_*.safetensors")) else "cross_layer_transcoder"
+        raise CLTFormatError(
+            f"{cfg_path}: no model_kind; add 'model_kind: cross_layer_transcoder' (W_enc_<i>/W_dec_<i> "
+            "files) or 'model_kind: transcoder_set' (layer_<i> files)"
+        )
     if kind not in ("cross_layer_transcoder", "transcoder_set"):
         raise CLTFormatError(
             f"{cfg_path}: model_kind {kind!r} is not supported; expected cross_layer_transcoder or transcoder_set"
         )
-    act = str(raw.get("activation", raw.get("activation_function", "relu")) or "relu").lower()
-    act = {"jump_relu": "jumprelu"}.get(act, act)
+    act_raw = raw.get("activation", raw.get("activation_function", "relu"))
+    if act_raw is None:
+        act_raw = "relu"
+    if not isinstance(act_raw, str):
+        raise CLTFormatError(f"{cfg_path}: activation {act_raw!r} must be a name (relu, jumprelu, topk)")
+    act = {"jump_relu": "jumprelu"}.get(act_raw.lower(), act_raw.lower())
     if act not in ("relu", "jumprelu", "topk"):
-        raise CLTFormatError(f"{cfg_path}: activation {act!r} is not supported (relu, jumprelu, topk)")
+        raise CLTFormatError(f"{cfg_path}: activation {act_raw!r} is not supported (relu, jumprelu, topk)")
+    k = raw.get("k")
+    if act == "topk":
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise CLTFormatError(
+                f"{cfg_path}: activation topk needs k, a positive integer (got {k!r}); add e.g. 'k: 64'"
+            )
+    elif k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise CLTFormatError(f"{cfg_path}: k {k!r} must be a positive integer")
+    model_name = raw.get("model_name")
+    if model_name is not None and not isinstance(model_name, str):
+        raise CLTFormatError(f"{cfg_path}: model_name {model_name!r} must be a string (a Hugging Face id)")
     known = {"model_kind", "feature_input_hook", "feature_output_hook", "model_name", "activation", "k"}
     return CLTConfig(
         model_kind=kind,
-        feature_input_hook=raw.get("feature_input_hook", "hook_resid_mid"),
-        feature_output_hook=raw.get("feature_output_hook", "hook_mlp_out"),
-        model_name=raw.get("model_name"),
+        feature_input_hook=_hook(raw, "feature_input_hook", INPUT_HOOKS, cfg_path),
+        feature_output_hook=_hook(raw, "feature_output_hook", OUTPUT_HOOKS, cfg_path),
+        model_name=model_name,
         activation=act,  # type: ignore[arg-type]
-        k=raw.get("k"),
-        extra={k: v for k, v in raw.items() if k not in known},
+        k=k,
+        extra={str(k_): v for k_, v in raw.items() if k_ not in known},
     )
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(ln.strip() for ln in lines)[:limit] if lines else type(exc).__name__
 
 
 def _layer_files(folder: Path, pattern: str) -> list[int]:
@@ -137,7 +194,7 @@ def load_clt(
         A :class:`CrossLayerTranscoder`.
     """
     folder = resolve_folder(path_or_id)
-    config = _read_config(folder)
+    config = read_config(folder)
     if config.model_kind == "transcoder_set":
         clt = _load_plt(folder, config, check_finite)
     else:
@@ -199,7 +256,7 @@ def _load_clt_folder(folder: Path, config: CLTConfig, lazy: bool | None, check_f
         for i, s in enumerate(sources):
             if isinstance(s, torch.Tensor):
                 _check_finite(s, f"{folder}: W_dec_{i}")
-    config.activation = "jumprelu" if thr else ("topk" if config.activation == "topk" else "relu")
+    config.activation = _activation(config, bool(thr), folder)
     config.n_layers, config.d_model, config.n_features = L, D, F
     return CrossLayerTranscoder(
         config, enc, torch.stack(b_enc), torch.stack(b_dec), torch.stack(thr) if thr else None, LazyDecoder(sources)
@@ -237,7 +294,11 @@ def _load_plt(folder: Path, config: CLTConfig, check_finite: bool) -> CrossLayer
         for name, ts in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec), ("threshold", thr)):
             for i, t in zip(layers, ts):
                 _check_finite(t, f"{folder / f'layer_{i}.safetensors'}: {name}")
-    config.activation = "jumprelu" if thr else config.activation
+    if thr and len(thr) != len(layers):
+        raise CLTFormatError(
+            f"{folder}: a threshold is stored for {len(thr)} of {len(layers)} layers; expected all or none"
+        )
+    config.activation = _activation(config, bool(thr), folder)
     config.n_layers, config.d_model, config.n_features = len(layers), D, F
     return CrossLayerTranscoder(
         config,
@@ -247,6 +308,23 @@ def _load_plt(folder: Path, config: CLTConfig, check_finite: bool) -> CrossLayer
         torch.stack(thr) if len(thr) == len(layers) else None,
         LazyDecoder(W_dec),
     )
+
+
+def _activation(config: CLTConfig, has_threshold: bool, folder: Path) -> str:
+    """Thresholds stored => JumpReLU (spec); a config.yaml that says otherwise is a contradiction."""
+    if has_threshold:
+        if config.activation == "topk":
+            raise CLTFormatError(
+                f"{folder / 'config.yaml'}: activation topk, but the weights store JumpReLU "
+                "thresholds; fix the activation in config.yaml (jumprelu) or remove the thresholds"
+            )
+        return "jumprelu"
+    if config.activation == "jumprelu":
+        raise CLTFormatError(
+            f"{folder / 'config.yaml'}: activation jumprelu, but no threshold tensors are stored; "
+            "the download is incomplete, or the activation is relu"
+        )
+    return config.activation
 
 
 def _expect(shape: tuple, expected: tuple, what: str) -> None:

@@ -244,9 +244,15 @@ def _resolve_descriptions(descriptions: str | os.PathLike | pd.DataFrame) -> tup
     path = Path(descriptions)
     if path.is_dir():
         path = path / "descriptions.parquet"
-    if not path.exists():
-        raise DataFormatError(f"descriptions file {path} does not exist; run `pie interpret` first")
-    return pd.read_parquet(path), path.parent
+    from pie_lib.store import read_parquet
+
+    table = read_parquet(
+        path,
+        "descriptions table of `pie interpret`",
+        "rerun `pie interpret` to write it again",
+        columns=("layer", "feature", "description"),
+    )
+    return table, path.parent
 
 
 def evaluate(
@@ -283,7 +289,17 @@ def evaluate(
     pc = protocol if isinstance(protocol, ProtocolConfig) else ProtocolConfig.named(protocol)
     run_cfg: dict = {}
     if where is not None and (where / "interpret_config.json").exists():
-        run_cfg = json.loads((where / "interpret_config.json").read_text())
+        try:
+            run_cfg = json.loads((where / "interpret_config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise DataFormatError(
+                f"{where / 'interpret_config.json'}: corrupt (not JSON); rerun `pie interpret`, or pass --model "
+                "and --clt and delete the file"
+            ) from None
+        if not isinstance(run_cfg, dict):
+            raise DataFormatError(
+                f"{where / 'interpret_config.json'}: not a pie interpret config; rerun `pie interpret`"
+            )
     store_dir = Path(examples) if examples is not None else (where / "examples" if where is not None else None)
     if store_dir is None:
         raise DataFormatError("evaluate needs the activation store of `pie interpret`: pass examples=<out>/examples")

@@ -228,6 +228,11 @@ def interpret(
     keys = [(int(l), int(f)) for l, f in zip(feats["layer"], feats["feature"])]
 
     lm, tc, identity = resolve_world(model, clt, device, remote)
+    if selections is not None and isinstance(selections, (str, os.PathLike)):
+        from pie_lib.provenance import check_same_world
+
+        # selections of another model or CLT would name features that mean something else here
+        check_same_world(selections, identity["model"], None if identity["clt"] == "in-memory" else identity["clt"])
     bad = [(l, f) for l, f in keys if not (0 <= l < tc.n_layers and 0 <= f < tc.n_features)]
     if bad:
         raise DataFormatError(

@@ -88,23 +88,34 @@ class LoadedModel:
 
         Llama/Gemma tokenizers add BOS themselves; GPT-2's does not, and TransformerLens (which the
         reference implementation runs on) prepends ``<|endoftext|>`` -- so do we, so that position 0
-        is a BOS everywhere and its activations are the ones excluded.
+        is a BOS everywhere and its activations are the ones excluded. A tokenizer without a BOS
+        token is refused: position 0 would be a real prompt token, silently excluded.
         """
         bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise SettingError(
+                f"the tokenizer of model {self.name} has no BOS token, so position 0 (which PIE excludes) would be "
+                "a real prompt token; set bos_token in its tokenizer_config.json (GPT-2 style models use their "
+                "<|endoftext|> token, as TransformerLens does)"
+            )
         out = []
         for t in texts:
             ids = list(self.tokenizer(t)["input_ids"])
-            if bos is not None and (not ids or ids[0] != bos):
+            if not ids or ids[0] != bos:
                 ids = [bos] + ids
             out.append(ids)
         return out
 
+    def target_ids(self, text: str) -> list[int]:
+        """All tokens of a target string (no special tokens)."""
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def target_token(self, text: str) -> int:
-        """A target string's token is the LAST token of its tokenisation (spec §1)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """A target string's token: the LAST token of its tokenisation (spec §1)."""
+        ids = self.target_ids(text)
         if not ids:
             raise ShapeMismatchError(f"target {text!r} tokenises to nothing")
-        return int(ids[-1])
+        return ids[-1]
 
     def check_clt(self, clt: CrossLayerTranscoder) -> None:
         """Raise a clear error when the CLT does not fit this model."""
@@ -224,11 +235,9 @@ def load_model(
                 f"model folder {name!r}: config.json could not be read ({_first_line(exc)}); "
                 "the folder needs a valid config.json, weights (*.safetensors) and tokenizer files"
             ) from None
-        raise WeightsUnavailableError(
-            f"model {name!r}: its config could not be read from the Hugging Face hub ({_first_line(exc)}). "
-            "Pass a local folder with config.json, weights and tokenizer, or run where the hub is reachable "
-            "(gated models such as meta-llama need `huggingface-cli login`)"
-        ) from None
+        from pie_lib.provenance import hub_unreachable
+
+        raise WeightsUnavailableError(hub_unreachable("model", name, exc)) from None
     arch = arch_for((cfg.architectures or [type(cfg).__name__])[0])
     if remote is True:
         # NDIF holds the weights: load only the meta skeleton here. The tokenizer is passed in:

@@ -56,23 +56,52 @@ class PairBatch:
 
 @dataclass
 class TokenizedPairs:
-    """All usable pairs grouped into equal-length batches, plus what was skipped and why."""
+    """All usable pairs grouped into equal-length batches, plus what was skipped and why.
+
+    Attributes:
+        batches: equal-length batches.
+        skipped: pair index -> why it was skipped (only prompts under ``min_tokens``).
+        n_last_token_targets: pairs with a multi-token target whose last token was used
+            (``target_token="last"``).
+        n_cut_corrupted: pairs whose corrupted prompt was cut to the clean length (``cut_corrupted``).
+    """
 
     batches: list[PairBatch]
     skipped: dict[int, str] = field(default_factory=dict)
+    n_last_token_targets: int = 0
+    n_cut_corrupted: int = 0
+
+
+TargetToken = Literal["single", "last"]
+
+
+def _where(pair: Pair, i: int) -> str:
+    """``pairs.jsonl:17: pair 16`` for a file's pair, ``pair 16`` for an in-memory one."""
+    return f"{pair.where}: pair {i}" if pair.where else f"pair {i}"
 
 
 def tokenize_pairs(
-    model: LoadedModel, pairs: list[Pair], batch_size: int = 16, min_tokens: int = 0, max_tokens: int | None = None
+    model: LoadedModel,
+    pairs: list[Pair],
+    batch_size: int = 16,
+    min_tokens: int = 0,
+    max_tokens: int | None = None,
+    target_token: TargetToken = "single",
+    cut_corrupted: bool = False,
 ) -> TokenizedPairs:
     """Tokenise pairs and group them by clean length (no padding, so batching is exact).
 
-    The corrupted prompt is cut to the clean prompt's length (spec §1); a corrupted prompt that is
-    *shorter* is an error naming the pair. Prompts shorter than ``min_tokens`` are skipped and
+    Nothing ambiguous is reinterpreted: a target that is several tokens, or a corrupted prompt of
+    another token length than its clean prompt, is an error naming the pair (file and line) --
+    unless the reference's behaviour is asked for explicitly: ``target_token="last"`` uses a
+    target's last token, ``cut_corrupted=True`` cuts a longer corrupted prompt to the clean length.
+    How many pairs each touched is returned. Prompts shorter than ``min_tokens`` are skipped and
     reported (the reference skips prompts under 8 tokens; pass 8 to match it).
     """
     if batch_size < 1:
         raise SettingError(f"batch size {batch_size}: must be a positive integer")
+    if target_token not in ("single", "last"):
+        raise SettingError(f"--target-token {target_token!r}: expected 'single' (default) or 'last'")
     clean = model.tokenize([p.text_clean for p in pairs])
     corr = model.tokenize([p.text_corr for p in pairs])
     cfg = model.config
@@ -80,32 +109,62 @@ def tokenize_pairs(
     groups: dict[int, list[int]] = {}
     skipped: dict[int, str] = {}
     rows: list[tuple[list[int], list[int], int, int]] = []
+    n_last = n_cut = 0
     for i, (p, c, k) in enumerate(zip(pairs, clean, corr)):
+        loc = _where(p, i)
         if max_tokens is not None:
             c = c[:max_tokens]
         if isinstance(n_pos, int) and len(c) > n_pos:
             raise ShapeMismatchError(
-                f"pair {i}: clean prompt has {len(c)} tokens, more than the model's {n_pos} positions; "
+                f"{loc}: clean prompt has {len(c)} tokens, more than the model's {n_pos} positions; "
                 "shorten it (or pass max_tokens)"
             )
+        if len(c) < max(min_tokens, 2):
+            if min_tokens <= len(c):  # not asked for: a prompt of nothing but BOS is a broken pair
+                raise ShapeMismatchError(
+                    f"{loc}: the clean prompt {p.text_clean!r} tokenises to nothing (only BOS); give it some text"
+                )
+            skipped[i] = f"{len(c)} tokens < min_tokens={min_tokens}"  # unused, so not checked further
+            rows.append(([], [], 0, 0))
+            continue
         if len(k) < len(c):
             raise ShapeMismatchError(
-                f"pair {i}: corrupted prompt has {len(k)} tokens but the clean prompt has {len(c)}; "
-                "corrupted prompts must be at least as long as clean ones (they are cut to the clean length)"
+                f"{loc}: corrupted prompt has {len(k)} tokens but the clean prompt has {len(c)}; "
+                "clean and corrupted prompts must have the same token length -- fix the pair"
             )
-        targets = []
-        for key in ("io_clean", "s_clean"):
-            try:
-                targets.append(model.target_token(getattr(p, key)))
-            except ShapeMismatchError:
+        if len(k) > len(c):
+            if not cut_corrupted:
                 raise ShapeMismatchError(
-                    f"pair {i}: {key} {getattr(p, key)!r} tokenises to nothing; a target must hold at least one "
-                    "token (its last token is the target)"
-                ) from None
+                    f"{loc}: corrupted prompt has {len(k)} tokens but the clean prompt has {len(c)}; clean and "
+                    "corrupted prompts must have the same token length -- fix the pair, or pass --cut-corrupted "
+                    "to cut corrupted prompts to the clean length (the reference's behaviour)"
+                )
+            n_cut += 1
+        targets, multi = [], False
+        for key in ("io_clean", "s_clean"):
+            text = getattr(p, key)
+            ids = model.target_ids(text)
+            if not ids:
+                raise ShapeMismatchError(
+                    f"{loc}: {key} {text!r} tokenises to nothing; a target must be one token (e.g. ' Mary')"
+                )
+            if len(ids) > 1:
+                if target_token != "last":
+                    pieces = [model.tokenizer.decode([t]) for t in ids[:6]]
+                    raise ShapeMismatchError(
+                        f"{loc}: {key} {text!r} is {len(ids)} tokens {pieces}; the metric needs a one-token target "
+                        "-- use a single-token target, or pass --target-token last to use its last token "
+                        "(the reference's behaviour)"
+                    )
+                multi = True
+            targets.append(int(ids[-1]))
+        if targets[0] == targets[1]:
+            raise ShapeMismatchError(
+                f"{loc}: io_clean {p.io_clean!r} and s_clean {p.s_clean!r} are the same token ({targets[0]}); the "
+                "logit difference would be 0 for every circuit -- the two targets must differ"
+            )
+        n_last += multi
         rows.append((c, k[: len(c)], *targets))
-        if len(c) < max(min_tokens, 2):
-            skipped[i] = f"{len(c)} tokens < min_tokens={max(min_tokens, 2)}"
-            continue
         groups.setdefault(len(c), []).append(i)
     batches = []
     for length in sorted(groups):
@@ -121,7 +180,7 @@ def tokenize_pairs(
                     prompt_idx=torch.tensor(chunk),
                 )
             )
-    return TokenizedPairs(batches, skipped)
+    return TokenizedPairs(batches, skipped, n_last_token_targets=n_last, n_cut_corrupted=n_cut)
 
 
 @dataclass

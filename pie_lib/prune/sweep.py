@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
-from pie_lib.data.pairs import Pair, load_pairs
+from pie_lib.data.pairs import Pair
 from pie_lib.engine.remote import is_remote, request_summary, server_dtype
 from pie_lib.errors import (
     BudgetError,
@@ -39,6 +39,14 @@ from pie_lib.errors import (
 )
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext, ScoringConfig
+from pie_lib.prune.inputs import (
+    DEFAULT_TASK_PAIRS,
+    InputReport,
+    check_distinct,
+    check_writable,
+    checkpoint_sources,
+    pairs_of_file,
+)
 from pie_lib.prune.occurrences import TokenizedPairs, tokenize_pairs
 from pie_lib.prune.params import MethodParams
 from pie_lib.prune.registry import Method, get_methods
@@ -59,6 +67,7 @@ from pie_lib.selections import budget_label
 from pie_lib.store import (
     append_jsonl,
     check_same_config,
+    own_folder,
     read_config,
     read_jsonl,
     remove_stale_temps,
@@ -78,7 +87,12 @@ class PruneConfig:
     Attributes:
         model, clt: local folders or hub ids; "toy" / "toy:gpt2" = the embedded toy world.
         data: JSONL of pairs (reference format), or None to generate ``task`` pairs.
-        task, n: generated task and number of pairs (per seed).
+        task, n: generated task and number of pairs (per seed). ``n=None``: every pair of a
+            ``data`` file, or 32 generated pairs.
+        target_token: "single" (a target must be one token; default) or "last" (a multi-token
+            target's last token, the reference's behaviour).
+        cut_corrupted: cut corrupted prompts longer than their clean prompt (the reference's
+            behaviour); without it a length mismatch is an error. Counts go to config.json.
         data_seed: seed of generated pairs; None = each sweep seed draws its own prompts.
         methods: registry names (``pie_lib.prune.methods.METHODS``).
         k: absolute budgets (occurrences per prompt), clipped to the active set with a warning.
@@ -92,7 +106,7 @@ class PruneConfig:
     clt: str = "toy"
     data: str | None = None
     task: str = "ioi"
-    n: int = 32
+    n: int | None = None
     data_seed: int | None = 0
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     k: list[int] = field(default_factory=lambda: list(DEFAULT_LADDER))
@@ -104,6 +118,8 @@ class PruneConfig:
     remote: bool = False
     batch_size: int = 16
     min_tokens: int = 0
+    target_token: str = "single"
+    cut_corrupted: bool = False
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     params: MethodParams = field(default_factory=MethodParams)
     progress: bool = True
@@ -125,10 +141,23 @@ class PruneConfig:
         """Refuse settings that cannot run, before anything is loaded or written."""
         if not self.seeds:
             raise BudgetError("no seeds given; pass --seeds 0,1,2")
-        if self.n < 0 or (self.n == 0 and not self.data):
+        for flag, value in (("--data", self.data), ("--out", self.out), ("--model", self.model), ("--clt", self.clt)):
+            if value is not None and not str(value).strip():
+                raise SettingError(f"{flag} '' is empty; pass a path (or leave {flag} out for its default)")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
             raise SettingError(
-                f"--n {self.n}: the number of pairs must be a positive integer (0 = all, with --data only)"
+                f"--n {self.n}: the number of pairs must be a positive integer (leave --n out to use every pair "
+                "of --data)"
             )
+        if self.target_token not in ("single", "last"):
+            raise SettingError(f"--target-token {self.target_token!r}: expected single (default) or last")
+        for flag, values in (("--seeds", self.seeds), ("--k", self.k), ("--k-frac", self.k_frac)):
+            dup = sorted({v for v in values if list(values).count(v) > 1})
+            if dup:
+                raise BudgetError(f"{flag}: {dup} listed twice; give each value once")
+        bad_seeds = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int)]
+        if bad_seeds:
+            raise BudgetError(f"--seeds {bad_seeds}: seeds must be integers")
         for flag, value in (("--batch-size", self.batch_size), ("--chunk", self.scoring.chunk)):
             if flag == "--chunk" and value is None:  # sized from free memory and sequence length
                 continue
@@ -161,21 +190,32 @@ class PruneConfig:
             "clt": self.clt,
             "data": self.data,
             "task": None if self.data else self.task,
-            "n": self.n,
+            "n": self.n_pairs,
             "data_seed": self.data_seed,
             "min_tokens": self.min_tokens,
             "scoring": sc,
             "params": {**dataclasses.asdict(self.params)},
+            # the reference-behaviour flags change which tokens are used; recorded only when on, so
+            # folders written before the flags existed still resume
+            **({"target_token": self.target_token} if self.target_token != "single" else {}),
+            **({"cut_corrupted": True} if self.cut_corrupted else {}),
         }
+
+    @property
+    def n_pairs(self) -> int | None:
+        """Pairs per seed: ``n``, else every pair of ``data`` (None) or :data:`DEFAULT_TASK_PAIRS` generated."""
+        if self.n is not None:
+            return self.n
+        return None if self.data else DEFAULT_TASK_PAIRS
 
 
 def _pairs_for_seed(cfg: PruneConfig, model: LoadedModel, seed: int) -> list[Pair]:
     if cfg.data:
-        return load_pairs(cfg.data, limit=cfg.n if cfg.n else None)
+        return pairs_of_file(cfg.data, cfg.n, say=lambda _: None)[0]
     from pie_lib.data.tasks import generate_task
 
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
-    return generate_task(cfg.task, model.tokenizer, cfg.n, seed=data_seed).pairs
+    return generate_task(cfg.task, model.tokenizer, cfg.n_pairs, seed=data_seed).pairs
 
 
 def _check_out(out: Path) -> None:
@@ -223,6 +263,7 @@ class _Checked:
     model_path: str
     clt_path: str
     fingerprints: dict[str, str | None]
+    report: InputReport  # filled while the pairs are tokenized; stored in config.json
 
 
 def _check_run(cfg: PruneConfig) -> _Checked:
@@ -233,11 +274,15 @@ def _check_run(cfg: PruneConfig) -> _Checked:
     methods = get_methods(cfg.methods)
     ladder = cfg.ladder()
     cfg.validate()
+    check_writable(cfg.out)
     out = Path(cfg.out)
     _check_out(out)
     shard = parse_shard(cfg.shard)
     folder = shard_folder(out, shard) if shard else out
-    file_pairs = load_pairs(cfg.data, limit=cfg.n if cfg.n else None) if cfg.data else None
+    report = InputReport(target_token=cfg.target_token, cut_corrupted=cfg.cut_corrupted)
+    file_pairs = None
+    if cfg.data:
+        file_pairs, report.n_pairs_in_file = pairs_of_file(cfg.data, cfg.n)
     model_path, clt_path = resolve_checkpoints(cfg.model, cfg.clt)
     fingerprints = {
         "model_hash": checkpoint_fingerprint(model_path),
@@ -247,14 +292,14 @@ def _check_run(cfg: PruneConfig) -> _Checked:
     _check_config(out, cfg, fingerprints)
     if shard:
         _check_config(folder, cfg, fingerprints)
-    return _Checked(methods, ladder, out, shard, folder, file_pairs, model_path, clt_path, fingerprints)
+    return _Checked(methods, ladder, out, shard, folder, file_pairs, model_path, clt_path, fingerprints, report)
 
 
 PairGroup = tuple[list[int], list[Pair]]  # seeds sharing these prompts, the prompts
 
 
 def _tokenized_groups(
-    cfg: PruneConfig, model: LoadedModel, file_pairs: list[Pair] | None
+    cfg: PruneConfig, model: LoadedModel, file_pairs: list[Pair] | None, report: InputReport
 ) -> tuple[list[PairGroup], list[tuple[list[int], TokenizedPairs]]]:
     """Step 2: the prompts of every seed, tokenized into batches.
 
@@ -267,8 +312,9 @@ def _tokenized_groups(
         if shared
         else [([s], _pairs_for_seed(cfg, model, s)) for s in cfg.seeds]
     )
+    flags = {"target_token": cfg.target_token, "cut_corrupted": cfg.cut_corrupted}
     tokenized = [
-        (seeds, tokenize_pairs(model, pairs, batch_size=cfg.batch_size, min_tokens=cfg.min_tokens))
+        (seeds, tokenize_pairs(model, pairs, batch_size=cfg.batch_size, min_tokens=cfg.min_tokens, **flags))
         for seeds, pairs in groups
     ]
     for (seeds, pairs), (_, tok) in zip(groups, tokenized):
@@ -278,6 +324,10 @@ def _tokenized_groups(
                 f"no usable pairs for seeds {seeds}: all {len(pairs)} pair(s) were skipped (e.g. pair {first[0]}: "
                 f"{first[1]}); use longer prompts or a lower --min-tokens"
             )
+        if cfg.scoring.corruption == "corrupted":
+            check_distinct(tok, pairs)
+        report.add(tok)
+    report.n_pairs = len(groups[0][1])
     return groups, tokenized
 
 
@@ -286,8 +336,8 @@ class _RunFolder:
     first rows are written; rows are appended selections first (a row is finished once its result
     is written)."""
 
-    def __init__(self, cfg: PruneConfig, checked: _Checked, units: list[Unit]) -> None:
-        self.cfg, self.checked, self.units = cfg, checked, units
+    def __init__(self, cfg: PruneConfig, checked: _Checked, units: list[Unit], sources: dict[str, Any]) -> None:
+        self.cfg, self.checked, self.units, self.sources = cfg, checked, units, sources
         self.res_path = checked.folder / "results.jsonl"
         self.sel_path = checked.folder / "selections.jsonl"
         self.started = False
@@ -317,7 +367,9 @@ class _RunFolder:
                 "versions": versions(),
                 "model_path": c.model_path,
                 "clt_path": c.clt_path,
+                **self.sources,
                 **c.fingerprints,
+                "inputs": c.report.to_json(),
                 **({"shard": str(c.shard)} if c.shard else {}),
             },
             folder / "config.json",
@@ -404,13 +456,33 @@ def run_prune(
     model, clt = world.model, world.clt
     requests_before = request_summary()
     remote_info = _remote_check(model, cfg) if is_remote(model) else None
-    groups, tokenized = _tokenized_groups(cfg, model, checked.file_pairs)
+    groups, tokenized = _tokenized_groups(cfg, model, checked.file_pairs, checked.report)
+    for line in checked.report.lines():
+        print(line)
+    sources = checkpoint_sources(cfg.model, checked.model_path, cfg.clt, checked.clt_path)
+    # one writer per (out, shard): a second live run on it is refused, a killed run's lock taken over
+    with own_folder(checked.folder, shard=str(checked.shard) if checked.shard else None):
+        return _sweep(cfg, checked, model, clt, groups, tokenized, sources, remote_info, requests_before)
+
+
+def _sweep(
+    cfg: PruneConfig,
+    checked: _Checked,
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    groups: list[PairGroup],
+    tokenized: list[tuple[list[int], TokenizedPairs]],
+    sources: dict[str, Any],
+    remote_info: dict[str, Any] | None,
+    requests_before: dict[str, Any],
+) -> pd.DataFrame:
+    """Steps 3-4 in the folder this run holds: every missing row, then the parquet files."""
     shard = checked.shard
     units = plan_units(tokenized)
     owners = assign(units, shard.count) if shard else [0] * len(units)
     if not shard and has_shards(checked.out):  # a later unsharded run takes in what shards computed
         merge_shards(checked.out, require_complete=False)
-    folder = _RunFolder(cfg, checked, units)
+    folder = _RunFolder(cfg, checked, units, sources)
     done = _finished_rows(folder.res_path)
     task_name = "data" if cfg.data else cfg.task
     clipped = 0
@@ -418,8 +490,6 @@ def run_prune(
     for (seeds, tok), (_, group_pairs) in zip(tokenized, groups):
         # the pair's identity beside its index, so statistics can tell shared prompts from seed-specific ones
         ids = [pair.prompt_id() for pair in group_pairs]
-        if tok.skipped:
-            log.warning("skipped %d pair(s): %s", len(tok.skipped), dict(list(tok.skipped.items())[:3]))
         for batch in tqdm(tok.batches, desc=f"prune seeds {seeds}", disable=not cfg.progress, unit="batch"):
             if shard and next(unit_owner) != shard.index:
                 continue  # another shard's batch
