@@ -191,3 +191,42 @@ def check_same_world(
                 f"{selections} were made with {kind} {made_with} (recorded in {path}), not {now}; "
                 f"pass {flag} {made_with}, or selections made with this {kind}"
             )
+
+
+#: Where the embedded toy world lives (``pie_lib/toy/assets/<arch>/model``), without importing it.
+_TOY_ASSETS = Path(__file__).resolve().parent / "toy" / "assets"
+
+
+def model_name_of(model: str | os.PathLike) -> str | None:
+    """The name a CLT's ``model_name`` would give this model: ``pie_lib.toy:<arch>`` for the toy
+    world's folders, the id for a hub id; None for other local folders (not knowable)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        try:
+            rel = p.resolve().relative_to(_TOY_ASSETS)
+        except ValueError:
+            return None
+        return f"pie_lib.toy:{rel.parts[0]}" if len(rel.parts) == 2 and rel.parts[1] == "model" else None
+    return str(model) if is_hub_id(model) else None
+
+
+def check_model_name(clt_model_name: str | None, model: str | os.PathLike, clt: str | os.PathLike) -> None:
+    """Refuse a CLT whose ``config.yaml`` names another model than the one loaded (when both are known).
+
+    Shapes can agree by chance (the toy Llama and GPT-2 share d_model and depth); a CLT on the wrong
+    model then runs and measures nothing. Local model folders outside the toy world carry no name,
+    so they are not checked.
+    """
+    have = model_name_of(model)
+    if not clt_model_name or have is None:
+        return
+    if clt_model_name.strip().lower() != have.lower():
+        from pie_lib.errors import ShapeMismatchError
+
+        toy = clt_model_name.startswith("pie_lib.toy:")
+        fix = "toy:" + clt_model_name.split(":", 1)[1] if toy else clt_model_name
+
+        raise ShapeMismatchError(
+            f"CLT {clt} was trained for model {clt_model_name!r} (model_name in its config.yaml), not {have!r}; "
+            f"pass --model {fix} or the CLT made for this model"
+        )

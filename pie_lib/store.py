@@ -26,24 +26,11 @@ if TYPE_CHECKING:  # pandas costs ~0.4 s to import; `pie --help` reaches this mo
     import pandas as pd
 
 
-def _clean_tail(path: Path) -> None:
-    """Cut an unterminated last line (left by a kill mid-append)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return
-        data = fh.seek(0) or fh.read()
-        cut = data.rfind(b"\n") + 1
-        fh.truncate(cut)
-
-
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
     """Append rows as one write, flushed and fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_tail(path)
+    repair_jsonl(path)
     payload = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
     if not payload:
         return
@@ -54,29 +41,33 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read rows; an incomplete last line is ignored, a malformed line elsewhere is an error."""
+    """Read rows; a malformed line is an error naming it -- except a *torn* last line.
+
+    The text after the last newline is a row when it parses as a JSON object (a hand-written file
+    without a final newline; or a kill just before the newline), and is dropped otherwise: an
+    append cut by a kill was never a finished row.
+    """
     path = Path(path)
     if not path.exists():
         return []
     lines = path.read_bytes().split(b"\n")
-    complete = lines[:-1]  # the text after the last newline is incomplete (or empty)
     rows = []
-    for i, raw in enumerate(complete, start=1):
+    for i, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
+        last = i == len(lines)
         try:
             row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            if last:
+                break  # torn tail
+            why = {UnicodeDecodeError: "not UTF-8 text", RecursionError: "nested too deeply"}.get(type(exc))
             raise DataFormatError(
-                f"{path}:{i}: corrupt line (not UTF-8 text); delete the file to recompute it"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{path}:{i}: corrupt line ({exc.msg}); delete the file to recompute it") from None
-        except RecursionError:
-            raise DataFormatError(
-                f"{path}:{i}: corrupt line (nested too deeply); delete the file to recompute it"
+                f"{path}:{i}: corrupt line ({why or getattr(exc, 'msg', exc)}); delete the file to recompute it"
             ) from None
         if not isinstance(row, dict):
+            if last:
+                break
             raise DataFormatError(
                 f"{path}:{i}: corrupt line (a JSON {type(row).__name__}, not a row object); "
                 "delete the file to recompute it"
@@ -86,17 +77,34 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:
-    """Cut an incomplete last line (a kill mid-append); every complete row is kept byte for byte.
+    """End the file at its last complete row, keeping every complete row byte for byte.
 
-    Returns:
-        The number of bytes cut (0 when the file ends with a newline or does not exist).
+    A last line without a newline is kept (newline added) when it is a whole JSON object, cut when
+    it is not (a kill mid-append). Returns the number of bytes cut (0: nothing torn).
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:
         return 0
-    size = path.stat().st_size
-    _clean_tail(path)
-    return size - path.stat().st_size
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return 0
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    try:
+        whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        whole = False
+    if whole:
+        with open(path, "ab") as fh:
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return 0
+    with open(path, "rb+") as fh:
+        fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return len(tail)
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:

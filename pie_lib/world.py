@@ -15,6 +15,7 @@ from pie_lib.clt.io import load_clt
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.errors import WeightsUnavailableError
 from pie_lib.models.loading import LoadedModel, Remote, check_model_source, load_model
+from pie_lib.provenance import check_model_name
 from pie_lib.toy import resolve_toy, toy_arch
 
 
@@ -67,4 +68,6 @@ def load_world(
     if clt_path is not None and not lm.remote:
         tc.to(device=lm.device)
     lm.check_clt(tc)
+    # shapes can agree by chance (the toy Llama and GPT-2 do): the CLT's model_name must agree too
+    check_model_name(tc.config.model_name, model_path or lm.name, clt_path or "(in memory)")
     return World(lm, tc, model_path, clt_path)

@@ -826,3 +826,23 @@ CASES.update(
         "data_and_task": (data_and_task, r"--task.*not allowed with argument --data"),
     }
 )
+
+
+def clt_for_another_model(world, folder):
+    """The toy Llama and GPT-2 share d_model and depth: only the CLT's model_name tells them apart."""
+    return prune_args(world, folder / "out", model="toy", clt="toy:gpt2")
+
+
+def data_seed_with_data(world, folder):
+    return prune_args(world, folder / "out", extra=["--data-seed", "3"])
+
+
+CASES.update(
+    {
+        "clt_for_another_model": (
+            clt_for_another_model,
+            r"CLT .*gpt2.* was trained for model 'pie_lib\.toy:gpt2'.*not 'pie_lib\.toy:llama'; pass --model toy:gpt2",
+        ),
+        "data_seed_with_data": (data_seed_with_data, r"--data-seed seeds generated pairs.*drop it"),
+    }
+)

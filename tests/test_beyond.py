@@ -335,7 +335,9 @@ def test_cli_runs_the_three_methods_with_ig_steps(llama_world, tmp_path, one_tor
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["identity"]["params"]["extra"] == {"refine_max_forwards": "40", "ig_steps": 3}
     assert {r["method"] for r in load_selections(out)} == {"fap-ig", "fap-iterative", "greedy-refine"}
-    assert main([*argv[:-3], "--ig-steps", "0", "--out", str(tmp_path / "bad"), "--no-progress"]) != 0
+    bad = [*argv[:-3], "--out", str(tmp_path / "bad"), "--no-progress"]
+    bad[bad.index("--ig-steps") + 1] = "0"  # (a flag given twice is itself refused)
+    assert main(bad) != 0
 
 
 def test_cost_benchmark_counts_forwards(tmp_path, one_torch_thread):

@@ -105,6 +105,7 @@ CLI_ONLY = {
     "flag_unknown",
     "target_token_unknown",
     "data_and_task",
+    "data_seed_with_data",
 }
 
 

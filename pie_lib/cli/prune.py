@@ -36,7 +36,10 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
         "--task (default 32)",
     )
     p.add_argument(
-        "--data-seed", type=int, default=0, help="seed of generated pairs; -1 = each sweep seed draws its own prompts"
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of generated pairs (default 0); -1 = each sweep seed draws its own prompts; not with --data",
     )
     p.add_argument("--methods", type=names, default=list(DEFAULT_METHODS), help="comma list; see `pie methods`")
     p.add_argument("--k", type=ints, default=list(DEFAULT_LADDER), help="budgets K (occurrences per prompt)")
@@ -127,7 +130,7 @@ def prune_config_from_args(a: argparse.Namespace):
         data=a.data,
         task=a.task or "ioi",
         n=a.n,
-        data_seed=None if a.data_seed == -1 else a.data_seed,
+        data_seed=_data_seed(a),
         methods=a.methods,
         k=a.k,
         k_frac=a.k_frac,
@@ -158,6 +161,15 @@ def prune_config_from_args(a: argparse.Namespace):
         progress=not a.no_progress,
         shard=a.shard,
     )
+
+
+def _data_seed(a: argparse.Namespace) -> int | None:
+    """--data-seed: 0 when not given, None for -1; refused with --data (its pairs are fixed)."""
+    if a.data_seed is not None and a.data is not None:
+        from pie_lib.errors import SettingError
+
+        raise SettingError("--data-seed seeds generated pairs (--task); a --data file's pairs are fixed -- drop it")
+    return 0 if a.data_seed is None else (None if a.data_seed == -1 else a.data_seed)
 
 
 def quiet_progress() -> None:
