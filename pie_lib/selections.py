@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -73,28 +72,38 @@ def query_selections(
 
 
 def read_selections(path: str | os.PathLike) -> list[Record]:
-    """Read and check a ``selections.jsonl`` (every record needs ``occurrences`` as triples)."""
+    """Read and check a ``selections.jsonl`` (every record needs ``occurrences`` as triples).
+
+    Strict: a line that is not a JSON object (bad JSON, not UTF-8) is an error naming it; a torn
+    last line (a killed ``pie prune``) is dropped, as ``pie prune`` itself does.
+    """
+    from pie_lib.store import read_jsonl
+
     path = Path(path)
     if not path.exists():
         raise DataFormatError(
             f"selections file {path} does not exist; run `pie prune` first or pass the right --selections"
         )
+    if path.is_dir():
+        raise DataFormatError(f"--selections {path} is a folder; pass the selections.jsonl that `pie prune` wrote")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON") from None
-            occ = obj.get("occurrences") if isinstance(obj, dict) else None
-            if not isinstance(occ, list) or any(not isinstance(o, (list, tuple)) or len(o) != 3 for o in occ):
-                raise DataFormatError(
-                    f'{path}:{lineno}: expected an object with "occurrences": [[layer, position, feature], ...]'
-                )
-            out.append(obj)
+    for lineno, obj in enumerate(read_jsonl(path), 1):
+        occ = obj.get("occurrences")
+        if not isinstance(occ, list) or any(
+            not isinstance(o, (list, tuple)) or len(o) != 3 or not all(_is_index(x) for x in o) for o in occ
+        ):
+            raise DataFormatError(
+                f'{path}: row {lineno}: expected an object with "occurrences": [[layer, position, feature], ...] '
+                "of non-negative integers"
+            )
+        out.append(obj)
+    if not out:
+        raise DataFormatError(f"selections file {path} holds no selections; run `pie prune` (it writes them)")
     return out
+
+
+def _is_index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def selections_table(records: Iterable[Record]) -> pd.DataFrame:
