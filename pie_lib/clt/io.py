@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pie_lib.clt.lazy import LazyDecoder, MemmapTensor, read_safetensors_header
-from pie_lib.clt.transcoder import CLTConfig, CrossLayerTranscoder
+from pie_lib.clt.transcoder import Activation, CLTConfig, CrossLayerTranscoder
 from pie_lib.errors import CLTFormatError, WeightsUnavailableError
 
 #: CLTs whose decoders hold fewer values than this are loaded whole (the toy world, tests).
@@ -310,7 +310,7 @@ def _load_plt(folder: Path, config: CLTConfig, check_finite: bool) -> CrossLayer
     )
 
 
-def _activation(config: CLTConfig, has_threshold: bool, folder: Path) -> str:
+def _activation(config: CLTConfig, has_threshold: bool, folder: Path) -> Activation:
     """Thresholds stored => JumpReLU (spec); a config.yaml that says otherwise is a contradiction."""
     if has_threshold:
         if config.activation == "topk":

@@ -215,7 +215,7 @@ def _pairs_for_seed(cfg: PruneConfig, model: LoadedModel, seed: int) -> list[Pai
     from pie_lib.data.tasks import generate_task
 
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
-    return generate_task(cfg.task, model.tokenizer, cfg.n_pairs, seed=data_seed).pairs
+    return generate_task(cfg.task, model.tokenizer, cfg.n_pairs or DEFAULT_TASK_PAIRS, seed=data_seed).pairs
 
 
 def _check_out(out: Path) -> None:
