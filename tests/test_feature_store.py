@@ -263,3 +263,10 @@ def test_default_store_for_toy_names():
     assert default_store_for("mntss/clt-llama-3.2-1b-524k") == "mntss/clt-llama-3.2-1b-524k"
     with pytest.raises(FeatureStoreError, match="llama CLT only, not toy:gpt2"):
         default_store_for("toy:gpt2")
+
+
+def test_store_in_a_hub_snapshot_records_its_revision(tmp_path):
+    sha = "89abcdef" * 5
+    root = _hand_written_store(tmp_path / "models--someone--clt" / "snapshots" / sha, gzip.compress)
+    st = FeatureStore.open(root)
+    assert st.provenance["revision"] == sha and st.record(0, 0) == _record(0, 0)

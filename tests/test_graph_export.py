@@ -324,3 +324,4 @@ def test_graph_refuses_other_checkpoints_than_the_run(graph_run, tiny_worlds, tm
     assert main(args + ["--clt", str(w.clt_dir)]) == 0  # an explicit override is allowed (with a warning)
     loaded = json.loads((run / "graphs" / "graph_config.json").read_text())["loaded"]
     assert loaded["clt_hash"] == json.loads((graph_run / "config.json").read_text())["clt_hash"]
+    assert loaded["clt_source"] == {"path": str(w.clt_dir.resolve()), "revision": None}

@@ -189,15 +189,22 @@ def _check_same_checkpoints(
     Without --model/--clt a difference is an error (the selections index another model's or CLT's
     features); with an override it is a warning.
     """
-    from pie_lib.provenance import checkpoint_fingerprint
+    from pie_lib.provenance import checkpoint_fingerprint, checkpoint_source
 
-    now = {
+    now: dict[str, Any] = {
         "model_path": model_path,
         "clt_path": clt_path,
         "model_hash": checkpoint_fingerprint(model_path) if model_path else None,
         "clt_hash": checkpoint_fingerprint(clt_path) if clt_path else None,
+        # hub ids with the commit they resolve to now (provenance.checkpoint_source)
+        "model_source": checkpoint_source(model_path) if model_path else None,
+        "clt_source": checkpoint_source(clt_path) if clt_path else None,
     }
     changed = [k for k in ("model_hash", "clt_hash") if run.get(k) and now[k] and run[k] != now[k]]
+    for k in ("model_source", "clt_source"):  # a hub id now resolving to another commit than at prune time
+        old_rev, new_rev = (run.get(k) or {}).get("revision"), (now[k] or {}).get("revision")
+        if old_rev and new_rev and old_rev != new_rev and k not in changed:
+            changed.append(k)
     if changed and not overridden:
         raise ConfigMismatchError(
             f"the {' and '.join(k.split('_')[0] for k in changed)} loaded now differ(s) from the one(s) the run recorded "
@@ -278,7 +285,10 @@ def run_graph(
             "edge_threshold": cfg.graph.edge_threshold,
             "descriptions": cfg.descriptions,
             "loaded": loaded,
-            "run_config": {k: run.get(k) for k in ("model_path", "clt_path", "model_hash", "clt_hash")},
+            "run_config": {
+                k: run.get(k)
+                for k in ("model_path", "clt_path", "model_hash", "clt_hash", "model_source", "clt_source")
+            },
             "versions": versions(),
             "run_versions": run.get("versions"),
         },

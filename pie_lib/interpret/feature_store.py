@@ -229,7 +229,12 @@ class FeatureStore:
                     f"--store {p}: no {INDEX_NAME} in it or in {p / 'features'}; "
                     "pass the folder of a feature store (see `pie_lib.interpret.feature_store`)"
                 )
-            return cls(LocalSource(folder), {"store": str(folder.resolve()), "revision": None})
+            from pie_lib.provenance import revision_from_snapshot
+
+            # a folder inside the Hugging Face cache (a downloaded CLT repo) knows its commit
+            return cls(
+                LocalSource(folder), {"store": str(folder.resolve()), "revision": revision_from_snapshot(folder)}
+            )
         text = str(path_or_id)
         repo, _, rev = text.partition("@")
         if repo.count("/") != 1 or repo.startswith((".", "/")):
