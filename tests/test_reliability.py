@@ -117,10 +117,10 @@ def test_bad_input_python_api(name, world, tmp_path):
     from pie_lib.prune.sweep import run_prune
 
     builder, pattern = bi.CASES[name]
-    cfg = prune_config_from_args(build_parser().parse_args(builder(world, tmp_path)))
+    args = build_parser().parse_args(builder(world, tmp_path))
     before = _snapshot(tmp_path)
-    with pytest.raises(PieError) as info:
-        run_prune(cfg)
+    with pytest.raises(PieError) as info:  # a config that cannot run is refused when it is made
+        run_prune(prune_config_from_args(args))
     assert re.search(pattern, str(info.value), re.IGNORECASE), str(info.value)
     assert _snapshot(tmp_path) == before
 

@@ -125,6 +125,12 @@ class PruneConfig:
     progress: bool = True
     shard: str | None = None  # "I/N": compute shard I of N (pie_lib.prune.shard); None = everything
 
+    def __post_init__(self) -> None:
+        """A config that cannot run is refused when it is made (the method names are checked
+        against the registry by :func:`run_prune`, once the plugins are loaded)."""
+        self.ladder()
+        self.validate()
+
     def ladder(self) -> list[tuple[str, float]]:
         """Budget labels and values: ("50", 50) for absolute, ("f0.05", 0.05) for fractions."""
         if not self.k and not self.k_frac:
