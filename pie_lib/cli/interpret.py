@@ -10,7 +10,19 @@ import argparse
 from typing import Any
 
 from pie_lib.cli.args import add_llm_flags, add_world_flags, llm_config
+from pie_lib.cli.fields import add_config_flags, config_from_args
 from pie_lib.errors import PieError
+from pie_lib.interpret.corpus import CorpusConfig
+
+#: the corpus fields ``pie interpret`` exposes, and their flags (type, default and help come from CorpusConfig)
+CORPUS_FLAGS = {
+    "source": "--corpus",
+    "n_docs": "--n-docs",
+    "ctx_len": "--ctx-len",
+    "text_field": "--text-field",
+    "split": "--split",
+    "hf_config": "--hf-config",
+}
 
 
 def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,14 +39,7 @@ def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="only selections with this budget K")
     add_world_flags(p, "default: the toy world, llama")
     g = p.add_argument_group("corpus and examples")
-    g.add_argument(
-        "--corpus", default="toy", help="toy (default), a .txt (one doc per line) / .jsonl file, or a HF dataset name"
-    )
-    g.add_argument("--n-docs", type=int, default=2000, help="documents read from the corpus (default 2000)")
-    g.add_argument("--ctx-len", type=int, default=64, help="tokens per context (default 64)")
-    g.add_argument("--text-field", default="text", help="text field of .jsonl / HF rows (default text)")
-    g.add_argument("--split", default="train", help="HF dataset split (default train)")
-    g.add_argument("--hf-config", default=None, help="HF dataset config name")
+    add_config_flags(g, CorpusConfig, CORPUS_FLAGS)
     g.add_argument("--batch-size", type=int, default=32, help="contexts per forward (default 32)")
     g.add_argument("--n-top", type=int, default=40, help="top examples kept per feature (default 40)")
     g.add_argument(
@@ -80,9 +85,7 @@ def run_interpret(args: argparse.Namespace) -> int:
     from pie_lib.interpret.pipeline import InterpretConfig, interpret
 
     # PieErrors propagate to pie_lib.cli.main, which prints "pie interpret: error: ..." and exits 2
-    cfg = InterpretConfig(max_features=args.max_features)
-    cfg.corpus.source, cfg.corpus.n_docs, cfg.corpus.ctx_len = args.corpus, args.n_docs, args.ctx_len
-    cfg.corpus.text_field, cfg.corpus.split, cfg.corpus.hf_config = args.text_field, args.split, args.hf_config
+    cfg = InterpretConfig(max_features=args.max_features, corpus=config_from_args(CorpusConfig, args, CORPUS_FLAGS))
     cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
     cfg.examples.store = args.examples_store
     cfg.explain.max_examples = args.max_examples

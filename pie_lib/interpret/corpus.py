@@ -28,6 +28,9 @@ class CorpusConfig:
         seed: seed of the toy corpus generator.
         ctx_len: tokens per context, BOS included.
         max_chunks_per_doc: windows taken from one document.
+        text_field: the text field of ``.jsonl`` / Hugging Face rows.
+        split: the Hugging Face dataset split.
+        hf_config: the Hugging Face dataset config name.
     """
 
     source: str = "toy"
