@@ -846,3 +846,24 @@ CASES.update(
         "data_seed_with_data": (data_seed_with_data, r"--data-seed seeds generated pairs.*drop it"),
     }
 )
+
+
+def param_unknown_key(world, folder):
+    return prune_args(world, folder / "out", extra=["--param", "foo=bar"])
+
+
+def param_typo(world, folder):
+    return prune_args(world, folder / "out", extra=["--param", "ep_step=3"])  # fap does not read it: still a typo
+
+
+def param_bad_value(world, folder):
+    return prune_args(world, folder / "out", extra=["--param", "ep_steps=many"])
+
+
+CASES.update(
+    {
+        "param_unknown_key": (param_unknown_key, r"--param \['foo'\]: no method reads this key; known prefixes"),
+        "param_typo": (param_typo, r"unknown parameter 'ep_step'; valid keys: .*ep_steps"),
+        "param_bad_value": (param_bad_value, r"parameter ep_steps='many' is not a valid int"),
+    }
+)

@@ -17,9 +17,13 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(a: argparse.Namespace) -> int:
-    from pie_lib.prune.shard import merge_shards
+    from pathlib import Path
 
-    report = merge_shards(a.out, require_complete=True)
+    from pie_lib.prune.shard import merge_shards
+    from pie_lib.store import own_folder
+
+    with own_folder(Path(a.out), what="pie merge", jsonl=("results.jsonl", "selections.jsonl")):  # one writer
+        report = merge_shards(a.out, require_complete=True)
     print(
         f"merged {report.shards} shard(s): {report.rows} rows -> {a.out}/results.parquet and {a.out}/selections.jsonl"
     )

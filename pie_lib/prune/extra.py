@@ -39,3 +39,26 @@ def build_from_extra(cls: type[C], extra: dict | None, prefix: str, convert: Cal
             tp = hints[name]
             raise BudgetError(f"parameter {key}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return cls(**kwargs)
+
+
+#: The configs the loaded plugins read from ``extra``: prefix -> (config class, value converter);
+#: each plugin's config module registers its own at import.
+KNOWN: dict[str, tuple[type, Callable[[Any, Any, str], Any]]] = {}
+
+
+def register_configs(prefixes: dict[type, str], convert: Callable[[Any, Any, str], Any]) -> None:
+    """Declare a plugin's ``--param`` configs (class -> key prefix) and its value converter."""
+    KNOWN.update({prefix: (cls, convert) for cls, prefix in prefixes.items()})
+
+
+def check_extra(extra: dict | None) -> None:
+    """Every ``--param`` key must be read by some plugin, with a valid value -- checked before the
+    run, whatever methods are selected: a typo would otherwise silently run the defaults."""
+    unknown = sorted(k for k in (extra or {}) if not any(k.startswith(p) for p in KNOWN))
+    if unknown:
+        raise BudgetError(
+            f"--param {unknown}: no method reads {'this key' if len(unknown) == 1 else 'these keys'}; known "
+            f"prefixes: {', '.join(sorted(KNOWN))} (see pie_lib/prune/related/config.py, beyond/config.py)"
+        )
+    for prefix, (cls, convert) in KNOWN.items():
+        build_from_extra(cls, extra, prefix, convert)

@@ -39,6 +39,7 @@ from pie_lib.errors import (
 )
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext, ScoringConfig
+from pie_lib.prune.extra import check_extra
 from pie_lib.prune.inputs import (
     DEFAULT_TASK_PAIRS,
     InputReport,
@@ -49,7 +50,7 @@ from pie_lib.prune.inputs import (
 )
 from pie_lib.prune.occurrences import TokenizedPairs, tokenize_pairs
 from pie_lib.prune.params import MethodParams
-from pie_lib.prune.registry import Method, get_methods
+from pie_lib.prune.registry import Method, get_methods, load_plugins
 from pie_lib.prune.results import RESULT_COLUMNS, finish_folder, load_results, load_selections  # noqa: F401 (re-exported)
 from pie_lib.prune.retention import evaluate_keep_masks
 from pie_lib.prune.shard import (
@@ -164,6 +165,8 @@ class PruneConfig:
         bad_seeds = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int)]
         if bad_seeds:
             raise BudgetError(f"--seeds {bad_seeds}: seeds must be integers")
+        load_plugins()  # every plugin's --param prefixes are known
+        check_extra(self.params.extra)
         for flag, value in (("--batch-size", self.batch_size), ("--chunk", self.scoring.chunk)):
             if flag == "--chunk" and value is None:  # sized from free memory and sequence length
                 continue

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pie_lib.prune.extra import build_from_extra
+from pie_lib.prune.extra import build_from_extra, register_configs
 
 C = TypeVar("C")
 
@@ -94,5 +94,7 @@ def config_from_extra(cls: type[C], extra: dict | None) -> C:
     """Build ``cls`` from the keys of ``extra`` that carry its prefix (:func:`pie_lib.prune.extra.build_from_extra`)."""
     return build_from_extra(cls, extra, PREFIXES[cls], _convert)
 
+
+register_configs(PREFIXES, _convert)
 
 __all__ = ["IgConfig", "IterativeConfig", "PREFIXES", "RefineConfig", "config_from_extra"]
