@@ -46,7 +46,11 @@ def add_config_flags(
         kind = base if base in (int, float) else None  # str fields stay strings
         text = docs.get(name, "").rstrip(".").replace("``", "")
         default = defaults[name]
-        group.add_argument(flag, dest=name, type=kind, default=default, help=f"{help_prefix}{text} (default {default})")
+        help_text = f"{help_prefix}{text} (default {default})"
+        if kind is None:
+            group.add_argument(flag, dest=name, default=default, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=default, help=help_text)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, fields: dict[str, str], **extra: Any) -> C:
