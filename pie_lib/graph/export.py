@@ -125,6 +125,10 @@ def _pairs(identity: dict[str, Any], model: LoadedModel, seed: int) -> list:
     if identity.get("data"):
         return load_pairs(identity["data"], limit=n if n else None)
     data_seed = seed if identity.get("data_seed") is None else identity["data_seed"]
+    if n is None:  # a task sweep always records its pair count (PruneConfig.n_pairs)
+        raise DataFormatError(
+            f"the sweep's config.json names task {identity.get('task')!r} but no 'n'; re-run `pie prune`"
+        )
     return generate_task(identity["task"], model.tokenizer, n, seed=data_seed).pairs
 
 

@@ -29,7 +29,7 @@ def circuit_screenshot(graph_dir: str | os.PathLike, slug: str, figures: str | o
         else next(n["node_id"] for n in data["nodes"] if n.get("is_target_logit"))
     )
     png = Path(figures) / f"{name}.png"
-    viewer = start_viewer(graph_dir, port=0)
+    viewer = start_viewer(Path(graph_dir), port=0)
     try:
         url = viewer.url.split("?")[0] + f"?slug={slug}&clickedId={target}"
         report = load_graph_page(url, screenshot=png, viewport=(1500, 950))

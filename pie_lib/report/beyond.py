@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -25,11 +25,12 @@ def plot_beyond_effective_budget(eb: pd.DataFrame, out_dir: str | Path, name: st
     tasks = sorted(eb["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        d = eb[eb["task"] == task]
+        d = cast(pd.DataFrame, eb[eb["task"] == task])
         ks = np.array(sorted(d["k_ref"].unique()), dtype=float)
         ax.plot(ks, ks, color="0.6", lw=1, label="K_eff = k_ref")
         ax.plot(ks, ks / 2, color="0.3", lw=1, ls=":", label="K_eff = k_ref / 2 (goal)")
-        for (method, ref), g in d.groupby(["method", "reference"], sort=True):
+        for key, g in d.groupby(["method", "reference"], sort=True):
+            method, ref = cast(tuple[str, str], key)
             g = g.sort_values("k_ref")
             y = g["k_eff"].to_numpy(float)
             lo = np.where(np.isnan(g["k_eff_ci_low"].to_numpy(float)), y, g["k_eff_ci_low"].to_numpy(float))
