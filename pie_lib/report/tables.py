@@ -21,9 +21,9 @@ Builders:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,13 @@ def pm(mean: float, std: float, digits: int = 2) -> str:
     if std is None or (isinstance(std, float) and math.isnan(std)):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+def _rows(df: pd.DataFrame) -> Iterator[Mapping[str, Any]]:
+    """``df.iterrows()`` rows as column -> cell mappings (pandas leaves ``Series.__getitem__``
+    unannotated, so a cell would otherwise type as a union of containers)."""
+    for _, r in df.iterrows():
+        yield cast("Mapping[str, Any]", r)
 
 
 def _order(methods: Iterable[str], preferred: Sequence[str] | None) -> list[str]:
@@ -110,15 +117,15 @@ def kl_summary(
     """
     from pie_lib.stats import summarize
 
-    d = df[(df["budget"] == budget) & df["k"].isin(list(ks))]
+    d = cast(pd.DataFrame, df[(df["budget"] == budget) & df["k"].isin(list(ks))])
     if methods is not None:
-        d = d[d["method"].isin(list(methods))]
+        d = cast(pd.DataFrame, d[d["method"].isin(list(methods))])
     if "task" not in d.columns:
         d = d.assign(task="?")
     x = d.assign(_v=d[value].astype(float), _clip=(d["k_eff"] < d["k"]) if budget == "abs" else False)
     by = ["task", "method", "k"]
     s = summarize(x, by=by, value="_v", n_boot=0)[[*by, "n", "n_prompts", "n_seeds", "unit", "mean", "std", "seed_sd"]]
-    out = s.merge(x.groupby(by)["_clip"].mean().rename("clipped").reset_index(), on=by)
+    out = s.merge(cast(pd.Series, x.groupby(by)["_clip"].mean()).rename("clipped").reset_index(), on=by)
     order = _order(out["method"], methods)
     out["_m"] = out["method"].map({m: i for i, m in enumerate(order)})
     return out.sort_values(["task", "_m", "k"]).drop(columns="_m").reset_index(drop=True)
@@ -131,7 +138,8 @@ def format_kl_table(summary: pd.DataFrame, model: str = "toy", digits: int = 2) 
     """
     ks = sorted(summary["k"].unique())
     rows = []
-    for (task, method), g in summary.groupby(["task", "method"], sort=False):
+    for key, g in summary.groupby(["task", "method"], sort=False):
+        task, method = cast(tuple[str, str], key)
         row: dict[str, Any] = {"Model": model, "Task": task, "Method": label(method)}
         cells = g.set_index("k")
         for k in ks:
@@ -166,11 +174,11 @@ def effective_budget_means(
     """
     from pie_lib.stats import summarize
 
-    d = df[df["budget"] == "abs"] if "budget" in df.columns else df
+    d = cast(pd.DataFrame, df[df["budget"] == "abs"]) if "budget" in df.columns else df
     cells = [(reference, k_ref)] + [(b, k_cmp) for b in baselines]
     rows, fmt = [], {"Model": model}
     for m, k in cells:
-        x = d[(d["method"] == m) & (d["k"] == k)]
+        x = cast(pd.DataFrame, d[(d["method"] == m) & (d["k"] == k)])
         if x.empty:
             rows.append(
                 {
@@ -222,7 +230,7 @@ def format_ablation_table(ablation: pd.DataFrame, digits: int = 3) -> pd.DataFra
     d = ablation.assign(_pooled=ablation["scope"] != "pooled").sort_values(
         ["k", "_pooled", "seed"], na_position="first"
     )
-    for _, r in d.iterrows():
+    for r in _rows(d):
         rows.append(
             {
                 "K": int(r["k"]),
@@ -236,7 +244,7 @@ def format_ablation_table(ablation: pd.DataFrame, digits: int = 3) -> pd.DataFra
                 "p (t)": p(r["p_t"]),
                 "p (Wilcoxon)": p(r["p_wilcoxon"]),
                 "Seed sd of Δ": f"{r['seed_sd_diff']:.{digits}f}"
-                if r["scope"] == "pooled" and pd.notna(r.get("seed_sd_diff"))
+                if r["scope"] == "pooled" and bool(pd.notna(r.get("seed_sd_diff")))
                 else "",
                 "p (seeds)": p(r.get("p_seed_t")) if r["scope"] == "pooled" else "",
             }
@@ -297,9 +305,9 @@ def fade_by_method(
         sub = scores.loc[scores.index.isin(list(feats))]
         row: dict[str, Any] = {"method": m, "k": k, "n_features": len(feats), "n_scored": len(sub)}
         for metric in FADE_METRICS:
-            v = sub[metric].astype(float) if metric in sub.columns else pd.Series(dtype=float)
+            v = cast(pd.Series, sub[metric]).astype(float) if metric in sub.columns else pd.Series(dtype=float)
             row[f"{metric}_mean"] = float(v.mean()) if v.notna().any() else np.nan
-            row[f"{metric}_std"] = float(v.std(ddof=1)) if v.notna().sum() > 1 else np.nan
+            row[f"{metric}_std"] = float(cast(float, v.std(ddof=1))) if v.notna().sum() > 1 else np.nan
             row[f"{metric}_n"] = int(v.notna().sum())
             row[f"{metric}_undefined"] = int(v.isna().sum())
             status_col = _STATUS_OF.get(metric)
@@ -316,7 +324,7 @@ def format_fade_table(by_method: pd.DataFrame, model: str = "toy", digits: int =
     """``Model, Method, Features, Clarity, Purity, Responsiveness, Faithfulness, Undefined``:
     mean±std (n = features with a defined score) per metric, and why the others are undefined."""
     rows = []
-    for _, r in by_method.iterrows():
+    for r in _rows(by_method):
         row = {"Model": model, "Method": label(r["method"]), "Features": f"{int(r['n_scored'])}/{int(r['n_features'])}"}
         why = []
         for metric in FADE_METRICS:
@@ -365,7 +373,7 @@ def paper_comparison(
                 mean, std = paper.IOI_KL[mdl][method][k]
                 add("IOI last-token KL", method, k, mdl, mean, std)
             if kl is not None:
-                r = kl[(kl["method"] == method) & (kl["k"] == k) & (kl["task"] == task)]
+                r = cast(pd.DataFrame, kl[(kl["method"] == method) & (kl["k"] == k) & (kl["task"] == task)])
                 if len(r):
                     add("IOI last-token KL", method, k, ours, float(r["mean"].iloc[0]), float(r["std"].iloc[0]))
     # relative improvement of the reranking
@@ -388,7 +396,7 @@ def paper_comparison(
         for mdl in models:
             add("Effective budget: IOI KL", method, k, mdl, paper.EFFECTIVE_BUDGET[mdl][(method, k)])
         if eb is not None:
-            r = eb[(eb["method"] == method) & (eb["k"] == k)]
+            r = cast(pd.DataFrame, eb[(eb["method"] == method) & (eb["k"] == k)])
             if len(r):
                 add("Effective budget: IOI KL", method, k, ours, float(r["mean"].iloc[0]), float(r["std"].iloc[0]))
     # FADE
@@ -396,7 +404,7 @@ def paper_comparison(
         for mdl in models:
             add(f"FADE {metric} (Doc-String)", paper.FADE_METHOD, 50, mdl, paper.FADE_DOCSTRING_K50[mdl][metric])
         if fade is not None:
-            r = fade[(fade["method"] == paper.FADE_METHOD) & (fade["k"].astype(float) == 50.0)]
+            r = cast(pd.DataFrame, fade[(fade["method"] == paper.FADE_METHOD) & (fade["k"].astype(float) == 50.0)])
             if len(r):
                 add(
                     f"FADE {metric} (Doc-String)",
@@ -408,7 +416,8 @@ def paper_comparison(
                 )
     numeric = pd.DataFrame(long)
     rows = []
-    for (q, m, k), g in numeric.groupby(["quantity", "method", "k"], sort=False):
+    for key, g in numeric.groupby(["quantity", "method", "k"], sort=False):
+        q, m, k = cast(tuple[str, str, Any], key)
         row = {"Quantity": q, "Method": label(m), "K": k}
         by = g.set_index("source")
         for src in [*models, ours]:
@@ -430,7 +439,7 @@ def cpr_cmd_runtime_table(cpr: pd.DataFrame, runtime: pd.DataFrame | None = None
     (mean ± std over per-prompt curves) and the runtime rows of
     :func:`pie_lib.experiments.runtime.time_methods` (``method, seconds_per_prompt``)."""
     rt = (
-        runtime.groupby("method")["seconds_per_prompt"].mean()
+        cast(pd.Series, runtime.groupby("method")["seconds_per_prompt"].mean())
         if runtime is not None and len(runtime)
         else pd.Series(dtype=float)
     )
@@ -442,7 +451,7 @@ def cpr_cmd_runtime_table(cpr: pd.DataFrame, runtime: pd.DataFrame | None = None
 
     for m in _order(cpr["method"], None):
         r = cpr[cpr["method"] == m].iloc[0]
-        row = {
+        row: dict[str, Any] = {
             "Method": label(m),
             "CPR ↑": ci(r, "cpr") if with_ci else pm(r["cpr"], r["cpr_std"], digits),
             "CMD ↓": ci(r, "cmd") if with_ci else pm(r["cmd"], r["cmd_std"], digits),
@@ -467,7 +476,7 @@ def sensitivity_table(
     """
     d = grid[grid["method"] == method]
     out = d.groupby(["k", "lam", "bp"]).agg(n=(value, "size"), mean=(value, "mean"), std=(value, "std")).reset_index()
-    if baseline is not None and (grid["method"] == baseline).any():
+    if baseline is not None and bool((grid["method"] == baseline).any()):
         b = grid[grid["method"] == baseline].groupby("k")[value].mean().rename("baseline_mean")
         out = out.merge(b, left_on="k", right_index=True, how="left")
         out["diff"] = out["mean"] - out["baseline_mean"]
@@ -481,8 +490,8 @@ def format_sensitivity_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFra
     for c in w.columns[2:]:
         w[c] = w[c].map(lambda x: "–" if pd.isna(x) else f"{x:.{digits}f}")
     if "baseline_mean" in table.columns:
-        base = table.groupby("k")["baseline_mean"].first()
-        w["FAP"] = w["K"].map(lambda k: f"{base[k]:.{digits}f}" if k in base.index and pd.notna(base[k]) else "–")
+        base = cast(pd.Series, table.groupby("k")["baseline_mean"].first())
+        w["FAP"] = w["K"].map(lambda k: f"{base[k]:.{digits}f}" if k in base.index and bool(pd.notna(base[k])) else "–")
     w["K"] = w["K"].map(lambda k: f"{k:g}")
     w["λ"] = w["λ"].map(lambda x: f"{x:g}")
     return w
@@ -665,7 +674,8 @@ def merge_cpr_runtime(cpr: pd.DataFrame, runtime: pd.DataFrame | None) -> pd.Dat
     """CPR / CMD rows with the runtime columns (``seconds_per_prompt``, ``seconds_select``) joined."""
     if runtime is None or not len(runtime):
         return cpr
-    rt = runtime.groupby("method")[["seconds_per_prompt", "seconds_select", "seconds_context"]].mean().reset_index()
+    cols = ["seconds_per_prompt", "seconds_select", "seconds_context"]
+    rt = cast(pd.DataFrame, runtime.groupby("method")[cols].mean()).reset_index()
     return cpr.merge(rt, on="method", how="left")
 
 
