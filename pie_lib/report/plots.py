@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -130,7 +130,7 @@ def plot_metric_vs_k(
         budget: "abs" (x = K) or "frac" (x = fraction of the active set).
         methods, tasks: subset and order (default: all present).
     """
-    d = df[df["budget"] == budget]
+    d = cast(pd.DataFrame, df[df["budget"] == budget])
     if d.empty:
         raise ValueError(f"no rows with budget={budget!r} to plot")
     tasks = [t for t in (tasks or sorted(d["task"].unique())) if t in set(d["task"])]
@@ -139,12 +139,12 @@ def plot_metric_vs_k(
         len(metrics), len(tasks), figsize=(4.2 * len(tasks), 3.0 * len(metrics)), squeeze=False, sharex=True
     )
     for j, task in enumerate(tasks):
-        dt = d[d["task"] == task]
+        dt = cast(pd.DataFrame, d[d["task"] == task])
         for i, metric in enumerate(metrics):
             ax = axes[i][j]
-            s = _summary(dt[dt["method"].isin(methods)], ("method", "k"), metric, n_boot)
+            s = _summary(cast(pd.DataFrame, dt[dt["method"].isin(methods)]), ("method", "k"), metric, n_boot)
             for m in methods:
-                sm = s[s["method"] == m].sort_values("k")
+                sm = cast(pd.DataFrame, s[s["method"] == m]).sort_values("k")
                 if sm.empty:
                     continue
                 ax.plot(sm["k"], sm["mean"], marker="o", ms=3, lw=1.5, color=color(m), label=label(m))
@@ -187,9 +187,9 @@ def plot_effective_budget(
     (with its CI band) and, from ``eb_table`` (:func:`pie_lib.stats.effective_budget_table`),
     the crossing K_eff with its CI.
     """
-    d = df[(df["budget"] == "abs")] if "budget" in df.columns else df
+    d = cast(pd.DataFrame, df[(df["budget"] == "abs")]) if "budget" in df.columns else df
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
-    s = _summary(d[d["method"].isin([reference, *baselines])], ("method", "k"), value, n_boot)
+    s = _summary(cast(pd.DataFrame, d[d["method"].isin([reference, *baselines])]), ("method", "k"), value, n_boot)
     cells = [(reference, k_ref)] + [(b, k) for b in baselines for k in (k_ref, k_cmp)]
     x = np.arange(len(cells))
     for i, (m, k) in enumerate(cells):
@@ -210,7 +210,7 @@ def plot_effective_budget(
         seed_cols = [c for c in s.columns if c.startswith("mean_seed_")]
         sv = r[seed_cols].astype(float).dropna().to_numpy()
         ax.scatter(np.full(sv.size, i + 0.18), sv, s=10, color=color(m), alpha=0.6, marker="_")
-    ref = s[(s["method"] == reference) & (s["k"] == k_ref)]
+    ref = cast(pd.DataFrame, s[(s["method"] == reference) & (s["k"] == k_ref)])
     if len(ref):
         ax.axhline(float(ref["mean"].iloc[0]), color=color(reference), ls="--", lw=1, alpha=0.7)
     ax.set_xticks(x, [f"{short_label(m)}\nK={k}" for m, k in cells], fontsize=8, rotation=30, ha="right")
@@ -218,9 +218,9 @@ def plot_effective_budget(
     ax.set_title(f"{label(reference)} at K={k_ref} vs baselines at K={k_cmp}", fontsize=10)
     ax.grid(alpha=0.3, axis="y", lw=0.5)
 
-    sc = _summary(d[d["method"].isin(baselines)], ("method", "k"), value, n_boot)
+    sc = _summary(cast(pd.DataFrame, d[d["method"].isin(baselines)]), ("method", "k"), value, n_boot)
     for b in baselines:
-        sb = sc[sc["method"] == b].sort_values("k")
+        sb = cast(pd.DataFrame, sc[sc["method"] == b]).sort_values("k")
         ax2.plot(sb["k"], sb["mean"], marker="o", ms=3, color=color(b), label=label(b))
         ax2.fill_between(sb["k"], sb["ci_low"], sb["ci_high"], color=color(b), alpha=0.12, lw=0)
         if eb_table is not None and b in set(eb_table["baseline"]):
@@ -250,7 +250,7 @@ def plot_seed_ablation(ablation: pd.DataFrame, out_dir: str | Path, name: str) -
     """Matched-seed ablation (:func:`pie_lib.stats.matched_seed_ablation`): the pooled mean
     difference ablated − full per K with its bootstrap CI, and each seed's mean difference."""
     a = ablation.attrs
-    pooled = ablation[ablation["scope"] == "pooled"].sort_values("k")
+    pooled = cast(pd.DataFrame, ablation[ablation["scope"] == "pooled"]).sort_values("k")
     seeds = ablation[ablation["scope"] == "seed"]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ks = pooled["k"].to_numpy()
@@ -301,8 +301,8 @@ def plot_cpr_cmd(cpr: pd.DataFrame, out_dir: str | Path, name: str, runtime: pd.
         ax.barh(y, c[key], xerr=err, color=cols, alpha=0.85, capsize=2)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="x", lw=0.5)
-    if n == 3:
-        rt = runtime.groupby("method")["seconds_per_prompt"].mean().reindex(methods)
+    if runtime is not None and n == 3:
+        rt = cast(pd.Series, runtime.groupby("method")["seconds_per_prompt"].mean()).reindex(methods)
         axes[2].barh(y, rt.to_numpy(), color=cols, alpha=0.85)
         axes[2].set_xscale("log")
         axes[2].set_title("seconds / prompt (K=50)")
@@ -327,9 +327,9 @@ def plot_faithfulness_curves(curve: pd.DataFrame, out_dir: str | Path, name: str
     aggregate = "ci_low" in curve.columns  # pie_lib.stats.mib_cpr_cmd's ratio-of-means curve with its CI
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for m in _methods(curve, None):
-        c = curve[curve["method"] == m]
+        c = cast(pd.DataFrame, curve[curve["method"] == m])
         if aggregate:
-            c = c[c["size_frac"] > 0].rename(columns={"ci_low": "lo", "ci_high": "hi"})
+            c = cast(pd.DataFrame, c[c["size_frac"] > 0]).rename(columns={"ci_low": "lo", "ci_high": "hi"})
         if per_prompt:
             g = c.groupby(["budget", "k"])
             c = pd.DataFrame(
@@ -470,7 +470,7 @@ def plot_world_quality(quality: pd.DataFrame, out_dir: str | Path, name: str) ->
     sources = list(dict.fromkeys(q["source"]))
     w = 0.8 / len(sources)
     for i, src in enumerate(sources):
-        s = q[q["source"] == src].sort_values("layer")
+        s = cast(pd.DataFrame, q[q["source"] == src]).sort_values("layer")
         for ax, key in zip(axes, ("fvu", "l0")):
             ax.bar(s["layer"].to_numpy() + (i - (len(sources) - 1) / 2) * w, s[key], w, label=src, alpha=0.85)
     axes[0].set_title("CLT FVU per layer (lower better)", fontsize=10)
