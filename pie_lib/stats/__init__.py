@@ -25,7 +25,8 @@ from pie_lib._lazy import lazy_getattr
 
 _LAZY = {
     "summarize": "pie_lib.stats.bootstrap",
-    "bootstrap_indices": "pie_lib.stats.bootstrap",
+    "bootstrap_indices": "pie_lib.stats.draws",
+    "bootstrap_weights": "pie_lib.stats.draws",
     "bootstrap_means": "pie_lib.stats.bootstrap",
     "bootstrap_mean_ci": "pie_lib.stats.bootstrap",
     "percentile_ci": "pie_lib.stats.bootstrap",

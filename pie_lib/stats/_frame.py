@@ -7,11 +7,13 @@ same unit are the same prompt, which is what makes every comparison here paired.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 import pandas as pd
 
 from pie_lib.errors import BudgetError, DataFormatError
+from pie_lib.stats.design import Design, detect_design, prompt_id_column
 
 Cell = tuple[str, int]
 UNIT = ["seed", "prompt_idx"]
@@ -72,8 +74,6 @@ def check_cell(df: pd.DataFrame, method: str, k: int | None = None, seeds: Seque
 def cell_keys(df: pd.DataFrame, method: str, k: int, seeds: Sequence[int] | None = None) -> pd.Series | None:
     """The prompt identity (:data:`~pie_lib.stats.design.PROMPT_ID_COLUMNS`) of cell ``(method, k)``
     indexed by unit ``(seed, prompt_idx)``, or None when the table has no such column."""
-    from pie_lib.stats.design import prompt_id_column
-
     col = prompt_id_column(df)
     if col is None:
         return None
@@ -88,10 +88,8 @@ def cell_keys(df: pd.DataFrame, method: str, k: int, seeds: Sequence[int] | None
     return pd.Series(keys[order], index=index, name=col)
 
 
-def design_of(index: pd.MultiIndex, keys: pd.Series | None):
+def design_of(index: pd.MultiIndex, keys: pd.Series | None) -> Design:
     """The :class:`~pie_lib.stats.design.Design` of units ``index`` (seed, prompt_idx) with prompt ids ``keys``."""
-    from pie_lib.stats.design import detect_design
-
     seed = index.get_level_values("seed").to_numpy()
     pidx = index.get_level_values("prompt_idx").to_numpy()
     if keys is None:
@@ -112,7 +110,7 @@ def cell_values(df: pd.DataFrame, method: str, k: int, value: str, seeds: Sequen
     mask = (df["method"].to_numpy() == method) & (df["k"].to_numpy() == k)
     if seeds is not None:
         mask &= np.isin(df["seed"].to_numpy(), list(seeds))
-    rows = df[mask]
+    rows = df.loc[mask]
     seed = rows["seed"].to_numpy(dtype=np.int64)
     pidx = rows["prompt_idx"].to_numpy(dtype=np.int64)
     order = np.lexsort((pidx, seed))
@@ -160,11 +158,11 @@ def paired_cells(df: pd.DataFrame, a: Cell, b: Cell, value: str, seeds: Sequence
     require_same_units(va.index, vb.index, f"({a[0]!r}, K={a[1]})", f"({b[0]!r}, K={b[1]})")
     out = pd.DataFrame({"a": va, "b": vb.reindex(va.index)})
     ka, kb = cell_keys(df, a[0], a[1], seeds), cell_keys(df, b[0], b[1], seeds)
-    if ka is not None:
+    if ka is not None and kb is not None:  # both or neither: one prompt id column for the table
         kb = kb if kb.index.equals(ka.index) else kb.reindex(ka.index)
         differ = ka != kb
         if differ.any():
-            ex = list(ka.index[differ][:3])
+            ex = [unit for unit, bad in zip(ka.index, differ.to_numpy()) if bad][:3]
             raise UnpairedDataError(
                 f"({a[0]!r}, K={a[1]}) and ({b[0]!r}, K={b[1]}) hold different prompts under the same "
                 f"(seed, prompt_idx) for {int(differ.sum())} unit(s), e.g. {ex} ({ka.name} differs); "
@@ -174,11 +172,13 @@ def paired_cells(df: pd.DataFrame, a: Cell, b: Cell, value: str, seeds: Sequence
     return out
 
 
-def paired_units(df: pd.DataFrame, a: Cell, b: Cell, value: str, seeds: Sequence[int] | None = None):
+def paired_units(
+    df: pd.DataFrame, a: Cell, b: Cell, value: str, seeds: Sequence[int] | None = None
+) -> tuple[pd.DataFrame, Design]:
     """:func:`paired_cells` and the :class:`~pie_lib.stats.design.Design` of its units."""
     pair = paired_cells(df, a, b, value, seeds)
     keys = pair.attrs.pop("keys", None)
-    return pair, design_of(pair.index, keys)
+    return pair, design_of(cast(pd.MultiIndex, pair.index), keys)  # cell_values indexes by unit
 
 
 def method_curve_matrix(

@@ -14,36 +14,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
 
 from pie_lib.stats._frame import check_columns, values_of
+from pie_lib.stats.design import Design, detect_design, prompt_id_column, seed_spread, unit_matrix
+from pie_lib.stats.draws import bootstrap_indices, bootstrap_weights
+from pie_lib.stats.resample import log_values, mean_ci, mean_t, median_ci
 
-
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """The resampling index matrix.
-
-    Args:
-        n: number of units (prompts); n_boot: number of resamples; seed: generator seed.
-    Returns:
-        ``idx`` ``[n_boot, n]`` int64, ``idx[b]`` = the n units of resample b (with replacement).
-    """
-    if n <= 0:
-        raise ValueError(f"cannot bootstrap over n={n} units")
-    if n_boot <= 0:
-        raise ValueError(f"n_boot={n_boot} must be a positive integer")
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n), dtype=np.int64)
-
-
-def bootstrap_weights(idx: np.ndarray, n: int) -> np.ndarray:
-    """Counts ``W[b, j] = #{i : idx[b, i] = j}`` of an index matrix ``idx`` ``[n_boot, n]``.
-
-    The mean of any per-unit quantity ``x`` ``[n, ...]`` over resample b is then ``(W @ x)[b] / n``.
-    """
-    n_boot = idx.shape[0]
-    flat = (idx + n * np.arange(n_boot, dtype=np.int64)[:, None]).ravel()
-    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+__all__ = [
+    "BootstrapCI",
+    "bootstrap_indices",
+    "bootstrap_mean_ci",
+    "bootstrap_means",
+    "bootstrap_weights",
+    "describe",
+    "percentile_ci",
+    "summarize",
+]
 
 
 def bootstrap_means(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
@@ -102,7 +92,7 @@ def bootstrap_mean_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0, level: f
     return BootstrapCI(float(x.mean()), float(lo), float(hi), level, int(x.size), n_boot, seed)
 
 
-def describe(x: np.ndarray, design, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+def describe(x: np.ndarray, design: Design, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Unit-aware summary of rows ``x`` ``[n_rows]`` laid out by ``design``
     (:class:`~pie_lib.stats.design.Design`).
 
@@ -119,9 +109,6 @@ def describe(x: np.ndarray, design, n_boot: int = 2000, seed: int = 0, level: fl
 
     ``n_boot=0`` skips the bootstrap (intervals NaN): the point estimates alone, cheaply.
     """
-    from pie_lib.stats.design import seed_spread, unit_matrix
-    from pie_lib.stats.resample import log_values, mean_ci, mean_t, median_ci
-
     u = unit_matrix(x, design)
     g = design.unit_groups()
     t = mean_t(u, g)
@@ -179,15 +166,13 @@ def summarize(
     Returns:
         DataFrame, one row per group, sorted by ``by``.
     """
-    from pie_lib.stats.design import detect_design, prompt_id_column
-
     by = list(by)
     check_columns(df, [*by, value, "seed"])
     has_idx = "prompt_idx" in df.columns
     idcol = prompt_id_column(df)
     order = [*by, "seed"] + (["prompt_idx"] if has_idx and "prompt_idx" not in by else [])
     cols = list(dict.fromkeys([*order, value] + ([idcol] if idcol else []) + (["prompt_idx"] if has_idx else [])))
-    data = df[cols].sort_values(order, kind="stable")
+    data = cast(pd.DataFrame, df[cols]).sort_values(order, kind="stable")
     data = data.assign(_x=values_of(data, value))
     rows = []
     for key, g in data.groupby(by, sort=True):
@@ -195,7 +180,7 @@ def summarize(
         pidx = g["prompt_idx"].to_numpy() if has_idx else np.arange(len(g))
         design = detect_design(g["seed"].to_numpy(), pidx, g[idcol].to_numpy() if idcol else None, idcol)
         st = describe(x, design, n_boot, seed, level)
-        seed_means = g.groupby("seed")["_x"].mean()
+        seed_means = cast(pd.Series, g.groupby("seed")["_x"].mean())
         rows.append(
             {
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
@@ -205,12 +190,12 @@ def summarize(
                 "n_rows": design.n_rows,
                 **st,
                 "seed_mean": float(seed_means.mean()),
-                "seed_std": float(seed_means.std(ddof=1)) if seed_means.size > 1 else np.nan,
+                "seed_std": float(cast(float, seed_means.std(ddof=1))) if seed_means.size > 1 else np.nan,
             }
         )
     out = pd.DataFrame(rows)
     if "seed" not in by:
-        per_seed = data.groupby([*by, "seed"])["_x"].mean().unstack("seed")
+        per_seed = cast(pd.Series, data.groupby([*by, "seed"])["_x"].mean()).unstack("seed")
         per_seed.columns = [f"mean_seed_{s}" for s in per_seed.columns]
         out = out.merge(per_seed.reset_index(), on=by, how="left")
     out.attrs.update(value=value, level=level, n_boot=n_boot, seed=seed, ci_method="BCa")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -204,7 +204,7 @@ def effective_budget(
         seeds = sorted(set(df.loc[(df["method"] == reference) & (df["k"] == k_ref), "seed"].tolist()))
     seeds = [int(s) for s in seeds]
     ref = cell_values(df, reference, k_ref, value, seeds)
-    design = design_of(ref.index, cell_keys(df, reference, k_ref, seeds))
+    design = design_of(cast(pd.MultiIndex, ref.index), cell_keys(df, reference, k_ref, seeds))
     if baselines is None:
         baselines = sorted(m for m in df["method"].unique() if m != reference)
     per_seed, summary, curves = [], [], []

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from pie_lib.errors import DataFormatError
+from pie_lib.stats.resample import one_way_components
 
 #: Columns that name a prompt's identity, most specific first.
 PROMPT_ID_COLUMNS = ("prompt_id", "prompt_hash", "prompt_text", "text_clean", "prompt", "text")
@@ -74,7 +75,7 @@ class Design:
         """True when the seeds are a level above the prompts (seed-specific prompts)."""
         return self.case == DISTINCT
 
-    def info(self) -> dict[str, object]:
+    def info(self) -> dict[str, int | str]:
         """The fields every result reports: ``n_prompts, n_seeds, unit, design``."""
         return {"n_prompts": self.n_prompts, "n_seeds": self.n_seeds, "unit": self.unit, "design": self.case}
 
@@ -172,6 +173,4 @@ def seed_spread(x: np.ndarray, design: Design) -> float:
         if dof == 0:
             return float("nan")
         return float(np.sqrt(((x - means[design.prompt]) ** 2).sum() / dof))
-    from pie_lib.stats.resample import one_way_components
-
     return float(np.sqrt(one_way_components(unit_matrix(x, design), design.unit_groups())["var_between"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,17 @@ from scipy import stats as sps
 from pie_lib.stats._frame import Cell, paired_units
 from pie_lib.stats.design import unit_matrix
 from pie_lib.stats.resample import log_values, mean_t
+
+
+class _RatioFields(TypedDict):
+    """The log-scale (ratio) fields of :class:`TostResult`."""
+
+    gm_ratio: float
+    ratio_ci_low: float
+    ratio_ci_high: float
+    ratio_p_value: float
+    ratio_equivalent: bool
+    ratio_bound: float
 
 
 def tost_bounds(mean: float, se: float, dof: float, lower: float, upper: float, alpha: float) -> dict[str, float]:
@@ -148,14 +160,14 @@ def tost(
     delta = float(margin * abs(mean_b)) if relative else float(margin)
     t = mean_t(u, g)
     st = tost_bounds(t.mean, t.se, t.dof, -delta, delta, alpha)
-    ratio = dict(
-        gm_ratio=np.nan,
-        ratio_ci_low=np.nan,
-        ratio_ci_high=np.nan,
-        ratio_p_value=np.nan,
-        ratio_equivalent=False,
-        ratio_bound=np.nan,
-    )
+    ratio: _RatioFields = {
+        "gm_ratio": np.nan,
+        "ratio_ci_low": np.nan,
+        "ratio_ci_high": np.nan,
+        "ratio_p_value": np.nan,
+        "ratio_equivalent": False,
+        "ratio_bound": np.nan,
+    }
     la, _ = log_values(xa)
     lb, _ = log_values(xb)
     if la is not None and lb is not None:
@@ -163,15 +175,14 @@ def tost(
         lt = mean_t(lu, g)
         half = float(sps.t.ppf(1 - alpha, lt.dof) * lt.se) if lt.se > 0 else 0.0
         lo, hi = np.exp(lt.mean - half), np.exp(lt.mean + half)
-        ratio.update(
-            gm_ratio=float(np.exp(lt.mean)),
-            ratio_ci_low=float(lo),
-            ratio_ci_high=float(hi),
-            ratio_bound=float(max(1 - lo, hi - 1)),
-        )
+        ratio["gm_ratio"] = float(np.exp(lt.mean))
+        ratio["ratio_ci_low"] = float(lo)
+        ratio["ratio_ci_high"] = float(hi)
+        ratio["ratio_bound"] = float(max(1 - lo, hi - 1))
         if ratio_margin is not None:
             rs = tost_bounds(lt.mean, lt.se, lt.dof, np.log1p(-ratio_margin), np.log1p(ratio_margin), alpha)
-            ratio.update(ratio_p_value=rs["p_value"], ratio_equivalent=bool(rs["p_value"] < alpha))
+            ratio["ratio_p_value"] = rs["p_value"]
+            ratio["ratio_equivalent"] = bool(rs["p_value"] < alpha)
     return TostResult(
         a=(a[0], int(a[1])),
         b=(b[0], int(b[1])),

@@ -161,14 +161,14 @@ def mib_cpr_cmd(
             ``--k-frac ...,1.0``), or its fractions do not cover the same prompts.
     """
     check_columns(df, ["method", "k", "budget", "seed", "prompt_idx", "m_clean", "m_null", "m_circuit"])
-    d = df[df["budget"] == "frac"]
+    d = df.loc[df["budget"] == "frac"]
     if d.empty:
         raise BudgetError("no fraction-ladder rows (budget == 'frac'); run pie prune with --k-frac 0.01,...,1.0")
     idcol = prompt_id_column(d)
     methods = sorted(d["method"].unique()) if methods is None else list(methods)
     areas, curves = [], []
     for method in methods:
-        dm = d[d["method"] == method]
+        dm = d.loc[d["method"] == method]
         if dm.empty:
             raise BudgetError(
                 f"method {method!r} has no fraction-ladder rows; methods with them: {sorted(d['method'].unique())}"

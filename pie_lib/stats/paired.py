@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,13 @@ from scipy import stats as sps
 from pie_lib.stats._frame import Cell, MissingResultError, check_cell, check_columns, paired_units
 from pie_lib.stats.design import Design, detect_design, seed_spread, unit_matrix
 from pie_lib.stats.resample import log_values, mean_ci, mean_t
+
+
+class _TestResult(Protocol):
+    """What scipy's test results (``WilcoxonResult``, ``TtestResult``) hold; their stubs omit it."""
+
+    statistic: float
+    pvalue: float
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ def paired_unit_stats(d: np.ndarray, design: Design, n_boot: int, seed: int, lev
             out["t_stat"] = out["p_t"] = np.nan
         if n > 1 and np.any(u != 0):
             try:
-                w = sps.wilcoxon(u)
+                w = cast(_TestResult, sps.wilcoxon(u))
                 out["w_stat"], out["p_wilcoxon"] = float(w.statistic), float(w.pvalue)
             except ValueError:
                 out["w_stat"] = out["p_wilcoxon"] = np.nan
@@ -267,7 +275,7 @@ def matched_seed_ablation(
         if design.nested and sm.size > 1 and np.any(sm != sm[0]):
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")
-                p_seed = float(sps.ttest_1samp(sm, 0.0).pvalue)
+                p_seed = float(cast(_TestResult, sps.ttest_1samp(sm, 0.0)).pvalue)
         rows.append(
             {
                 "k": int(k),

@@ -25,14 +25,31 @@ degrees of freedom: intervals are then wide, as they should be.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from pie_lib.stats.bootstrap import bootstrap_indices, bootstrap_weights
+from pie_lib.stats.draws import bootstrap_indices, bootstrap_weights
 
 
-def one_way_components(u: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
+class OneWayComponents(TypedDict):
+    """:func:`one_way_components`: per-quantity arrays are ``[m]`` (numpy scalars for a 1-D ``u``)."""
+
+    grand: np.ndarray
+    msb: np.ndarray
+    msw: np.ndarray
+    n0: float
+    var_between: np.ndarray
+    var_within: np.ndarray
+    sum_w2: float
+    df_b: int
+    df_w: float
+    means: np.ndarray
+    n_s: np.ndarray
+
+
+def one_way_components(u: np.ndarray, g: np.ndarray) -> OneWayComponents:
     """One-way random-effects ANOVA of ``u`` ``[n]`` or ``[n, m]`` with groups ``g`` ``[n]`` (0..S-1).
 
     Returns:

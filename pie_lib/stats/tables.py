@@ -7,7 +7,8 @@ DataFrame themselves (plain strings; floats with a fixed number of digits).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -161,7 +162,8 @@ def format_effective_budget_table(table: pd.DataFrame, digits: int = 1) -> pd.Da
     k_ref, k_cmp = a.get("k_ref", "k_ref"), a.get("k_cmp")
     lvl = f"{100 * a.get('level', 0.95):.0f}%"
     rows = []
-    for _, r in table.iterrows():
+    for _, row_ in table.iterrows():
+        r = cast(Mapping[str, Any], row_)  # a row: label -> scalar (the stubs type items as Series)
         kmin, kmax = r["k_min"], r["k_max"]
         floor = f"> {100 * (1 - k_ref / kmax):.0f}%" if isinstance(k_ref, (int, float)) else None
         ceil = f"< {100 * (1 - k_ref / kmin):.0f}%" if isinstance(k_ref, (int, float)) else None
