@@ -10,13 +10,13 @@ import argparse
 from typing import Any
 
 from pie_lib.cli.args import add_llm_flags, add_world_flags, llm_config
-from pie_lib.cli.fields import add_config_flags, config_from_args
+from pie_lib.cli.fields import add_config_flags, config_from_args, flag
 from pie_lib.errors import PieError
 from pie_lib.interpret.corpus import CorpusConfig
 
 #: the corpus fields ``pie interpret`` exposes, and their flags (type, default and help come from CorpusConfig)
 CORPUS_FLAGS = {
-    "source": "--corpus",
+    "source": flag("--corpus", dest="source"),
     "n_docs": "--n-docs",
     "ctx_len": "--ctx-len",
     "text_field": "--text-field",

@@ -6,11 +6,55 @@ import argparse
 import os
 import sys
 
-from pie_lib.cli.args import floats, ints, names
+from pie_lib.cli.fields import FieldFlags, add_config_flags, config_from_args, config_values, flag
+
+#: ``pie prune``'s flags of each config: field name -> flag (type, choices, default and help come from the
+#: field; see pie_lib/prune/config.py). ``--data`` / ``--task`` are added as a mutually exclusive pair.
+WORLD_FLAGS: FieldFlags = {"model": "--model", "clt": "--clt"}
+SOURCE_FLAGS: FieldFlags = {
+    "data": "--data",
+    # None = not given: ioi unless --data is (resolved in prune_config_from_args)
+    "task": flag("--task", default=None, help="generate pairs of this task (default ioi when --data is not given)"),
+}
+RUN_FLAGS: FieldFlags = {
+    "n": "--n",
+    # None = not given: 0, and refused with --data; -1 = None (each seed its own prompts)
+    "data_seed": flag("--data-seed", default=None),
+    "methods": "--methods",
+    "k": "--k",
+    "k_frac": "--k-frac",
+    "seeds": "--seeds",
+    "out": "--out",
+    "device": "--device",
+    "dtype": "--dtype",
+    "remote": "--remote",
+    "batch_size": "--batch-size",
+    "min_tokens": "--min-tokens",
+    "target_token": "--target-token",
+    "cut_corrupted": "--cut-corrupted",
+}
+SCORING_FLAGS: FieldFlags = {
+    "gradient": "--gradient",
+    "corruption": "--corruption",
+    "metric": "--metric",
+    "chunk": "--chunk",
+}
+SYNERGY_FLAGS: FieldFlags = {
+    "lam": "--lambda-syn",
+    "boundary_percent": "--boundary-percent",
+    "boundary_cap": "--boundary-cap",
+    "partners": "--partners",
+    "partners_per_candidate": "--partners-per-candidate",
+    "precision": "--synergy-precision",
+    "eff_tol": "--synergy-eff-tol",
+}
+METHOD_FLAGS: FieldFlags = {"signal_gamma": "--gamma", "acdc_tau": "--acdc-tau"}
+SHARD_FLAGS: FieldFlags = {"shard": flag("--shard", metavar="I/N")}
 
 
 def add_prune_parser(sub: argparse._SubParsersAction) -> None:
-    from pie_lib.prune.defaults import DEFAULT_LADDER, DEFAULT_METHODS  # a leaf module: --help stays fast
+    # pie_lib.prune.config imports no torch / pandas: --help stays fast (tests/test_startup.py)
+    from pie_lib.prune.config import MethodParams, PruneConfig, ScoringConfig, SynergyConfig
 
     p = sub.add_parser(
         "prune",
@@ -18,80 +62,13 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
         description="Prune: FAP, FAP-Synergy and baselines over a K ladder and seeds. "
         "Defaults to the embedded toy world.",
     )
-    p.add_argument("--model", default="toy", help="HF folder or hub id; 'toy' or 'toy:gpt2' for the toy world")
-    p.add_argument("--clt", default="toy", help="CLT folder or hub id (circuit-tracer format); 'toy' for the toy world")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="JSONL of pairs (text_clean, text_corr, io_clean, s_clean)")
-    src.add_argument(
-        "--task",
-        choices=["ioi", "docstring"],
-        default=None,
-        help="generate pairs of this task (default ioi when --data is not given)",
-    )
-    p.add_argument(
-        "--n",
-        type=int,
-        default=None,
-        help="number of pairs: the first N of --data (default: every pair of the file), or N generated pairs of "
-        "--task (default 32)",
-    )
-    p.add_argument(
-        "--data-seed",
-        type=int,
-        default=None,
-        help="seed of generated pairs (default 0); -1 = each sweep seed draws its own prompts; not with --data",
-    )
-    p.add_argument("--methods", type=names, default=list(DEFAULT_METHODS), help="comma list; see `pie methods`")
-    p.add_argument("--k", type=ints, default=list(DEFAULT_LADDER), help="budgets K (occurrences per prompt)")
-    p.add_argument("--k-frac", type=floats, default=[], help="budgets as fractions of each prompt's active set")
-    p.add_argument("--seeds", type=ints, default=[0, 1, 2])
-    p.add_argument("--out", default="runs/prune", help="output folder (results.parquet, selections.jsonl)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--remote", action="store_true", help="run every trace on NDIF (nnsight remote execution)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--min-tokens", type=int, default=0, help="skip prompts shorter than this (reference: 8)")
-    p.add_argument(
-        "--target-token",
-        choices=["single", "last"],
-        default="single",
-        help="single: a target must be one token (default); last: score a multi-token target by its last token "
-        "(the reference's behaviour; the pairs affected are printed and counted in config.json)",
-    )
-    p.add_argument(
-        "--cut-corrupted",
-        action="store_true",
-        help="cut corrupted prompts longer than their clean prompt to the clean length (the reference's behaviour; "
-        "default: a length mismatch is an error); the pairs cut are printed and counted in config.json",
-    )
-    p.add_argument("--gradient", choices=["replacement", "full"], default="replacement")
-    p.add_argument("--corruption", choices=["corrupted", "zero"], default="corrupted")
-    p.add_argument("--metric", choices=["logit_diff", "logsumexp"], default="logit_diff")
-    p.add_argument(
-        "--chunk",
-        type=int,
-        default=None,
-        help="patch variants per forward (default: sized from free memory and prompt length)",
-    )
-    p.add_argument("--lambda-syn", type=float, default=3.0, help="FAP-Synergy λ (paper 3.0; reference script 5.0)")
-    p.add_argument("--boundary-percent", type=float, default=25.0, help="FAP-Synergy bp (paper 25; script 50)")
-    p.add_argument("--boundary-cap", type=int, default=32)
-    p.add_argument("--partners", type=int, default=32, help="partners per refresh")
-    p.add_argument("--partners-per-candidate", type=int, default=8)
-    p.add_argument(
-        "--synergy-precision",
-        choices=["float32", "model"],
-        default="float32",
-        help="dtype of FAP-Synergy's M(.) forwards: float32 whatever the model's dtype (default), or the model's",
-    )
-    p.add_argument(
-        "--synergy-eff-tol",
-        type=float,
-        default=0.0,
-        help="FAP-Synergy uses Syn(c, p) only where both single effects exceed this (paper: > 0)",
-    )
-    p.add_argument("--gamma", type=float, default=0.2, help="FAP-Signal γ in (0, 0.5)")
-    p.add_argument("--acdc-tau", type=float, default=None, help="ACDC threshold on KL increase")
+    add_config_flags(p, PruneConfig, WORLD_FLAGS)
+    add_config_flags(p.add_mutually_exclusive_group(), PruneConfig, SOURCE_FLAGS)
+    add_config_flags(p, PruneConfig, RUN_FLAGS)
+    add_config_flags(p, ScoringConfig, SCORING_FLAGS)
+    add_config_flags(p, SynergyConfig, SYNERGY_FLAGS)
+    add_config_flags(p, MethodParams, METHOD_FLAGS)
+    # --ig-steps and --param are keys of MethodParams.extra, read by each plugin's own config
     p.add_argument(
         "--ig-steps",
         type=int,
@@ -107,59 +84,27 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
         "ens_members=fap,clt-relp, iter_rounds=4, refine_max_forwards=512); see pie_lib/prune/related/config.py "
         "and pie_lib/prune/beyond/config.py",
     )
-    p.add_argument(
-        "--shard",
-        default=None,
-        metavar="I/N",
-        help="compute part I of N (0-based; e.g. $SLURM_ARRAY_TASK_ID/8) into OUT/shards/; combine with `pie merge`",
-    )
-    p.add_argument("--no-progress", action="store_true")
+    add_config_flags(p, PruneConfig, SHARD_FLAGS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (PruneConfig.progress=False)")
     p.set_defaults(func=_run_prune)
 
 
 def prune_config_from_args(a: argparse.Namespace):
     """Build a :class:`PruneConfig` from parsed ``pie prune`` arguments."""
-    from pie_lib.prune.context import ScoringConfig
-    from pie_lib.prune.params import MethodParams
-    from pie_lib.prune.select import SynergyConfig
-    from pie_lib.prune.sweep import PruneConfig
+    from pie_lib.prune.config import MethodParams, PruneConfig, ScoringConfig, SynergyConfig
 
+    run = config_values(a, RUN_FLAGS)
+    run["data_seed"] = _data_seed(a)
     return PruneConfig(
-        model=a.model,
-        clt=a.clt,
-        data=a.data,
-        task=a.task or "ioi",
-        n=a.n,
-        data_seed=_data_seed(a),
-        methods=a.methods,
-        k=a.k,
-        k_frac=a.k_frac,
-        seeds=a.seeds,
-        out=a.out,
-        device=a.device,
-        dtype=a.dtype,
-        remote=a.remote,
-        batch_size=a.batch_size,
-        min_tokens=a.min_tokens,
-        target_token=a.target_token,
-        cut_corrupted=a.cut_corrupted,
-        scoring=ScoringConfig(gradient=a.gradient, corruption=a.corruption, metric=a.metric, chunk=a.chunk),
-        params=MethodParams(
-            synergy=SynergyConfig(
-                lam=a.lambda_syn,
-                boundary_percent=a.boundary_percent,
-                boundary_cap=a.boundary_cap,
-                partners=a.partners,
-                partners_per_candidate=a.partners_per_candidate,
-                precision=a.synergy_precision,
-                eff_tol=a.synergy_eff_tol,
-            ),
-            signal_gamma=a.gamma,
-            acdc_tau=a.acdc_tau,
-            extra=_extra(a),
+        **config_values(a, WORLD_FLAGS),
+        **config_values(a, SOURCE_FLAGS) | {"task": a.task or "ioi"},
+        **run,
+        scoring=config_from_args(ScoringConfig, a, SCORING_FLAGS),
+        params=config_from_args(
+            MethodParams, a, METHOD_FLAGS, synergy=config_from_args(SynergyConfig, a, SYNERGY_FLAGS), extra=_extra(a)
         ),
         progress=not a.no_progress,
-        shard=a.shard,
+        **config_values(a, SHARD_FLAGS),
     )
 
 

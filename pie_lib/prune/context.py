@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
-from pie_lib.engine.traces import GradientMode, MetricKind, mlp_out_gradients
+from pie_lib.engine.traces import GradientMode, mlp_out_gradients
 from pie_lib.models.loading import LoadedModel
-from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch, active_occurrences, run_pair_caches
+from pie_lib.prune.config import ScoringConfig  # noqa: F401 (re-exported: its old home)
+from pie_lib.prune.occurrences import Occurrences, PairBatch, active_occurrences, run_pair_caches
 from pie_lib.prune.patching import PatchEvaluator, gather_rows
 from pie_lib.prune.select import SynergyCache
-
-
-@dataclass
-class ScoringConfig:
-    """How FAP is computed and how removals are evaluated (paper defaults).
-
-    Attributes:
-        gradient: "replacement" (paper) or "full".
-        corruption: "corrupted" (a_corr from the corrupted prompt; paper) or "zero".
-        metric: "logit_diff" (paper, IOI/Doc-String) or "logsumexp" (reference flag default).
-        zero_bos: exclude position 0 (BOS), as the paper does.
-        chunk: patch variants per forward; None = sized from the free memory and the sequence length.
-        rows_dtype: dtype of decoder rows used in scores and offsets.
-    """
-
-    gradient: Literal["replacement", "full"] = "replacement"
-    corruption: Corruption = "corrupted"
-    metric: MetricKind = "logit_diff"
-    zero_bos: bool = True
-    chunk: int | None = None
-    rows_dtype: torch.dtype = torch.float32
 
 
 @dataclass

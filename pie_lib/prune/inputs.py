@@ -18,10 +18,8 @@ from typing import Any, Callable
 
 from pie_lib.data.pairs import Pair, load_pairs
 from pie_lib.errors import DataFormatError, OutputPathError, ShapeMismatchError
+from pie_lib.prune.defaults import DEFAULT_TASK_PAIRS  # noqa: E402,F401 (re-exported)
 from pie_lib.prune.occurrences import TokenizedPairs
-
-#: Number of generated pairs when ``--n`` is not given (``--task``); a data file is used whole.
-DEFAULT_TASK_PAIRS = 32
 
 
 @dataclass

@@ -1,17 +1,7 @@
-"""Hyper-parameters of the circuit-discovery methods (paper defaults)."""
+"""Hyper-parameters of the circuit-discovery methods (paper defaults); defined in :mod:`pie_lib.prune.config`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pie_lib.prune.config import MethodParams, SynergyConfig
 
-from pie_lib.prune.select import SynergyConfig
-
-
-@dataclass
-class MethodParams:
-    """Hyper-parameters of the methods (paper defaults). Fields are CLI flags of ``pie prune``."""
-
-    synergy: SynergyConfig = field(default_factory=SynergyConfig)
-    signal_gamma: float = 0.2
-    acdc_tau: float | None = None
-    extra: dict = field(default_factory=dict)  # hyper-parameters of registered related methods
+__all__ = ["MethodParams", "SynergyConfig"]

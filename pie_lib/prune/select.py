@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from pie_lib.engine.precision import float32_weights, runs_in_float32
-from pie_lib.errors import BudgetError, SettingError
+from pie_lib.errors import BudgetError
+from pie_lib.prune.config import SynergyConfig  # noqa: F401 (re-exported: its old home)
 from pie_lib.prune.occurrences import Occurrences
 from pie_lib.prune.patching import PatchEvaluator, Variants
 
@@ -100,30 +101,6 @@ def fap_signal(occ: Occurrences, scores: torch.Tensor, k: Budget, gamma: float =
     _, r_rest = rank_within(prompt, torch.where(keep, neg_inf, scores.abs()))
     keep |= (~keep) & (r_rest < (budget - taken)[prompt])
     return keep
-
-
-@dataclass
-class SynergyConfig:
-    """FAP-Synergy parameters; defaults are the paper's (reference script: λ=5, bp=50)."""
-
-    lam: float = 3.0
-    boundary_percent: float = 25.0
-    boundary_cap: int = 32
-    partners: int = 32
-    partners_per_candidate: int = 8
-    seed: int = 0
-    #: dtype of the M(.) forwards: "float32" whatever the model's dtype (a bfloat16 model is upcast
-    #: for the reranking and restored exactly after), or "model" (the reference's reduced precision).
-    precision: str = "float32"
-    #: a synergy Syn(c, p) is used only where both single effects exceed this (0 = the paper's "> 0");
-    #: a noise tolerance for M(.) in reduced precision.
-    eff_tol: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("float32", "model"):
-            raise SettingError(f"--synergy-precision {self.precision!r}: use 'float32' or 'model'")
-        if not self.eff_tol >= 0:
-            raise SettingError(f"--synergy-eff-tol {self.eff_tol}: must be >= 0")
 
 
 @dataclass

@@ -15,12 +15,10 @@ different model, CLT, data set or scoring configuration is refused (use a new ``
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,14 +30,13 @@ from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.data.pairs import Pair
 from pie_lib.engine.remote import is_remote, request_summary, server_dtype
 from pie_lib.errors import (
-    BudgetError,
     DataFormatError,
     OutputPathError,
     SettingError,
 )
 from pie_lib.models.loading import LoadedModel
-from pie_lib.prune.context import BatchContext, ScoringConfig
-from pie_lib.prune.extra import check_extra
+from pie_lib.prune.config import PruneConfig  # noqa: F401 (re-exported: its old home)
+from pie_lib.prune.context import BatchContext, ScoringConfig  # noqa: F401 (re-exported)
 from pie_lib.prune.inputs import (
     DEFAULT_TASK_PAIRS,
     InputReport,
@@ -49,8 +46,8 @@ from pie_lib.prune.inputs import (
     pairs_of_file,
 )
 from pie_lib.prune.occurrences import TokenizedPairs, tokenize_pairs
-from pie_lib.prune.params import MethodParams
-from pie_lib.prune.registry import Method, get_methods, load_plugins
+from pie_lib.prune.params import MethodParams  # noqa: F401 (re-exported)
+from pie_lib.prune.registry import Method, get_methods
 from pie_lib.prune.results import RESULT_COLUMNS, finish_folder, load_results, load_selections  # noqa: F401 (re-exported)
 from pie_lib.prune.retention import evaluate_keep_masks
 from pie_lib.prune.shard import (
@@ -79,143 +76,6 @@ from pie_lib.world import load_world, resolve_checkpoints
 log = logging.getLogger(__name__)
 
 from pie_lib.prune.defaults import DEFAULT_LADDER, DEFAULT_METHODS  # noqa: E402,F401 (re-exported)
-
-
-@dataclass
-class PruneConfig:
-    """One ``pie prune`` run. Field names are the CLI flags.
-
-    Attributes:
-        model, clt: local folders or hub ids; "toy" / "toy:gpt2" = the embedded toy world.
-        data: JSONL of pairs (reference format), or None to generate ``task`` pairs.
-        task, n: generated task and number of pairs (per seed). ``n=None``: every pair of a
-            ``data`` file, or 32 generated pairs.
-        target_token: "single" (a target must be one token; default) or "last" (a multi-token
-            target's last token, the reference's behaviour).
-        cut_corrupted: cut corrupted prompts longer than their clean prompt (the reference's
-            behaviour); without it a length mismatch is an error. Counts go to config.json.
-        data_seed: seed of generated pairs; None = each sweep seed draws its own prompts.
-        methods: registry names (``pie_lib.prune.methods.METHODS``).
-        k: absolute budgets (occurrences per prompt), clipped to the active set with a warning.
-        k_frac: budgets as fractions of each prompt's active set (the toy world is small).
-        seeds: seeds of the sweep (partner draws, random baseline, generated prompts).
-        shard: "I/N" computes the I-th of N deterministic parts of the rows into
-            ``out/shards/shard-I-of-N/`` (merge with ``pie merge``); None = the whole sweep.
-    """
-
-    model: str = "toy"
-    clt: str = "toy"
-    data: str | None = None
-    task: str = "ioi"
-    n: int | None = None
-    data_seed: int | None = 0
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    k: list[int] = field(default_factory=lambda: list(DEFAULT_LADDER))
-    k_frac: list[float] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    out: str = "runs/prune"
-    device: str | None = None
-    dtype: str | None = None
-    remote: bool = False
-    batch_size: int = 16
-    min_tokens: int = 0
-    target_token: str = "single"
-    cut_corrupted: bool = False
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    params: MethodParams = field(default_factory=MethodParams)
-    progress: bool = True
-    shard: str | None = None  # "I/N": compute shard I of N (pie_lib.prune.shard); None = everything
-
-    def __post_init__(self) -> None:
-        """A config that cannot run is refused when it is made (the method names are checked
-        against the registry by :func:`run_prune`, once the plugins are loaded)."""
-        self.ladder()
-        self.validate()
-
-    def ladder(self) -> list[tuple[str, float]]:
-        """Budget labels and values: ("50", 50) for absolute, ("f0.05", 0.05) for fractions."""
-        if not self.k and not self.k_frac:
-            raise BudgetError("empty K ladder; pass --k 50,75,... and/or --k-frac 0.05,...")
-        bad = [k for k in self.k if not isinstance(k, int) or k <= 0]
-        if bad:
-            raise BudgetError(f"budgets {bad} must be positive integers; use --k-frac for fractions")
-        badf = [f for f in self.k_frac if not 0 < f <= 1]
-        if badf:
-            raise BudgetError(f"budget fractions {badf} must be in (0, 1]")
-        return [(str(k), float(k)) for k in self.k] + [(f"f{f:g}", float(f)) for f in self.k_frac]
-
-    def validate(self) -> None:
-        """Refuse settings that cannot run, before anything is loaded or written."""
-        if not self.seeds:
-            raise BudgetError("no seeds given; pass --seeds 0,1,2")
-        for flag, value in (("--data", self.data), ("--out", self.out), ("--model", self.model), ("--clt", self.clt)):
-            if value is not None and not str(value).strip():
-                raise SettingError(f"{flag} '' is empty; pass a path (or leave {flag} out for its default)")
-        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
-            raise SettingError(
-                f"--n {self.n}: the number of pairs must be a positive integer (leave --n out to use every pair "
-                "of --data)"
-            )
-        if self.target_token not in ("single", "last"):
-            raise SettingError(f"--target-token {self.target_token!r}: expected single (default) or last")
-        for flag, values in (("--seeds", self.seeds), ("--k", self.k), ("--k-frac", self.k_frac)):
-            dup = sorted({v for v in values if list(values).count(v) > 1})
-            if dup:
-                raise BudgetError(f"{flag}: {dup} listed twice; give each value once")
-        bad_seeds = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int)]
-        if bad_seeds:
-            raise BudgetError(f"--seeds {bad_seeds}: seeds must be integers")
-        load_plugins()  # every plugin's --param prefixes are known
-        check_extra(self.params.extra)
-        for flag, value in (("--batch-size", self.batch_size), ("--chunk", self.scoring.chunk)):
-            if flag == "--chunk" and value is None:  # sized from free memory and sequence length
-                continue
-            if not isinstance(value, int) or value < 1:
-                raise SettingError(f"{flag} {value}: must be a positive integer")
-        if self.min_tokens < 0:
-            raise SettingError(f"--min-tokens {self.min_tokens}: must be >= 0")
-        syn = self.params.synergy
-        if not 0 <= syn.boundary_percent <= 100:
-            raise SettingError(f"--boundary-percent {syn.boundary_percent:g}: must be in [0, 100]")
-        for flag, value in (
-            ("--boundary-cap", syn.boundary_cap),
-            ("--partners", syn.partners),
-            ("--partners-per-candidate", syn.partners_per_candidate),
-        ):
-            if value < 0:
-                raise SettingError(f"{flag} {value}: must be >= 0")
-        if not math.isfinite(syn.lam):
-            raise SettingError(f"--lambda-syn {syn.lam}: must be a finite number")
-        if "fap-signal" in self.methods and not 0 < self.params.signal_gamma < 0.5:
-            raise BudgetError(f"FAP-Signal gamma={self.params.signal_gamma:g} must be in (0, 0.5); pass --gamma 0.2")
-
-    def identity(self) -> dict[str, Any]:
-        """Fields that must match for rows of one folder to be comparable."""
-        sc = dataclasses.asdict(self.scoring)
-        sc["rows_dtype"] = str(self.scoring.rows_dtype)
-        sc.pop("chunk")
-        return {
-            "model": self.model,
-            "clt": self.clt,
-            "data": self.data,
-            "task": None if self.data else self.task,
-            "n": self.n_pairs,
-            "data_seed": self.data_seed,
-            "min_tokens": self.min_tokens,
-            "scoring": sc,
-            "params": {**dataclasses.asdict(self.params)},
-            # the reference-behaviour flags change which tokens are used; recorded only when on, so
-            # folders written before the flags existed still resume
-            **({"target_token": self.target_token} if self.target_token != "single" else {}),
-            **({"cut_corrupted": True} if self.cut_corrupted else {}),
-        }
-
-    @property
-    def n_pairs(self) -> int | None:
-        """Pairs per seed: ``n``, else every pair of ``data`` (None) or :data:`DEFAULT_TASK_PAIRS` generated."""
-        if self.n is not None:
-            return self.n
-        return None if self.data else DEFAULT_TASK_PAIRS
 
 
 def _pairs_for_seed(cfg: PruneConfig, model: LoadedModel, seed: int) -> list[Pair]:
