@@ -9,7 +9,7 @@ s in ``targets(l)``. For a CLT ``targets(l) = l, ..., L-1``; for a per-layer tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -97,7 +97,7 @@ class CrossLayerTranscoder:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CrossLayerTranscoder":
         """Move encoders (and the decoder cache target) to ``device`` / ``dtype`` in place."""
-        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        kw: dict[str, Any] = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.W_enc = self.W_enc.to(**kw)
         self.b_enc = self.b_enc.to(**kw)
         self.b_dec = self.b_dec.to(**kw)

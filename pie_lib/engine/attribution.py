@@ -94,11 +94,15 @@ def patched_mlp_out_gradients(
             plan.append(("out", env, layer))
     final = _norm_op(get_path(model.lm, arch.final_norm)) if freeze else None
     lm = model.lm
-    has_off = offsets is not None
-    off = remote_.host(model, offsets) if has_off else None
+    off = remote_.host(model, offsets) if offsets is not None else None
     correct, wrong = remote_.host(model, correct), remote_.host(model, wrong)
     kind = 0 if metric == "logit_diff" else (1 if metric == "logsumexp" else 2)
-    log_p = remote_.host(model, torch.log_softmax(clean_logits.float(), -1)) if kind == 2 else None
+    # kind 2 ("kl") has clean_logits (checked above)
+    log_p = (
+        remote_.host(model, torch.log_softmax(clean_logits.float(), -1))
+        if kind == 2 and clean_logits is not None
+        else None
+    )
     keep = _last_only(model) if kind != 1 else {}
     with torch.enable_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="gradient", **keep):
         leaves = []
@@ -110,7 +114,7 @@ def patched_mlp_out_gradients(
                 env.output = detach_leading(env.output, op[2])
             else:
                 y = env.output
-                if has_off:
+                if off is not None:
                     y = y - off[op[2]].to(y.device, y.dtype)
                 if freeze:  # the MLP output is a leaf: no gradient into the MLP or upstream of it
                     y = y.detach().requires_grad_(True)
@@ -130,10 +134,12 @@ def patched_mlp_out_gradients(
         elif kind == 1:
             m = torch.logsumexp(logits.float(), dim=-1).sum(-1)
         else:
+            assert log_p is not None  # kind == 2: set above
             lp = log_p.to(logits.device)
             m = (lp.exp() * (lp - torch.log_softmax(logits[:, -1].float(), -1))).sum(-1)
         m_saved = nnsight.save(m.detach())
-        with m.sum().backward():
+        # nnsight: inside a trace backward() is a context (torch's stub says None)
+        with m.sum().backward():  # pyright: ignore[reportOptionalContextManager]
             grads_rev = [leaf.grad for leaf in reversed(leaves)]  # nnsight wants .grad in reverse forward order
             grads = nnsight.save(torch.stack(grads_rev[::-1]))
     return _val(grads).float(), _val(m_saved)

@@ -14,7 +14,7 @@ The additive mode (``c * a_max * W_dec`` added whatever a(t) is) is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import nnsight
 import torch
@@ -78,7 +78,7 @@ def clamped_greedy(
         return torch.zeros(R, max(gen_tokens, 0), dtype=torch.long)
     parts = clamp_parts(clt, layers, feats)
     dev = model.device
-    w, b, dec = parts["w"].to(dev), parts["b"].to(dev), parts["dec"].to(dev)
+    w, b, dec = (cast(torch.Tensor, parts[k]).to(dev) for k in ("w", "b", "dec"))  # only "thr" may be None
     thr = parts["thr"].to(dev) if parts["thr"] is not None else None
     v = values.float().to(dev)
     src = layers.to(dev)

@@ -230,7 +230,8 @@ def mlp_out_gradients(
         else:
             m = torch.logsumexp(logits.float(), dim=-1).sum(-1)
         m_saved = nnsight.save(m.detach())
-        with m.sum().backward():
+        # nnsight: inside a trace backward() is a context (torch's stub says None)
+        with m.sum().backward():  # pyright: ignore[reportOptionalContextManager]
             grads_rev = [leaf.grad for leaf in reversed(leaves)]  # nnsight wants .grad in reverse forward order
             grads = nnsight.save(torch.stack(grads_rev[::-1]))
     return _val(grads), _val(m_saved)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from pie_lib.data.tasks import Task
 
 NEW_METHODS: tuple[str, ...] = ("fap-ig", "fap-iterative", "greedy-refine")
 REFERENCES: tuple[str, ...] = ("fap", "fap-synergy")
@@ -54,7 +57,7 @@ def run_beyond(
     from pie_lib.experiments.runs import prune_tasks
 
     df = prune_tasks(tasks, runs, "07_beyond", world=world, seeds_by_task=seeds_by_task, **params)
-    return df[df["budget"] == "abs"].reset_index(drop=True)
+    return cast(pd.DataFrame, df[df["budget"] == "abs"]).reset_index(drop=True)
 
 
 def method_costs(
@@ -87,7 +90,7 @@ def method_costs(
     from pie_lib.prune.registry import get_methods
 
     model, clt = world
-    pairs = generate_task(task, model.tokenizer, n, seed=data_seed).pairs
+    pairs = generate_task(cast("Task", task), model.tokenizer, n, seed=data_seed).pairs
     batches = tokenize_pairs(model, pairs, batch_size=batch_size).batches
     params = MethodParams(extra=dict(extra or {}))
     scoring = ScoringConfig(chunk=chunk)
@@ -206,7 +209,7 @@ def goal_table(
     rows = []
     syn = eb[eb["reference"] == "fap-synergy"]
     for r in syn.itertuples():
-        d = df[df["task"] == r.task]
+        d = cast(pd.DataFrame, df[df["task"] == r.task])
         pt = paired_test(d, ("fap", r.k_ref), ("fap-synergy", r.k_ref), value="kl", n_boot=n_boot, seed=seed)
         row = {
             "task": r.task,
@@ -227,7 +230,9 @@ def goal_table(
         if costs is not None:  # the new method at half the budget against FAP-Synergy at the full one
             row["k_half"] = int(r.k_ref // 2)
             for prefix, method, kk in (("", r.method, row["k_half"]), ("syn_", "fap-synergy", r.k_ref)):
-                c = costs[(costs["task"] == r.task) & (costs["method"] == method) & (costs["k"] == kk)]
+                c = cast(
+                    pd.DataFrame, costs[(costs["task"] == r.task) & (costs["method"] == method) & (costs["k"] == kk)]
+                )
                 for col in ("forwards_per_prompt", "seconds_per_prompt"):
                     row[prefix + col] = float(c[col].iloc[0]) if len(c) else np.nan
         rows.append(row)
@@ -237,7 +242,8 @@ def goal_table(
 def goal_summary(goal: pd.DataFrame) -> str:
     """One line per (task, method): the k_ref where FAP-Synergy beats FAP, and where the goal is reached."""
     lines = []
-    for (task, method), g in goal.groupby(["task", "method"], sort=True):
+    for key, g in goal.groupby(["task", "method"], sort=True):
+        task, method = cast("tuple[str, str]", key)
         beats = g[g["syn_beats_fap"]]
         hit = beats[beats["reached"]]["k_ref"].tolist()
         miss = beats[~beats["reached"]]["k_ref"].tolist()

@@ -109,7 +109,7 @@ def _file_docs(path: Path, cfg: CorpusConfig) -> Iterator[str]:
 
 def _hf_docs(cfg: CorpusConfig) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # pyright: ignore[reportMissingImports]  # optional extra (pie_lib[data])
     except ImportError:
         raise MissingDependencyError(
             f"corpus {cfg.source!r} looks like a Hugging Face dataset name; reading it needs the datasets "

@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -451,7 +451,10 @@ class ActivationStore:
                 lo = b * bs
                 df = sparse_activations(model, clt, tokens[lo : lo + bs], by_layer, pad)
                 df["ctx"] = contexts["ctx_id"].to_numpy()[lo + df.pop("row").to_numpy()]
-                write_parquet(df[["layer", "feature", "ctx", "pos", "act"]], r["dir"] / f"part-{b:06d}.parquet")
+                write_parquet(
+                    cast(pd.DataFrame, df[["layer", "feature", "ctx", "pos", "act"]]),
+                    r["dir"] / f"part-{b:06d}.parquet",
+                )
         self._records = self._ctx_table = self._ct_groups = self._rec_groups = None
 
     # ---------------------------------------------------------------- reading
@@ -521,7 +524,7 @@ class ActivationStore:
         if len(ct):
             idx = ct.groupby(["layer", "feature"])["abs"].idxmax()
             best = ct.loc[idx, ["layer", "feature", "act"]].rename(columns={"act": "max_act"})
-            n = ct.groupby(["layer", "feature"]).size().rename("n_active").reset_index()
+            n = cast(pd.Series, ct.groupby(["layer", "feature"]).size()).rename("n_active").reset_index()
             keys = keys.merge(best, how="left", on=["layer", "feature"]).merge(n, how="left", on=["layer", "feature"])
         else:
             keys = keys.assign(max_act=np.nan, n_active=0)
@@ -623,7 +626,7 @@ class ActivationStore:
         rec = rec.sort_values(["layer", "feature", "ctx", "pos"])
         lists = rec.groupby(["layer", "feature", "ctx"]).agg(nz_pos=("pos", list), nz_act=("act", list)).reset_index()
         ex = ex.merge(lists, on=["layer", "feature", "ctx"], how="left")
-        return ex[cols].reset_index(drop=True)
+        return cast(pd.DataFrame, ex[cols]).reset_index(drop=True)
 
     def feature_examples(
         self, examples: pd.DataFrame, layer: int, feature: int, stats: pd.DataFrame | None = None
@@ -788,7 +791,7 @@ class StreamingExamples:
 
     # ------------------------------------------------------------ persistence
     def save(self, path: Path) -> None:
-        arrays = {f"top_{k}": v.numpy() for k, v in self.top.items()}
+        arrays: dict[str, Any] = {f"top_{k}": v.numpy() for k, v in self.top.items()}
         arrays.update({f"res_{k}": v.numpy() for k, v in self.res.items()})
         arrays.update(
             res_key=self.res_key.numpy(),
@@ -847,7 +850,7 @@ class StreamingExamples:
                 **(extra or {}),
             }
         )
-        return df[df["ctx"] >= 0]
+        return cast(pd.DataFrame, df[df["ctx"] >= 0])
 
     def examples(self, cfg: ExampleConfig) -> pd.DataFrame:
         """Top and quantile examples, with :meth:`ActivationStore.select_examples`' columns.
@@ -871,8 +874,8 @@ class StreamingExamples:
             res["qbin"] = (r * cfg.n_quantile_bins // n_res).astype(int)
             n_act = self.n_active.numpy()[res["u"].to_numpy()]
             res["rank"] = (r * n_act // n_res).astype(int)
-            in_top = pd.MultiIndex.from_frame(top[["u", "ctx"]])
-            res = res[~pd.MultiIndex.from_frame(res[["u", "ctx"]]).isin(in_top)]
+            in_top = pd.MultiIndex.from_frame(cast(pd.DataFrame, top[["u", "ctx"]]))
+            res = cast(pd.DataFrame, res[~pd.MultiIndex.from_frame(cast(pd.DataFrame, res[["u", "ctx"]])).isin(in_top)])
             res = res.sort_values(["u", "qbin", "key"], kind="stable")
             q = res.groupby(["u", "qbin"], sort=False).head(cfg.n_per_quantile)
             parts.append(

@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -95,7 +95,8 @@ def features_from_selections(
             f"available: {sorted({(r.get('method'), r.get('k')) for r in recs})}"
         )
     df = pd.DataFrame(rows, columns=["layer", "feature", "circuit"]).drop_duplicates()
-    return df.groupby(["layer", "feature"]).size().rename("n_circuits").reset_index()
+    sizes = cast(pd.Series, df.groupby(["layer", "feature"]).size())  # a Series for a DataFrame groupby
+    return sizes.rename("n_circuits").reset_index()
 
 
 # --------------------------------------------------------------------------- world
@@ -271,11 +272,12 @@ def interpret(
         default=str,
     )
 
+    act_store: ActivationStore | None = None  # the corpus store (None when examples come from a feature store)
     if from_store is None:
-        store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
-        examples = store.select_examples(keys, cfg.examples)
+        act_store = ActivationStore.build(lm, tc, keys, out / "examples", cfg.corpus, cfg.examples, identity, progress)
+        examples = act_store.select_examples(keys, cfg.examples)
         write_parquet(examples, out / "examples" / "examples.parquet")
-        stats_df = store.feature_stats(keys)
+        stats_df = act_store.feature_stats(keys)
     else:
         examples = pd.DataFrame({"layer": [], "feature": []})
         stats_df = from_store.feature_stats(keys)
@@ -310,8 +312,11 @@ def interpret(
         if from_store is not None:
             fx = from_store.feature_examples(*key)
         else:
-            fx = store.feature_examples(
-                examples, *key, stats=stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])]
+            assert act_store is not None  # built above whenever from_store is None
+            fx = act_store.feature_examples(
+                examples,
+                *key,
+                stats=cast(pd.DataFrame, stats_df[(stats_df.layer == key[0]) & (stats_df.feature == key[1])]),
             )
         e = explainer.explain(fx)
         row = _row(e, stats_rows[key], n_circ[key], explainer.backend, explainer.model)
@@ -336,6 +341,6 @@ def interpret(
         )
 
     table = collect_rows(rows_dir, keys)
-    table = table[DESCRIPTION_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)
+    table = cast(pd.DataFrame, table[DESCRIPTION_COLUMNS]).sort_values(["layer", "feature"]).reset_index(drop=True)
     write_parquet(table, out / "descriptions.parquet")
     return table

@@ -63,7 +63,7 @@ def one_line(text: str) -> str:
     return text.replace("\r", "").replace("\n", "\\n")
 
 
-def render_highlighted(text: str, starts: Sequence[int], ends: Sequence[int], mask: Sequence[bool]) -> str:
+def render_highlighted(text: str, starts: Sequence[int], ends: Sequence[int], mask: Sequence[bool] | np.ndarray) -> str:
     """``text`` with the tokens where ``mask`` is set wrapped in ``<<`` ``>>``.
 
     Args:

@@ -13,7 +13,7 @@ For each supported Hugging Face class we record (module paths relative to a deco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pie_lib.errors import UnknownArchitectureError
 
@@ -142,7 +142,7 @@ def arch_for(model_or_class: object) -> ArchSpec:
     )
 
 
-def get_path(root: object, path: str) -> object:
+def get_path(root: Any, path: str) -> Any:
     """Follow a dotted path (``model.layers``) from ``root``; works on modules and nnsight envoys."""
     obj = root
     for part in path.split("."):

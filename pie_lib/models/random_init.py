@@ -7,9 +7,12 @@ shapes and speed without downloading anything.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SMALL = {
     "llama": dict(
@@ -89,7 +92,7 @@ def word_tokenizer(words: list[str]) -> Any:
 
 def random_model(
     arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """A randomly initialised causal LM of ``arch`` ("llama", "gemma2", "gpt2")."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

@@ -7,19 +7,28 @@ Their hyper-parameters are :class:`pie_lib.prune.params.MethodParams`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
+from pie_lib.engine.traces import GradientMode
 from pie_lib.prune.context import BatchContext
 from pie_lib.prune.params import MethodParams
 from pie_lib.prune.registry import Selector, register_method
 from pie_lib.prune.scores import activation_magnitude, factp_scores, fap_scores, random_scores
-from pie_lib.prune.select import SynergyConfig, acdc_select, fap_signal, synergy_rerank, topk_global, topk_per_layer
+from pie_lib.prune.select import (
+    Budget,
+    SynergyConfig,
+    acdc_select,
+    fap_signal,
+    synergy_rerank,
+    topk_global,
+    topk_per_layer,
+)
 
 
 # ----------------------------------------------------------------------------- score helpers
-def fap(ctx: BatchContext, mode: str | None = None) -> torch.Tensor:
+def fap(ctx: BatchContext, mode: GradientMode | None = None) -> torch.Tensor:
     mode = mode or ctx.cfg.gradient
     return ctx.cached(f"fap:{mode}", lambda: fap_scores(ctx.occ, ctx.grads(mode), ctx.rows, ctx.cfg.corruption))
 
@@ -29,30 +38,31 @@ def factp(ctx: BatchContext) -> torch.Tensor:
 
 
 def _topk(score_fn: Callable[[BatchContext], torch.Tensor], per_layer: bool = False) -> Selector:
-    def select(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
         s = score_fn(ctx)
         return (topk_per_layer if per_layer else topk_global)(ctx.occ, s, k), s
 
     return select
 
 
-def _synergy(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _synergy(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     s = fap(ctx)
     cfg = SynergyConfig(**{**params.synergy.__dict__, "seed": seed})
-    return synergy_rerank(ctx.evaluator, s, k, cfg, cache=ctx.synergy), s
+    keep = cast(torch.Tensor, synergy_rerank(ctx.evaluator, s, k, cfg, cache=ctx.synergy))  # return_trace=False
+    return keep, s
 
 
-def _signal(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _signal(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     s = fap(ctx)
     return fap_signal(ctx.occ, s, k, params.signal_gamma), s
 
 
-def _random(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _random(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     s = ctx.cached(f"random:{seed}", lambda: random_scores(ctx.occ, ctx.batch.prompt_idx, seed))
     return topk_global(ctx.occ, s, k), s
 
 
-def _acdc(ctx: BatchContext, k: int, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _acdc(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     keep = acdc_select(ctx.evaluator, k, tau=params.acdc_tau)
     return keep, factp(ctx)
 

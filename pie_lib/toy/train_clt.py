@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -67,9 +67,17 @@ def collect_activations(
     reads: list[torch.Tensor] = []
     writes: list[torch.Tensor] = []
     handles = []
+
+    def read(m: nn.Module, i: tuple, o: Any) -> None:
+        reads.append(i[0])
+
+    def write(m: nn.Module, i: tuple, o: Any) -> None:
+        writes.append(o)
+
     for layer in layers:  # type: ignore[attr-defined]
-        handles.append(get_path(layer, spec.resid_mid).register_forward_hook(lambda m, i, o: reads.append(i[0])))
-        handles.append(get_path(layer, spec.mlp_out).register_forward_hook(lambda m, i, o: writes.append(o)))
+        resid_mid, mlp_out = (cast(nn.Module, get_path(layer, p)) for p in (spec.resid_mid, spec.mlp_out))
+        handles.append(resid_mid.register_forward_hook(read))
+        handles.append(mlp_out.register_forward_hook(write))
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     finally:
@@ -101,6 +109,8 @@ def corpus_activations(
 # --------------------------------------------------------------------------- the trainable CLT
 class TrainableCLT(nn.Module):
     """A CLT in normalised space. ``W_dec[l]`` is ``[F, L - l, D]``: source l writes to s >= l."""
+
+    threshold: torch.Tensor  # [L, F] buffer (declared for the type checker: buffers type as Tensor | Module)
 
     def __init__(self, n_layers: int, d_model: int, n_features: int, y_mean: torch.Tensor) -> None:
         super().__init__()
