@@ -183,4 +183,6 @@ class LazyDecoder:
             block[start : start + loaded.shape[0]] = loaded
             slots[missing] = torch.arange(start, start + loaded.shape[0])
             self._used[layer] = start + loaded.shape[0]
-        return self._blocks[layer][slots[idx].to(self.device)]
+        block = self._blocks[layer]
+        assert block is not None  # set above whenever a requested row was not resident
+        return block[slots[idx].to(self.device)]

@@ -138,8 +138,7 @@ def patched_mlp_out_gradients(
             lp = log_p.to(logits.device)
             m = (lp.exp() * (lp - torch.log_softmax(logits[:, -1].float(), -1))).sum(-1)
         m_saved = nnsight.save(m.detach())
-        # nnsight: inside a trace backward() is a context (torch's stub says None)
-        with m.sum().backward():  # pyright: ignore[reportOptionalContextManager]
+        with m.sum().backward():  # pyright: ignore[reportOptionalContextManager]  # nnsight: a context in a trace
             grads_rev = [leaf.grad for leaf in reversed(leaves)]  # nnsight wants .grad in reverse forward order
             grads = nnsight.save(torch.stack(grads_rev[::-1]))
     return _val(grads).float(), _val(m_saved)

@@ -230,8 +230,7 @@ def mlp_out_gradients(
         else:
             m = torch.logsumexp(logits.float(), dim=-1).sum(-1)
         m_saved = nnsight.save(m.detach())
-        # nnsight: inside a trace backward() is a context (torch's stub says None)
-        with m.sum().backward():  # pyright: ignore[reportOptionalContextManager]
+        with m.sum().backward():  # pyright: ignore[reportOptionalContextManager]  # nnsight: a context in a trace
             grads_rev = [leaf.grad for leaf in reversed(leaves)]  # nnsight wants .grad in reverse forward order
             grads = nnsight.save(torch.stack(grads_rev[::-1]))
     return _val(grads), _val(m_saved)
@@ -355,7 +354,7 @@ def spliced_last_logits(
         rec = clt.b_dec[layer].to(error.dtype) + (acc if acc is not None else 0)
         env.output = (rec + error[layer]).to(env.output.dtype)
 
-    with torch.no_grad(), remote_.trace(model, input_ids.to(model.device), **_last_only(model)):
+    with torch.no_grad(), remote_.trace(model, input_ids.to(model.device), kind="trace", **_last_only(model)):
         _walk_layers(model, {arch.resid_mid: encode, arch.mlp_out: write})
         last = _logits(model)[:, -1].save()
     return _val(last)

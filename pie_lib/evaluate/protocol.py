@@ -42,7 +42,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -322,13 +322,12 @@ def evaluate(
         chat, temperature=pc.rate_temperature, batch_size=pc.rating_batch_size, max_failed_retries=pc.max_failed_retries
     )
 
-    if remote is None:
-        remote = run_cfg.get("remote", False)
+    world_remote: bool | str = run_cfg.get("remote", False) if remote is None else remote
     lm, tc, _ = resolve_world(
         model if model is not None else run_cfg.get("model"),
         clt if clt is not None else run_cfg.get("clt"),
         device or (run_cfg.get("device") if model is None else None),
-        remote,
+        world_remote,
     )
 
     if max_features is not None:
@@ -382,7 +381,7 @@ def evaluate(
     if n_failed:
         log.warning("%d of %d features hit LLM request failures; rerun to retry them", n_failed, len(states))
     res = collect_rows(rows_dir, keys)
-    res = res[FADE_COLUMNS].sort_values(["layer", "feature"]).reset_index(drop=True)
+    res = cast(pd.DataFrame, res[FADE_COLUMNS]).sort_values(["layer", "feature"]).reset_index(drop=True)
     write_parquet(res, out / f"fade_{pc.name}.parquet")
     return res
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 
@@ -58,7 +59,7 @@ def effective_budget_report(
     """
     from pie_lib.stats import effective_budget_table, format_effective_budget_table
 
-    d = df[df["budget"] == "abs"] if "budget" in df.columns else df
+    d = cast(pd.DataFrame, df[df["budget"] == "abs"]) if "budget" in df.columns else df
     sfx = suffix(k_ref, k_cmp)
     tab_dir = Path(figures) / "tables"
     pair = [b for b in ("fap", "clt-relp") if b in baselines] or list(baselines)[:1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pandas as pd
 
@@ -56,7 +56,8 @@ def toy_world_missing(model: str, clt: str) -> str | None:
     """
     from pie_lib.toy import resolve_toy
 
-    paths = [resolve_toy(x, kind) for x, kind in ((model, "model"), (clt, "clt")) if toy_arch(x) is not None]
+    kinds: tuple[tuple[str, Literal["model", "clt"]], ...] = ((model, "model"), (clt, "clt"))
+    paths = [resolve_toy(x, kind) for x, kind in kinds if toy_arch(x) is not None]
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         return f"the toy world is not built ({missing[0]} is missing); run `make toy` (python -m pie_lib.toy.build)"
@@ -257,7 +258,7 @@ def select_rows(
         keep &= df["seed"].isin(list(seeds))
     if methods is not None:
         keep &= df["method"].isin(list(methods))
-    return df[keep].reset_index(drop=True)
+    return cast(pd.DataFrame, df[keep]).reset_index(drop=True)
 
 
 def write_selections(records: Iterable[dict], path: str | Path) -> Path:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
 
 if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.data.tasks import Task
     from pie_lib.models.loading import LoadedModel
 
 
@@ -53,7 +54,7 @@ def time_methods(
 
     params = params or MethodParams()
     scoring = scoring or ScoringConfig(chunk=512)
-    pairs = generate_task(task, model.tokenizer, n, seed=data_seed).pairs
+    pairs = generate_task(cast("Task", task), model.tokenizer, n, seed=data_seed).pairs  # it refuses unknown names
     batch = max(tokenize_pairs(model, pairs, batch_size=max(1, n)).batches, key=lambda b: b.size)
     rows = []
     for m in get_methods(list(methods)):

@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
 
 if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
+    from pie_lib.data.tasks import Task
     from pie_lib.models.loading import LoadedModel
 
 
@@ -53,7 +54,7 @@ def task_pairs(model: LoadedModel, task: str, n: int, seed: int, heldout: bool =
 
         make = {"ioi": heldout_ioi_pairs, "docstring": heldout_docstring_pairs}[task]
         return make(model.tokenizer, n, seed=seed).pairs
-    return generate_task(task, model.tokenizer, n, seed=seed).pairs
+    return generate_task(cast("Task", task), model.tokenizer, n, seed=seed).pairs  # it refuses unknown names
 
 
 @torch.no_grad()

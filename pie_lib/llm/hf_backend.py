@@ -34,7 +34,8 @@ class HFChat:
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model)
-            self.lm = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype).to(device).eval()
+            # transformers' stub leaves .to unbound on from_pretrained's result (it takes "self" as device)
+            self.lm = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype).to(device).eval()  # pyright: ignore[reportArgumentType]
         except (OSError, ValueError) as exc:
             raise WeightsUnavailableError(
                 f"hf explainer model {self.model!r} could not be loaded ({type(exc).__name__}); "
@@ -64,7 +65,8 @@ class HFChat:
         with self._lock, torch.no_grad():
             if temperature > 0:
                 torch.manual_seed(0 if seed is None else int(seed))
-            out = self.lm.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)
+            # transformers' stub: generate cannot bind to from_pretrained's declared result type
+            out = self.lm.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)  # pyright: ignore[reportAttributeAccessIssue]
         new = out[0, ids.shape[1] :]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return ChatResponse(text=text, prompt_tokens=int(ids.shape[1]), completion_tokens=int(new.shape[0]))

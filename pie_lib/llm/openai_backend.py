@@ -8,12 +8,15 @@ Every message this module logs or raises passes through :func:`~pie_lib.llm.base
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pie_lib.errors import LLMRequestError, MissingDependencyError
 from pie_lib.llm.base import ChatResponse, Message, redact
 from pie_lib.llm.config import LLMConfig
 from pie_lib.llm.retry import TransientError, with_retries
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 log = logging.getLogger("pie_lib.llm")
 
@@ -44,7 +47,9 @@ class OpenAIChat:
     def _once(self, messages: list[Message], params: dict[str, Any]) -> ChatResponse:
         oa = self._openai
         try:
-            r = self.client.chat.completions.create(model=self.model, messages=messages, **params)
+            # our messages are {"role", "content"} dicts: the client's message params
+            sent = cast("list[ChatCompletionMessageParam]", messages)
+            r = self.client.chat.completions.create(model=self.model, messages=sent, **params)
         except oa.APITimeoutError:
             raise TransientError(f"timed out after {self.cfg.timeout_s:g}s") from None
         except oa.APIConnectionError as exc:
@@ -55,7 +60,8 @@ class OpenAIChat:
             if status == 429 or status >= 500 or status == 408:
                 retry_after = None
                 try:
-                    retry_after = float(exc.response.headers.get("retry-after"))
+                    header = exc.response.headers.get("retry-after")
+                    retry_after = float(header) if header is not None else None
                 except (TypeError, ValueError, AttributeError):
                     pass
                 raise TransientError(msg, retry_after) from None

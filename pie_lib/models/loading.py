@@ -278,7 +278,7 @@ def load_model(
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
 
 
-def _load_local(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
+def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> Any:
     """A local folder's weights loaded once, straight onto ``device``, then wrapped in nnsight.
 
     nnsight's own loading of a repo id first builds a meta-device copy (to trace without weights)

@@ -456,6 +456,7 @@ class PatchEvaluator:
         if self.metric == "logit_diff":
             metric = metric_value(logits, self.batch.correct[prompts], self.batch.wrong[prompts], "logit_diff")
         else:
+            assert lse is not None  # metric "logsumexp": every forward returns its logsumexp
             metric = lse.float()
         return metric, kl, change  # on the device: the caller copies them to the host once
 

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import pandas as pd
 import torch
@@ -73,6 +73,9 @@ from pie_lib.store import (
 )
 from pie_lib.world import load_world, resolve_checkpoints
 
+if TYPE_CHECKING:
+    from pie_lib.data.tasks import Task
+
 log = logging.getLogger(__name__)
 
 from pie_lib.prune.defaults import DEFAULT_LADDER, DEFAULT_METHODS  # noqa: E402,F401 (re-exported)
@@ -84,7 +87,9 @@ def _pairs_for_seed(cfg: PruneConfig, model: LoadedModel, seed: int) -> list[Pai
     from pie_lib.data.tasks import generate_task
 
     data_seed = seed if cfg.data_seed is None else cfg.data_seed
-    return generate_task(cfg.task, model.tokenizer, cfg.n_pairs or DEFAULT_TASK_PAIRS, seed=data_seed).pairs
+    return generate_task(
+        cast("Task", cfg.task), model.tokenizer, cfg.n_pairs or DEFAULT_TASK_PAIRS, seed=data_seed
+    ).pairs
 
 
 def _check_out(out: Path) -> None:

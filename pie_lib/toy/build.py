@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -37,7 +37,7 @@ from pie_lib.toy.train_clt import (
     save_trained_clt,
     train_clt,
 )
-from pie_lib.toy.train_lm import DEFAULT_STEPS, LMConfig, task_accuracy, train_lm
+from pie_lib.toy.train_lm import DEFAULT_STEPS, Arch, LMConfig, task_accuracy, train_lm
 
 #: Seeds of the evaluation data (disjoint from the training seeds).
 EVAL_SEED = 1234
@@ -77,7 +77,7 @@ def build_arch(arch: str, tokenizer: Any, out: Path, lm_cfg: LMConfig, clt_cfg: 
     doc_eval = heldout_docstring_pairs(tokenizer, N_EVAL_PAIRS, seed=EVAL_SEED).pairs
     probe = {"ioi": ioi_eval[:100], "doc": doc_eval[:100]}
     model, lm_stats = train_lm(
-        arch,
+        cast(Arch, arch),  # main() refuses names outside ARCHS
         tokenizer,
         lm_cfg,
         eval_fn=lambda m: {k: task_accuracy(m, tokenizer, v) for k, v in probe.items()},  # type: ignore[arg-type]
@@ -153,7 +153,7 @@ def _config_from(ns: argparse.Namespace, cls: type, prefix: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pie_lib.toy.build", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pie_lib.toy.build", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--out", type=Path, default=TOY_ROOT, help=f"assets folder (default {TOY_ROOT})")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS))
     p.add_argument(

@@ -11,18 +11,20 @@ scores of a prompt sum to the Riemann sum of ``m_clean - m_null`` (IG completene
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
-from pie_lib.engine.attribution import path_alphas, path_mlp_out_gradients
+from pie_lib.engine.attribution import PathGradient, PathRule, path_alphas, path_mlp_out_gradients
 from pie_lib.prune.beyond.config import IgConfig
 from pie_lib.prune.context import BatchContext
 from pie_lib.prune.scores import project_gradients
 
 
-def fap_ig_scores(ctx: BatchContext, cfg: IgConfig, mode: str | None = None) -> torch.Tensor:
+def fap_ig_scores(ctx: BatchContext, cfg: IgConfig, mode: PathGradient | None = None) -> torch.Tensor:
     """``[N]`` FAP-IG scores of the batch's occurrences (cached on the context per settings)."""
     mode = mode or ctx.cfg.gradient
-    alphas = path_alphas(cfg.steps, cfg.rule)  # validates steps and rule before any forward
+    alphas = path_alphas(cfg.steps, cast(PathRule, cfg.rule))  # validates steps and rule before any forward
 
     def compute() -> torch.Tensor:
         b = ctx.batch

@@ -22,12 +22,15 @@ prompt_idx, n_active, k_eff, faithfulness``; other columns are ignored).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
 
 from pie_lib.errors import DataFormatError
+
+# numpy >= 2.0 calls it trapezoid; numpy 1.26 (still supported) has only trapz, which 2.x stubs no longer declare
+_trapezoid = np.trapezoid if hasattr(np, "trapezoid") else np.trapz  # pyright: ignore[reportAttributeAccessIssue]
 
 Level = Literal["prompt", "mean"]
 NEEDED = ("method", "k", "budget", "seed", "prompt_idx", "n_active", "k_eff", "faithfulness")
@@ -62,7 +65,11 @@ def faithfulness_curve(
     d = _prepare(df, budgets)
     if by_prompt:
         cols = ["method", "seed", "prompt_idx", "budget", "k", "size_frac", "faithfulness"]
-        return d[cols].sort_values(["method", "seed", "prompt_idx", "size_frac"]).reset_index(drop=True)
+        return (
+            cast(pd.DataFrame, d[cols])
+            .sort_values(["method", "seed", "prompt_idx", "size_frac"])
+            .reset_index(drop=True)
+        )
     g = d.groupby(["method", "budget", "k"], sort=False)
     out = g.agg(
         size_frac=("size_frac", "mean"),
@@ -93,9 +100,9 @@ def curve_areas(
             ux, uf = np.concatenate([[0.0], ux]), np.concatenate([[f_null], uf])
         if ux[-1] < 1.0:
             ux, uf = np.concatenate([ux, [1.0]]), np.concatenate([uf, [f_full]])
-    cpr = float(np.trapezoid(uf, ux)) if hasattr(np, "trapezoid") else float(np.trapz(uf, ux))
+    cpr = float(_trapezoid(uf, ux))
     dev = np.abs(1.0 - uf)
-    cmd = float(np.trapezoid(dev, ux)) if hasattr(np, "trapezoid") else float(np.trapz(dev, ux))
+    cmd = float(_trapezoid(dev, ux))
     return cpr, cmd
 
 
