@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal, cast
 
 import nnsight
 import torch
@@ -36,6 +36,9 @@ from pie_lib.engine.traces import MetricKind, _forward_steps, _last_only, _val
 from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PathGradient = Literal["replacement", "full"]
 PathRule = Literal["right", "midpoint"]
@@ -236,7 +239,7 @@ def count_forwards(model: LoadedModel) -> Iterator[ForwardCount]:
     Remote (NDIF) runs execute elsewhere and are not counted.
     """
     counter = ForwardCount()
-    emb = model.hf.get_input_embeddings()
+    emb = cast("PreTrainedModel", model.hf).get_input_embeddings()  # hf is a transformers model
 
     def hook(module: Any, inputs: tuple, output: Any) -> None:
         ids = inputs[0] if inputs else None

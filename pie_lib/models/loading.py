@@ -13,8 +13,6 @@ from pie_lib.errors import SettingError, ShapeMismatchError, WeightsUnavailableE
 from pie_lib.models.arch import ArchSpec, arch_for, get_path
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
     from pie_lib.clt.transcoder import CrossLayerTranscoder
 
 Remote = bool | str  # False, True (NDIF), or "local" (nnsight's local simulation of remote)
@@ -40,7 +38,7 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
     @property
-    def hf(self) -> PreTrainedModel:
+    def hf(self) -> torch.nn.Module:
         """The underlying ``transformers`` module (local runs only)."""
         return self.lm._module
 
