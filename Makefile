@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # the gates of .ci/run: import layers (pyproject [tool.importlinter]), ruff lint, ruff format,
-# basedpyright basic (no error beyond .basedpyright/baseline.json)
+# basedpyright basic (zero errors; no baseline)
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .

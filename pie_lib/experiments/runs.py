@@ -153,7 +153,7 @@ def prune_config(
     return PruneConfig(
         model=model,
         clt=clt,
-        task=task,
+        task=cast(Literal["ioi", "docstring"], task),  # an unknown task is refused when its pairs are generated
         n=int(n),
         methods=list(methods),
         k=[int(x) for x in k],
