@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh clone:
 #   make paper   -- create .venv if missing, install, regenerate every notebook/figure/table on the toy world
-#   make test    -- create .venv if missing, install, run the test suite
-#   make lint    -- the import-layer, lint and format gates (.ci/run runs lint, then test)
+#   make test    -- create .venv if missing, install, run the gates (make lint), then the test suite (.ci/run runs exactly this)
+#   make lint    -- the gates alone: import layers, ruff lint and format, basedpyright basic
 #   make browser -- headless Chromium + the viewer's JS libraries, for the graph-viewer test and figure
 PYTHON ?= python3
 VENV   := .venv
@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/basedpyright
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 paper: $(STAMP)
