@@ -272,7 +272,7 @@ def load_model(
                 "config.json, complete weights (*.safetensors) and tokenizer files -- re-download them where "
                 "there is network and pass the local folder"
             ) from None
-        lm.eval()
+        freeze_weights(lm)
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
 
 
@@ -301,4 +301,18 @@ def wrap_model(
     LanguageModel = _nnsight_class()
     arch = arch_for(hf_model)
     lm = LanguageModel(hf_model.eval(), tokenizer=tokenizer)
+    freeze_weights(lm)
     return LoadedModel(lm=lm, arch=arch, tokenizer=tokenizer, name=name, remote=remote)
+
+
+def freeze_weights(lm: Any) -> None:
+    """Eval mode, and no weight takes a gradient.
+
+    pie_lib differentiates only with respect to activations (MLP outputs, embeddings, masks), never
+    weights. Left trainable, every backward also builds a weight gradient it never reads: 2.5 GB
+    at Llama-3.2-1B's shape in bf16, the peak of a prune run. Frozen, the backward stops at the
+    activation leaves; the remote path already works this way (a server's weights are frozen).
+    """
+    lm.eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
