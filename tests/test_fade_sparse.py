@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from pie_lib.evaluate.protocol import ProtocolConfig, _FeatureState, _responsiveness_status, _sparse_retry
+from pie_lib.interpret.examples import NaturalActs
 
 
 class _Store:
@@ -31,8 +32,9 @@ class _Rater:
         return _Rated(np.full(len(texts), 2, dtype=np.int64))
 
 
-def _state(ratings: np.ndarray, idx: np.ndarray) -> _FeatureState:
-    return _FeatureState(0, 1, "a concept", 1.0, natural_idx=idx, ratings=ratings)
+def _state(ratings: np.ndarray, idx: np.ndarray, acts: np.ndarray | None = None) -> _FeatureState:
+    nat = None if acts is None else acts[idx]
+    return _FeatureState(0, 1, "a concept", 1.0, natural_idx=idx, natural_acts=nat, ratings=ratings)
 
 
 def test_too_few_concept_samples_rate_another_stratified_round_of_unrated_contexts():
@@ -42,16 +44,17 @@ def test_too_few_concept_samples_rate_another_stratified_round_of_unrated_contex
         "pie"
     ).max_sparse_retries == 0
     idx = np.arange(0, 500)
-    s = _state(np.r_[np.full(10, 2), np.zeros(490, dtype=np.int64)], idx)
+    s = _state(np.r_[np.full(10, 2), np.zeros(490, dtype=np.int64)], idx, acts)
     rater = _Rater()
-    _sparse_retry(s, _Store(len(acts)), acts, pc, rater, np.random.default_rng(1))
+    _sparse_retry(s, _Store(len(acts)), NaturalActs.dense(acts), pc, rater, np.random.default_rng(1))
     assert len(rater.asked) == 1 and s.n_sparse_resampled == len(rater.asked[0]) == 500
     assert np.unique(s.natural_idx).size == s.natural_idx.size == 1000  # new contexts only
     assert not np.isin(s.natural_idx[500:], idx).any() and s.ratings.size == 1000
+    assert np.array_equal(s.natural_acts, acts[s.natural_idx])  # the rated contexts' own activations
     # enough concept samples: no retry
-    enough = _state(np.r_[np.full(15, 2), np.zeros(485, dtype=np.int64)], idx)
+    enough = _state(np.r_[np.full(15, 2), np.zeros(485, dtype=np.int64)], idx, acts)
     rater2 = _Rater()
-    _sparse_retry(enough, _Store(len(acts)), acts, pc, rater2, np.random.default_rng(1))
+    _sparse_retry(enough, _Store(len(acts)), NaturalActs.dense(acts), pc, rater2, np.random.default_rng(1))
     assert rater2.asked == [] and enough.n_sparse_resampled == 0
 
 

@@ -166,7 +166,7 @@ def test_store_top_examples_nonzero_and_resumable(world, tmp_path):
     _, _, lm, clt = world
     root = tmp_path / "ex"
     corpus = CorpusConfig(n_docs=60)
-    ecfg = ExampleConfig(batch_size=16, n_top=5, n_quantile_bins=2, n_per_quantile=2)
+    ecfg = ExampleConfig(batch_size=16, n_top=5, n_quantile_bins=2, n_per_quantile=2, store="records")
     store = ActivationStore.build(lm, clt, FEATURES[:3], root, corpus, ecfg, {"m": "tiny"}, progress=False)
     rec = store.records()
     assert len(rec) and (rec["act"] != 0).all() and (rec["pos"] > 0).all()

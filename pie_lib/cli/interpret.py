@@ -44,10 +44,28 @@ def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--n-top", type=int, default=40, help="top examples kept per feature (default 40)")
     g.add_argument(
         "--examples-store",
-        choices=["records", "stream"],
-        default="records",
-        help="records: every nonzero activation on disk (pie evaluate needs it); stream: a running top-N and a "
-        "reservoir per feature, memory and disk bounded by the features explained (default records)",
+        choices=["stream", "records"],
+        default="stream",
+        help="stream (default): per feature a running top list, reservoirs of its active contexts and its "
+        "activation on a shared uniform sample of contexts; memory and disk bounded by the features explained, "
+        "and what pie evaluate samples from. records: every nonzero activation on disk (grows with corpus x "
+        "density; exact dense activations)",
+    )
+    g.add_argument(
+        "--eval-top", type=int, default=256, help="stream: strongest contexts kept per feature for pie evaluate (256)"
+    )
+    g.add_argument(
+        "--eval-reservoir",
+        type=int,
+        default=1024,
+        help="stream: uniform sample of each feature's active contexts for pie evaluate (1024)",
+    )
+    g.add_argument(
+        "--context-sample",
+        type=int,
+        default=4096,
+        help="stream: uniform sample of all contexts with every feature's activation, for pie evaluate's "
+        "non-activating / random draws and clarity; a corpus of at most this many contexts is held whole (4096)",
     )
     g.add_argument("--max-examples", type=int, default=40, help="examples in the explainer prompt (default 40)")
     g.add_argument("--max-features", type=int, default=None, help="explain only the first N features (smoke runs)")
@@ -88,6 +106,8 @@ def run_interpret(args: argparse.Namespace) -> int:
     cfg = InterpretConfig(max_features=args.max_features, corpus=config_from_args(CorpusConfig, args, CORPUS_FLAGS))
     cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
     cfg.examples.store = args.examples_store
+    cfg.examples.eval_top, cfg.examples.eval_reservoir = args.eval_top, args.eval_reservoir
+    cfg.examples.context_sample = args.context_sample
     cfg.explain.max_examples = args.max_examples
     if args.selections is None and args.features is None:
         raise PieError("pie interpret needs --selections (from `pie prune`) or --features")

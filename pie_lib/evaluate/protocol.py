@@ -53,13 +53,14 @@ from pie_lib.errors import DataFormatError, LLMRequestError
 from pie_lib.evaluate.judges import ConceptGenerator, Rater
 from pie_lib.evaluate.metrics import clarity as clarity_score
 from pie_lib.evaluate.metrics import faithfulness_score, responsiveness_purity
-from pie_lib.evaluate.sampling import FADE_PERCENTILES, fade_sample, pie_sample
+from pie_lib.evaluate.sampling import FADE_PERCENTILES, fade_sample_weighted, pie_sample, pie_sample_held
 from pie_lib.evaluate.steering import steered_generate
 from pie_lib.interpret.chat import make_chat
 from pie_lib.interpret.corpus import CorpusConfig, make_contexts
 from pie_lib.interpret.examples import (
     ActivationStore,
     FeatureKey,
+    NaturalActs,
     encode_features,
     features_by_layer,
     pad_batch,
@@ -108,6 +109,7 @@ FADE_COLUMNS = [
     "status",
     "error",
     "p2_by_factor",
+    "natural_sampling",
 ]
 
 
@@ -195,7 +197,8 @@ class _FeatureState:
     usage: Usage = field(default_factory=Usage)
     parse_failures: int = 0
     generated: list[str] = field(default_factory=list)
-    natural_idx: np.ndarray | None = None
+    natural_idx: np.ndarray | None = None  # positions (in the store's contexts) of the rated natural samples
+    natural_acts: np.ndarray | None = None  # their activations
     ratings: np.ndarray | None = None
     error: str | None = None
     n_sparse_resampled: int = 0
@@ -350,7 +353,7 @@ def evaluate(
         desc = None if desc is None or (isinstance(desc, float) and math.isnan(desc)) else str(desc)
         states.append(_FeatureState(l, f, desc, float(stats.loc[(l, f), "max_act"])))
 
-    natural = {}  # (l, f) -> [N] activations of every corpus context
+    natural: dict[FeatureKey, NaturalActs] = {}  # the chunk's features: activations on the corpus contexts
     rng = np.random.default_rng(pc.seed)
     steer_prompts = _steer_prompts(store, pc, rng)
     workers = max(1, llm_cfg.workers)
@@ -358,7 +361,9 @@ def evaluate(
     for c0 in range(0, len(states), pc.features_per_chunk):
         chunk = states[c0 : c0 + pc.features_per_chunk]
         for s in chunk:
-            natural[(s.layer, s.feature)] = store.dense_acts(s.layer, s.feature)
+            if s.description is not None and s.max_act != 0:
+                natural[(s.layer, s.feature)] = store.natural_acts(s.layer, s.feature)
+                s.row["natural_sampling"] = "exact" if natural[(s.layer, s.feature)].exact else "estimated"
         live = [s for s in chunk if s.description is not None and s.max_act != 0]
         # --- LLM: concept texts and natural-sample ratings (one thread per feature)
         _parallel(
@@ -381,6 +386,8 @@ def evaluate(
     if n_failed:
         log.warning("%d of %d features hit LLM request failures; rerun to retry them", n_failed, len(states))
     res = collect_rows(rows_dir, keys)
+    if len(res) and "natural_sampling" not in res:  # rows written before the column existed
+        res["natural_sampling"] = None
     res = cast(pd.DataFrame, res[FADE_COLUMNS]).sort_values(["layer", "feature"]).reset_index(drop=True)
     write_parquet(res, out / f"fade_{pc.name}.parquet")
     return res
@@ -398,7 +405,7 @@ def _parallel(workers: int, fn: Callable[[Any], None], items: list) -> None:
 def _judge_natural(
     s: _FeatureState,
     store: ActivationStore,
-    acts: np.ndarray,
+    nat: NaturalActs,
     pc: ProtocolConfig,
     generator: ConceptGenerator,
     rater: Rater,
@@ -406,18 +413,28 @@ def _judge_natural(
     """Generator texts and ratings of the sampled natural contexts for one feature."""
     rng = np.random.default_rng([pc.seed, s.layer, s.feature])
     if pc.sampling == "stratified":
-        idx = fade_sample(acts, pc.n_samples, pc.top_fraction, pc.percentiles, rng)
+        held = fade_sample_weighted(nat.acts, nat.weight, pc.n_samples, pc.top_fraction, pc.percentiles, rng)
+        s.natural_idx, s.natural_acts = nat.pos[held], nat.acts[held]
+    elif nat.exact:
+        idx = pie_sample(nat.acts, pc.n_top, pc.n_random, rng)
+        s.natural_idx, s.natural_acts = nat.pos[idx], nat.acts[idx]
     else:
-        idx = pie_sample(acts, pc.n_top, pc.n_random, rng)
-    s.natural_idx = idx
-    texts = store.contexts["text"].to_numpy()[idx].tolist()
+        if pc.n_top > nat.n_top_exact and nat.n_active > nat.n_top_exact:
+            raise DataFormatError(
+                f"protocol n_top {pc.n_top} > the {nat.n_top_exact} top contexts the streaming store keeps for "
+                f"feature ({s.layer}, {s.feature}); rerun `pie interpret` with a larger --eval-top"
+            )
+        top, rand = pie_sample_held(nat.acts, nat.pos, nat.n_top_exact, nat.uniform_pos, pc.n_top, pc.n_random, rng)
+        s.natural_idx = np.concatenate([nat.pos[top], nat.uniform_pos[rand]])
+        s.natural_acts = np.concatenate([nat.acts[top], nat.uniform_acts[rand]])
+    texts = store.contexts["text"].to_numpy()[s.natural_idx].tolist()
     try:
         g = generator.generate(str(s.description), pc.n_generation_calls, pc.n_per_generation, pc.n_generated)
         s.usage, s.parse_failures, s.generated = s.usage + g.usage, s.parse_failures + g.parse_failures, g.texts
         r = rater.rate(str(s.description), texts)
         s.usage, s.parse_failures, s.ratings = s.usage + r.usage, s.parse_failures + r.parse_failures, r.ratings
         if pc.sampling == "stratified":
-            _sparse_retry(s, store, acts, pc, rater, rng)
+            _sparse_retry(s, store, nat, pc, rater, rng)
     except LLMRequestError as exc:
         s.error = str(exc)
 
@@ -425,7 +442,7 @@ def _judge_natural(
 def _sparse_retry(
     s: _FeatureState,
     store: ActivationStore,
-    acts: np.ndarray,
+    nat: NaturalActs,
     pc: ProtocolConfig,
     rater: Rater,
     rng: np.random.Generator,
@@ -433,16 +450,21 @@ def _sparse_retry(
     """FADE's sparse-concept retry: too few samples rated 2 -> rate ``n_samples`` more, drawn
     with the same stratified scheme from the contexts not rated yet (at most ``max_sparse_retries``)."""
     for _ in range(pc.max_sparse_retries):
-        assert s.natural_idx is not None and s.ratings is not None
+        assert s.natural_idx is not None and s.ratings is not None and s.natural_acts is not None
         if int((s.ratings == 2).sum()) >= pc.sparse_threshold:
             return
-        unrated = np.setdiff1d(np.arange(len(acts)), s.natural_idx)
+        unrated = np.flatnonzero(~np.isin(nat.pos, s.natural_idx))  # held contexts not rated yet
         if unrated.size == 0:
             return
-        extra = unrated[fade_sample(acts[unrated], pc.n_samples, pc.top_fraction, pc.percentiles, rng)]
-        r = rater.rate(str(s.description), store.contexts["text"].to_numpy()[extra].tolist())
+        extra = unrated[
+            fade_sample_weighted(
+                nat.acts[unrated], nat.weight[unrated], pc.n_samples, pc.top_fraction, pc.percentiles, rng
+            )
+        ]
+        r = rater.rate(str(s.description), store.contexts["text"].to_numpy()[nat.pos[extra]].tolist())
         s.usage, s.parse_failures = s.usage + r.usage, s.parse_failures + r.parse_failures
-        s.natural_idx = np.concatenate([s.natural_idx, extra])
+        s.natural_idx = np.concatenate([s.natural_idx, nat.pos[extra]])
+        s.natural_acts = np.concatenate([s.natural_acts, nat.acts[extra]])
         s.ratings = np.concatenate([s.ratings, r.ratings])
         s.n_sparse_resampled += int(extra.size)
 
@@ -468,9 +490,9 @@ def _score_activation_metrics(
         nat = natural[(s.layer, s.feature)]
         syn = acts[owner_arr == j]
         s.row["n_generated"] = int(len(syn))
-        s.row["clarity"] = clarity_score(nat, syn)
-        assert s.natural_idx is not None and s.ratings is not None
-        resp, pur = responsiveness_purity(nat[s.natural_idx], s.ratings)
+        s.row["clarity"] = clarity_score(nat.uniform_acts, syn)  # every context, or a uniform sample of them
+        assert s.natural_acts is not None and s.ratings is not None
+        resp, pur = responsiveness_purity(s.natural_acts, s.ratings)
         s.row["responsiveness"], s.row["purity"] = resp, pur
 
 
@@ -615,4 +637,5 @@ def _final_row(s: _FeatureState, pc: ProtocolConfig, chat: Any) -> dict:
         "status": status,
         "error": s.error,
         "p2_by_factor": s.row.get("p2_by_factor"),
+        "natural_sampling": s.row.get("natural_sampling"),
     }

@@ -56,15 +56,18 @@ def logit_effects(
 
 
 def page_from_examples(
-    fx: Any, dense_acts: np.ndarray | None, transcoder_id: str, logits: tuple[list[str], list[str]]
+    fx: Any, active_acts: np.ndarray | None, transcoder_id: str, logits: tuple[list[str], list[str]]
 ) -> dict[str, Any]:
-    """A feature page from Stage II's ``FeatureExamples`` (whole contexts) plus our logits."""
+    """A feature page from Stage II's ``FeatureExamples`` (whole contexts) plus our logits.
+
+    ``active_acts``: the feature's activations on its active contexts (all, or a uniform sample of
+    them), for the page's activation quantiles and histogram."""
     from pie_lib.interpret.feature_store import record_from_examples
 
     return {
         "transcoder_id": transcoder_id,
         "index": cantor(fx.layer, fx.feature),
-        **record_from_examples(fx, dense_acts),
+        **record_from_examples(fx, active_acts, fx.density),
         "top_logits": logits[0],
         "bottom_logits": logits[1],
     }
@@ -144,7 +147,7 @@ def pages_from_interpret(
                 missing.append(key)
                 continue
             fx = acts.feature_examples(examples, *key, stats=stats)
-            pages[key] = page_from_examples(fx, acts.dense_acts(*key), transcoder_id, logits[key])
+            pages[key] = page_from_examples(fx, acts.active_acts(*key)[0], transcoder_id, logits[key])
     if missing:
         log.warning("%d feature(s) have no examples in %s, so no feature page: %s", len(missing), root, missing[:8])
     return pages

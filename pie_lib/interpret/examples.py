@@ -60,11 +60,25 @@ class ExampleConfig:
 
     Attributes:
         batch_size: contexts per forward.
-        n_top: top-activating contexts kept per feature.
+        n_top: top-activating contexts kept per feature (with their token activations).
         n_quantile_bins, n_per_quantile: quantile-sampled contexts (below the top ones).
-        seed: seed of the quantile sampling (and of the streaming reservoir's hash).
-        store: "records" (every nonzero activation on disk) or "stream" (running top-N + reservoir).
-        reservoir: reservoir contexts per feature in stream mode (0 = 4 x bins x per-bin samples).
+        seed: seed of the quantile sampling and of the streaming store's hashes (reservoirs and
+            the context sample).
+        store: "stream" (default: running top lists, reservoirs and a shared context sample, bounded
+            by the features explained) or "records" (every nonzero activation on disk, grows with
+            corpus x density).
+        reservoir: reservoir contexts per feature with token activations, for the quantile examples
+            (stream mode; 0 = 4 x bins x per-bin samples).
+        eval_top: stream mode: the strongest contexts kept per feature as values only (context id
+            and activation) for ``pie evaluate``'s draws from the top; at least ``n_top``.
+        eval_reservoir: stream mode: a uniform sample of each feature's active contexts, values
+            only, for ``pie evaluate``'s draws from the activation-percentile bins and the feature
+            pages' activation quantiles (all of them when the feature is active on fewer).
+        context_sample: stream mode: a uniform sample of all contexts (the same for every feature,
+            by a seeded hash of the context id) with every explained feature's activation on each,
+            for ``pie evaluate``'s draws of non-activating and random contexts and for clarity's
+            natural side; when the corpus has at most this many contexts it holds all of them and
+            evaluation is exact.
         checkpoint_every: stream mode writes its state every this many batches (resume point).
     """
 
@@ -73,13 +87,29 @@ class ExampleConfig:
     n_quantile_bins: int = 4
     n_per_quantile: int = 5
     seed: int = 0
-    store: str = "records"
+    store: str = "stream"
     reservoir: int = 0
+    eval_top: int = 256
+    eval_reservoir: int = 1024
+    context_sample: int = 4096
     checkpoint_every: int = 50
 
     def reservoir_size(self) -> int:
         """Contexts kept per feature for quantile sampling (default 4 x bins x per-bin samples)."""
         return self.reservoir or 4 * max(1, self.n_quantile_bins) * max(1, self.n_per_quantile)
+
+    def check(self) -> None:
+        """One-line errors for settings that cannot work together."""
+        if self.store not in ("records", "stream"):
+            raise DataFormatError(f"example store {self.store!r}: use 'stream' (default) or 'records'")
+        if self.store == "stream" and self.eval_top < self.n_top:
+            raise DataFormatError(
+                f"eval_top ({self.eval_top}) < n_top ({self.n_top}): the values-only top list must hold the top "
+                "examples; raise --eval-top or lower --n-top"
+            )
+        for name in ("batch_size", "eval_reservoir", "context_sample", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DataFormatError(f"{name} = {getattr(self, name)}: must be >= 1")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -282,8 +312,7 @@ class ActivationStore:
         cfg = cfg or ExampleConfig()
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        if cfg.store not in ("records", "stream"):
-            raise DataFormatError(f"example store {cfg.store!r}: use 'records' or 'stream'")
+        cfg.check()
         manifest = {"version": 1, "identity": identity or {}, "corpus": asdict(corpus), "store": cfg.store}
         mpath = root / "manifest.json"
         old = read_config(mpath, "activation store")
@@ -298,8 +327,8 @@ class ActivationStore:
             check_same_config(
                 {"store": old.get("store", "records")},
                 {"store": cfg.store},
-                f"{root} is a {old.get('store', 'records')!r} example store, not {cfg.store!r}; pass the same "
-                "--examples-store or a fresh --out folder",
+                f"{root} is a {old.get('store', 'records')!r} example store, not {cfg.store!r}; pass "
+                f"--examples-store {old.get('store', 'records')} or a fresh --out folder",
             )
             manifest = {**old, "store": cfg.store}
         ctx_path = root / "contexts.parquet"
@@ -366,6 +395,9 @@ class ActivationStore:
                     "n_top": cfg.n_top,
                     "reservoir": cfg.reservoir_size(),
                     "seed": cfg.seed,
+                    "eval_top": cfg.eval_top,
+                    "eval_reservoir": cfg.eval_reservoir,
+                    "context_sample": cfg.context_sample,
                 },
                 rdir / "features.json",
                 indent=1,
@@ -391,6 +423,11 @@ class ActivationStore:
                     int(r.get("reservoir", cfg.reservoir_size())),
                     ctx_len,
                     int(r.get("seed", cfg.seed)),
+                    int(r.get("eval_top", cfg.eval_top)),
+                    int(r.get("eval_reservoir", cfg.eval_reservoir)),
+                    context_sample(
+                        ctx_ids.numpy(), int(r.get("context_sample", cfg.context_sample)), int(r.get("seed", cfg.seed))
+                    ),
                 )
             )
             bs = int(r["batch_size"])
@@ -534,13 +571,75 @@ class ActivationStore:
         return keys
 
     def dense_acts(self, layer: int, feature: int) -> np.ndarray:
-        """``[N]`` activation of every context (zeros for contexts where the feature is silent)."""
-        self._records_only("dense_acts() (every context's activation, e.g. for pie evaluate)")
+        """``[N]`` activation of every context (zeros for contexts where the feature is silent).
+
+        A streaming store has it only when its context sample holds every context (a corpus of at
+        most ``context_sample`` contexts); otherwise use :meth:`natural_acts`.
+        """
+        if self.is_stream:
+            st = self._eval_stream(layer, feature)
+            if len(st.sample_ctx) != self.n_contexts:
+                raise DataFormatError(
+                    f"{self.root}: streaming store of {self.n_contexts} contexts holds every feature's activation on a "
+                    f"uniform sample of {len(st.sample_ctx)}; dense_acts needs all of them: use natural_acts(), or "
+                    "rebuild with a larger --context-sample or --examples-store records"
+                )
+            out = np.zeros(self.n_contexts, dtype=np.float64)
+            out[self._ctx_positions(st.sample_ctx)] = st.sample_act[st.index[(layer, feature)]].numpy()
+            return out
         ct = self.context_table()
         rows = self._group_rows("ct", layer, feature)
         out = np.zeros(self.n_contexts, dtype=np.float64)
         out[self._ctx_positions(ct["ctx"].to_numpy()[rows])] = ct["act"].to_numpy()[rows]
         return out
+
+    def _eval_stream(self, layer: int, feature: int) -> "StreamingExamples":
+        """The streaming state holding ``(layer, feature)``, with the state evaluation needs."""
+        st = self._stream_of(layer, feature)
+        if st is None:
+            raise DataFormatError(
+                f"{self.root}: feature ({layer}, {feature}) has no activations in this store; rerun `pie interpret` "
+                "with it (or its selections)"
+            )
+        if not st.has_eval_state:
+            raise DataFormatError(
+                f"{self.root}: streaming store written by an older pie_lib, without the context sample that "
+                "pie evaluate needs; rerun `pie interpret` into a fresh --out folder"
+            )
+        return st
+
+    def natural_acts(self, layer: int, feature: int) -> NaturalActs:
+        """A feature's activations on the corpus contexts, as ``pie evaluate`` samples them
+        (:class:`NaturalActs`: exact in records mode and whenever the context sample is the corpus)."""
+        if not self.is_stream:
+            return NaturalActs.dense(self.dense_acts(layer, feature))
+        st = self._eval_stream(layer, feature)
+        d = st.natural(layer, feature, self.n_contexts)
+        u = st.index[(layer, feature)]
+        return NaturalActs(
+            pos=self._ctx_positions(d["ctx"]),
+            acts=d["acts"],
+            weight=d["weight"],
+            uniform_pos=self._ctx_positions(d["uniform_ctx"]),
+            uniform_acts=d["uniform_acts"],
+            n_contexts=self.n_contexts,
+            n_active=int(st.n_active[u]),
+            n_top_exact=int(d["n_top_exact"]),
+        )
+
+    def active_acts(self, layer: int, feature: int) -> tuple[np.ndarray, bool]:
+        """Activations of the feature's active contexts: ``(values, exact)``; all of them (exact) in
+        records mode, or when the streaming store's samples hold them all; else a uniform sample."""
+        if not self.is_stream:
+            d = self.dense_acts(layer, feature)
+            return d[d != 0], True
+        st = self._eval_stream(layer, feature)
+        u = st.index[(layer, feature)]
+        if len(st.sample_ctx) == self.n_contexts:
+            a = st.sample_act[u].numpy().astype(np.float64)
+            return a[a != 0], True
+        a = st.active_sample(layer, feature)
+        return a, len(a) == int(st.n_active[u])
 
     def _group_rows(self, which: str, layer: int, feature: int) -> np.ndarray:
         """Row indices of one feature in context_table() ("ct") or records() ("rec"), via a
@@ -662,6 +761,17 @@ class ActivationStore:
 
 
 # --------------------------------------------------------------------------- streaming mode
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
 def _hash01(seed: int, layer: int, features: np.ndarray, ctx: np.ndarray) -> np.ndarray:
     """``[B, U]`` uniform [0, 1) numbers from a splitmix64 hash of (seed, layer, feature, context).
 
@@ -673,12 +783,20 @@ def _hash01(seed: int, layer: int, features: np.ndarray, ctx: np.ndarray) -> np.
         c = ctx.astype(np.uint64)[:, None]
         x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) ^ (np.uint64(layer) * np.uint64(0xD1B54A32D192ED03))
         x = x ^ (f * np.uint64(0xABC98388FB8FAC03)) ^ (c * np.uint64(0x8CB92BA72F3D8DD7))
-        x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+    return (_mix64(x) >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+
+
+def context_sample(ctx_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The ``size`` context ids of smallest seeded hash (all when there are fewer): a uniform sample
+    without replacement of the contexts, shared by every feature, independent of batching. Sorted."""
+    ids = np.asarray(ctx_ids, dtype=np.int64)
+    if len(ids) <= size:
+        return np.sort(ids)
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(0x5851F42D4C957F2D)
+        key = _mix64(x ^ (ids.astype(np.uint64) * np.uint64(0x8CB92BA72F3D8DD7)))
+    order = np.lexsort((ids, key))  # by hash, ties by id
+    return np.sort(ids[order[:size]])
 
 
 def _sort_rows(primary: torch.Tensor, ctx: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -689,40 +807,114 @@ def _sort_rows(primary: torch.Tensor, ctx: torch.Tensor, descending: bool) -> to
     return o1.gather(1, o2)
 
 
+@dataclass
+class NaturalActs:
+    """A feature's activations on the corpus contexts, as ``pie evaluate`` samples them.
+
+    ``pos``/``acts``/``weight`` are the *held* contexts; each stands for ``weight`` corpus contexts
+    of its kind (1 = only itself). With every context held (records mode, or a streaming store whose
+    context sample is the whole corpus) all weights are 1 and these are the exact activations of
+    every context. Otherwise the held contexts are: the exact top list (weight 1); the rest of a
+    uniform sample of the active contexts (weight = remaining active contexts / their number there,
+    1 when the sample holds all of them); the silent contexts of the uniform context sample (weight
+    = silent contexts / their number there). The active and silent counts are exact; the rank of a
+    held active context below the top list is estimated from the sample.
+
+    Attributes:
+        pos: ``[P]`` positions of the held contexts in the store's contexts table.
+        acts: ``[P]`` their activation (value at the token of largest |activation|).
+        weight: ``[P]`` corpus contexts each stands for.
+        uniform_pos, uniform_acts: ``[M]`` a uniform sample without replacement of all contexts
+            and their activations (every context when exact): clarity's natural side and the
+            random draws of the "pie" protocol.
+        n_top_exact: the first this many held contexts are the exact top list by |activation|
+            (all of them when exact).
+    """
+
+    pos: np.ndarray
+    acts: np.ndarray
+    weight: np.ndarray
+    uniform_pos: np.ndarray
+    uniform_acts: np.ndarray
+    n_contexts: int
+    n_active: int
+    n_top_exact: int
+
+    @property
+    def exact(self) -> bool:
+        return len(self.pos) == self.n_contexts and bool((self.weight == 1).all())
+
+    @classmethod
+    def dense(cls, acts: np.ndarray) -> "NaturalActs":
+        """Every context held, with its exact activation (``acts`` ``[N]``, index = position)."""
+        a = np.asarray(acts, dtype=np.float64)
+        n = len(a)
+        return cls(np.arange(n), a, np.ones(n), np.arange(n), a, n, int((a != 0).sum()), n)
+
+
 class StreamingExamples:
-    """Running top-N and reservoir of active contexts for a fixed list of features.
+    """Running top lists, reservoirs and a context sample for a fixed list of features.
 
     State per feature u (U features, N = ``n_top``, R = ``reservoir``, T = ``ctx_len``):
-    ``n_active[u]``; top ``[U, N]`` |act|, signed act, context id, argmax position and token
-    activations ``[U, N, T]``; the same for the reservoir, plus its hash keys. A context's
+    ``n_active[u]``; ``top``: the N strongest contexts (|act|, signed act, context id, argmax
+    position, token activations ``[U, N, T]``); ``res``: the R active contexts of smallest hash key
+    with the same fields plus the key (a uniform sample, for quantile examples); ``etop`` and
+    ``eres``: the same two lists at sizes ``eval_top`` / ``eval_reservoir`` as values only (|act|,
+    act, context id; the reservoir's keys) for ``pie evaluate``; ``sample_act`` ``[U, M]``: every
+    feature's activation on the M contexts of ``sample_ctx`` (:func:`context_sample`). A context's
     activation is the value at its token of largest |activation| (records mode's definition).
+    Lists are nested: ``top`` is the head of ``etop`` and ``res`` the head of ``eres``.
     """
 
     FIELDS = ("abs", "act", "ctx", "pos", "tok")
 
-    def __init__(self, features: Sequence[FeatureKey], n_top: int, reservoir: int, ctx_len: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        features: Sequence[FeatureKey],
+        n_top: int,
+        reservoir: int,
+        ctx_len: int,
+        seed: int = 0,
+        eval_top: int = 0,
+        eval_reservoir: int = 0,
+        sample_ctx: np.ndarray | None = None,
+    ) -> None:
         self.keys = sorted({(int(l), int(f)) for l, f in features})
         U, N, R, T = len(self.keys), int(n_top), int(reservoir), int(ctx_len)
         self.n_top, self.reservoir, self.ctx_len, self.seed = N, R, T, int(seed)
+        self.eval_top, self.eval_reservoir = int(eval_top), int(eval_reservoir)
         self.index = {k: i for i, k in enumerate(self.keys)}
         self.n_active = torch.zeros(U, dtype=torch.int64)
         self.next_batch = 0
-        self.top = self._empty(U, N, float("-inf"))
-        self.res = self._empty(U, R, float("-inf"))
-        self.res_key = torch.full((U, R), float("inf"), dtype=torch.float64)
+        self.top = self._empty(U, N, tokens=True)
+        self.res = self._empty(U, R, tokens=True, key=True)
+        self.etop = self._empty(U, self.eval_top)
+        self.eres = self._empty(U, self.eval_reservoir, key=True)
+        self.sample_ctx = np.zeros(0, dtype=np.int64) if sample_ctx is None else np.asarray(sample_ctx, dtype=np.int64)
+        self.sample_act = torch.zeros(U, len(self.sample_ctx))
+        self.has_eval_state = sample_ctx is not None
 
-    def _empty(self, U: int, M: int, fill: float) -> dict[str, torch.Tensor]:
-        return {
-            "abs": torch.full((U, M), fill),
+    def _empty(self, U: int, M: int, tokens: bool = False, key: bool = False) -> dict[str, torch.Tensor]:
+        part = {
+            "abs": torch.full((U, M), float("-inf")),
             "act": torch.zeros(U, M),
             "ctx": torch.full((U, M), -1, dtype=torch.int64),
-            "pos": torch.full((U, M), -1, dtype=torch.int64),
-            "tok": torch.zeros(U, M, self.ctx_len),
         }
+        if tokens:
+            part["pos"] = torch.full((U, M), -1, dtype=torch.int64)
+            part["tok"] = torch.zeros(U, M, self.ctx_len)
+        if key:
+            part["key"] = torch.full((U, M), float("inf"), dtype=torch.float64)
+        return part
+
+    @property
+    def res_key(self) -> torch.Tensor:
+        return self.res["key"]
 
     @property
     def nbytes(self) -> int:
-        ts = list(self.top.values()) + list(self.res.values()) + [self.res_key, self.n_active]
+        ts = [t for part in (self.top, self.res, self.etop, self.eres) for t in part.values()]
+        ts += [self.n_active, self.sample_act]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def update(self, layer: int, features: torch.Tensor, acts: torch.Tensor, ctx_ids: torch.Tensor) -> None:
@@ -744,36 +936,53 @@ class StreamingExamples:
         active = best_abs > 0
         self.n_active[u] += active.sum(0)
         ctx = ctx_ids.detach().cpu().long()
+        key = torch.from_numpy(_hash01(self.seed, layer, features.numpy(), ctx.numpy())).T  # [U_l, B]
         cand = {
             "abs": torch.where(active, best_abs, torch.tensor(float("-inf"))).T,
             "act": best_act.T,
             "ctx": torch.where(active, ctx[:, None], torch.tensor(-1)).T,
             "pos": best_pos.T,
             "tok": a.permute(2, 0, 1),
+            "key": torch.where(active.T, key, torch.tensor(float("inf"), dtype=torch.float64)),
         }  # [U_l, B, ...]
-        # top-N (|act| descending, ties by context id): only features where a candidate can enter,
-        # i.e. one at least as strong as the current N-th (or the list is not full yet)
-        need = (active.T & (cand["abs"] >= self.top["abs"][u, -1:])).any(1).nonzero().squeeze(1)
-        if need.numel():
-            ur = u[need]
-            merged = {k: torch.cat([self.top[k][ur], cand[k][need]], 1) for k in self.FIELDS}
-            ctx_key = merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62)
-            order = _sort_rows(merged["abs"], ctx_key, True)[:, : self.n_top]
-            for k in self.FIELDS:
-                self.top[k][ur] = self._take(merged[k], order)
-        # reservoir: the R active contexts of smallest hash key = a uniform sample without replacement
-        key = torch.from_numpy(_hash01(self.seed, layer, features.numpy(), ctx.numpy())).T  # [U_l, B]
-        key = torch.where(active.T, key, torch.tensor(float("inf"), dtype=torch.float64))
-        need = (key <= self.res_key[u, -1:]).any(1).nonzero().squeeze(1)
-        if need.numel():
-            ur = u[need]
-            mk = torch.cat([self.res_key[ur], key[need]], 1)
-            merged = {k: torch.cat([self.res[k][ur], cand[k][need]], 1) for k in self.FIELDS}
-            ctx_key = merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62)
-            order = _sort_rows(mk, ctx_key, False)[:, : self.reservoir]
-            self.res_key[ur] = mk.gather(1, order)
-            for k in self.FIELDS:
-                self.res[k][ur] = self._take(merged[k], order)
+        # top lists (|act| descending, ties by context id) and reservoirs (the active contexts of
+        # smallest hash key = a uniform sample without replacement); a batch is merged only into
+        # the features where a candidate can enter
+        for part, size in ((self.top, self.n_top), (self.etop, self.eval_top)):
+            if size:
+                need = (active.T & (cand["abs"] >= part["abs"][u, -1:])).any(1).nonzero().squeeze(1)
+                self._fold(part, u, cand, need, "abs", True, size)
+        for part, size in ((self.res, self.reservoir), (self.eres, self.eval_reservoir)):
+            if size:
+                need = (cand["key"] <= part["key"][u, -1:]).any(1).nonzero().squeeze(1)
+                self._fold(part, u, cand, need, "key", False, size)
+        if len(self.sample_ctx):  # the shared context sample: every feature's activation there
+            where = np.searchsorted(self.sample_ctx, ctx.numpy())
+            where = np.minimum(where, len(self.sample_ctx) - 1)
+            hit = self.sample_ctx[where] == ctx.numpy()
+            if hit.any():
+                cols = torch.from_numpy(where[hit])
+                self.sample_act[u[:, None], cols[None, :]] = best_act[torch.from_numpy(hit)].T
+
+    def _fold(
+        self,
+        part: dict[str, torch.Tensor],
+        u: torch.Tensor,
+        cand: dict[str, torch.Tensor],
+        need: torch.Tensor,
+        primary: str,
+        descending: bool,
+        size: int,
+    ) -> None:
+        """Merge the candidates of rows ``need`` into ``part`` and keep its first ``size`` by ``primary``."""
+        if not need.numel():
+            return
+        ur = u[need]
+        merged = {k: torch.cat([part[k][ur], cand[k][need]], 1) for k in part}
+        ctx_key = merged["ctx"].masked_fill(merged["ctx"] < 0, 1 << 62)
+        order = _sort_rows(merged[primary], ctx_key, descending)[:, :size]
+        for k in part:
+            part[k][ur] = self._take(merged[k], order)
 
     def _rows_of(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """State rows of ``features`` of ``layer`` (looked up once per layer and feature list)."""
@@ -791,13 +1000,27 @@ class StreamingExamples:
 
     # ------------------------------------------------------------ persistence
     def save(self, path: Path) -> None:
-        arrays: dict[str, Any] = {f"top_{k}": v.numpy() for k, v in self.top.items()}
-        arrays.update({f"res_{k}": v.numpy() for k, v in self.res.items()})
+        arrays: dict[str, Any] = {}
+        for name in ("top", "res", "etop", "eres"):
+            arrays.update({f"{name}_{k}": v.numpy() for k, v in getattr(self, name).items()})
         arrays.update(
-            res_key=self.res_key.numpy(),
             n_active=self.n_active.numpy(),
             keys=np.asarray(self.keys, dtype=np.int64).reshape(-1, 2),
-            meta=np.asarray([self.n_top, self.reservoir, self.ctx_len, self.seed, self.next_batch], dtype=np.int64),
+            meta=np.asarray(
+                [
+                    self.n_top,
+                    self.reservoir,
+                    self.ctx_len,
+                    self.seed,
+                    self.next_batch,
+                    self.eval_top,
+                    self.eval_reservoir,
+                ],
+                dtype=np.int64,
+            ),
+            sample_ctx=self.sample_ctx,
+            sample_act=self.sample_act.numpy(),
+            has_eval_state=np.asarray(self.has_eval_state),
         )
 
         def dump(tmp: Path) -> None:
@@ -809,14 +1032,23 @@ class StreamingExamples:
     @classmethod
     def load(cls, path: Path) -> "StreamingExamples":
         with np.load(path) as z:
-            n_top, res, ctx_len, seed, next_batch = (int(x) for x in z["meta"])
-            obj = cls([tuple(k) for k in z["keys"].tolist()], n_top, res, ctx_len, seed)
+            meta = [int(x) for x in z["meta"]]
+            n_top, res, ctx_len, seed, next_batch = meta[:5]
+            eval_top, eval_res = meta[5:7] if len(meta) >= 7 else (0, 0)  # older stores: no evaluation state
+            has_eval = bool(z["has_eval_state"]) if "has_eval_state" in z.files else False
+            sample = z["sample_ctx"].copy() if has_eval else None
+            obj = cls([tuple(k) for k in z["keys"].tolist()], n_top, res, ctx_len, seed, eval_top, eval_res, sample)
             obj.next_batch = next_batch
             obj.n_active = torch.from_numpy(z["n_active"].copy())
-            obj.res_key = torch.from_numpy(z["res_key"].copy())
-            for k in cls.FIELDS:
-                obj.top[k] = torch.from_numpy(z[f"top_{k}"].copy())
-                obj.res[k] = torch.from_numpy(z[f"res_{k}"].copy())
+            if "res_key" in z.files:  # the first streaming stores kept the reservoir's keys apart
+                obj.res["key"] = torch.from_numpy(z["res_key"].copy())
+            for name in ("top", "res", "etop", "eres"):
+                part = getattr(obj, name)
+                for k in part:
+                    if f"{name}_{k}" in z.files:
+                        part[k] = torch.from_numpy(z[f"{name}_{k}"].copy())
+            if has_eval:
+                obj.sample_act = torch.from_numpy(z["sample_act"].copy())
         return obj
 
     # ------------------------------------------------------------ outputs
@@ -866,7 +1098,7 @@ class StreamingExamples:
         top = top[top["slot"] < cfg.n_top].assign(kind="top", rank=lambda d: d["slot"])
         parts = [top]
         if cfg.n_quantile_bins > 0 and cfg.n_per_quantile > 0 and self.reservoir > 0:
-            res = self._table(self.res, {"key": self.res_key.numpy().ravel()})
+            res = self._table(self.res, {"key": self.res["key"].numpy().ravel()})
             res = res.sort_values(["u", "abs", "ctx"], ascending=[True, False, True], kind="stable")
             g = res.groupby("u", sort=False)
             r = g.cumcount().to_numpy()
@@ -907,6 +1139,45 @@ class StreamingExamples:
         if not all(int(c) in held for c in ctx_ids):
             return None
         return [held[int(c)] for c in ctx_ids]
+
+    def natural(self, layer: int, feature: int, n_contexts: int) -> dict[str, Any]:
+        """The held contexts of one feature (see :class:`NaturalActs`), by context id.
+
+        Returns:
+            ``ctx``, ``acts``, ``weight`` of the held contexts, ``n_top_exact``, and ``uniform_ctx`` /
+            ``uniform_acts`` (the context sample); when the sample holds every context, the held
+            contexts are exactly the sample (weights 1).
+        """
+        u = self.index[(layer, feature)]
+        s_ctx, s_act = self.sample_ctx, self.sample_act[u].numpy().astype(np.float64)
+        out = {"uniform_ctx": s_ctx, "uniform_acts": s_act}
+        if len(s_ctx) == n_contexts:  # the whole corpus: exact
+            return out | {"ctx": s_ctx, "acts": s_act, "weight": np.ones(len(s_ctx)), "n_top_exact": len(s_ctx)}
+        n_active = int(self.n_active[u])
+        t_ctx = self.etop["ctx"][u].numpy()
+        t_keep = t_ctx >= 0
+        t_ctx, t_act = t_ctx[t_keep], self.etop["act"][u].numpy()[t_keep].astype(np.float64)
+        r_ctx = self.eres["ctx"][u].numpy()
+        r_keep = (r_ctx >= 0) & ~np.isin(r_ctx, t_ctx)
+        r_ctx, r_act = r_ctx[r_keep], self.eres["act"][u].numpy()[r_keep].astype(np.float64)
+        z_ctx = s_ctx[s_act == 0]
+        n_rest, n_silent = n_active - len(t_ctx), n_contexts - n_active
+        # eres is a uniform sample of the active contexts, so the part outside the (value-defined) top
+        # list is a uniform sample of the remaining ones; likewise the sample's silent contexts
+        w_r = n_rest / len(r_ctx) if len(r_ctx) else 0.0
+        w_z = n_silent / len(z_ctx) if len(z_ctx) else 0.0
+        return out | {
+            "ctx": np.concatenate([t_ctx, r_ctx, z_ctx]),
+            "acts": np.concatenate([t_act, r_act, np.zeros(len(z_ctx))]),
+            "weight": np.concatenate([np.ones(len(t_ctx)), np.full(len(r_ctx), w_r), np.full(len(z_ctx), w_z)]),
+            "n_top_exact": len(t_ctx),
+        }
+
+    def active_sample(self, layer: int, feature: int) -> np.ndarray:
+        """Activations of the eval reservoir: a uniform sample of the active contexts (all when fewer)."""
+        u = self.index[(layer, feature)]
+        keep = self.eres["ctx"][u].numpy() >= 0
+        return self.eres["act"][u].numpy()[keep].astype(np.float64)
 
 
 def batch_activations(

@@ -402,14 +402,18 @@ def _window(acts: np.ndarray, peak: int, width: int | None) -> slice:
     return slice(lo, lo + width)
 
 
-def record_from_examples(fx: Any, dense_acts: np.ndarray | None, window: int | None = None) -> dict[str, Any]:
+def record_from_examples(
+    fx: Any, active_acts: np.ndarray | None, frequency: float | None = None, window: int | None = None
+) -> dict[str, Any]:
     """A store record (the example part of a feature page) from Stage II's ``FeatureExamples``.
 
     Args:
         fx: :class:`~pie_lib.interpret.examples.FeatureExamples` of one feature.
-        dense_acts: ``[N]`` the feature's activation on every corpus context (0 where silent) for
-            ``quantile_values`` (activation at each percentile of the active contexts), the
-            histogram and ``activation_frequency``; None when unknown (empty / the examples' share).
+        active_acts: the feature's activation on its active corpus contexts (all of them, or a
+            uniform sample of them: :meth:`ActivationStore.active_acts`) for ``quantile_values``
+            (activation at each percentile of the active contexts) and the histogram (counts of
+            the values given); None when unknown.
+        frequency: share of contexts where the feature is active (default ``fx.density``).
         window: keep this many tokens around each example's peak token (None: the whole context).
     Returns:
         ``{examples_quantiles, act_min, act_max, quantile_values, histogram, activation_frequency}``.
@@ -435,14 +439,14 @@ def record_from_examples(fx: Any, dense_acts: np.ndarray | None, window: int | N
     cat = np.concatenate(all_acts)
     act_min = float(min(cat.min(), 0.0)) if cat.size else 0.0
     act_max = float(max(cat.max(), fx.max_act)) if cat.size else float(fx.max_act)
-    if dense_acts is not None and (dense_acts != 0).any():
-        active = dense_acts[dense_acts != 0]
+    freq = float(fx.density) if frequency is None else float(frequency)
+    if active_acts is not None and len(active_acts):
+        active = np.asarray(active_acts, dtype=np.float64)
         qv = np.quantile(active, np.arange(1, 101) / 100).tolist()
         hi = act_max if act_max > act_min else act_min + 1.0
         hist = np.histogram(np.clip(active, act_min, hi), bins=N_HIST_BINS, range=(act_min, hi))[0].tolist()
-        freq = float((dense_acts != 0).mean())
     else:
-        qv, hist, freq = [], [], float(fx.density)
+        qv, hist = [], []
     return {
         "examples_quantiles": [{"quantile_name": k, "examples": v} for k, v in groups.items() if v],
         "act_min": act_min,
@@ -499,7 +503,7 @@ def store_from_corpus(
         for key in keys:
             if key in covered:
                 fx = acts.feature_examples(examples, *key, stats=stats)
-                records[key] = record_from_examples(fx, acts.dense_acts(*key), window)
+                records[key] = record_from_examples(fx, acts.active_acts(*key)[0], fx.density, window)
     return write_feature_store(out, records, clt.n_features, compression)
 
 
