@@ -300,6 +300,7 @@ def test_reservoir_does_not_depend_on_batching():
     )
     for lo, hi in ((0, 7), (7, 19), (19, 33), (33, 40)):
         many.update(0, feats, acts[lo:hi], ctx[lo:hi])
+    one.flush(), many.flush()
     for name in ("top", "res", "etop", "eres"):
         for k, v in getattr(one, name).items():
             assert torch.equal(v, getattr(many, name)[k]), (name, k)

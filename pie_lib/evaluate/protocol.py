@@ -26,6 +26,16 @@ Protocols, and what each one is:
   does not reproduce those choices. The reference reports no faithfulness; ours (10 prompts x 16
   tokens, additive steering, no gate) is our addition.
 
+The natural contexts come from the activation store of ``pie interpret``
+(:meth:`~pie_lib.interpret.examples.ActivationStore.natural_acts`). In records mode, and on a
+streaming store whose context sample is the whole corpus, that is every context's activation and
+sampling is exact (``natural_sampling = "exact"``). On a larger corpus a streaming store gives held
+contexts with weights (``"estimated"``): the exact top list, a uniform sample of the active
+contexts, and the silent contexts of a uniform sample of all contexts; the silent / active shares
+are exact, the percentile of an active context below the top list is estimated, clarity's natural
+side is the uniform context sample, and the "pie" protocol's random draws are uniform over the
+contexts outside the top (:mod:`pie_lib.evaluate.sampling`).
+
 Every undefined score says why: ``faithfulness_status``, ``clarity_status`` and
 ``responsiveness_status`` (purity shares the latter).
 

@@ -1,28 +1,34 @@
 """Activation examples: stream a corpus through model + CLT, keep what each feature fires on.
 
-Stage 1 (:meth:`ActivationStore.build`): the corpus is cut into contexts (``contexts.parquet``),
-then batch after batch goes through one :func:`~pie_lib.engine.traces.run_with_cache` and, per
-source layer, one :func:`encode_features` restricted to the requested features (their encoder
-rows gathered; no loop over features). Only nonzero activations are written, one parquet part
-per batch (``rounds/<id>/part-<batch>.parquet``: layer, feature, ctx, pos, act). A part is
-written atomically, so a rerun skips finished batches; features already collected in an earlier
-run are not recomputed (a new *round* covers only the new ones). Position 0 (BOS) and padding
-are excluded.
+The corpus is cut into contexts (``contexts.parquet``); batch after batch goes through one
+:func:`~pie_lib.engine.traces.run_with_cache` and, per source layer, one :func:`encode_features`
+restricted to the requested features (their encoder rows gathered; no loop over features).
+Position 0 (BOS) and padding are excluded. A context's activation is the value at its token of
+largest ``|activation|``. Features collected in an earlier run are not recomputed (a new *round*
+covers only the new ones). Two stores:
 
-Stage 2 (:meth:`ActivationStore.select_examples`): per feature, the activation of a context is
-the value at its token of largest ``|activation|``; the ``n_top`` contexts with the largest
-``|activation|`` are the top examples, and ``n_per_quantile`` contexts are sampled from each of
-``n_quantile_bins`` activation-quantile bins of the remaining active contexts. Written to
-``examples.parquet`` with the nonzero token activations of every example.
+**stream** (default, :class:`StreamingExamples`): per round, a state of fixed size
+``O(features x (n_top x ctx_len + reservoir x ctx_len + eval_top + eval_reservoir + context_sample))``,
+whatever the corpus length or feature density, checkpointed every ``checkpoint_every`` batches
+(``rounds/<id>/stream.npz``; a rerun resumes after the last saved batch). Per feature: the exact
+active-context count; the exact top ``n_top`` contexts with token activations (the top examples)
+and the top ``eval_top`` as values; the ``reservoir`` / ``eval_reservoir`` active contexts of
+smallest splitmix64 hash of (seed, layer, feature, context) -- uniform samples without replacement
+of its active contexts, independent of batching and resume points -- the first with token
+activations (quantile examples, bins estimated from it), the second as values; and its activation
+on a uniform sample of ``context_sample`` contexts shared by all features (smallest hash of
+(seed, context); the whole corpus when it is at most that long). :meth:`ActivationStore.natural_acts`
+turns this into what ``pie evaluate`` samples from (:class:`NaturalActs`): exact when the context
+sample is the corpus, else held contexts with weights (exact top, reservoir, silent contexts of the
+context sample).
 
-Streaming mode (``ExampleConfig(store="stream")``, ``pie interpret --examples-store stream``): instead of
-every nonzero activation, :class:`StreamingExamples` keeps per feature a running top-N and a
-uniform reservoir of its active contexts (bottom-R by a seeded hash of (feature, context), so the
-sample does not depend on batching), with their token activations, the active-context count and
-nothing else. Memory and disk are ``O(features x (N + R) x ctx_len)`` whatever the corpus size or
-feature density; a checkpoint every few batches makes it resumable. Top examples are the same as
-in records mode; quantile examples are drawn from the reservoir (quantile bins estimated from it).
-``dense_acts`` needs every context's activation, so it is only available in records mode.
+**records** (``ExampleConfig(store="records")``, ``pie interpret --examples-store records``): every
+nonzero activation, one parquet part per batch (``rounds/<id>/part-<batch>.parquet``: layer,
+feature, ctx, pos, act), written atomically so a rerun skips finished batches; disk grows with
+corpus x density. :meth:`ActivationStore.select_examples` then takes, per feature, the ``n_top``
+contexts of largest ``|activation|`` and ``n_per_quantile`` contexts from each of
+``n_quantile_bins`` activation-quantile bins of the remaining active contexts (seeded shuffle).
+Both write ``examples.parquet`` with the nonzero token activations of every example.
 """
 
 from __future__ import annotations
@@ -867,6 +873,7 @@ class StreamingExamples:
     """
 
     FIELDS = ("abs", "act", "ctx", "pos", "tok")
+    FLUSH_EVERY = 8
 
     def __init__(
         self,
@@ -893,6 +900,10 @@ class StreamingExamples:
         self.sample_ctx = np.zeros(0, dtype=np.int64) if sample_ctx is None else np.asarray(sample_ctx, dtype=np.int64)
         self.sample_act = torch.zeros(U, len(self.sample_ctx))
         self.has_eval_state = sample_ctx is not None
+        # candidates for the long values-only lists, merged every FLUSH_EVERY batches (one sort of
+        # M + k*B instead of k sorts of M + B; the lists are set functions of the candidates, so
+        # the result does not depend on when they are merged)
+        self._pending: dict[int, list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
 
     def _empty(self, U: int, M: int, tokens: bool = False, key: bool = False) -> dict[str, torch.Tensor]:
         part = {
@@ -948,14 +959,17 @@ class StreamingExamples:
         # top lists (|act| descending, ties by context id) and reservoirs (the active contexts of
         # smallest hash key = a uniform sample without replacement); a batch is merged only into
         # the features where a candidate can enter
-        for part, size in ((self.top, self.n_top), (self.etop, self.eval_top)):
-            if size:
-                need = (active.T & (cand["abs"] >= part["abs"][u, -1:])).any(1).nonzero().squeeze(1)
-                self._fold(part, u, cand, need, "abs", True, size)
-        for part, size in ((self.res, self.reservoir), (self.eres, self.eval_reservoir)):
-            if size:
-                need = (cand["key"] <= part["key"][u, -1:]).any(1).nonzero().squeeze(1)
-                self._fold(part, u, cand, need, "key", False, size)
+        if self.n_top:
+            need = (active.T & (cand["abs"] >= self.top["abs"][u, -1:])).any(1).nonzero().squeeze(1)
+            self._fold(self.top, u, cand, need, "abs", True, self.n_top)
+        if self.reservoir:
+            need = (cand["key"] <= self.res["key"][u, -1:]).any(1).nonzero().squeeze(1)
+            self._fold(self.res, u, cand, need, "key", False, self.reservoir)
+        if self.eval_top or self.eval_reservoir:
+            pend = self._pending.setdefault(layer, [])
+            pend.append((u, {k: cand[k] for k in ("abs", "act", "ctx", "key")}))
+            if len(pend) >= self.FLUSH_EVERY:
+                self._flush_layer(layer)
         if len(self.sample_ctx):  # the shared context sample: every feature's activation there
             where = np.searchsorted(self.sample_ctx, ctx.numpy())
             where = np.minimum(where, len(self.sample_ctx) - 1)
@@ -963,6 +977,24 @@ class StreamingExamples:
             if hit.any():
                 cols = torch.from_numpy(where[hit])
                 self.sample_act[u[:, None], cols[None, :]] = best_act[torch.from_numpy(hit)].T
+
+    def _flush_layer(self, layer: int) -> None:
+        pend = self._pending.pop(layer, [])
+        if not pend:
+            return
+        u = pend[0][0]
+        cand = {k: torch.cat([c[k] for _, c in pend], 1) for k in pend[0][1]}
+        if self.eval_top:
+            need = (cand["ctx"] >= 0) & (cand["abs"] >= self.etop["abs"][u, -1:])
+            self._fold(self.etop, u, cand, need.any(1).nonzero().squeeze(1), "abs", True, self.eval_top)
+        if self.eval_reservoir:
+            need = (cand["key"] <= self.eres["key"][u, -1:]).any(1).nonzero().squeeze(1)
+            self._fold(self.eres, u, cand, need, "key", False, self.eval_reservoir)
+
+    def flush(self) -> None:
+        """Merge the pending candidates into the values-only lists (before saving or reading them)."""
+        for layer in list(self._pending):
+            self._flush_layer(layer)
 
     def _fold(
         self,
@@ -1000,6 +1032,7 @@ class StreamingExamples:
 
     # ------------------------------------------------------------ persistence
     def save(self, path: Path) -> None:
+        self.flush()
         arrays: dict[str, Any] = {}
         for name in ("top", "res", "etop", "eres"):
             arrays.update({f"{name}_{k}": v.numpy() for k, v in getattr(self, name).items()})
@@ -1148,6 +1181,7 @@ class StreamingExamples:
             ``uniform_acts`` (the context sample); when the sample holds every context, the held
             contexts are exactly the sample (weights 1).
         """
+        self.flush()
         u = self.index[(layer, feature)]
         s_ctx, s_act = self.sample_ctx, self.sample_act[u].numpy().astype(np.float64)
         out = {"uniform_ctx": s_ctx, "uniform_acts": s_act}
@@ -1175,6 +1209,7 @@ class StreamingExamples:
 
     def active_sample(self, layer: int, feature: int) -> np.ndarray:
         """Activations of the eval reservoir: a uniform sample of the active contexts (all when fewer)."""
+        self.flush()
         u = self.index[(layer, feature)]
         keep = self.eres["ctx"][u].numpy() >= 0
         return self.eres["act"][u].numpy()[keep].astype(np.float64)
