@@ -300,7 +300,8 @@ def test_reservoir_does_not_depend_on_batching():
     )
     for lo, hi in ((0, 7), (7, 19), (19, 33), (33, 40)):
         many.update(0, feats, acts[lo:hi], ctx[lo:hi])
-    one.flush(), many.flush()
+    for st in (one, many):
+        st.flush(), st.canonical()
     for name in ("top", "res", "etop", "eres"):
         for k, v in getattr(one, name).items():
             assert torch.equal(v, getattr(many, name)[k]), (name, k)
@@ -374,3 +375,17 @@ def test_evaluate_on_stream_stores_end_to_end(interp_world, tmp_path):
     for key in FEATURES:
         nat = small.natural_acts(*key)
         assert np.allclose(nat.acts, dense.dense_acts(*key)[nat.pos], atol=1e-6)
+
+
+def test_cli_stream_flags_need_the_stream_store(tmp_path):
+    import argparse
+
+    from pie_lib.cli.interpret import add_interpret_parser
+    from pie_lib.errors import PieError
+
+    parser = argparse.ArgumentParser(prog="pie")
+    add_interpret_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["interpret", "--features", "0:1", "--examples-store", "records", "--context-sample", "9"])
+    with pytest.raises(PieError, match="--context-sample: only for --examples-store stream"):
+        args.func(args)
+    assert parser.parse_args(["interpret", "--features", "0:1"]).examples_store == "stream"

@@ -52,18 +52,18 @@ def add_interpret_parser(subparsers: Any) -> argparse.ArgumentParser:
         "density; exact dense activations)",
     )
     g.add_argument(
-        "--eval-top", type=int, default=256, help="stream: strongest contexts kept per feature for pie evaluate (256)"
+        "--eval-top", type=int, default=None, help="stream: strongest contexts kept per feature for pie evaluate (256)"
     )
     g.add_argument(
         "--eval-reservoir",
         type=int,
-        default=1024,
+        default=None,
         help="stream: uniform sample of each feature's active contexts for pie evaluate (1024)",
     )
     g.add_argument(
         "--context-sample",
         type=int,
-        default=4096,
+        default=None,
         help="stream: uniform sample of all contexts with every feature's activation, for pie evaluate's "
         "non-activating / random draws and clarity; a corpus of at most this many contexts is held whole (4096)",
     )
@@ -106,8 +106,12 @@ def run_interpret(args: argparse.Namespace) -> int:
     cfg = InterpretConfig(max_features=args.max_features, corpus=config_from_args(CorpusConfig, args, CORPUS_FLAGS))
     cfg.examples.batch_size, cfg.examples.n_top = args.batch_size, args.n_top
     cfg.examples.store = args.examples_store
-    cfg.examples.eval_top, cfg.examples.eval_reservoir = args.eval_top, args.eval_reservoir
-    cfg.examples.context_sample = args.context_sample
+    stream_only = {"--eval-top": "eval_top", "--eval-reservoir": "eval_reservoir", "--context-sample": "context_sample"}
+    given = [f for f, name in stream_only.items() if getattr(args, name) is not None]
+    if given and args.examples_store != "stream":
+        raise PieError(f"{', '.join(given)}: only for --examples-store stream; drop them or use the streaming store")
+    for name in (n for f, n in stream_only.items() if f in given):
+        setattr(cfg.examples, name, getattr(args, name))
     cfg.explain.max_examples = args.max_examples
     if args.selections is None and args.features is None:
         raise PieError("pie interpret needs --selections (from `pie prune`) or --features")

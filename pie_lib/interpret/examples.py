@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
@@ -959,12 +960,16 @@ class StreamingExamples:
         # top lists (|act| descending, ties by context id) and reservoirs (the active contexts of
         # smallest hash key = a uniform sample without replacement); a batch is merged only into
         # the features where a candidate can enter
+        # the lists with token activations are kept in slots, unordered, while streaming: an entering
+        # candidate overwrites the slot of the entry it evicts (no copy of the [M, T] activations)
         if self.n_top:
-            need = (active.T & (cand["abs"] >= self.top["abs"][u, -1:])).any(1).nonzero().squeeze(1)
-            self._fold(self.top, u, cand, need, "abs", True, self.n_top)
+            worst = self.top["abs"][u].amin(1, keepdim=True)
+            need = (active.T & (cand["abs"] >= worst)).any(1).nonzero().squeeze(1)
+            self._fold_slots(self.top, u, cand, need, "abs", True)
         if self.reservoir:
-            need = (cand["key"] <= self.res["key"][u, -1:]).any(1).nonzero().squeeze(1)
-            self._fold(self.res, u, cand, need, "key", False, self.reservoir)
+            worst = self.res["key"][u].amax(1, keepdim=True)
+            need = (cand["key"] <= worst).any(1).nonzero().squeeze(1)
+            self._fold_slots(self.res, u, cand, need, "key", False)
         if self.eval_top or self.eval_reservoir:
             pend = self._pending.setdefault(layer, [])
             pend.append((u, {k: cand[k] for k in ("abs", "act", "ctx", "key")}))
@@ -995,6 +1000,45 @@ class StreamingExamples:
         """Merge the pending candidates into the values-only lists (before saving or reading them)."""
         for layer in list(self._pending):
             self._flush_layer(layer)
+
+    def _fold_slots(
+        self,
+        part: dict[str, torch.Tensor],
+        u: torch.Tensor,
+        cand: dict[str, torch.Tensor],
+        need: torch.Tensor,
+        primary: str,
+        descending: bool,
+    ) -> None:
+        """Like :meth:`_fold` for a slot list: the kept set is the same (the first M by ``primary``,
+        ties by context id), but only entering candidates are written, into the evicted slots."""
+        if not need.numel():
+            return
+        ur = u[need]
+        M = part["ctx"].shape[1]
+        prim = torch.cat([part[primary][ur], cand[primary][need]], 1)
+        ctx = torch.cat([part["ctx"][ur], cand["ctx"][need]], 1)
+        order = _sort_rows(prim, ctx.masked_fill(ctx < 0, 1 << 62), descending)[:, :M]
+        keep = torch.zeros(prim.shape, dtype=torch.bool).scatter_(1, order, True)
+        ev_r, ev_s = (~keep[:, :M]).nonzero(as_tuple=True)  # freed slots, row-major
+        en_r, en_j = keep[:, M:].nonzero(as_tuple=True)  # entering candidates, row-major: the same rows
+        if not len(en_r):
+            return
+        assert torch.equal(ev_r, en_r)  # as many slots freed as candidates enter, row by row
+        rows, src = ur[ev_r], need[en_r]
+        for k in part:
+            part[k][rows, ev_s] = cand[k][src, en_j]
+
+    def canonical(self) -> None:
+        """Put the slot lists in their order (top: |act| descending; reservoir: key ascending; ties
+        by context id), as outputs and saved states expect."""
+        for part, primary, desc in ((self.top, "abs", True), (self.res, "key", False)):
+            if part["ctx"].shape[1] == 0:
+                continue
+            ctx = part["ctx"]
+            order = _sort_rows(part[primary], ctx.masked_fill(ctx < 0, 1 << 62), desc)
+            for k in part:
+                part[k] = self._take(part[k], order)
 
     def _fold(
         self,
@@ -1033,6 +1077,7 @@ class StreamingExamples:
     # ------------------------------------------------------------ persistence
     def save(self, path: Path) -> None:
         self.flush()
+        self.canonical()
         arrays: dict[str, Any] = {}
         for name in ("top", "res", "etop", "eres"):
             arrays.update({f"{name}_{k}": v.numpy() for k, v in getattr(self, name).items()})
@@ -1057,8 +1102,12 @@ class StreamingExamples:
         )
 
         def dump(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **arrays)  # token activations are mostly zeros
+            # an .npz (np.load reads it) deflated at level 1: token activations are mostly zeros, and
+            # zlib's default level took most of a checkpoint's time for little extra saving
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+                for name, arr in arrays.items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                        np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
 
         write_atomic(path, dump)
 
@@ -1087,6 +1136,7 @@ class StreamingExamples:
     # ------------------------------------------------------------ outputs
     def stats(self, n_contexts: int) -> pd.DataFrame:
         """layer, feature, max_act (signed, at the largest |activation|), n_active, density."""
+        self.canonical()
         keys = np.asarray(self.keys, dtype=np.int64).reshape(-1, 2)
         n = self.n_active.numpy()
         return pd.DataFrame(
@@ -1127,6 +1177,7 @@ class StreamingExamples:
         estimated rank among all active contexts.
         """
         cols = ["layer", "feature", "kind", "rank", "ctx", "act", "pos", "nz_pos", "nz_act"]
+        self.canonical()
         top = self._table(self.top)
         top = top[top["slot"] < cfg.n_top].assign(kind="top", rank=lambda d: d["slot"])
         parts = [top]
