@@ -250,9 +250,7 @@ def run_pie(fx: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
         "--clt",
         str(fx / "clt"),
         "--data",
-        str(fx / "ioi.jsonl"),
-        "--n",
-        "0",
+        str(fx / "ioi.jsonl"),  # every pair of the file (no --n)
         "--methods",
         "fap,fap-synergy",
         "--k",

@@ -241,8 +241,108 @@ def _patch_steps(model: LoadedModel) -> list[Any]:
     return [env for _, _, env in _forward_steps(model, (model.arch.mlp_out,))]
 
 
+@dataclass
+class PrefixCache:
+    """The clean runs' attention keys and values, so a patched forward can start mid-prompt.
+
+    A patch that changes nothing before position ``t`` leaves every position ``< t`` exactly as in
+    the clean run (the model is causal), so its forward only has to run positions ``t..T-1``
+    against the clean keys and values of ``0..t-1`` (:func:`patched_last_logits` with ``prefix``).
+
+    Attributes:
+        kv: per layer ``(keys, values)``, each ``[B, H_kv, T, d_head]`` (the model's own cache
+            layout); B the clean prompts.
+        precision: the model's parameter dtypes when it was built (a float32 upcast or a
+            mixed-precision block needs its own cache).
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    precision: tuple[torch.dtype, ...]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.kv[0][0].shape[-2])
+
+
+@dataclass
+class Prefix:
+    """Which clean prefix a patched forward starts from: batch rows ``rows`` ``[V]`` of ``cache``,
+    positions ``0..start-1``."""
+
+    cache: PrefixCache
+    rows: torch.Tensor
+    start: int
+
+
+def parameter_precision(model: LoadedModel) -> tuple[torch.dtype, ...]:
+    """The dtypes of the model's parameters, in order (what a :class:`PrefixCache` is valid for)."""
+    return tuple(p.dtype for p in model.hf.parameters())
+
+
+def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCache:
+    """One clean forward of ``input_ids`` ``[B, T]`` keeping every layer's keys and values (local only:
+    the cache would have to travel to and from the server with every request)."""
+    if remote_.is_remote(model):
+        raise SettingError("prefix caches are local-only (keys and values would travel with every request)")
+    lm = model.lm
+    name = _cache_kwarg(model)
+    with torch.no_grad(), remote_.trace(model, input_ids.to(model.device), kind="cache", use_cache=True, **_last_only(model)):
+        out = lm.output
+        cache = nnsight.save(getattr(out, name))
+    cache = _val(cache)
+    return PrefixCache([(layer.keys, layer.values) for layer in cache.layers], parameter_precision(model))
+
+
+def _cache_kwarg(model: LoadedModel) -> str:
+    """What the model's forward calls its key-value cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (before; still accepted, with a deprecation warning, after)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
+
+
+#: SDPA's CPU kernel splits queries into blocks of this many rows (fewer than 192 queries) and
+#: computes a block of fewer than SDPA_SMALL_BLOCK rows along another path, whose rounding differs.
+SDPA_QUERY_BLOCK = 32
+SDPA_SMALL_BLOCK = 4
+
+
+def exact_suffix_start(seq_len: int, first_changed: int) -> int:
+    """The latest start ``<= first_changed`` whose suffix forward rounds exactly as the full forward.
+
+    Every per-position op (matmuls, norms, MLPs) gives a row the same bits whatever the other rows,
+    and so does SDPA's attention as long as each query row sits in a block of the same kind (at
+    least :data:`SDPA_SMALL_BLOCK` rows, or the same short tail block) in both forwards (measured on
+    torch's CPU kernel; ``tests/test_patch_batching.py`` checks it). A full forward's query blocks
+    start at 0, a suffix's at its start, so the suffix is extended to the first start where the
+    kinds line up. Prompts of 192 tokens or more (another block size) start at 0.
+
+    Args:
+        seq_len: T; first_changed: the first position whose input differs from the clean run
+            (``T`` or more: nothing differs; the last position still runs, for its logits).
+    """
+    T, Q, small = seq_len, SDPA_QUERY_BLOCK, SDPA_SMALL_BLOCK
+    if T >= 192:
+        return 0
+    start = max(0, min(first_changed, T - 1))
+    full_tail = T % Q
+    while start > 0:
+        tail = (T - start) % Q
+        if full_tail and full_tail < small:
+            if tail == full_tail:  # the same short tail block, with the same rows
+                return start
+        elif not (0 < tail < small):
+            return start
+        start -= 1
+    return 0
+
+
 def patched_last_logits(
-    model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, with_logsumexp: bool = False
+    model: LoadedModel,
+    input_ids: torch.Tensor,
+    offsets: torch.Tensor,
+    with_logsumexp: bool = False,
+    prefix: Prefix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Real-model forward with fixed additive offsets *subtracted* from every MLP output.
 
@@ -252,9 +352,15 @@ def patched_last_logits(
         input_ids: ``[B, T]``; offsets: ``[L, B, T, D]`` (what to subtract at each layer).
         with_logsumexp: also return the logsumexp metric (sum over positions), computed in the
             trace so full ``[B, T, V]`` logits never leave it.
+        prefix: local only: start at ``prefix.start`` from the clean keys and values of
+            ``prefix.rows`` (:class:`PrefixCache`): only positions ``start..T-1`` run, and
+            ``offsets`` is ``[L, B, T - start, D]``, the offsets of those positions. Nothing may
+            change before ``start`` (the caller's guarantee); with_logsumexp is refused.
     Returns:
         (``[B, V]`` last-token logits, ``[B]`` logsumexp metric or None).
     """
+    if prefix is not None and prefix.start > 0:
+        return _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp)
     steps = _patch_steps(model)
     off = remote_.host(model, offsets)
     lm = model.lm
@@ -270,6 +376,43 @@ def patched_last_logits(
         if with_logsumexp:
             lse = nnsight.save(torch.logsumexp(logits.float(), dim=-1).sum(-1))
     return _val(last), (_val(lse) if lse is not None else None)
+
+
+def _patched_suffix(
+    model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, prefix: Prefix, with_logsumexp: bool
+) -> tuple[torch.Tensor, None]:
+    """:func:`patched_last_logits` of positions ``prefix.start..T-1`` on top of the clean prefix."""
+    from transformers import DynamicCache
+
+    start, T = prefix.start, input_ids.shape[1]
+    if remote_.is_remote(model):
+        raise SettingError("a patched forward from a clean prefix is local-only; run it without prefix")
+    if with_logsumexp:
+        raise SettingError("the logsumexp metric sums every position; run it without prefix")
+    if offsets.shape[2] != T - start or prefix.cache.seq_len != T:
+        raise ValueError(
+            f"prefix start {start}: offsets cover {offsets.shape[2]} positions and the cache {prefix.cache.seq_len}; "
+            f"expected {T - start} and {T}"
+        )
+    if prefix.cache.precision != parameter_precision(model):
+        raise ValueError("the prefix cache was built with other parameter dtypes; build one for this precision")
+    rows = prefix.rows.to(model.device)
+    past = DynamicCache(
+        ddp_cache_data=[(k[rows, :, :start], v[rows, :, :start]) for k, v in prefix.cache.kv], config=model.config
+    )
+    steps = _patch_steps(model)
+    off = offsets.to(model.device)
+    lm = model.lm
+    # the mask covers the cached positions too (nnsight would make one for the new tokens only)
+    mask = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)
+    kw = {_cache_kwarg(model): past, "attention_mask": mask, **_last_only(model)}
+    with torch.no_grad(), remote_.trace(model, input_ids[:, start:].to(model.device), kind="patch", **kw):
+        for layer, env in enumerate(steps):
+            y = env.output
+            env.output = y - off[layer].to(y.device, y.dtype)
+        out = lm.output
+        last = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
+    return _val(last), None
 
 
 def patched_last_logits_many(

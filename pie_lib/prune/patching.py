@@ -22,7 +22,17 @@ from torch import Tensor
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.engine.masked import last_token_kl
 from pie_lib.engine.remote import is_remote
-from pie_lib.engine.traces import MetricKind, metric_value, patched_last_logits, patched_last_logits_many
+from pie_lib.engine.traces import (
+    MetricKind,
+    Prefix,
+    PrefixCache,
+    clean_prefix_cache,
+    exact_suffix_start,
+    metric_value,
+    parameter_precision,
+    patched_last_logits,
+    patched_last_logits_many,
+)
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
@@ -58,25 +68,41 @@ def available_memory_bytes(device: torch.device) -> int:
 CPU_TOKENS_PER_FORWARD = 4096
 
 
-def auto_chunk(model: LoadedModel, seq_len: int, fraction: float = 0.25, max_variants: int = 4096) -> int:
+def auto_chunk(
+    model: LoadedModel, seq_len: int, fraction: float = 0.25, max_variants: int = 4096, run_len: int | None = None
+) -> int:
     """Patch variants per forward from the free memory and the sequence length.
 
-    A variant costs (float32 offsets, bytes): its ``[L, T, D]`` offsets, the transient activations
-    of one layer (~``T * (4 D + 2 d_mlp)`` values plus ``heads * T^2`` attention scores) and one
-    row of last-position logits. ``fraction`` of the free memory is spent; on a CPU the chunk is
-    also capped at :data:`CPU_TOKENS_PER_FORWARD` tokens.
+    A variant costs (float32 offsets, bytes): its ``[L, T, D]`` offsets, the clean keys and values
+    it starts from (at most ``2 L T D``), the transient activations of one layer over the ``R``
+    positions it runs (~``R * (4 D + 2 d_mlp)`` values plus ``heads * R * T`` attention scores) and
+    one row of last-position logits. ``fraction`` of the free memory is spent; on a CPU the chunk
+    is also capped at :data:`CPU_TOKENS_PER_FORWARD` tokens run.
+
+    Args:
+        seq_len: T; run_len: R, the positions each forward runs (default T; fewer when the forward
+            starts from a clean prefix).
     """
     cfg = model.config
     L, D = model.n_layers, model.d_model
     d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * D)
     heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1)
     T = max(1, int(seq_len))
-    per_variant = 4 * (L * T * D) + 4 * T * (4 * D + 2 * d_mlp) + 4 * heads * T * T + 4 * model.vocab_size
+    R = T if run_len is None else max(1, min(int(run_len), T))
+    kv = 0 if R == T else 4 * 2 * L * T * D
+    per_variant = 4 * (L * T * D) + kv + 4 * R * (4 * D + 2 * d_mlp) + 4 * heads * R * T + 4 * model.vocab_size
     dev = model.device
     n = int(fraction * available_memory_bytes(dev)) // max(per_variant, 1)
     if dev.type != "cuda":
-        n = min(n, CPU_TOKENS_PER_FORWARD // T)
+        n = min(n, CPU_TOKENS_PER_FORWARD // R)
     return max(1, min(n, max_variants))
+
+
+#: What one more forward costs, in positions run (nnsight's trace plus the per-module calls of a
+#: forward, against the compute of one position of the variants it holds): ~2 ms against ~35 us
+#: per position on one CPU thread (toy GPT-2); GPU forwards are far cheaper per position. Only used
+#: to decide which prefix groups share a forward; outcomes do not depend on it.
+TRACE_COST_POSITIONS = {"cpu": 64, "cuda": 16384}
 
 
 @dataclass
@@ -171,6 +197,19 @@ class Variants:
             weight=w,
         )
 
+    def take(self, idx: torch.Tensor) -> "Variants":
+        """Variants ``idx`` ``[V']`` (distinct), renumbered ``0..V'-1`` in that order."""
+        new_id = torch.full((self.n,), -1, dtype=torch.long)
+        new_id[idx] = torch.arange(idx.numel())
+        ent = new_id[self.var] >= 0
+        return Variants(
+            prompt=self.prompt[idx],
+            var=new_id[self.var[ent]],
+            occ=self.occ[ent],
+            complement=self.complement[idx],
+            weight=self.weight[ent] if self.weight is not None else None,
+        )
+
     @staticmethod
     def singles(prompt: torch.Tensor, occ: torch.Tensor) -> "Variants":
         """One variant per occurrence ``occ[v]`` (removed alone) of prompt ``prompt[v]``."""
@@ -207,9 +246,20 @@ class PatchEvaluator:
             and the smaller chunk is kept for the rest of the batch.
         request_bytes: remote only: the offsets one request (session) may carry; the chunks of
             one :meth:`run` go as ``ceil(offset bytes / request_bytes)`` requests.
+        reuse_prefix: start each local forward at the first position its variants change, from
+            the clean run's keys and values (:class:`~pie_lib.engine.traces.PrefixCache`): a
+            removal at position t leaves every position before t as in the clean run. None = on
+            wherever it applies: a local model and the logit_diff metric (logsumexp sums every
+            position; remote forwards keep whole prompts, one request per batch of chunks).
 
     Identical variants (same prompt, same removed set and weights, same complement flag) run
     once per :meth:`run` call -- e.g. FAP and FAP-Synergy circuits that coincide at a budget.
+
+    With prefix reuse the variants of a :meth:`run` are grouped by the first position they
+    change (:meth:`_prefix_groups`); each forward runs positions ``start..T-1`` only, ``start``
+    moved earlier where needed so the forward rounds as a whole-prompt forward does
+    (:func:`~pie_lib.engine.traces.exact_suffix_start`). Outcomes equal the whole-prompt path's
+    (``tests/test_patch_batching.py``).
     """
 
     def __init__(
@@ -224,20 +274,31 @@ class PatchEvaluator:
         clean_logits: torch.Tensor,
         chunk: int | None = None,
         request_bytes: int = 256 << 20,
+        reuse_prefix: bool | None = None,
     ) -> None:
         self.model, self.clt, self.batch, self.occ, self.rows = model, clt, batch, occ, rows
         self.metric = metric
         self.delta = occ.delta(corruption)
         self.clean_logits = clean_logits.float()
+        self.auto_chunk = chunk is None  # sized per forward length (until an out-of-memory retry fixes it)
         if chunk is None:
             chunk = auto_chunk(model, batch.seq_len)
         if chunk < 1:
             raise SettingError(f"chunk {chunk}: patch variants per forward must be a positive integer")
         self.chunk = chunk
         self.request_bytes = request_bytes
+        can_reuse = not is_remote(model) and metric == "logit_diff"
+        if reuse_prefix and not can_reuse:
+            raise SettingError(
+                "reuse_prefix needs a local model and the logit_diff metric (a remote forward runs whole "
+                "prompts; logsumexp sums every position)"
+            )
+        self.reuse_prefix = can_reuse if reuse_prefix is None else reuse_prefix
+        self._prefix: dict[tuple, PrefixCache] = {}  # clean keys / values, per parameter precision
         self._null: torch.Tensor | None = None
         self.n_forwards = 0  # patch traces run
         self.n_sequences = 0  # patched sequences (variants) they held, after de-duplication
+        self.n_positions = 0  # positions those sequences ran (fewer than n_sequences * T with prefix reuse)
         dev = self.clean_logits.device
         self.m_clean = (
             metric_value(self.clean_logits, batch.correct.to(dev), batch.wrong.to(dev), "logit_diff")
@@ -333,35 +394,118 @@ class PatchEvaluator:
             change = torch.empty(V, dtype=torch.bool)
             self._run_remote(variants, order, var_sorted, extra_offsets, metric, kl, change)
             return PatchResult(metric, kl, change)
+        perm: torch.Tensor | None = None
+        groups = [(0, V, 0)]  # (first variant, end, start position): the whole prompt
+        if self.reuse_prefix and V:
+            first = self._first_changed(variants, extra_offsets)
+            perm = torch.argsort(first, stable=True)
+            variants, first = variants.take(perm), first[perm]
+            order = torch.argsort(variants.var, stable=True)
+            var_sorted = variants.var[order]
+            groups = self._prefix_groups(first)
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        start = 0
-        while start < V:
-            stop = min(V, start + self.chunk)
-            try:
-                res = self._run_range(variants, order, var_sorted, start, stop, extra_offsets)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                if stop - start <= 1:
-                    raise SettingError(
-                        f"out of memory evaluating a single patch variant on {self.model.device} "
-                        f"({type(exc).__name__}); use --batch-size 1, --dtype bfloat16, a larger device, or --remote"
-                    ) from None
-                res = None
-            if res is None:  # out of memory: halve the chunk (kept for the rest) and retry this range
-                self.chunk = max(1, (stop - start) // 2)
-                log.warning(
-                    "out of memory with %d patch variants per forward; retrying with %d", stop - start, self.chunk
-                )
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            parts.append(res)
-            start = stop
+        for lo, hi, first_pos in groups:
+            start = lo
+            while start < hi:
+                stop = min(hi, start + self._chunk_for(self.batch.seq_len - first_pos))
+                try:
+                    res = self._run_range(variants, order, var_sorted, start, stop, extra_offsets)
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    if stop - start <= 1:
+                        raise SettingError(
+                            f"out of memory evaluating a single patch variant on {self.model.device} "
+                            f"({type(exc).__name__}); use --batch-size 1, --dtype bfloat16, a larger device, or --remote"
+                        ) from None
+                    res = None
+                if res is None:  # out of memory: halve the chunk (kept for the rest) and retry this range
+                    self.chunk = max(1, (stop - start) // 2)
+                    self.auto_chunk = False
+                    log.warning(
+                        "out of memory with %d patch variants per forward; retrying with %d", stop - start, self.chunk
+                    )
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                parts.append(res)
+                start = stop
         if not parts:
             return PatchResult(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
         metric, kl, change = (torch.cat([p[i] for p in parts]).cpu() for i in range(3))
+        if perm is not None:  # back to the caller's order
+            back = torch.empty_like(perm)
+            back[perm] = torch.arange(perm.numel())
+            metric, kl, change = metric[back], kl[back], change[back]
         return PatchResult(metric.float(), kl.float(), change.bool())
+
+    # -------------------------------------------------------------- prefix reuse
+    def _chunk_for(self, run_len: int) -> int:
+        """Variants per forward of ``run_len`` positions."""
+        if not self.auto_chunk or run_len >= self.batch.seq_len:
+            return self.chunk
+        return auto_chunk(self.model, self.batch.seq_len, run_len=run_len)
+
+    def _first_changed(self, variants: Variants, extra_offsets: torch.Tensor | None) -> torch.Tensor:
+        """``[V]`` a position at or before the first one each variant changes (cheap, from its entries).
+
+        A removal writes at its occurrence's position only; a complement (everything but the listed
+        removed) at the prompt's first active position at the earliest; ``extra_offsets`` at their
+        first nonzero position. ``T`` when nothing changes. The exact first position is read from
+        the offsets themselves when a chunk runs (:meth:`_run_range`).
+        """
+        T, V = self.batch.seq_len, variants.n
+        pos = self.occ.pos.cpu()
+        first = torch.full((V,), T, dtype=torch.long)
+        if variants.occ.numel():
+            first.scatter_reduce_(0, variants.var, pos[variants.occ], reduce="amin")
+        comp = variants.complement
+        if comp.any():
+            first_active = torch.full((self.batch.size,), T, dtype=torch.long)
+            first_active.scatter_reduce_(0, self.occ.prompt.cpu(), pos, reduce="amin")
+            first[comp] = first_active[variants.prompt[comp]]
+        if extra_offsets is not None:
+            first = torch.minimum(first, _first_nonzero(extra_offsets).cpu()[variants.prompt])
+        return first
+
+    def _prefix_groups(self, first: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Split variants sorted by ``first`` ``[V]`` into ``(lo, hi, start)`` runs that share forwards.
+
+        A run starts at the earliest position of its variants. Every distinct start could have
+        forwards of its own, but each forward costs :data:`TRACE_COST_POSITIONS`; a dynamic program
+        over the distinct starts picks the runs with the fewest positions-plus-overheads.
+        """
+        T = self.batch.seq_len
+        starts, counts = torch.unique_consecutive(first.clamp(max=T - 1), return_counts=True)
+        starts_l, counts_l = starts.tolist(), counts.tolist()
+        m = len(starts_l)
+        bounds = [0]
+        for c in counts_l:
+            bounds.append(bounds[-1] + c)
+        overhead = TRACE_COST_POSITIONS.get(self.model.device.type, TRACE_COST_POSITIONS["cuda"])
+        best = [0.0] + [float("inf")] * m
+        cut = [0] * (m + 1)
+        for j in range(1, m + 1):
+            for i in range(j):  # run = distinct starts i..j-1, from starts_l[i]
+                n = bounds[j] - bounds[i]
+                run = T - exact_suffix_start(T, starts_l[i])
+                cost = best[i] + n * run + overhead * -(-n // self._chunk_for(run))
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        runs = []
+        j = m
+        while j > 0:
+            i = cut[j]
+            runs.append((bounds[i], bounds[j], starts_l[i]))
+            j = i
+        return runs[::-1]
+
+    def prefix_cache(self) -> PrefixCache:
+        """The clean runs' keys and values in the model's current precision (one forward, once each)."""
+        key = parameter_precision(self.model)
+        if key not in self._prefix:
+            self._prefix[key] = clean_prefix_cache(self.model, self.batch.clean_ids)
+        return self._prefix[key]
 
     def _run_remote(
         self,
@@ -414,11 +558,25 @@ class PatchEvaluator:
         stop: int,
         extra_offsets: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Metric, KL and argmax change of variants ``start:stop`` (one forward)."""
+        """Metric, KL and argmax change of variants ``start:stop`` (one forward).
+
+        With prefix reuse the forward starts at the first position where any of their offsets is
+        nonzero (moved earlier by :func:`~pie_lib.engine.traces.exact_suffix_start`).
+        """
         ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets)
-        logits, lse = patched_last_logits(self.model, ids, off, with_logsumexp=self.metric == "logsumexp")
+        T = ids.shape[1]
+        prefix = None
+        if self.reuse_prefix:
+            first = exact_suffix_start(T, int(_first_nonzero(off).min()))
+            if first > 0:
+                prefix = Prefix(self.prefix_cache(), prompts, first)
+                off = off[:, :, first:]
+        logits, lse = patched_last_logits(
+            self.model, ids, off, with_logsumexp=self.metric == "logsumexp", prefix=prefix
+        )
         self.n_forwards += 1
         self.n_sequences += stop - start
+        self.n_positions += (stop - start) * off.shape[2]
         return self._finish_range(prompts, logits, lse)
 
     def _prepare_range(
@@ -473,6 +631,14 @@ class PatchEvaluator:
             )
             self.m_clean = res.metric
         return self.m_clean.cpu().float()
+
+
+def _first_nonzero(offsets: torch.Tensor) -> torch.Tensor:
+    """``[B]`` first position with a nonzero offset in ``offsets`` ``[L, B, T, D]`` (T where none)."""
+    T = offsets.shape[2]
+    nz = (offsets != 0).any(dim=3).any(dim=0)  # [B, T]
+    idx = torch.arange(T, device=offsets.device).expand_as(nz)
+    return torch.where(nz, idx, torch.full_like(idx, T)).amin(dim=1)
 
 
 def _unique_variants(variants: Variants) -> tuple[Variants | None, torch.Tensor | None]:
