@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -142,6 +143,20 @@ def build_fixture(out: Path, model_dir: Path, clt_dir: Path, data: Path | None, 
     return out
 
 
+def _timed(cmd: list[str], **kw: Any) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd``; (the process, wall seconds, CPU seconds of it and its children: user + system).
+
+    CPU seconds hardly move with the machine's load (wall seconds do, on a shared machine), so
+    both are recorded; the ratio quoted is the wall one.
+    """
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, **kw)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return p, wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
 def _env(threads: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -219,19 +234,22 @@ def run_reference(fx: Path, work: Path, a: argparse.Namespace, after_run=None) -
                 "last_logit_diff_json",
                 *extra,
             ]
-            t0 = time.perf_counter()
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
+            p, wall, cpu = _timed(cmd, env=env, capture_output=True, text=True)
             if p.returncode != 0:
                 raise SystemExit(f"reference run {name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
             recs = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
             for r in recs:
                 kept[(method, k, r["idx"])] = {tuple(o[:3]) for o in r["kept_final"]}
-            runs.append({"run": name, "wall_seconds": wall, "prompts": len(recs)})
-            print(f"  reference {name:16s} {wall:7.1f} s  ({len(recs)} prompts)", flush=True)
+            runs.append({"run": name, "wall_seconds": wall, "cpu_seconds": cpu, "prompts": len(recs)})
+            print(f"  reference {name:16s} {wall:7.1f} s  (CPU {cpu:6.1f} s, {len(recs)} prompts)", flush=True)
             if after_run is not None:
                 after_run(len(runs) - 1)
-    return {"runs": runs, "wall_seconds": sum(r["wall_seconds"] for r in runs), "kept": kept}
+    return {
+        "runs": runs,
+        "wall_seconds": sum(r["wall_seconds"] for r in runs),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+        "kept": kept,
+    }
 
 
 def run_pie(fx: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -281,17 +299,15 @@ def run_pie(fx: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
         *a.pie_args,
     ]
     env = _env(a.threads, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
-    wall = time.perf_counter() - t0
+    p, wall, cpu = _timed(cmd, env=env, capture_output=True, text=True, cwd=str(REPO))
     if p.returncode != 0:
         raise SystemExit(f"pie prune failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     kept = {}
     for line in (out / "selections.jsonl").read_text().splitlines():
         r = json.loads(line)
         kept[(r["method"], int(r["k"]), int(r["prompt_idx"]))] = {tuple(o) for o in r["occurrences"]}
-    print(f"  pie prune (all methods and K)  {wall:7.1f} s  ({len(kept)} selections)", flush=True)
-    return {"wall_seconds": wall, "kept": kept, "command": " ".join(cmd)}
+    print(f"  pie prune (all methods and K)  {wall:7.1f} s  (CPU {cpu:5.1f} s, {len(kept)} selections)", flush=True)
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "kept": kept, "command": " ".join(cmd)}
 
 
 def compare(ref: dict, pie: dict) -> dict[str, Any]:
@@ -365,12 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     pies = [run_pie(fx, a.work, a)]  # before the reference, then interleaved with its runs
     ref = run_reference(fx, a.work, a, after_run=lambda i: pies.append(run_pie(fx, a.work, a)) if i in slots else None)
     pie_times = [p_["wall_seconds"] for p_ in pies]
-    pie = {**pies[-1], "wall_seconds": statistics.median(pie_times)}
+    pie_cpu = [p_["cpu_seconds"] for p_ in pies]
+    pie = {**pies[-1], "wall_seconds": statistics.median(pie_times), "cpu_seconds": statistics.median(pie_cpu)}
     cmp = compare(ref["kept"], pie["kept"])
     ratio = ref["wall_seconds"] / pie["wall_seconds"]
+    cpu_ratio = ref["cpu_seconds"] / pie["cpu_seconds"]
     print(
         f"reference: {ref['wall_seconds']:.1f} s ({len(ref['runs'])} runs)   pie prune: median {pie['wall_seconds']:.2f} s "
         f"of {len(pie_times)} runs {[round(t, 1) for t in pie_times]}   ratio: {ratio:.1f}x"
+    )
+    print(
+        f"CPU seconds (user + system): reference {ref['cpu_seconds']:.1f}, pie prune median {pie['cpu_seconds']:.2f} "
+        f"of {[round(t, 1) for t in pie_cpu]}   CPU ratio: {cpu_ratio:.1f}x"
     )
     print(
         f"selections: {cmp['identical']}/{cmp['compared']} identical, {cmp['differ']} differ, "
@@ -387,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         "pie_seconds": pie["wall_seconds"],
         "pie_seconds_each": pie_times,
         "ratio": ratio,
+        "reference_cpu_seconds": ref["cpu_seconds"],
+        "pie_cpu_seconds": pie["cpu_seconds"],
+        "pie_cpu_seconds_each": pie_cpu,
+        "cpu_ratio": cpu_ratio,
         "pie_command": pie["command"],
         "selections": cmp,
         "loadavg_start": list(load0),

@@ -1,7 +1,5 @@
 """``python -m pie_lib`` is the ``pie`` command."""
 
-import sys
+from pie_lib.cli import run
 
-from pie_lib.cli import main
-
-sys.exit(main())
+run()

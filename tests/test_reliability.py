@@ -571,6 +571,9 @@ def test_patch_forward_out_of_memory_is_retried_with_smaller_chunks(world):
     ctx = BatchContext(world.model, world.clt, batch, ScoringConfig(chunk=64))
     variants = Variants.singles(ctx.occ.prompt, torch.arange(len(ctx.occ)))
     assert variants.n > 64
+    ctx.evaluator.reuse_prefix = (
+        False  # whole prompts: ceil(V / chunk) forwards (the retried run below reuses prefixes)
+    )
     ref = ctx.evaluator.run(variants)
     assert ctx.evaluator.n_forwards == -(-variants.n // 64)
 

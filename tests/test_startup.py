@@ -23,3 +23,21 @@ def test_help_imports_nothing_heavy(argv):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_exit_now_keeps_the_code_output_and_atexit():
+    """``pie`` leaves without the interpreter's teardown, but with its exit code, flushed output and
+    atexit handlers; with a worker thread still running it exits normally (the thread is joined)."""
+    code = (
+        "import atexit, sys, threading, time, torch\n"
+        "from pie_lib.cli.app import exit_now\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "sys.stdout.write('unflushed')\n"
+        "if sys.argv[1] == 'thread':\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()\n"
+        "exit_now(3)\n"
+    )
+    for mode, tail in (("plain", "unflushedatexit ran"), ("thread", "thread done")):
+        p = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+        assert p.returncode == 3, p.stderr
+        assert tail in p.stdout.replace("\n", ""), p.stdout

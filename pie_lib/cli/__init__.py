@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pie_lib.cli.app import build_parser, main
+from pie_lib.cli.app import build_parser, main, run
 from pie_lib.cli.prune import prune_config_from_args
 
-__all__ = ["build_parser", "main", "prune_config_from_args"]
+__all__ = ["build_parser", "main", "prune_config_from_args", "run"]

@@ -127,6 +127,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``pie`` console script and ``python -m pie_lib``: :func:`main`, then :func:`exit_now`."""
+    exit_now(main(argv))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` without the interpreter's teardown of its modules.
+
+    With torch, transformers and nnsight imported, tearing the interpreter down (clearing ~3,000
+    modules and collecting what they hold) costs ~0.9 s on one CPU thread -- a tenth of a toy-world
+    ``pie prune``. Everything a command writes is closed by then (``with`` blocks, atomic writes), so
+    this runs the ``atexit`` handlers (logging, weakref finalizers, temporary folders), flushes
+    stdout / stderr and leaves with ``os._exit``. It exits normally instead while a non-daemon thread
+    still runs (the interpreter must join it) or when torch was never imported (nothing to save).
+    """
+    import atexit
+    import os
+    import threading
+
+    busy = any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate())
+    if busy or "torch" not in sys.modules:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing left to save
+            pass
+    os._exit(code)
+
+
 _NEWLINES = re.compile(r"\s*\n\s*")
 
 

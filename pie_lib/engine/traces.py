@@ -286,11 +286,14 @@ def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCac
         raise SettingError("prefix caches are local-only (keys and values would travel with every request)")
     lm = model.lm
     name = _cache_kwarg(model)
-    with torch.no_grad(), remote_.trace(model, input_ids.to(model.device), kind="cache", use_cache=True, **_last_only(model)):
+    with (
+        torch.no_grad(),
+        remote_.trace(model, input_ids.to(model.device), kind="cache", use_cache=True, **_last_only(model)),
+    ):
         out = lm.output
         cache = nnsight.save(getattr(out, name))
-    cache = _val(cache)
-    return PrefixCache([(layer.keys, layer.values) for layer in cache.layers], parameter_precision(model))
+    layers: Any = getattr(_val(cache), "layers")  # a transformers Cache: one (keys, values) layer per decoder layer
+    return PrefixCache([(layer.keys, layer.values) for layer in layers], parameter_precision(model))
 
 
 def _cache_kwarg(model: LoadedModel) -> str:
@@ -312,29 +315,24 @@ def exact_suffix_start(seq_len: int, first_changed: int) -> int:
 
     Every per-position op (matmuls, norms, MLPs) gives a row the same bits whatever the other rows,
     and so does SDPA's attention as long as each query row sits in a block of the same kind (at
-    least :data:`SDPA_SMALL_BLOCK` rows, or the same short tail block) in both forwards (measured on
-    torch's CPU kernel; ``tests/test_patch_batching.py`` checks it). A full forward's query blocks
-    start at 0, a suffix's at its start, so the suffix is extended to the first start where the
-    kinds line up. Prompts of 192 tokens or more (another block size) start at 0.
+    least :data:`SDPA_SMALL_BLOCK` rows) in both forwards (measured on torch's CPU kernel;
+    ``tests/test_patch_batching.py`` checks it). A full forward's query blocks start at 0, a
+    suffix's at its start, so the suffix is extended until its last block has at least
+    :data:`SDPA_SMALL_BLOCK` rows. A prompt whose own last block is shorter (T mod 32 in 1..3) and
+    prompts of 192 tokens or more (another block size) always start at 0: no suffix of theirs
+    was measured to round alike.
 
     Args:
         seq_len: T; first_changed: the first position whose input differs from the clean run
             (``T`` or more: nothing differs; the last position still runs, for its logits).
     """
     T, Q, small = seq_len, SDPA_QUERY_BLOCK, SDPA_SMALL_BLOCK
-    if T >= 192:
+    if T >= 192 or 0 < T % Q < small:
         return 0
     start = max(0, min(first_changed, T - 1))
-    full_tail = T % Q
-    while start > 0:
-        tail = (T - start) % Q
-        if full_tail and full_tail < small:
-            if tail == full_tail:  # the same short tail block, with the same rows
-                return start
-        elif not (0 < tail < small):
-            return start
+    while start > 0 and 0 < (T - start) % Q < small:
         start -= 1
-    return 0
+    return start
 
 
 def patched_last_logits(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pie_lib.errors import SettingError, ShapeMismatchError, WeightsUnavailableError
+from pie_lib.models.activations import use_blocked_activations
 from pie_lib.models.arch import ArchSpec, arch_for, get_path
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> 
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    use_blocked_activations(hf)  # before nnsight wraps it (it keeps an instance forward as the body)
     return _nnsight_class()(hf.eval(), tokenizer=tok)
 
 
@@ -300,6 +302,7 @@ def wrap_model(
     """Wrap an already-built ``transformers`` model (tests, notebooks building tiny models)."""
     LanguageModel = _nnsight_class()
     arch = arch_for(hf_model)
+    use_blocked_activations(hf_model)
     lm = LanguageModel(hf_model.eval(), tokenizer=tokenizer)
     freeze_weights(lm)
     return LoadedModel(lm=lm, arch=arch, tokenizer=tokenizer, name=name, remote=remote)
