@@ -46,8 +46,13 @@ config_like = st.fixed_dictionaries(
 )
 
 
+#: every example's folder lives under one root, removed when the test process ends (hypothesis runs
+#: hundreds of examples; a folder each in /tmp would be left behind)
+_ROOT = tempfile.TemporaryDirectory(prefix="pie_fuzz_")
+
+
 def _file(data: bytes, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="pie_fuzz_"))
+    folder = Path(tempfile.mkdtemp(dir=_ROOT.name))
     path = folder / name
     path.write_bytes(data)
     return path
