@@ -689,9 +689,13 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(
+    p: argparse.ArgumentParser,
+    batch_help: str = "prompts per batch",
+    dtype_help: str = "model dtype (default float32 on CPU, bfloat16 on GPU)",
+) -> None:
     p.add_argument("--n", type=int, default=8, help="number of pairs")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help=batch_help)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--k", default=",".join(map(str, DEFAULT_LADDER)), help="absolute K ladder ('' for none)")
     p.add_argument("--k-frac", default="", help="K ladder as fractions of each prompt's active set")
@@ -702,7 +706,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--naive-repeats", type=int, default=1)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", default=None, help=dtype_help)
     p.add_argument(
         "--chunk",
         type=int,

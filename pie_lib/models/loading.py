@@ -309,13 +309,26 @@ def wrap_model(
 
 
 def freeze_weights(lm: Any) -> None:
-    """Eval mode, and no weight takes a gradient.
+    """Eval mode, no weight takes a gradient, and the unembedding reads a contiguous input.
 
     pie_lib differentiates only with respect to activations (MLP outputs, embeddings, masks), never
     weights. Left trainable, every backward also builds a weight gradient it never reads: 2.5 GB
     at Llama-3.2-1B's shape in bf16, the peak of a prune run. Frozen, the backward stops at the
     activation leaves; the remote path already works this way (a server's weights are frozen).
+
+    Frozen weights need the unembedding hook below: with ``logits_to_keep=1`` transformers hands the
+    unembedding a strided ``[B, 1, D]`` slice, and for that input and a weight that does not require
+    grad, torch 2.13's CPU matmul expands the weight per batch row instead of folding it into one
+    mm (measured: 10.9 s against 20 ms for a 32,000 x 2,048 bf16 head and B = 16).
     """
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)
+    hf = getattr(lm, "_module", lm)  # the transformers module inside the nnsight wrapper
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and _contiguous_inputs not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_inputs)
+
+
+def _contiguous_inputs(_module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
