@@ -448,9 +448,17 @@ def syn_budget(counts: torch.Tensor, cfg: BenchConfig) -> torch.Tensor:
 
 @dataclass
 class PassOutput:
-    """Per batch: context and what pie_lib selected / measured (for the naive comparison)."""
+    """Per batch: what pie_lib selected / measured, its counters, and (for the naive comparison
+    only) its context. Without the naive check the context is dropped as soon as the batch is done,
+    so memory stays that of one batch whatever ``--n`` (a kept context holds the batch's decoder
+    rows and caches: ~1 GB per prompt at Llama-3.2-1B's shape)."""
 
-    ctx: BatchContext
+    ctx: BatchContext | None
+    counts: torch.Tensor  # [B] active occurrences per prompt
+    n_forwards: int
+    n_sequences: int
+    seq_len: int
+    size: int
     fap: torch.Tensor
     syn_keep: torch.Tensor
     keeps: dict[tuple[str, str], torch.Tensor]
@@ -487,7 +495,22 @@ def pie_pass(
                     keeps[(m.name, lab)], _ = m.select(ctx, kv, cfg.seed, cfg.params)
         with log.phase("evaluate", dev, mem):
             ev = evaluate_keep_masks(ctx, torch.stack(list(keeps.values())))
-        outs.append(PassOutput(ctx, s, syn_keep, keeps, ev))
+        ev_ = ctx.evaluator
+        outs.append(
+            PassOutput(
+                ctx if cfg.naive else None,
+                counts,
+                ev_.n_forwards,
+                ev_.n_sequences,
+                int(batch.seq_len),
+                batch.size,
+                s,
+                syn_keep,
+                keeps,
+                ev,
+            )
+        )
+        del ctx, ev_
     return outs
 
 
@@ -512,6 +535,7 @@ def naive_pass(outs: list[PassOutput], cfg: BenchConfig, mem: PeakMemory, log: P
     forwards = 0
     for o in outs:
         ctx = o.ctx
+        assert ctx is not None, "pie_pass keeps contexts only when cfg.naive"
         dev = ctx.model.device
         nv = NaiveReference(ctx)
         counts = ctx.occ.counts().cpu()
@@ -592,10 +616,10 @@ def run_benchmark(model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: B
     result: dict[str, Any] = {
         "n_prompts": n_prompts,
         "memory_kind": mem.kind,
-        "n_active": _stats(torch.cat([o.ctx.occ.counts().cpu().float() for o in outs])),
-        "pie_forwards_per_prompt": sum(o.ctx.evaluator.n_forwards for o in outs) / n_prompts,
-        "pie_sequences_per_prompt": sum(o.ctx.evaluator.n_sequences for o in outs) / n_prompts,
-        "seq_len": _stats(torch.tensor([float(o.ctx.batch.seq_len) for o in outs for _ in range(o.ctx.batch.size)])),
+        "n_active": _stats(torch.cat([o.counts.float() for o in outs])),
+        "pie_forwards_per_prompt": sum(o.n_forwards for o in outs) / n_prompts,
+        "pie_sequences_per_prompt": sum(o.n_sequences for o in outs) / n_prompts,
+        "seq_len": _stats(torch.tensor([float(o.seq_len) for o in outs for _ in range(o.size)])),
         "pie": _per_prompt(pie, n_prompts),
     }
     if cfg.naive:
