@@ -469,49 +469,46 @@ def pie_pass(
     model: LoadedModel, clt: Any, batches: list[PairBatch], cfg: BenchConfig, mem: PeakMemory, log: PhaseLog
 ) -> list[PassOutput]:
     """One timed pass of pie_lib over every batch."""
+    return [_pie_batch(model, clt, batch, cfg, mem, log) for batch in batches]
+
+
+def _pie_batch(
+    model: LoadedModel, clt: Any, batch: PairBatch, cfg: BenchConfig, mem: PeakMemory, log: PhaseLog
+) -> PassOutput:
+    """One batch; its context is freed on return unless the naive check needs it."""
     dev = model.device
-    methods = get_methods(cfg.methods)
-    outs = []
-    for batch in batches:
-        with log.phase("setup", dev, mem):
-            ctx = BatchContext(model, clt, batch, cfg.scoring)
-        with log.phase("grad", dev, mem):
-            ctx.grads(cfg.scoring.gradient)
-            if "clt-relp" in cfg.methods:
-                ctx.grads("relp")
-        with log.phase("fap", dev, mem):
-            mode = cfg.scoring.gradient
-            s = ctx.cached(
-                f"fap:{mode}", lambda: fap_scores(ctx.occ, ctx.grads(mode), ctx.rows, cfg.scoring.corruption)
-            )
-        counts = ctx.occ.counts().cpu()
-        with log.phase("synergy", dev, mem):
-            syn_cfg = SynergyConfig(**{**cfg.params.synergy.__dict__, "seed": cfg.seed})
-            syn_keep = synergy_rerank(ctx.evaluator, s, syn_budget(counts, cfg), syn_cfg, cache=ctx.synergy)
-        keeps: dict[tuple[str, str], torch.Tensor] = {}
-        for m in methods:
-            with log.phase(f"select[{m.name}]", dev, mem):
-                for lab, kv in budgets(counts, cfg):
-                    keeps[(m.name, lab)], _ = m.select(ctx, kv, cfg.seed, cfg.params)
-        with log.phase("evaluate", dev, mem):
-            ev = evaluate_keep_masks(ctx, torch.stack(list(keeps.values())))
-        ev_ = ctx.evaluator
-        outs.append(
-            PassOutput(
-                ctx if cfg.naive else None,
-                counts,
-                ev_.n_forwards,
-                ev_.n_sequences,
-                int(batch.seq_len),
-                batch.size,
-                s,
-                syn_keep,
-                keeps,
-                ev,
-            )
-        )
-        del ctx, ev_
-    return outs
+    with log.phase("setup", dev, mem):
+        ctx = BatchContext(model, clt, batch, cfg.scoring)
+    with log.phase("grad", dev, mem):
+        ctx.grads(cfg.scoring.gradient)
+        if "clt-relp" in cfg.methods:
+            ctx.grads("relp")
+    with log.phase("fap", dev, mem):
+        mode = cfg.scoring.gradient
+        s = ctx.cached(f"fap:{mode}", lambda: fap_scores(ctx.occ, ctx.grads(mode), ctx.rows, cfg.scoring.corruption))
+    counts = ctx.occ.counts().cpu()
+    with log.phase("synergy", dev, mem):
+        syn_cfg = SynergyConfig(**{**cfg.params.synergy.__dict__, "seed": cfg.seed})
+        syn_keep = synergy_rerank(ctx.evaluator, s, syn_budget(counts, cfg), syn_cfg, cache=ctx.synergy)
+    keeps: dict[tuple[str, str], torch.Tensor] = {}
+    for m in get_methods(cfg.methods):
+        with log.phase(f"select[{m.name}]", dev, mem):
+            for lab, kv in budgets(counts, cfg):
+                keeps[(m.name, lab)], _ = m.select(ctx, kv, cfg.seed, cfg.params)
+    with log.phase("evaluate", dev, mem):
+        ev = evaluate_keep_masks(ctx, torch.stack(list(keeps.values())))
+    return PassOutput(
+        ctx if cfg.naive else None,
+        counts,
+        ctx.evaluator.n_forwards,
+        ctx.evaluator.n_sequences,
+        int(batch.seq_len),
+        batch.size,
+        s,
+        syn_keep,
+        keeps,
+        ev,
+    )
 
 
 @dataclass
