@@ -170,7 +170,7 @@ def test_prefix_reuse_gives_the_whole_prompt_bits(arch_ctx):
 
 
 def test_exact_suffix_start_matches_whole_prompt_forwards(arch_ctx):
-    """Every start the rule allows gives the whole-prompt forward's logits, to rounding."""
+    """Every start the rule allows, from every layer, gives the whole-prompt forward's logits, to rounding."""
     from pie_lib.engine.traces import Prefix, exact_suffix_start, patched_last_logits
 
     ctx = arch_ctx
@@ -183,11 +183,12 @@ def test_exact_suffix_start_matches_whole_prompt_forwards(arch_ctx):
         assert 0 <= start <= min(first, T - 1)
         off = torch.randn(ctx.model.n_layers, B, T, ctx.model.d_model, generator=g) * 0.1
         off[:, :, :first] = 0
-        want, _ = patched_last_logits(ctx.model, ids, off)
-        got, _ = patched_last_logits(
-            ctx.model, ids, off[:, :, start:], prefix=Prefix(ev.prefix_cache(), torch.arange(B), start)
-        )
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for layer in range(ctx.model.n_layers):  # nothing patched below `layer`: layers 0..layer are skipped
+            off[:layer] = 0
+            want, _ = patched_last_logits(ctx.model, ids, off)
+            prefix = Prefix(ev.prefix_cache(), torch.arange(B), start, layer)
+            got, _ = patched_last_logits(ctx.model, ids, off[:, :, start:], prefix=prefix)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_exact_suffix_start_rule():

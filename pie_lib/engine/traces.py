@@ -249,14 +249,22 @@ class PrefixCache:
     the clean run (the model is causal), so its forward only has to run positions ``t..T-1``
     against the clean keys and values of ``0..t-1`` (:func:`patched_last_logits` with ``prefix``).
 
+    Likewise a patch that changes no MLP output before layer ``l`` leaves every layer ``< l`` and
+    the attention of layer ``l`` as in the clean run, so decoder layer ``l``'s output is the clean
+    residual plus its patched MLP output, and the forward skips layers ``0..l``.
+
     Attributes:
         kv: per layer ``(keys, values)``, each ``[B, H_kv, T, d_head]`` (the model's own cache
             layout); B the clean prompts.
+        resid: ``[L, B, T, D]`` each decoder layer's residual stream before its MLP is added (the
+            input of ``resid_mid``); mlp_out: ``[L, B, T, D]`` the clean MLP outputs.
         precision: the model's parameter dtypes when it was built (a float32 upcast or a
             mixed-precision block needs its own cache).
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    resid: torch.Tensor
+    mlp_out: torch.Tensor
     precision: tuple[torch.dtype, ...]
 
     @property
@@ -267,16 +275,24 @@ class PrefixCache:
 @dataclass
 class Prefix:
     """Which clean prefix a patched forward starts from: batch rows ``rows`` ``[V]`` of ``cache``,
-    positions ``0..start-1``."""
+    positions ``0..start-1``, and decoder layers ``0..layer`` (offsets are zero below ``layer``)."""
 
     cache: PrefixCache
     rows: torch.Tensor
     start: int
+    layer: int = 0
 
 
 def parameter_precision(model: LoadedModel) -> tuple[torch.dtype, ...]:
-    """The dtypes of the model's parameters, in order (what a :class:`PrefixCache` is valid for)."""
-    return tuple(p.dtype for p in model.hf.parameters())
+    """The dtypes of the model's parameters, in order (what a :class:`PrefixCache` is valid for).
+
+    The parameter objects are listed once per model (a float32 upcast or a mixed-precision block
+    changes their ``.data``, not the objects), so this is cheap enough to check every forward.
+    """
+    params = model.extra.get("parameters")
+    if params is None:
+        params = model.extra["parameters"] = list(model.hf.parameters())
+    return tuple(p.dtype for p in params)
 
 
 def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCache:
@@ -284,16 +300,28 @@ def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCac
     the cache would have to travel to and from the server with every request)."""
     if remote_.is_remote(model):
         raise SettingError("prefix caches are local-only (keys and values would travel with every request)")
+    arch = model.arch
+    steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
     lm = model.lm
     name = _cache_kwarg(model)
     with (
         torch.no_grad(),
         remote_.trace(model, input_ids.to(model.device), kind="cache", use_cache=True, **_last_only(model)),
     ):
+        reads_in, reads_out = [], []
+        for is_input, env in steps:
+            if is_input:
+                reads_in.append(env.input)
+            else:
+                reads_out.append(env.output)
+        resid = nnsight.save(torch.stack(reads_in))
+        mlp_out = nnsight.save(torch.stack(reads_out))
         out = lm.output
         cache = nnsight.save(getattr(out, name))
     layers: Any = getattr(_val(cache), "layers")  # a transformers Cache: one (keys, values) layer per decoder layer
-    return PrefixCache([(layer.keys, layer.values) for layer in layers], parameter_precision(model))
+    return PrefixCache(
+        [(layer.keys, layer.values) for layer in layers], _val(resid), _val(mlp_out), parameter_precision(model)
+    )
 
 
 def _cache_kwarg(model: LoadedModel) -> str:
@@ -351,13 +379,14 @@ def patched_last_logits(
         with_logsumexp: also return the logsumexp metric (sum over positions), computed in the
             trace so full ``[B, T, V]`` logits never leave it.
         prefix: local only: start at ``prefix.start`` from the clean keys and values of
-            ``prefix.rows`` (:class:`PrefixCache`): only positions ``start..T-1`` run, and
-            ``offsets`` is ``[L, B, T - start, D]``, the offsets of those positions. Nothing may
-            change before ``start`` (the caller's guarantee); with_logsumexp is refused.
+            ``prefix.rows`` (:class:`PrefixCache`), after decoder layer ``prefix.layer``: only
+            positions ``start..T-1`` of layers ``> layer`` run, and ``offsets`` is
+            ``[L, B, T - start, D]``, the offsets of those positions. No offset may be nonzero
+            before ``start`` or below ``layer`` (the caller's guarantee); with_logsumexp is refused.
     Returns:
         (``[B, V]`` last-token logits, ``[B]`` logsumexp metric or None).
     """
-    if prefix is not None and prefix.start > 0:
+    if prefix is not None:
         return _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp)
     steps = _patch_steps(model)
     off = remote_.host(model, offsets)
@@ -379,10 +408,13 @@ def patched_last_logits(
 def _patched_suffix(
     model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, prefix: Prefix, with_logsumexp: bool
 ) -> tuple[torch.Tensor, None]:
-    """:func:`patched_last_logits` of positions ``prefix.start..T-1`` on top of the clean prefix."""
+    """:func:`patched_last_logits` of positions ``prefix.start..T-1`` on top of the clean prefix, from
+    decoder layer ``prefix.layer``'s output on (layers ``0..prefix.layer`` are skipped: their outputs
+    below the last are never read, and the last is the clean residual plus its patched MLP output,
+    computed as the layer would: ``residual + (mlp_out - offset)``)."""
     from transformers import DynamicCache
 
-    start, T = prefix.start, input_ids.shape[1]
+    start, T, first = prefix.start, input_ids.shape[1], prefix.layer
     if remote_.is_remote(model):
         raise SettingError("a patched forward from a clean prefix is local-only; run it without prefix")
     if with_logsumexp:
@@ -394,20 +426,31 @@ def _patched_suffix(
         )
     if prefix.cache.precision != parameter_precision(model):
         raise ValueError("the prefix cache was built with other parameter dtypes; build one for this precision")
+    if not 0 <= first < model.n_layers:
+        raise ValueError(f"prefix layer {first}: the model has {model.n_layers} layers")
     rows = prefix.rows.to(model.device)
-    past = DynamicCache(
-        ddp_cache_data=[(k[rows, :, :start], v[rows, :, :start]) for k, v in prefix.cache.kv], config=model.config
-    )
-    steps = _patch_steps(model)
+    kw: dict[str, Any] = {**_last_only(model)}
+    if start > 0:
+        kw[_cache_kwarg(model)] = DynamicCache(
+            ddp_cache_data=[(k[rows, :, :start], v[rows, :, :start]) for k, v in prefix.cache.kv], config=model.config
+        )
+        # the mask covers the cached positions too (nnsight would make one for the new tokens only)
+        kw["attention_mask"] = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)
     off = offsets.to(model.device)
+    resid = prefix.cache.resid[first][rows, start:]
+    y = prefix.cache.mlp_out[first][rows, start:]
+    skipped = resid + (y - off[first].to(y.device, y.dtype))  # [V, T - start, D]: decoder layer `first`'s output
+    blocks = get_path(model.lm, model.arch.layers)
+    skips = [blocks[j] for j in range(first + 1)]
+    steps = _patch_steps(model)[first + 1 :]
+    offs = off[first + 1 :]
     lm = model.lm
-    # the mask covers the cached positions too (nnsight would make one for the new tokens only)
-    mask = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)
-    kw = {_cache_kwarg(model): past, "attention_mask": mask, **_last_only(model)}
     with torch.no_grad(), remote_.trace(model, input_ids[:, start:].to(model.device), kind="patch", **kw):
+        for block in skips:
+            block.skip(skipped)
         for layer, env in enumerate(steps):
-            y = env.output
-            env.output = y - off[layer].to(y.device, y.dtype)
+            h = env.output
+            env.output = h - offs[layer].to(h.device, h.dtype)
         out = lm.output
         last = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
     return _val(last), None

@@ -295,10 +295,12 @@ class PatchEvaluator:
             )
         self.reuse_prefix = can_reuse if reuse_prefix is None else reuse_prefix
         self._prefix: dict[tuple, PrefixCache] = {}  # clean keys / values, per parameter precision
+        self._chunks: dict[int, int] = {}  # automatic variants per forward, per positions run
         self._null: torch.Tensor | None = None
         self.n_forwards = 0  # patch traces run
         self.n_sequences = 0  # patched sequences (variants) they held, after de-duplication
         self.n_positions = 0  # positions those sequences ran (fewer than n_sequences * T with prefix reuse)
+        self.n_layer_positions = 0  # (position, decoder layer)s run: layers below the first patched one are skipped
         dev = self.clean_logits.device
         self.m_clean = (
             metric_value(self.clean_logits, batch.correct.to(dev), batch.wrong.to(dev), "logit_diff")
@@ -412,21 +414,24 @@ class PatchEvaluator:
             self._run_remote(variants, order, var_sorted, extra_offsets, metric, kl, change)
             return PatchResult(metric, kl, change)
         perm: torch.Tensor | None = None
-        groups = [(0, V, 0)]  # (first variant, end, start position): the whole prompt
+        groups = [(0, V, 0, 0)]  # (first variant, end, start position, first layer): the whole prompt
         if self.reuse_prefix and V:
-            first = self._first_changed(variants, extra_offsets)
-            perm = torch.argsort(first, stable=True)
-            variants, first = variants.take(perm), first[perm]
+            first, layer = self._first_changed(variants, extra_offsets)
+            T = self.batch.seq_len
+            perm = torch.argsort(layer * (T + 1) + first, stable=True)  # by (layer, position)
+            variants, first, layer = variants.take(perm), first[perm], layer[perm]
             order = torch.argsort(variants.var, stable=True)
             var_sorted = variants.var[order]
-            groups = self._prefix_groups(first)
+            groups = self._prefix_groups(first, layer)
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for lo, hi, first_pos in groups:
+        for lo, hi, first_pos, first_layer in groups:
             start = lo
             while start < hi:
                 stop = min(hi, start + self._chunk_for(self.batch.seq_len - first_pos))
                 try:
-                    res = self._run_range(variants, order, var_sorted, start, stop, extra_offsets, first_pos)
+                    res = self._run_range(
+                        variants, order, var_sorted, start, stop, extra_offsets, first_pos, first_layer
+                    )
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -457,45 +462,66 @@ class PatchEvaluator:
 
     # -------------------------------------------------------------- prefix reuse
     def _chunk_for(self, run_len: int) -> int:
-        """Variants per forward of ``run_len`` positions."""
+        """Variants per forward of ``run_len`` positions (sized once per length: the free memory is read
+        once per batch, as for whole prompts)."""
         if not self.auto_chunk or run_len >= self.batch.seq_len:
             return self.chunk
-        return auto_chunk(self.model, self.batch.seq_len, run_len=run_len)
+        n = self._chunks.get(run_len)
+        if n is None:
+            n = self._chunks[run_len] = auto_chunk(self.model, self.batch.seq_len, run_len=run_len)
+        return n
 
-    def _first_changed(self, variants: Variants, extra_offsets: torch.Tensor | None) -> torch.Tensor:
-        """``[V]`` the first position each variant can change, from its entries.
+    def _first_changed(
+        self, variants: Variants, extra_offsets: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[V]`` the first position and ``[V]`` the first layer each variant can change, from its entries.
 
-        A removal writes at its occurrence's position only, so a variant changes nothing before its
-        earliest entry; a complement (every active occurrence but the listed ones removed) nothing
-        before the prompt's first active position; ``extra_offsets`` nothing before their first
-        nonzero position. ``T`` when nothing changes. Offsets are zero before this position by
-        construction (:meth:`offsets` refuses an entry before its start).
+        A removal writes at its occurrence's position, into the MLP outputs of its source layer and
+        later ones; so a variant changes nothing before its earliest entry's position, nor below its
+        lowest entry's layer. A complement (every active occurrence but the listed ones removed)
+        changes nothing before the prompt's first active position or below its lowest active layer;
+        ``extra_offsets`` nothing before their first nonzero position and layer. ``(T, L - 1)`` when
+        nothing changes. Offsets are zero there by construction (:meth:`offsets` refuses an entry
+        before its start).
         """
-        T, V = self.batch.seq_len, variants.n
-        pos = self.occ.pos.cpu()
+        T, L, V = self.batch.seq_len, self.clt.n_layers, variants.n
+        pos, lay = self.occ.pos.cpu(), self.occ.layer.cpu()
         first = torch.full((V,), T, dtype=torch.long)
+        layer = torch.full((V,), L - 1, dtype=torch.long)
         if variants.occ.numel():
             first.scatter_reduce_(0, variants.var, pos[variants.occ], reduce="amin")
+            layer.scatter_reduce_(0, variants.var, lay[variants.occ], reduce="amin")
         comp = variants.complement
         if comp.any():
-            first_active = torch.full((self.batch.size,), T, dtype=torch.long)
-            first_active.scatter_reduce_(0, self.occ.prompt.cpu(), pos, reduce="amin")
+            prompt = self.occ.prompt.cpu()
+            first_active = torch.full((self.batch.size,), T, dtype=torch.long).scatter_reduce_(0, prompt, pos, "amin")
+            low_active = torch.full((self.batch.size,), L - 1, dtype=torch.long).scatter_reduce_(0, prompt, lay, "amin")
             first[comp] = first_active[variants.prompt[comp]]
+            layer[comp] = low_active[variants.prompt[comp]]
         if extra_offsets is not None:
-            first = torch.minimum(first, _first_nonzero(extra_offsets).cpu()[variants.prompt])
-        return first
+            nz = (extra_offsets != 0).any(dim=3).cpu()  # [L, B, T]
+            at = torch.arange(T).expand_as(nz)
+            p_first = torch.where(nz, at, torch.full_like(at, T)).amin(dim=(0, 2))  # [B]
+            ls = torch.arange(L)[:, None, None].expand_as(nz)
+            l_first = torch.where(nz, ls, torch.full_like(ls, L - 1)).amin(dim=(1, 2))
+            first = torch.minimum(first, p_first[variants.prompt])
+            layer = torch.minimum(layer, l_first[variants.prompt])
+        return first, layer
 
-    def _prefix_groups(self, first: torch.Tensor) -> list[tuple[int, int, int]]:
-        """Split variants sorted by ``first`` ``[V]`` into ``(lo, hi, start)`` runs that share forwards.
+    def _prefix_groups(self, first: torch.Tensor, layer: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """Split variants sorted by (``layer``, ``first``) into ``(lo, hi, start, layer)`` runs sharing forwards.
 
-        A run starts at the earliest position of its variants. Every distinct start could have
-        forwards of its own, but each forward costs :data:`TRACE_COST_POSITIONS`; a dynamic program
-        over the distinct starts picks the runs with the fewest positions-plus-overheads.
+        A run starts at the earliest position and the lowest layer of its variants. Every distinct
+        (layer, position) could have forwards of its own, but each forward costs
+        :data:`TRACE_COST_POSITIONS`; a dynamic program over contiguous runs of the distinct keys
+        picks the runs with the fewest (position x layer)s run plus overheads.
         """
-        T = self.batch.seq_len
-        starts, counts = torch.unique_consecutive(first.clamp(max=T - 1), return_counts=True)
-        starts_l, counts_l = starts.tolist(), counts.tolist()
-        m = len(starts_l)
+        T, L = self.batch.seq_len, self.clt.n_layers
+        keys, counts = torch.unique_consecutive(
+            torch.stack([layer, first.clamp(max=T - 1)], dim=1), dim=0, return_counts=True
+        )
+        lay_l, pos_l, counts_l = keys[:, 0].tolist(), keys[:, 1].tolist(), counts.tolist()
+        m = len(counts_l)
         bounds = [0]
         for c in counts_l:
             bounds.append(bounds[-1] + c)
@@ -503,17 +529,19 @@ class PatchEvaluator:
         best = [0.0] + [float("inf")] * m
         cut = [0] * (m + 1)
         for j in range(1, m + 1):
-            for i in range(j):  # run = distinct starts i..j-1, from starts_l[i]
+            low = T
+            for i in range(j - 1, -1, -1):  # run = distinct keys i..j-1: layer lay_l[i], from min position
+                low = min(low, pos_l[i])
                 n = bounds[j] - bounds[i]
-                run = T - exact_suffix_start(T, starts_l[i])
-                cost = best[i] + n * run + overhead * -(-n // self._chunk_for(run))
+                run = T - exact_suffix_start(T, low)
+                cost = best[i] + n * run * (L - lay_l[i]) / L + overhead * -(-n // self._chunk_for(run))
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
         runs = []
         j = m
         while j > 0:
             i = cut[j]
-            runs.append((bounds[i], bounds[j], starts_l[i]))
+            runs.append((bounds[i], bounds[j], min(pos_l[i:j]), lay_l[i]))
             j = i
         return runs[::-1]
 
@@ -575,22 +603,24 @@ class PatchEvaluator:
         stop: int,
         extra_offsets: torch.Tensor | None,
         first: int = 0,
+        first_layer: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Metric, KL and argmax change of variants ``start:stop`` (one forward).
 
-        ``first``: none of these variants changes anything before this position
-        (:meth:`_first_changed`); with prefix reuse the forward starts there, or earlier where
-        :func:`~pie_lib.engine.traces.exact_suffix_start` says so.
+        ``first``, ``first_layer``: none of these variants changes anything before this position
+        or below this layer (:meth:`_first_changed`); with prefix reuse the forward starts there
+        (the position moved earlier where :func:`~pie_lib.engine.traces.exact_suffix_start` says so).
         """
         pos = exact_suffix_start(self.batch.seq_len, first) if self.reuse_prefix else 0
         ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets, pos)
-        prefix = Prefix(self.prefix_cache(), prompts, pos) if pos > 0 else None
+        prefix = Prefix(self.prefix_cache(), prompts, pos, first_layer) if self.reuse_prefix else None
         logits, lse = patched_last_logits(
             self.model, ids, off, with_logsumexp=self.metric == "logsumexp", prefix=prefix
         )
         self.n_forwards += 1
         self.n_sequences += stop - start
         self.n_positions += (stop - start) * off.shape[2]
+        self.n_layer_positions += (stop - start) * off.shape[2] * (self.clt.n_layers - (first_layer + 1 if prefix else 0))
         return self._finish_range(prompts, logits, lse)
 
     def _prepare_range(

@@ -218,21 +218,24 @@ def draw_partners(
     (both single effects above ``cfg.eff_tol``)."""
     draws: PartnerDraws = []
     pairs: list[tuple[int, int]] = []
+    # plain Python values once, not one tensor read per candidate; `above` compares in eff's dtype, as before
+    delta_l, above = delta.tolist(), (eff > cfg.eff_tol).tolist()
     for p in plans:
         if p is None or p.forced:
             draws.append([])
             continue
         rng = random.Random(cfg.seed + 1337)
-        n_part = p.partners.numel()
+        partners = p.partners.tolist()
+        n_part = len(partners)
         per_cand: list[list[int] | None] = []
         for c in p.boundary.tolist():
-            if delta[c] == 0 or n_part == 0:
+            if delta_l[c] == 0 or n_part == 0:
                 per_cand.append(None)
                 continue
             idxs = rng.sample(range(n_part), min(cfg.partners_per_candidate, n_part))
-            mates = [int(p.partners[i]) for i in idxs]
+            mates = [partners[i] for i in idxs]
             per_cand.append(mates)
-            pairs += [(c, m) for m in mates if eff[m] > cfg.eff_tol and eff[c] > cfg.eff_tol]
+            pairs += [(c, m) for m in mates if above[m] and above[c]]
         draws.append(per_cand)
     return draws, pairs
 
@@ -270,6 +273,7 @@ def rerank_boundaries(
     ``|S_c| / base_scale + λ · max(0, median Syn) / med_partner``, and fill any shortfall in |S| order."""
     keep = torch.zeros(s_abs.numel(), dtype=torch.bool)
     trace = SynergyTrace([], [], [], 0)
+    eff_l, s_abs_l = eff.tolist(), s_abs.tolist()  # the same floats as float(eff[i]), read once
     for b, p in enumerate(plans):
         if p is None:
             for lst in (trace.core, trace.boundary, trace.boosted):
@@ -282,11 +286,11 @@ def rerank_boundaries(
             trace.boosted.append([])
             continue
         keep[p.order[: p.core_k]] = True
-        part_eff = [float(eff[i]) for i in p.partners.tolist()]
+        part_eff = [eff_l[i] for i in p.partners.tolist()]
         med_partner = max(float(np.median(np.abs(part_eff))) if part_eff else 1.0, 1e-6)
         cands = []
         for j, c in enumerate(p.boundary.tolist()):
-            base_z = float(s_abs[c]) / p.base_scale
+            base_z = s_abs_l[c] / p.base_scale
             mates = draws[b][j]
             if mates is None:
                 cands.append((base_z, c))

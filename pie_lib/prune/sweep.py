@@ -454,7 +454,14 @@ def _rows(
 ) -> tuple[list[dict], list[dict]]:
     """Result rows and selection records of one outcome, for the prompts not finished yet."""
     rows, sels = [], []
-    ev, prompt = o.ev, ctx.occ.prompt.cpu()
+    # plain Python values once per outcome (not one tensor read per prompt and column)
+    ev = {k: v.tolist() for k, v in o.ev.items()}
+    budgets = o.budgets.tolist()
+    kept_all = o.keep.nonzero().squeeze(-1)  # [n kept], sorted, so grouped by prompt
+    kept_prompt = ctx.occ.prompt.cpu()[kept_all]
+    bounds = torch.searchsorted(kept_prompt, torch.arange(len(pidx) + 1)).tolist()
+    triples = ctx.occ.triples(kept_all)
+    scores = [round(x, 7) for x in o.scores[kept_all].tolist()]
     base = {"method": name, "k": _k_value(label), "budget": "frac" if label.startswith("f") else "abs", "seed": seed}
     for b, p in enumerate(pidx):
         if (name, label, seed, p) in done:
@@ -466,7 +473,7 @@ def _rows(
                 "prompt_idx": p,
                 "prompt_id": ids[p],
                 "n_active": n_active,
-                "k_eff": int(min(o.budgets[b], n_active)),
+                "k_eff": int(min(budgets[b], n_active)),
                 "n_kept": int(ev["n_kept"][b]),
                 "kl": float(ev["kl"][b]),
                 "pred_change": bool(ev["pred_change"][b]),
@@ -481,14 +488,14 @@ def _rows(
                 "seconds": secs,
             }
         )
-        kept = (o.keep & (prompt == b)).nonzero().squeeze(-1)
+        lo, hi = bounds[b], bounds[b + 1]
         sels.append(
             {
                 **base,
                 "prompt_idx": p,
                 "n_active": n_active,
-                "occurrences": ctx.occ.triples(kept),
-                "scores": [round(float(x), 7) for x in o.scores[kept]],
+                "occurrences": triples[lo:hi],
+                "scores": scores[lo:hi],
             }
         )
     return rows, sels
