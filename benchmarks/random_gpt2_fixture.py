@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 
-def build(out: Path, layers: int, d_model: int, heads: int, features: int, active_per_token: float, task: str,
-          seed: int) -> dict:
+def build(
+    out: Path, layers: int, d_model: int, heads: int, features: int, active_per_token: float, task: str, seed: int
+) -> dict:
     from transformers import AutoTokenizer
 
     from pie_lib import toy
@@ -40,8 +41,15 @@ def build(out: Path, layers: int, d_model: int, heads: int, features: int, activ
 
     tok = AutoTokenizer.from_pretrained(str(toy.toy_model_path("gpt2")))
     hf = random_model(
-        "gpt2", vocab_size=len(tok), seed=seed, n_embd=d_model, n_layer=layers, n_head=heads, n_positions=128,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        "gpt2",
+        vocab_size=len(tok),
+        seed=seed,
+        n_embd=d_model,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     model_dir = out / "model"
     hf.save_pretrained(model_dir)
@@ -63,12 +71,20 @@ def build(out: Path, layers: int, d_model: int, heads: int, features: int, activ
     thr = torch.quantile(pre.flatten(1), 1 - per_layer / F, dim=1)[:, None].expand(L, F).clamp_min(1e-3).contiguous()
     dec_scale = out_scale / math.sqrt(D * per_layer)
     W_dec = [torch.randn(F, L - i, D, generator=g) * dec_scale[i] for i in range(L)]
-    clt_dir = save_clt(out / "clt", W_enc, torch.zeros(L, F), W_dec, torch.zeros(L, D), thr, model_name="gpt2")
+    save_clt(out / "clt", W_enc, torch.zeros(L, F), W_dec, torch.zeros(L, D), thr, model_name="gpt2")
     active = float((pre > thr[:, None, :]).sum(dim=(0, 2)).float().mean())
     info = {
-        "layers": L, "d_model": D, "heads": heads, "d_mlp": 4 * D, "features": F, "vocab": len(tok),
-        "task": task, "seed": seed, "active_per_token_target": active_per_token,
-        "active_per_token_measured": active, "calibration_tokens": int(resid.shape[1]),
+        "layers": L,
+        "d_model": D,
+        "heads": heads,
+        "d_mlp": 4 * D,
+        "features": F,
+        "vocab": len(tok),
+        "task": task,
+        "seed": seed,
+        "active_per_token_target": active_per_token,
+        "active_per_token_measured": active,
+        "calibration_tokens": int(resid.shape[1]),
     }
     (out / "fixture.json").write_text(json.dumps(info, indent=2))
     return info

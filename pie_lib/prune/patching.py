@@ -620,7 +620,9 @@ class PatchEvaluator:
         self.n_forwards += 1
         self.n_sequences += stop - start
         self.n_positions += (stop - start) * off.shape[2]
-        self.n_layer_positions += (stop - start) * off.shape[2] * (self.clt.n_layers - (first_layer + 1 if prefix else 0))
+        self.n_layer_positions += (
+            (stop - start) * off.shape[2] * (self.clt.n_layers - (first_layer + 1 if prefix else 0))
+        )
         return self._finish_range(prompts, logits, lse)
 
     def _prepare_range(
