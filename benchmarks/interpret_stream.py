@@ -5,7 +5,8 @@ For ``--features`` CLT features of the toy world (default: every feature of ever
 ``feature_stats`` in each mode (stream: the default ``ExampleConfig``, bounded state; records:
 every nonzero activation written), each in a fresh folder, then what ``pie evaluate`` reads
 (``natural_acts`` of every feature, timed apart). Reports tokens per second, peak RSS growth over
-the collection phase, disk use (without the shared ``contexts.parquet``) and the state's size.
+the collection phase, disk use (without the shared ``contexts.parquet``) and the state's size;
+also CPU seconds (``time.process_time``), the steadier figure on a shared machine.
 Top examples of both modes must agree (exit 1 otherwise).
 
 Example::
@@ -123,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         n_tokens = int(store.contexts["token_ids"].map(len).sum())
         base_disk = disk_bytes(root)
         start = mem.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         store = ActivationStore.build(model, clt, feats, root, corpus, cfg, {"bench": a.arch}, progress=False)
         t_collect = time.perf_counter() - t0
         ex = store.select_examples(feats, cfg)
         stats = store.feature_stats(feats)
         t_all = time.perf_counter() - t0
+        c_all = time.process_time() - c0  # CPU time: what a shared machine's load does not inflate
         peak = mem.peak_mb()
         t1 = time.perf_counter()
         nats = [store.natural_acts(*f) for f in feats]  # what pie evaluate samples from
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             "collect_seconds": t_collect,
             "total_seconds": t_all,
             "tokens_per_second": n_tokens / t_all,
+            "cpu_seconds": c_all,
+            "tokens_per_cpu_second": n_tokens / c_all,
             "peak_rss_mb": peak,
             "rss_growth_mb": peak - start,
             "disk_bytes": disk_bytes(root) - base_disk,
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             out["modes"][mode]["state_bytes"] = int(sum(st.nbytes for st in states))
         m = out["modes"][mode]
         print(
-            f"{mode:8s}: {n_tokens} tokens x {len(feats)} features in {t_all:.1f} s = {m['tokens_per_second']:.0f} tokens/s; "
+            f"{mode:8s}: {n_tokens} tokens x {len(feats)} features in {t_all:.1f} s = {m['tokens_per_second']:.0f} tokens/s "
+            f"({c_all:.1f} CPU s = {m['tokens_per_cpu_second']:.0f} tokens/CPU-s); "
             f"peak RSS {peak:.0f} MB (+{m['rss_growth_mb']:.0f}); disk {m['disk_bytes'] / 2**20:.1f} MiB; "
             f"mean density {m['mean_density']:.3f}; natural_acts of every feature {t_nat:.1f} s "
             f"({m['natural_sampling_exact']} of {len(feats)} exact)",

@@ -870,7 +870,10 @@ class StreamingExamples:
     act, context id; the reservoir's keys) for ``pie evaluate``; ``sample_act`` ``[U, M]``: every
     feature's activation on the M contexts of ``sample_ctx`` (:func:`context_sample`). A context's
     activation is the value at its token of largest |activation| (records mode's definition).
-    Lists are nested: ``top`` is the head of ``etop`` and ``res`` the head of ``eres``.
+    Lists are nested: ``top`` is the head of ``etop`` and ``res`` the head of ``eres``. While
+    streaming, ``top`` and ``res`` are kept in slots (an entering context takes the slot of the one it
+    evicts) and the candidates of ``etop`` / ``eres`` are merged every ``FLUSH_EVERY`` batches;
+    :meth:`flush` and :meth:`canonical` (run on save and before any output) restore the order.
     """
 
     FIELDS = ("abs", "act", "ctx", "pos", "tok")
@@ -971,6 +974,8 @@ class StreamingExamples:
             need = (cand["key"] <= worst).any(1).nonzero().squeeze(1)
             self._fold_slots(self.res, u, cand, need, "key", False)
         if self.eval_top or self.eval_reservoir:
+            if self._pending.get(layer) and not torch.equal(self._pending[layer][0][0], u):
+                self._flush_layer(layer)  # another feature list of this layer: merge what is pending first
             pend = self._pending.setdefault(layer, [])
             pend.append((u, {k: cand[k] for k in ("abs", "act", "ctx", "key")}))
             if len(pend) >= self.FLUSH_EVERY:
