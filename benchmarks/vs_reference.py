@@ -14,7 +14,8 @@ GPT-2 world, ``toy:gpt2``; ``--model/--clt/--data`` take any GPT-2 fixture).
   ``--min-tokens 8`` (the reference skips shorter prompts).
 
 Both sides' selections are compared per (method, K, prompt) as sets of (layer, position, feature);
-the script prints both wall times and the ratio, writes ``--json``, and exits 1 when a selection
+the script prints both wall times and the ratio (and both sides' CPU seconds, user + system of the
+processes, which a loaded machine moves far less than wall seconds), writes ``--json``, and exits 1 when a selection
 differs (``--allow-mismatch N`` tolerates N differing selections, e.g. float32 near-ties). When the
 reference is not installed (no harness, no reference venv with circuit-tracer, or no official
 code) it prints why and exits 0 without timing anything.
