@@ -163,10 +163,12 @@ def test_prefix_reuse_gives_the_whole_prompt_bits(arch_ctx):
     # a shared base state (ACDC's extra offsets) moves the first changed position too
     base = whole.offsets(v.prompt[:0], torch.zeros(0, dtype=torch.long), None, arch_ctx.batch.size)
     base[:, :, -3:] = 0.01
-    singles = Variants.singles(arch_ctx.occ.prompt[:20], torch.arange(20))
+    base[:2, 0] = 0  # prompt 0: nothing below layer 2 (its first layer differs from the others')
+    pick = torch.randperm(len(arch_ctx.occ), generator=torch.Generator().manual_seed(3))[:30]  # every prompt
+    singles = Variants.singles(arch_ctx.occ.prompt[pick], pick)
     a, b = whole.run(singles, extra_offsets=base), fast.run(singles, extra_offsets=base)
     torch.testing.assert_close(b.metric, a.metric, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(b.kl, a.kl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(b.kl, a.kl, rtol=1e-5, atol=1e-6)  # KLs near 0 are rounding noise
 
 
 def test_exact_suffix_start_matches_whole_prompt_forwards(arch_ctx):

@@ -441,8 +441,8 @@ class PatchEvaluator:
                             f"({type(exc).__name__}); use --batch-size 1, --dtype bfloat16, a larger device, or --remote"
                         ) from None
                     res = None
-                if res is None:  # out of memory: halve the chunk (kept for the rest) and retry this range
-                    self.chunk = max(1, (stop - start) // 2)
+                if res is None:  # out of memory: halve the chunk (kept for the rest) and retry from here
+                    self.chunk = max(1, self._chunk_for(self.batch.seq_len - first_pos) // 2)
                     log.warning(
                         "out of memory with %d patch variants per forward; retrying with %d", stop - start, self.chunk
                     )
@@ -503,7 +503,7 @@ class PatchEvaluator:
             at = torch.arange(T).expand_as(nz)
             p_first = torch.where(nz, at, torch.full_like(at, T)).amin(dim=(0, 2))  # [B]
             ls = torch.arange(L)[:, None, None].expand_as(nz)
-            l_first = torch.where(nz, ls, torch.full_like(ls, L - 1)).amin(dim=(1, 2))
+            l_first = torch.where(nz, ls, torch.full_like(ls, L - 1)).amin(dim=(0, 2))  # [B]
             first = torch.minimum(first, p_first[variants.prompt])
             layer = torch.minimum(layer, l_first[variants.prompt])
         return first, layer
