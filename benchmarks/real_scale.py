@@ -287,6 +287,23 @@ def random_pair_batches(
     return batches
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (what code the numbers belong to), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -367,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result.update(
         # the exact command, so a re-run reproduces the memory peak (it depends on --batch-size)
         command=" ".join(["python", "benchmarks/real_scale.py", *(sys.argv[1:] if argv is None else argv)]),
+        commit=_git_commit(),
         shape=args.shape,
         scale=args.scale,
         n=sum(b.size for b in batches),
