@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -89,6 +92,32 @@ def test_lazy_slicing_reads_only_requested_rows(tmp_path):
     assert dec._used[0] <= max(4, 5)
     nocache = LazyDecoder([mm], cache_rows=0)
     assert torch.equal(nocache.rows(0, torch.tensor([4, 4, 2])), t["W_dec"][0][[4, 4, 2]])
+
+
+def test_row_reads_exact_bounded_and_unmapped(tmp_path):
+    """Rows come from positioned reads (runs of consecutive rows in one read): any order, repeats
+    and runs give the file's rows; the cache stays within ``cache_bytes``; nothing is memory-mapped,
+    so a sweep's resident set does not grow with the rows it has read; a truncated file is an error."""
+    t = _tensors()
+    save_clt(tmp_path / "a", **t)
+    path = tmp_path / "a" / "W_dec_0.safetensors"
+    mm = MemmapTensor(path, "W_dec_0")
+    full = t["W_dec"][0]
+    for idx in ([0, 1, 2, 3], [5, 3, 3, 9], [19], list(range(20))):
+        assert torch.equal(mm.rows(np.array(idx)), full[idx])
+    assert torch.equal(mm.full(), full)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path) not in maps.read_text()
+    row_bytes = full[0].numel() * full.element_size()
+    dec = LazyDecoder([mm], cache_bytes=3 * row_bytes)
+    assert torch.equal(dec.rows(0, torch.tensor([1, 2])), full[[1, 2]])
+    assert torch.equal(dec.rows(0, torch.tensor([4, 2, 7])), full[[4, 2, 7]])  # over budget: cache reset
+    assert dec._blocks[0] is not None and dec._blocks[0].shape[0] == 3
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - row_bytes // 2])
+    with pytest.raises(CLTFormatError, match="truncated"):
+        MemmapTensor(path, "W_dec_0").rows(np.array([0]))
 
 
 def test_topk_config(tmp_path):

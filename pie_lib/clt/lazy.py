@@ -1,14 +1,18 @@
 """Lazy decoder rows: read only the feature rows a prompt needs, straight from safetensors.
 
-A 524k-feature Llama-3.2-1B CLT has ~9.1e9 decoder values (18 GB in bf16). We memory-map each
-``W_dec_{l}.safetensors`` file and gather rows with one fancy index, so the OS reads only the
-pages those rows live on and nothing is loaded whole into CPU memory. Rows fetched for a device
-are cached there (bounded by ``cache_rows``) because consecutive prompts share many features.
+A 524k-feature Llama-3.2-1B CLT has ~9.1e9 decoder values (18 GB in bf16). Each
+``W_dec_{l}.safetensors`` file is read row by row with ``os.pread`` (runs of consecutive rows in
+one call), so the OS reads only the pages those rows live on and nothing is loaded whole into CPU
+memory. Reads go through the page cache but are not mapped into the process: a memory map's
+touched pages stay in its resident set, which then grew with every new feature a sweep met (up to
+the whole file). Rows fetched for a device are cached there, bounded by ``cache_bytes`` for all
+layers together, because consecutive prompts share many features.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -72,12 +76,37 @@ class MemmapTensor:
         self.shape = tuple(info["shape"])
         start, _ = info["data_offsets"]
         self.path = path
-        self._mm = np.memmap(path, dtype=self.np_dtype, mode="r", offset=data_start + start, shape=self.shape)
+        self._offset = data_start + start
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.np_dtype.itemsize
+        self._fd: int | None = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}  # a file descriptor does not travel (pickling, workers)
 
     def rows(self, index: np.ndarray) -> torch.Tensor:
-        """Rows ``index`` (sorted gather is fastest) as a CPU tensor of the file's dtype."""
-        arr = np.ascontiguousarray(self._mm[index])
-        t = torch.from_numpy(arr)
+        """Rows ``index`` as a CPU tensor of the file's dtype (sorted indices read fastest: one read
+        per run of consecutive rows)."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: row index out of range 0..{self.shape[0] - 1}")
+        out = np.empty((index.size, *self.shape[1:]), dtype=self.np_dtype)
+        if index.size:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            flat = out.reshape(index.size, -1).view(np.uint8)  # [n, row_bytes]
+            cut = np.flatnonzero(np.diff(index) != 1) + 1
+            for a, b in zip(np.r_[0, cut], np.r_[cut, index.size]):
+                want = int(b - a) * self._row_bytes
+                got = os.preadv(
+                    self._fd, [memoryview(flat[a:b]).cast("B")], self._offset + int(index[a]) * self._row_bytes
+                )
+                if got != want:
+                    raise CLTFormatError(f"{self.path}: file is truncated (row {int(index[a])}); re-download it")
+        t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else t
 
     def full(self) -> torch.Tensor:
@@ -90,14 +119,23 @@ class LazyDecoder:
     Args:
         sources: per layer either an in-memory tensor ``[F, n_out, D]`` or a :class:`MemmapTensor`.
         cache_rows: how many rows per layer to keep cached on the target device (0 = no cache).
+        cache_bytes: at most this many bytes of cached rows over all layers (default 1 GiB): a
+            layer's cache holds ``min(cache_rows, cache_bytes / (layers x row bytes))`` rows, and
+            never fewer than one call needs. Without it, 65,536 rows per layer is the whole of a
+            32,768-feature CLT: 18 GB at Llama-3.2-1B's shape, grown one prompt at a time.
         check_finite: refuse memory-mapped rows holding NaN/Inf as they are read (a lazily loaded
             CLT is never scanned whole, so a corrupt row is caught when first used).
     """
 
     def __init__(
-        self, sources: list[torch.Tensor | MemmapTensor], cache_rows: int = 65536, check_finite: bool = True
+        self,
+        sources: list[torch.Tensor | MemmapTensor],
+        cache_rows: int = 65536,
+        check_finite: bool = True,
+        cache_bytes: int = 1 << 30,
     ) -> None:
         self.sources = sources
+        self.cache_bytes = cache_bytes
         self.check_finite = check_finite
         self.device = torch.device("cpu")
         self.dtype: torch.dtype | None = None
@@ -168,7 +206,11 @@ class LazyDecoder:
         slots = self._slots[layer]
         missing = torch.unique(idx[slots[idx] < 0])
         if missing.numel():
-            cap = max(min(self.cache_rows, n_feat), int(missing.numel()))  # never more rows than the layer has
+            src = self.sources[layer]
+            dtype = self.dtype or (src.torch_dtype if isinstance(src, MemmapTensor) else src.dtype)
+            row_bytes = int(np.prod(src.shape[1:])) * dtype.itemsize
+            budget = self.cache_bytes // max(1, len(self.sources) * row_bytes)
+            cap = max(min(self.cache_rows, n_feat, budget), int(missing.numel()))  # never below one call's rows
             if self._used[layer] + missing.numel() > cap:
                 slots.fill_(-1)
                 self._blocks[layer] = None
