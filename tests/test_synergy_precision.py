@@ -71,3 +71,28 @@ def test_precision_and_tolerance_are_recorded_in_config_json(llama_world, tmp_pa
     stored = json.loads((tmp_path / "s" / "config.json").read_text())
     syn = stored["identity"]["params"]["synergy"]
     assert syn["precision"] == "model" and syn["eff_tol"] == 0.01
+
+
+def test_per_module_upcast_is_bitwise_the_whole_model_upcast(llama_world, monkeypatch):
+    """When a whole float32 copy does not fit the budget, modules upcast their own weights around
+    their forward: the synergy trace is bitwise the same, and the model ends as it began."""
+    from pie_lib.engine import precision
+
+    bf16 = load_model(llama_world.model_dir, device="cpu", dtype="bfloat16")
+    before = {n: p.detach().clone() for n, p in bf16.hf.named_parameters()}
+    ctx = _ctx(bf16, llama_world)
+    s = fap_scores(ctx.occ, ctx.grads("replacement"), ctx.rows)
+    # a model-precision synergy first, so its bf16 clean keys and values are cached: the float32
+    # runs must not reuse them
+    synergy_rerank(ctx.evaluator, s, 12, SynergyConfig(precision="model"))
+    runs = {}
+    for name, fraction in (("whole", 1e9), ("per_module", 0.0)):
+        monkeypatch.setattr(precision, "FLOAT32_COPY_FRACTION", fraction)
+        runs[name] = synergy_rerank(ctx.evaluator, s, 12, SynergyConfig(precision="float32"), return_trace=True)
+    (keep_w, trace_w), (keep_m, trace_m) = runs["whole"], runs["per_module"]
+    assert torch.equal(keep_w, keep_m)
+    assert trace_w.boosted == trace_m.boosted  # bitwise: the same float32 arithmetic
+    for n, p in bf16.hf.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
+    assert not any(m._forward_pre_hooks and m is not bf16.hf.get_output_embeddings() for m in bf16.hf.modules())
+    assert all(not m._forward_hooks for m in bf16.hf.modules())

@@ -292,6 +292,8 @@ def parameter_precision(model: LoadedModel) -> tuple[torch.dtype, ...]:
     params = model.extra.get("parameters")
     if params is None:
         params = model.extra["parameters"] = list(model.hf.parameters())
+    if model.extra.get("float32_forwards"):  # engine.precision's per-module upcast: weights rest in bf16
+        return tuple(torch.float32 if p.is_floating_point() else p.dtype for p in params)
     return tuple(p.dtype for p in params)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.engine.masked import last_token_kl
+from pie_lib.engine.memory import available_memory_bytes
 from pie_lib.engine.remote import is_remote
 from pie_lib.engine.traces import (
     MetricKind,
@@ -46,21 +47,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     msg = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free bytes, else the host's MemAvailable (Linux) or 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 #: On a CPU, forwards of more tokens than this are not faster per token (measured on the toy world:
