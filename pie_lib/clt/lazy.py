@@ -101,9 +101,7 @@ class MemmapTensor:
             cut = np.flatnonzero(np.diff(index) != 1) + 1
             for a, b in zip(np.r_[0, cut], np.r_[cut, index.size]):
                 want = int(b - a) * self._row_bytes
-                got = os.preadv(
-                    self._fd, [memoryview(flat[a:b]).cast("B")], self._offset + int(index[a]) * self._row_bytes
-                )
+                got = os.preadv(self._fd, [flat[a:b].data.cast("B")], self._offset + int(index[a]) * self._row_bytes)
                 if got != want:
                     raise CLTFormatError(f"{self.path}: file is truncated (row {int(index[a])}); re-download it")
         t = torch.from_numpy(out)
