@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--results", default=None, help="folder for real_scale_<shape>_s<scale>_<device>.json (default: only --json)"
     )
     args = p.parse_args(argv)
+    commit = _git_commit()  # now: the code this process imports, not whatever is checked out at the end
     ps.set_threads(args.threads)
     torch.manual_seed(args.seed)
     hw = ps.hardware()
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result.update(
         # the exact command, so a re-run reproduces the memory peak (it depends on --batch-size)
         command=" ".join(["python", "benchmarks/real_scale.py", *(sys.argv[1:] if argv is None else argv)]),
-        commit=_git_commit(),
+        commit=commit,
         shape=args.shape,
         scale=args.scale,
         n=sum(b.size for b in batches),
