@@ -270,7 +270,9 @@ def test_zero_active_features(llama_world, tmp_path):
         keep, s = m.select(c, 5, 0, MethodParams())
         assert keep.numel() == 0
     ev = evaluate_keep_masks(c, torch.zeros(1, 0, dtype=torch.bool))
-    assert torch.allclose(ev["kl"], torch.zeros_like(ev["kl"]))
+    # removing nothing is the clean run by definition, whatever the threads' rounding (it was 2.6e-8
+    # with 4 torch threads when the forwards were run)
+    assert torch.equal(ev["kl"], torch.zeros_like(ev["kl"]))
     assert torch.isnan(ev["faithfulness"]).all()
 
 

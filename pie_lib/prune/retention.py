@@ -47,12 +47,22 @@ def evaluate_keep_masks(ctx: BatchContext, keeps: torch.Tensor) -> dict[str, tor
     )
     res = ctx.evaluator.run(Variants.concat([circuit, complement, null]))
     m_clean = ctx.evaluator.clean_metric()
-    m_circ = res.metric[: J * B].view(J, B)
-    m_comp = res.metric[J * B : 2 * J * B].view(J, B)
-    m_null = res.metric[2 * J * B :]
+    m_circ = res.metric[: J * B].view(J, B).clone()
+    m_comp = res.metric[J * B : 2 * J * B].view(J, B).clone()
+    m_null = res.metric[2 * J * B :].clone()
+    kl, kl_null = res.kl[: J * B].view(J, B).clone(), res.kl[2 * J * B :].clone()
+    change = res.pred_change[: J * B].view(J, B).clone()
+    # a prompt with no active occurrence removes nothing in any variant: each is the clean run by
+    # definition (its forwards differ from the clean one only by the rounding of another batch size)
+    idle = occ.counts().cpu() == 0
+    if idle.any():
+        mc = m_clean.to(m_null)
+        m_null[idle], kl_null[idle] = mc[idle], 0.0
+        m_circ[:, idle], m_comp[:, idle] = mc[idle], mc[idle]
+        kl[:, idle], change[:, idle] = 0.0, False
     return {
-        "kl": res.kl[: J * B].view(J, B),
-        "pred_change": res.pred_change[: J * B].view(J, B),
+        "kl": kl,
+        "pred_change": change,
         "faithfulness": faithfulness(m_circ, m_null[None], m_clean[None]),
         "completeness": faithfulness(m_comp, m_null[None], m_clean[None]),
         "m_circuit": m_circ,
@@ -60,6 +70,6 @@ def evaluate_keep_masks(ctx: BatchContext, keeps: torch.Tensor) -> dict[str, tor
         "n_kept": torch.bincount(var, minlength=J * B).view(J, B),
         "m_clean": m_clean,
         "m_null": m_null,
-        "kl_null": res.kl[2 * J * B :],
+        "kl_null": kl_null,
         "n_active": occ.counts().cpu(),
     }
