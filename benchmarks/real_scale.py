@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune_speed as ps  # noqa: E402
 
 from pie_lib.clt import load_clt  # noqa: E402
-from pie_lib.clt.lazy import MemmapTensor  # noqa: E402
+from pie_lib.clt.lazy import SafetensorsRows  # noqa: E402
 from pie_lib.models.loading import load_model  # noqa: E402
 from pie_lib.models.random_init import REAL_SHAPES, random_model, word_tokenizer  # noqa: E402
 from pie_lib.prune.occurrences import PairBatch  # noqa: E402
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "chunk": args.chunk,
             "rows_dtype": rows_dtype,
             "threads": args.threads,
-            "lazy_decoder": isinstance(clt.decoder.sources[0], MemmapTensor),
+            "lazy_decoder": isinstance(clt.decoder.sources[0], SafetensorsRows),
         },
     )
     result["hardware"]["loadavg_end"] = list(os.getloadavg())
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: "
         f"{result['peak_memory_bytes'] / 2**30:.2f} GiB (model + CLT load {load_s:.1f} s; CLT decoders "
-        f"{'lazy (memory-mapped)' if result['config']['lazy_decoder'] else 'in memory'}); total {result['total_seconds']:.1f} s"
+        f"{'lazy (rows read from the files)' if result['config']['lazy_decoder'] else 'in memory'}); total {result['total_seconds']:.1f} s"
     )
     json_path = args.json
     if args.results:

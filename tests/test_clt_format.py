@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import save_file
 
 from pie_lib.clt import load_clt, save_clt, save_transcoder
-from pie_lib.clt.lazy import LazyDecoder, MemmapTensor
+from pie_lib.clt.lazy import LazyDecoder, SafetensorsRows
 from pie_lib.errors import CLTFormatError, WeightsUnavailableError
 
 L, F, D = 3, 20, 8
@@ -85,7 +85,7 @@ def test_foreign_folder_relu_and_bf16(tmp_path):
 def test_lazy_slicing_reads_only_requested_rows(tmp_path):
     t = _tensors()
     save_clt(tmp_path / "a", **t)
-    mm = MemmapTensor(tmp_path / "a" / "W_dec_0.safetensors", "W_dec_0")
+    mm = SafetensorsRows(tmp_path / "a" / "W_dec_0.safetensors", "W_dec_0")
     dec = LazyDecoder([mm], cache_rows=4)
     for idx in ([3, 1], [1, 5, 9], [0], [19, 18, 17, 16, 15]):  # forces cache resets too
         assert torch.equal(dec.rows(0, torch.tensor(idx)), t["W_dec"][0][idx])
@@ -101,7 +101,7 @@ def test_row_reads_exact_bounded_and_unmapped(tmp_path):
     t = _tensors()
     save_clt(tmp_path / "a", **t)
     path = tmp_path / "a" / "W_dec_0.safetensors"
-    mm = MemmapTensor(path, "W_dec_0")
+    mm = SafetensorsRows(path, "W_dec_0")
     full = t["W_dec"][0]
     for idx in ([0, 1, 2, 3], [5, 3, 3, 9], [19], list(range(20))):
         assert torch.equal(mm.rows(np.array(idx)), full[idx])
@@ -117,7 +117,7 @@ def test_row_reads_exact_bounded_and_unmapped(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - row_bytes // 2])
     with pytest.raises(CLTFormatError, match="truncated"):
-        MemmapTensor(path, "W_dec_0").rows(np.array([0]))
+        SafetensorsRows(path, "W_dec_0").rows(np.array([0]))
 
 
 def test_topk_config(tmp_path):

@@ -528,13 +528,13 @@ def test_config_records_versions_and_checkpoint_hashes(world, tmp_path):
 # ----------------------------------------------------------------------------- 4. resource limits
 def test_large_decoders_are_memory_mapped_and_served_correctly(world, monkeypatch):
     import pie_lib.clt.io as clt_io
-    from pie_lib.clt.lazy import MemmapTensor
+    from pie_lib.clt.lazy import SafetensorsRows
 
     eager = clt_io.load_clt(world.clt_dir)
-    assert not any(isinstance(s, MemmapTensor) for s in eager.decoder.sources)
+    assert not any(isinstance(s, SafetensorsRows) for s in eager.decoder.sources)
     monkeypatch.setattr(clt_io, "EAGER_DECODER_VALUES", 1000)  # the tiny CLT now counts as "too large"
     lazy = clt_io.load_clt(world.clt_dir)
-    assert all(isinstance(s, MemmapTensor) for s in lazy.decoder.sources)
+    assert all(isinstance(s, SafetensorsRows) for s in lazy.decoder.sources)
     g = torch.Generator().manual_seed(0)
     for layer in range(lazy.n_layers):
         idx = torch.randint(0, lazy.n_features, (20,), generator=g)

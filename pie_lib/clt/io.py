@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pie_lib.clt.lazy import LazyDecoder, MemmapTensor, read_safetensors_header
+from pie_lib.clt.lazy import LazyDecoder, SafetensorsRows, read_safetensors_header
 from pie_lib.clt.transcoder import Activation, CLTConfig, CrossLayerTranscoder
 from pie_lib.errors import CLTFormatError, WeightsUnavailableError
 
@@ -237,7 +237,7 @@ def _load_clt_folder(folder: Path, config: CLTConfig, lazy: bool | None, check_f
         _expect(b_dec[i].shape, (D,), f"{where}: b_dec_{i}")
         if thr:
             _expect(thr[i].shape, (F,), f"{where}: threshold_{i}")
-    decs = [MemmapTensor(folder / f"W_dec_{i}.safetensors", f"W_dec_{i}") for i in range(L)]
+    decs = [SafetensorsRows(folder / f"W_dec_{i}.safetensors", f"W_dec_{i}") for i in range(L)]
     for i, d in enumerate(decs):
         _expect(d.shape, (F, L - i, D), f"{d.path}: W_dec_{i}")
     total = sum(d.shape[0] * d.shape[1] * d.shape[2] for d in decs)

@@ -62,7 +62,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-class MemmapTensor:
+class SafetensorsRows:
     """A read-only tensor inside a safetensors file, indexed along its first dimension."""
 
     def __init__(self, path: Path, key: str) -> None:
@@ -112,22 +112,22 @@ class MemmapTensor:
 
 
 class LazyDecoder:
-    """Per-source-layer decoder rows ``[F, n_out(l), D]``, from memory or memory-mapped files.
+    """Per-source-layer decoder rows ``[F, n_out(l), D]``, from memory or read from safetensors files.
 
     Args:
-        sources: per layer either an in-memory tensor ``[F, n_out, D]`` or a :class:`MemmapTensor`.
+        sources: per layer either an in-memory tensor ``[F, n_out, D]`` or a :class:`SafetensorsRows`.
         cache_rows: how many rows per layer to keep cached on the target device (0 = no cache).
         cache_bytes: at most this many bytes of cached rows over all layers (default 1 GiB): a
             layer's cache holds ``min(cache_rows, cache_bytes / (layers x row bytes))`` rows, and
             never fewer than one call needs. Without it, 65,536 rows per layer is the whole of a
             32,768-feature CLT: 18 GB at Llama-3.2-1B's shape, grown one prompt at a time.
-        check_finite: refuse memory-mapped rows holding NaN/Inf as they are read (a lazily loaded
+        check_finite: refuse file rows holding NaN/Inf as they are read (a lazily loaded
             CLT is never scanned whole, so a corrupt row is caught when first used).
     """
 
     def __init__(
         self,
-        sources: list[torch.Tensor | MemmapTensor],
+        sources: list[torch.Tensor | SafetensorsRows],
         cache_rows: int = 65536,
         check_finite: bool = True,
         cache_bytes: int = 1 << 30,
@@ -163,7 +163,7 @@ class LazyDecoder:
 
     def _load(self, layer: int, index: np.ndarray | None) -> torch.Tensor:
         src = self.sources[layer]
-        if isinstance(src, MemmapTensor):
+        if isinstance(src, SafetensorsRows):
             t = src.full() if index is None else src.rows(index)
             if self.check_finite and not torch.isfinite(t).all():
                 bad = (~torch.isfinite(t.float())).flatten(1).any(1).nonzero().squeeze(-1)
@@ -182,7 +182,7 @@ class LazyDecoder:
         if full is not None:
             return full[features.to(full.device)]
         src = self.sources[layer]
-        if not isinstance(src, MemmapTensor) and src.device == self.device and (self.dtype in (None, src.dtype)):
+        if not isinstance(src, SafetensorsRows) and src.device == self.device and (self.dtype in (None, src.dtype)):
             return src[features.to(src.device)]
         idx = features.detach().cpu().to(torch.int64)
         if self.cache_rows <= 0:
@@ -205,7 +205,7 @@ class LazyDecoder:
         missing = torch.unique(idx[slots[idx] < 0])
         if missing.numel():
             src = self.sources[layer]
-            dtype = self.dtype or (src.torch_dtype if isinstance(src, MemmapTensor) else src.dtype)
+            dtype = self.dtype or (src.torch_dtype if isinstance(src, SafetensorsRows) else src.dtype)
             row_bytes = int(np.prod(src.shape[1:])) * dtype.itemsize
             budget = self.cache_bytes // max(1, len(self.sources) * row_bytes)
             cap = max(min(self.cache_rows, n_feat, budget), int(missing.numel()))  # never below one call's rows

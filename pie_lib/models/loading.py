@@ -274,6 +274,8 @@ def load_model(
                 "there is network and pass the local folder"
             ) from None
         freeze_weights(lm)
+        if torch.device(device).type == "cpu":  # a hub download is file-mapped just like a folder
+            _own_memory(lm._module)
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
 
 
@@ -288,8 +290,6 @@ def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device))
-    if torch.device(device).type == "cpu":
-        _own_memory(hf)
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
