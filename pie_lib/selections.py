@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 
 from pie_lib.errors import DataFormatError
-from pie_lib.store import write_parquet
+from pie_lib.store import write_parquet_columns
+
+if TYPE_CHECKING:  # pandas (~0.3 s to import) only for callers that ask for a DataFrame
+    import pandas as pd
 
 SELECTION_COLUMNS = ["method", "k", "budget", "seed", "prompt_idx", "layer", "position", "feature", "score", "rank"]
 
@@ -106,8 +108,14 @@ def _is_index(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def selections_table(records: Iterable[Record]) -> pd.DataFrame:
-    """One row per kept occurrence (:data:`SELECTION_COLUMNS`), records in order, occurrences in stored order."""
+#: Arrow types of the selections table's columns other than int64 (the strings as pandas writes an
+#: ``object`` column).
+SELECTION_TYPES = {"method": "string", "k": "float64", "budget": "string", "score": "float64"}
+
+
+def selection_columns(records: Iterable[Record]) -> dict[str, list[Any]]:
+    """:data:`SELECTION_COLUMNS` as plain lists: one row per kept occurrence, records in order,
+    occurrences in stored order (types :data:`SELECTION_TYPES`, the others int64)."""
     cols: dict[str, list[Any]] = {c: [] for c in SELECTION_COLUMNS}
     for r in records:
         occ = r["occurrences"]
@@ -130,10 +138,21 @@ def selections_table(records: Iterable[Record]) -> pd.DataFrame:
             cols[name] += [int(o[j]) for o in occ]
         cols["score"] += scores.tolist()
         cols["rank"] += rank.tolist()
+    return cols
+
+
+def selections_table(records: Iterable[Record]) -> pd.DataFrame:
+    """One row per kept occurrence (:data:`SELECTION_COLUMNS`), records in order, occurrences in stored order."""
+    import pandas as pd
+
+    cols = selection_columns(records)
     dtypes = {"method": "object", "k": "float64", "budget": "object", "score": "float64"}
     return pd.DataFrame({c: pd.Series(v, dtype=dtypes.get(c, "int64")) for c, v in cols.items()})
 
 
 def write_selections_table(records: Iterable[Record], path: str | os.PathLike) -> Path:
-    """:func:`selections_table` of ``records`` as parquet, atomically."""
-    return write_parquet(selections_table(records), path)
+    """:func:`selections_table` of ``records`` as parquet, atomically (written without pandas: the
+    arrow schema is the one pandas wrote, without pandas' metadata, so ``pd.read_parquet`` gives its
+    string columns pandas' ``str`` dtype instead of ``object``)."""
+    types = {c: SELECTION_TYPES.get(c, "int64") for c in SELECTION_COLUMNS}
+    return write_parquet_columns(selection_columns(records), path, types)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -48,7 +47,14 @@ from pie_lib.prune.inputs import (
 from pie_lib.prune.occurrences import TokenizedPairs, tokenize_pairs
 from pie_lib.prune.params import MethodParams  # noqa: F401 (re-exported)
 from pie_lib.prune.registry import Method, get_methods
-from pie_lib.prune.results import RESULT_COLUMNS, finish_folder, load_results, load_selections  # noqa: F401 (re-exported)
+from pie_lib.prune.results import (  # noqa: F401 (re-exported)
+    RESULT_COLUMNS,
+    finish_folder,
+    finish_rows,
+    load_results,
+    load_selections,
+    results_frame,
+)
 from pie_lib.prune.retention import evaluate_keep_masks
 from pie_lib.prune.shard import (
     Shard,
@@ -74,6 +80,8 @@ from pie_lib.store import (
 from pie_lib.world import load_world, resolve_checkpoints
 
 if TYPE_CHECKING:
+    import pandas as pd  # only for callers that ask for a DataFrame (~0.3 s to import)
+
     from pie_lib.data.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -318,11 +326,18 @@ def run_prune(
 
     The steps: :func:`_check_run` (nothing loaded or written yet) -> load the model and CLT ->
     :func:`_tokenized_groups` -> per batch :func:`_prune_batch`, its rows appended by
-    :class:`_RunFolder` -> :func:`finish_folder` (the parquet files).
+    :class:`_RunFolder` -> :func:`finish_rows` (the parquet files).
 
     Args:
         cfg: the run; model / clt: already-loaded objects (else loaded from ``cfg``).
     """
+    return results_frame(run_prune_rows(cfg, model, clt))
+
+
+def run_prune_rows(
+    cfg: PruneConfig, model: LoadedModel | None = None, clt: CrossLayerTranscoder | None = None
+) -> list[dict[str, Any]]:
+    """:func:`run_prune`, its rows as :data:`RESULT_COLUMNS` dicts (no pandas: ``pie prune``)."""
     checked = _check_run(cfg)
     world = load_world(
         model or checked.model_path, clt or checked.clt_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote
@@ -349,7 +364,7 @@ def _sweep(
     sources: dict[str, Any],
     remote_info: dict[str, Any] | None,
     requests_before: dict[str, Any],
-) -> pd.DataFrame:
+) -> list[dict[str, Any]]:
     """Steps 3-4 in the folder this run holds: every missing row, then the parquet files."""
     shard = checked.shard
     units = plan_units(tokenized)
@@ -381,7 +396,7 @@ def _sweep(
     folder.start()  # also when every row was already there
     if remote_info is not None:
         _record_remote(checked.folder, remote_info, requests_before)
-    return finish_folder(checked.folder)
+    return finish_rows(checked.folder)
 
 
 def _remote_check(model: LoadedModel, cfg: PruneConfig) -> dict[str, Any]:

@@ -22,12 +22,14 @@ prompt_idx, n_active, k_eff, faithfulness``; other columns are ignored).
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
-import pandas as pd
 
 from pie_lib.errors import DataFormatError
+
+if TYPE_CHECKING:  # the tables come from callers that have pandas; importing this module needs none
+    import pandas as pd
 
 # numpy >= 2.0 calls it trapezoid; numpy 1.26 (still supported) has only trapz, which 2.x stubs no longer declare
 _trapezoid = np.trapezoid if hasattr(np, "trapezoid") else np.trapz  # pyright: ignore[reportAttributeAccessIssue]
@@ -66,7 +68,7 @@ def faithfulness_curve(
     if by_prompt:
         cols = ["method", "seed", "prompt_idx", "budget", "k", "size_frac", "faithfulness"]
         return (
-            cast(pd.DataFrame, d[cols])
+            cast("pd.DataFrame", d[cols])
             .sort_values(["method", "seed", "prompt_idx", "size_frac"])
             .reset_index(drop=True)
         )
@@ -166,6 +168,8 @@ def cpr_cmd(
                     level=level,
                 )
             )
+    import pandas as pd
+
     cols = ["method", "cpr", "cpr_std", "cmd", "cmd_std", "n_curves", "n_points", "level"]
     return pd.DataFrame(rows, columns=cols)
 
