@@ -14,7 +14,7 @@ from typing import Literal
 from pie_lib.clt.io import load_clt
 from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.errors import WeightsUnavailableError
-from pie_lib.models.loading import LoadedModel, Remote, check_model_source, load_model
+from pie_lib.models.loading import Backend, LoadedModel, Remote, check_model_source, load_model
 from pie_lib.provenance import check_model_name
 from pie_lib.toy import resolve_toy, toy_arch
 
@@ -51,19 +51,25 @@ def load_world(
     device: str | None = None,
     dtype: str | None = None,
     remote: Remote = False,
+    backend: Backend | str = "auto",
 ) -> World:
     """Load what is not loaded yet and check that the CLT fits the model.
 
     Cheap checks come first: a model name that can be neither a folder nor a hub id fails before
     anything is read; a CLT loaded here is read on the CPU next (a broken CLT fails before the model
     is loaded), then moved to the model's device (it stays on the CPU for a remote model).
+    ``backend`` is :func:`~pie_lib.models.loading.load_model`'s (auto, native or hf).
     """
     model_path = None if isinstance(model, LoadedModel) else resolve_checkpoint(model, "model")
     clt_path = None if isinstance(clt, CrossLayerTranscoder) else resolve_checkpoint(clt, "clt")
     if model_path is not None:
         check_model_source(model_path)
     tc = load_clt(clt_path, device="cpu") if clt_path is not None else clt
-    lm = load_model(model_path, device=device, dtype=dtype, remote=remote) if model_path is not None else model
+    lm = (
+        load_model(model_path, device=device, dtype=dtype, remote=remote, backend=backend)
+        if model_path is not None
+        else model
+    )
     assert isinstance(lm, LoadedModel) and isinstance(tc, CrossLayerTranscoder)
     if clt_path is not None and not lm.remote:
         tc.to(device=lm.device)

@@ -45,7 +45,7 @@ def make_pairs(n: int, seed: int = 0) -> list[Pair]:
 def build_world(folder: Path, arch: str, n_features: int = 48, active_frac: float = 0.1, seed: int = 0) -> TinyWorld:
     """A random ``arch`` model and a JumpReLU CLT whose thresholds make ~active_frac of features fire."""
     model_dir = save_random_model(folder / "model", arch, WORDS, seed=seed)
-    model = load_model(model_dir, device="cpu")
+    model = load_model(model_dir, device="cpu", backend="hf")  # the shared worlds steer (generate): transformers
     pairs = make_pairs(8, seed)
     ids = torch.tensor(model.tokenize([p.text_clean for p in pairs if len(p.text_clean.split()) == 6]))
     cache = run_with_cache(model, ids)
@@ -90,5 +90,5 @@ def interp_world(tmp_path_factory):
     from pie_lib.interpret.pipeline import resolve_world
 
     m, c = build_tiny_world(tmp_path_factory.mktemp("world"))
-    lm, clt, _ = resolve_world(str(m), str(c), device="cpu")
+    lm, clt, _ = resolve_world(str(m), str(c), device="cpu", model_backend="hf")  # FADE steers: transformers
     return m, c, lm, clt

@@ -48,6 +48,13 @@ def add_world_flags(p: argparse.ArgumentParser, defaults_note: str) -> None:
     g.add_argument("--clt", default=None, help="CLT folder or hub id")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--remote", action="store_true", default=None, help="run every nnsight trace remotely (NDIF)")
+    g.add_argument(
+        "--model-backend",
+        choices=("auto", "native", "hf"),
+        default="auto",
+        help="model code: native (pie_lib's own GPT-2 / Llama), hf (transformers), auto (native for a local "
+        "GPT-2 / Llama folder run here, hf otherwise; default)",
+    )
 
 
 def llm_config(args: argparse.Namespace) -> LLMConfig:

@@ -63,6 +63,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             clt=args.clt,
             device=args.device,
             remote=args.remote,
+            model_backend=args.model_backend,
             out=args.out,
             max_features=args.max_features,
             progress=not args.no_progress,

@@ -35,6 +35,13 @@ def add_graph_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clt", default=None, help="CLT folder or hub id (default: the run's config.json)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument(
+        "--model-backend",
+        choices=("auto", "native", "hf"),
+        default="auto",
+        help="model code: native (pie_lib's own GPT-2 / Llama), hf (transformers), auto (native for a local "
+        "GPT-2 / Llama folder, hf otherwise; default)",
+    )
+    p.add_argument(
         "--edge-threshold",
         type=float,
         default=0.01,
@@ -74,6 +81,7 @@ def run_graph_command(a: argparse.Namespace) -> int:
         model=a.model,
         clt=a.clt,
         device=a.device,
+        model_backend=a.model_backend,
         graph=GraphConfig(edge_threshold=a.edge_threshold, batch_size=a.batch_size, error_nodes=not a.no_error_nodes),
         progress=not a.no_progress,
     )

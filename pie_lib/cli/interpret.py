@@ -130,6 +130,7 @@ def run_interpret(args: argparse.Namespace) -> int:
             clt=args.clt,
             device=args.device,
             remote=bool(args.remote),
+            model_backend=args.model_backend,
             corpus=None,
             llm=llm_config(args),
             out=args.out,

@@ -28,6 +28,7 @@ RUN_FLAGS: FieldFlags = {
     "device": "--device",
     "dtype": "--dtype",
     "remote": "--remote",
+    "model_backend": "--model-backend",
     "batch_size": "--batch-size",
     "min_tokens": "--min-tokens",
     "target_token": "--target-token",

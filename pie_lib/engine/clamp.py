@@ -73,6 +73,7 @@ def clamped_greedy(
     """
     if model.remote:
         raise SettingError("clamp steering runs locally only; use steering='add' with --remote")
+    model.require_generate("clamp steering")
     R = prompt_ids.shape[0]
     if gen_tokens < 1 or R == 0:
         return torch.zeros(R, max(gen_tokens, 0), dtype=torch.long)

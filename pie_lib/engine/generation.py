@@ -30,6 +30,7 @@ def steered_greedy(
     Returns:
         ``[b, gen_tokens]`` generated ids per job (on the CPU).
     """
+    model.require_generate("steered generation")
     if gen_tokens < 1 or not jobs:
         return [torch.zeros(ids.shape[0], max(gen_tokens, 0), dtype=torch.long) for ids, _ in jobs]
     steps = [env for _, _, env in _forward_steps(model, (model.arch.mlp_out,))]

@@ -320,7 +320,9 @@ def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCac
         mlp_out = nnsight.save(torch.stack(reads_out))
         out = lm.output
         cache = nnsight.save(getattr(out, name))
-    layers: Any = getattr(_val(cache), "layers")  # a transformers Cache: one (keys, values) layer per decoder layer
+    layers: Any = getattr(
+        _val(cache), "layers"
+    )  # a transformers Cache or a native KVCache: one (keys, values) per layer
     return PrefixCache(
         [(layer.keys, layer.values) for layer in layers], _val(resid), _val(mlp_out), parameter_precision(model)
     )
@@ -414,8 +416,6 @@ def _patched_suffix(
     decoder layer ``prefix.layer``'s output on (layers ``0..prefix.layer`` are skipped: their outputs
     below the last are never read, and the last is the clean residual plus its patched MLP output,
     computed as the layer would: ``residual + (mlp_out - offset)``)."""
-    from transformers import DynamicCache
-
     start, T, first = prefix.start, input_ids.shape[1], prefix.layer
     if remote_.is_remote(model):
         raise SettingError("a patched forward from a clean prefix is local-only; run it without prefix")
@@ -433,9 +433,7 @@ def _patched_suffix(
     rows = prefix.rows.to(model.device)
     kw: dict[str, Any] = {**_last_only(model)}
     if start > 0:
-        kw[_cache_kwarg(model)] = DynamicCache(
-            ddp_cache_data=[(k[rows, :, :start], v[rows, :, :start]) for k, v in prefix.cache.kv], config=model.config
-        )
+        kw[_cache_kwarg(model)] = model.kv_cache([(k[rows, :, :start], v[rows, :, :start]) for k, v in prefix.cache.kv])
         # the mask covers the cached positions too (nnsight would make one for the new tokens only)
         kw["attention_mask"] = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)
     off = offsets.to(model.device)

@@ -59,7 +59,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pie_lib.errors import DataFormatError, LLMRequestError
+from pie_lib.errors import DataFormatError, LLMRequestError, SettingError
 from pie_lib.evaluate.judges import ConceptGenerator, Rater
 from pie_lib.evaluate.metrics import clarity as clarity_score
 from pie_lib.evaluate.metrics import faithfulness_score, responsiveness_purity
@@ -278,6 +278,7 @@ def evaluate(
     clt: str | os.PathLike | CrossLayerTranscoder | None = None,
     device: str | None = None,
     remote: bool | str | None = None,
+    model_backend: str = "auto",
     examples: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     max_features: int | None = None,
@@ -292,6 +293,8 @@ def evaluate(
             environment and is never written).
         model, clt, device, remote: default: those recorded by ``pie interpret`` next to the
             descriptions (``interpret_config.json``).
+        model_backend: "auto" (default) and "hf" load the model through transformers: steering
+            generates text, which the native backend does not do; "native" is refused.
         examples: the activation store folder (default ``<descriptions folder>/examples``).
         out: output folder (default: the descriptions' folder).
     Returns:
@@ -336,11 +339,17 @@ def evaluate(
     )
 
     world_remote: bool | str = run_cfg.get("remote", False) if remote is None else remote
+    if model_backend == "native":
+        raise SettingError(
+            "pie evaluate steers the model with generate, which the native model backend does not do; "
+            "use --model-backend hf (or auto, which loads hf here)"
+        )
     lm, tc, _ = resolve_world(
         model if model is not None else run_cfg.get("model"),
         clt if clt is not None else run_cfg.get("clt"),
         device or (run_cfg.get("device") if model is None else None),
         world_remote,
+        model_backend="hf",  # steering generates (engine/generation.py, engine/clamp.py)
     )
 
     if max_features is not None:

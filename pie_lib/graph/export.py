@@ -48,6 +48,7 @@ class GraphRunConfig:
         prompt_idx: one prompt, or None with ``all_prompts`` for every prompt of (method, K, seed).
         descriptions: ``descriptions.parquet`` of ``pie interpret`` (node labels + feature pages).
         model, clt: override the checkpoints recorded in ``config.json``.
+        model_backend: ``load_model``'s backend (auto, native, hf).
         out: output folder.
     """
 
@@ -62,6 +63,7 @@ class GraphRunConfig:
     model: str | None = None
     clt: str | None = None
     device: str | None = None
+    model_backend: str = "auto"
     graph: GraphConfig = field(default_factory=GraphConfig)
     progress: bool = True
 
@@ -240,7 +242,7 @@ def run_graph(
     if model is None or clt is None:
         from pie_lib.world import load_world
 
-        world = load_world(model or model_id, clt or clt_id, device=cfg.device)
+        world = load_world(model or model_id, clt or clt_id, device=cfg.device, backend=cfg.model_backend)
         model, clt = world.model, world.clt
         loaded = _check_same_checkpoints(run, world.model_path, world.clt_path, overridden=bool(cfg.model or cfg.clt))
     else:

@@ -106,13 +106,15 @@ def resolve_world(
     device: str | None = None,
     remote: bool | str = False,
     arch: str = "llama",
+    model_backend: str = "auto",
 ) -> tuple[LoadedModel, CrossLayerTranscoder, dict[str, Any]]:
-    """Load model and CLT (default: the toy world's ``arch``); return them and their identity."""
+    """Load model and CLT (default: the toy world's ``arch``, with ``load_model``'s ``backend=model_backend``);
+    return them and their identity."""
     from pie_lib.world import load_world, resolve_checkpoint
 
     model = Path(resolve_checkpoint(f"toy:{arch}", "model")) if model is None else model
     clt = Path(resolve_checkpoint(f"toy:{arch}", "clt")) if clt is None else clt
-    world = load_world(model, clt, device=device, remote=remote)
+    world = load_world(model, clt, device=device, remote=remote, backend=model_backend)
     identity = {
         "model": str(model if not isinstance(model, LoadedModel) else model.name),
         "clt": str(clt) if isinstance(clt, (str, os.PathLike)) else "in-memory",
@@ -178,6 +180,7 @@ def interpret(
     clt: str | os.PathLike | CrossLayerTranscoder | None = None,
     device: str | None = None,
     remote: bool | str = False,
+    model_backend: str = "auto",
     corpus: str | CorpusConfig | None = "toy",
     backend: str | None = None,
     llm: LLMConfig | None = None,
@@ -228,7 +231,7 @@ def interpret(
         feats = feats.head(cfg.max_features)
     keys = [(int(l), int(f)) for l, f in zip(feats["layer"], feats["feature"])]
 
-    lm, tc, identity = resolve_world(model, clt, device, remote)
+    lm, tc, identity = resolve_world(model, clt, device, remote, model_backend=model_backend)
     if selections is not None and isinstance(selections, (str, os.PathLike)):
         from pie_lib.provenance import check_same_world
 

@@ -53,6 +53,7 @@ class ArchSpec:
     layer_order: tuple[str, ...] = ()  # every module above, in forward order (nnsight needs it)
     logit_softcap_attr: str | None = None  # config attribute of a final logit soft-cap
     supports_logits_to_keep: bool = True  # HF forward accepts logits_to_keep (last-position logits only)
+    native: bool = False  # pie_lib.models.native has its own modules for it (else it always loads through transformers)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -72,6 +73,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         norm_kind="rms",
         pattern_inputs=(PatternInput("self_attn.q_proj"), PatternInput("self_attn.k_proj")),
         layer_order=("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "post_attention_layernorm", "mlp"),
+        native=True,
     ),
     "gemma2": ArchSpec(
         name="gemma2",
@@ -103,6 +105,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "post_feedforward_layernorm",
         ),
         logit_softcap_attr="final_logit_softcapping",
+        native=False,  # no native Gemma-2 yet: backend "auto" loads it through transformers, "native" refuses it
     ),
     "gpt2": ArchSpec(
         name="gpt2",
@@ -120,12 +123,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         norm_kind="layernorm",
         pattern_inputs=(PatternInput("attn.c_attn", (2, 3)),),
         layer_order=("ln_1", "attn.c_attn", "ln_2", "mlp"),
+        native=True,
     ),
 }
 
 
 def arch_for(model_or_class: object) -> ArchSpec:
     """The spec for a model instance, a class, or a class name; clear error when unknown."""
+    native = getattr(model_or_class, "pie_arch", None)  # a pie_lib.models.native class or instance
+    if isinstance(native, str) and native in ARCHITECTURES:
+        return ARCHITECTURES[native]
     if isinstance(model_or_class, str):
         cls_name = model_or_class
     elif isinstance(model_or_class, type):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
 
 Remote = bool | str  # False, True (NDIF), or "local" (nnsight's local simulation of remote)
+Backend = Literal["auto", "native", "hf"]
+BACKENDS: tuple[str, ...] = ("auto", "native", "hf")
 
 
 @dataclass
@@ -29,6 +31,8 @@ class LoadedModel:
         tokenizer: the model's tokenizer (BOS is prepended by it).
         name: the folder or hub id it came from.
         remote: passed as ``remote=`` to every trace pie_lib runs.
+        backend: "native" (pie_lib's own modules, :mod:`pie_lib.models.native`, wrapped in
+            ``nnsight.NNsight``) or "hf" (a ``transformers`` model in nnsight's ``LanguageModel``).
     """
 
     lm: Any
@@ -37,6 +41,26 @@ class LoadedModel:
     name: str
     remote: Remote = False
     extra: dict = field(default_factory=dict)
+    backend: Literal["native", "hf"] = "hf"
+
+    def kv_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """A key-value cache this model's forward accepts, holding ``kv`` (per layer ``[B, H_kv, P, d]``
+        keys and values): the native ``KVCache``, or transformers' ``DynamicCache``."""
+        if self.backend == "native":
+            from pie_lib.models.native.common import KVCache
+
+            return KVCache(kv)
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=kv, config=self.config)
+
+    def require_generate(self, what: str) -> None:
+        """Refuse, in one line, ``what`` (a caller of nnsight's ``generate``) on the native backend."""
+        if self.backend == "native":
+            raise SettingError(
+                f"{what} generates text, which the native model backend does not do; load the model with "
+                "backend='hf' (--model-backend hf)"
+            )
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -202,6 +226,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     remote: Remote = False,
+    backend: Backend | str = "auto",
 ) -> LoadedModel:
     """Load a causal LM into nnsight.
 
@@ -211,13 +236,14 @@ def load_model(
         dtype: torch dtype or its name ("float32", "bfloat16"); default float32 on CPU, bfloat16 on GPU.
         remote: False to run here; True to run every trace on NDIF (needs ``nnsight.CONFIG``'s API
             key); "local" for nnsight's local simulation of remote execution.
+        backend: "native" builds pie_lib's own modules (:mod:`pie_lib.models.native`; no
+            transformers modeling code is imported) from a local folder's config.json and
+            safetensors; "hf" loads through transformers; "auto" (default) is native for a local
+            folder of an architecture with a native implementation (GPT-2, Llama; not Gemma-2) whose
+            config it supports, run locally (``remote is False``), and hf otherwise.
     Returns:
         A :class:`LoadedModel`. Unknown architectures raise ``UnknownArchitectureError``.
     """
-    from transformers import AutoConfig
-
-    LanguageModel = _nnsight_class()
-
     name = str(name_or_path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,8 +252,27 @@ def load_model(
     dtype = check_dtype(dtype)
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    if backend not in BACKENDS:
+        raise SettingError(f"model backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "native" and remote is not False:
+        raise SettingError(
+            "--model-backend native runs the model here, but --remote runs it on NDIF (through transformers); "
+            "drop one of them"
+        )
     check_model_source(name)
     local = Path(name).expanduser()
+    if backend == "native" and not local.is_dir():
+        raise SettingError(
+            f"--model-backend native reads a local model folder, and {name!r} is not one; download it and pass "
+            "the folder, or use --model-backend hf"
+        )
+    if backend != "hf" and local.is_dir() and remote is False:
+        native = _native_choice(local, backend)
+        if native is not None:
+            return _load_native(name, local, native[0], native[1], check_device(device), dtype)
+    from transformers import AutoConfig
+
+    LanguageModel = _nnsight_class()
     try:
         cfg = AutoConfig.from_pretrained(name)
     except Exception as exc:
@@ -279,6 +324,73 @@ def load_model(
     return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
 
 
+def _native_choice(folder: Path, backend: str) -> tuple[ArchSpec, Any] | None:
+    """(arch, config) when ``folder`` loads natively, None when it loads through transformers
+    (backend "auto" and something the native backend lacks); "native" refuses instead."""
+    from pie_lib.models.native.config import native_config, read_config_json
+    from pie_lib.models.native.support import native_unsupported
+
+    values = read_config_json(folder)
+    if values is None:  # the transformers path reports the broken config.json
+        return None
+    cfg = native_config(values)
+    archs = values.get("architectures") or [str(values.get("model_type"))]
+    arch = arch_for(archs[0])
+    if cfg is None or cfg.arch != arch.name:
+        reason = f"{arch.name} has no native implementation (native: gpt2, llama)"
+    else:
+        reason = native_unsupported(arch.name, cfg, folder)
+    if reason is None:
+        return arch, cfg
+    if backend == "native":
+        raise SettingError(f"--model-backend native: {reason}; use --model-backend hf (or auto)")
+    return None
+
+
+def _load_native(
+    name: str, folder: Path, arch: ArchSpec, cfg: Any, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    """A local folder loaded into pie_lib's own modules (read into process memory, frozen), wrapped in
+    ``nnsight.NNsight``; the tokenizer with the settings :func:`_load_local` gives it."""
+    from nnsight import NNsight
+
+    from pie_lib.models.native.loading import load_native_model
+
+    try:
+        module = load_native_model(folder, arch.name, cfg, device, dtype)
+        tok = _tokenizer(str(folder), config=cfg)  # passed: AutoTokenizer would otherwise load AutoConfig's class
+    except (WeightsUnavailableError, SettingError):
+        raise
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+            raise SettingError(
+                f"model {name!r} does not fit in memory on {device} ({_first_line(exc)}); use a device with more "
+                "memory or --dtype bfloat16"
+            ) from None
+        raise WeightsUnavailableError(
+            f"model {name!r}: weights or tokenizer could not be loaded ({_first_line(exc)}); the folder needs "
+            "config.json, complete weights (*.safetensors) and tokenizer files"
+        ) from None
+    lm = NNsight(module)
+    freeze_weights(lm)
+    return LoadedModel(lm=lm, arch=arch, tokenizer=tok, name=name, remote=False, backend="native")
+
+
+def _tokenizer(folder: str, config: Any = None) -> Any:
+    """The folder's tokenizer with nnsight's settings: EOS as pad when there is no pad token, left padding.
+
+    ``config``: the model's config, when already read (AutoTokenizer reads only its ``model_type``
+    and ``tokenizer_class``; without one it builds transformers' config class).
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, **({"config": config} if config is not None else {}))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
 def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> Any:
     """A local folder's weights loaded once, straight onto ``device``, then wrapped in nnsight.
 
@@ -287,13 +399,10 @@ def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> 
     model is all we need. The tokenizer gets nnsight's settings (EOS as pad when there is no pad
     token, left padding for causal LMs), so both paths hand back the same object.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device))
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    tok = _tokenizer(folder)
     use_blocked_activations(hf)  # before nnsight wraps it (it keeps an instance forward as the body)
     return _nnsight_class()(hf.eval(), tokenizer=tok)
 

@@ -122,6 +122,8 @@ class PruneConfig:
         device: cpu, cuda, cuda:1 (default: cuda if available).
         dtype: float32 / bfloat16 (default: float32 on CPU, bfloat16 on GPU).
         remote: run every trace on NDIF (nnsight remote execution).
+        model_backend: auto (default: pie_lib's own model code for a local GPT-2 / Llama folder run
+            here, transformers otherwise), native or hf; the results are the same bits either way.
         batch_size: pairs per batch.
         min_tokens: skip prompts shorter than this (reference: 8).
         target_token: "single": a target must be one token (default); "last": score a multi-token
@@ -151,6 +153,7 @@ class PruneConfig:
     device: str | None = None
     dtype: str | None = None
     remote: bool = False
+    model_backend: Literal["auto", "native", "hf"] = "auto"
     batch_size: int = 16
     min_tokens: int = 0
     target_token: Literal["single", "last"] = "single"
@@ -192,6 +195,12 @@ class PruneConfig:
             raise SettingError(
                 f"--n {self.n}: the number of pairs must be a positive integer (leave --n out to use every pair "
                 "of --data)"
+            )
+        if self.model_backend not in ("auto", "native", "hf"):
+            raise SettingError(f"--model-backend {self.model_backend!r}: expected auto, native or hf")
+        if self.remote and self.model_backend == "native":
+            raise SettingError(
+                "--model-backend native runs the model here, but --remote runs it on NDIF; drop one of them"
             )
         if self.target_token not in ("single", "last"):
             raise SettingError(f"--target-token {self.target_token!r}: expected single (default) or last")

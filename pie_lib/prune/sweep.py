@@ -340,7 +340,12 @@ def run_prune_rows(
     """:func:`run_prune`, its rows as :data:`RESULT_COLUMNS` dicts (no pandas: ``pie prune``)."""
     checked = _check_run(cfg)
     world = load_world(
-        model or checked.model_path, clt or checked.clt_path, device=cfg.device, dtype=cfg.dtype, remote=cfg.remote
+        model or checked.model_path,
+        clt or checked.clt_path,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        remote=cfg.remote,
+        backend=cfg.model_backend,
     )
     model, clt = world.model, world.clt
     requests_before = request_summary()

@@ -1,0 +1,218 @@
+"""Parts every native architecture shares: the output, the key-value cache, the causal mask and
+SDPA call as transformers 5.24 makes them, the activations, norms and GPT-2's Conv1D.
+
+Bitwise agreement with transformers rests on doing the same operations in the same order; each
+function names what it mirrors. Shapes: B batch, H heads (H_kv key-value heads), T new positions,
+P cached positions, S = P + T keys, d head size, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pie_lib.models.activations import gelu_new_blocked
+
+
+class KVCache:
+    """Keys and values per decoder layer, grown along the position axis (transformers'
+    ``DynamicCache`` semantics: the first update stores, later ones concatenate).
+
+    ``layers[i].keys`` / ``.values`` are ``[B, H_kv, S, d]``, what ``engine/traces.py`` reads back.
+    """
+
+    @dataclass
+    class Layer:
+        keys: Tensor
+        values: Tensor
+
+    def __init__(self, kv: list[tuple[Tensor, Tensor]] | None = None) -> None:
+        self.layers: list[KVCache.Layer] = [KVCache.Layer(k, v) for k, v in (kv or [])]
+
+    def get_seq_length(self) -> int:
+        return int(self.layers[0].keys.shape[-2]) if self.layers else 0
+
+    def update(self, keys: Tensor, values: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """Append ``keys``/``values`` ``[B, H_kv, T, d]`` to layer ``layer``; return the whole ``[B, H_kv, S, d]``."""
+        if layer < len(self.layers):
+            entry = self.layers[layer]
+            entry.keys = torch.cat([entry.keys, keys], dim=-2)
+            entry.values = torch.cat([entry.values, values], dim=-2)
+        elif layer == len(self.layers):
+            self.layers.append(KVCache.Layer(keys, values))
+        else:  # pragma: no cover - layers run in order
+            raise IndexError(f"cache update of layer {layer} before layer {len(self.layers)}")
+        return self.layers[layer].keys, self.layers[layer].values
+
+
+@dataclass
+class CausalLMOutput:
+    """What a native causal LM's forward returns: ``logits`` ``[B, T_kept, V]`` and the cache (or None)."""
+
+    logits: Tensor
+    cache: KVCache | None = None
+
+    def __getitem__(self, i: int) -> Tensor | KVCache | None:  # out[0] is the logits, as for a ModelOutput
+        return (self.logits, self.cache)[i]
+
+
+def causal_mask(
+    attention_mask: Tensor | None, batch: int, q_len: int, past: int, device: torch.device
+) -> Tensor | None:
+    """``None`` (SDPA's ``is_causal``) or a boolean ``[B, 1, T, S]`` mask, as transformers'
+    ``create_causal_mask`` + ``sdpa_mask`` decide it.
+
+    None when nothing is padded and either one query or as many queries as keys (then SDPA's own
+    causal alignment is right); otherwise query ``q`` (absolute position ``past + q``) sees key
+    ``k`` when ``k <= past + q`` and ``attention_mask[b, k]`` is set.
+    """
+    kv_len = past + q_len
+    padding = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("native models take a 2-D [B, S] attention_mask")
+        padding = attention_mask[:, -kv_len:].bool() if attention_mask.shape[-1] > kv_len else attention_mask.bool()
+        if padding.shape[-1] != kv_len:
+            raise ValueError(f"attention_mask covers {padding.shape[-1]} positions; the forward has {kv_len} keys")
+    if (q_len == 1 or kv_len == q_len) and (padding is None or bool(padding.all())):
+        return None
+    q_pos = torch.arange(q_len, device=device) + past
+    k_pos = torch.arange(kv_len, device=device)
+    mask = k_pos[None, None, None, :] <= q_pos[None, None, :, None]  # [1, 1, T, S]
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    return mask.expand(batch, -1, q_len, kv_len)
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """``[B, H_kv, S, d]`` -> ``[B, H_kv * n_rep, S, d]``, each key-value head repeated ``n_rep`` times."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def sdpa_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float, n_rep: int = 1
+) -> Tensor:
+    """transformers' ``sdpa_attention_forward`` on a CPU/CUDA device (no dropout, no soft-cap).
+
+    Grouped queries: ``enable_gqa`` when unmasked, the single query folded onto the key-value
+    heads when masked and T = 1, ``repeat_kv`` otherwise -- the three paths transformers takes.
+    query ``[B, H, T, d]``, key/value ``[B, H_kv, S, d]``; returns ``[B, T, H, d]`` contiguous.
+    """
+    kw: dict = {}
+    q_len = query.shape[2]
+    if n_rep > 1:
+        if mask is None and key.shape[-1] == value.shape[-1] <= 256:
+            kw["enable_gqa"] = True
+        elif q_len == 1:
+            b, h, _, d = query.shape
+            query = query.reshape(b, h // n_rep, n_rep, d)
+        else:
+            key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    is_causal = q_len > 1 and mask is None
+    if is_causal and key.shape[2] > q_len:  # pragma: no cover - only a pre-filled static cache does this
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=is_causal, **kw
+    )
+    out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+    return out.transpose(1, 2).contiguous()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` built without initialising its weights (they are read from the checkpoint):
+    torch's random init of a meta tensor imports ``torch._dynamo`` (~1 s)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` built without initialising its weights (see :class:`Linear`)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` built without initialising its weights (see :class:`Linear`)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Conv1D(nn.Module):
+    """GPT-2's transposed linear layer: ``weight`` ``[D_in, D_out]``, ``y = addmm(bias, x, weight)``."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.nf, self.nx = n_out, n_in
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.empty(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (*x.shape[:-1], self.nf)
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(shape)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (``weight * x``)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class NewGELU(nn.Module):
+    """GPT-2's ``gelu_new``; CPU inference takes the blocked path of :mod:`pie_lib.models.activations`
+    (the same bits), anything recording autograd or on another device the whole-tensor formula."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            return gelu_new_blocked(x)
+        return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class SiLU(nn.Module):
+    """``silu``, as transformers' ``SiLUActivation``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.silu(x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu_new": NewGELU, "silu": SiLU, "swish": SiLU}
+
+
+def activation(name: str, arch: str) -> nn.Module:
+    """The activation module of ``name``; a clear error for one the native backend lacks."""
+    from pie_lib.errors import SettingError
+
+    if name not in ACTIVATIONS:
+        raise SettingError(
+            f"the native {arch} backend has no activation {name!r} (it has {', '.join(sorted(ACTIVATIONS))}); "
+            "load this model with --backend hf"
+        )
+    return ACTIVATIONS[name]()
+
+
+def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
+    """transformers' ``slice_logits_to_keep`` for an int: the last ``logits_to_keep`` positions (0: all)."""
+    if not isinstance(logits_to_keep, int):
+        raise ValueError("native models take an int logits_to_keep")
+    return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden

@@ -1,0 +1,169 @@
+"""Llama (``LlamaForCausalLM``'s module tree and parameter names), forward as transformers 5.24's
+with its SDPA attention, grouped-query attention and RoPE (default or llama3). Shapes: B batch,
+T new positions, S keys, D width, H query heads, H_kv key-value heads, d head size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pie_lib.errors import SettingError
+from pie_lib.models.native.common import (
+    CausalLMOutput,
+    Embedding,
+    KVCache,
+    Linear,
+    RMSNorm,
+    activation,
+    causal_mask,
+    keep_last,
+    sdpa_attention,
+)
+from pie_lib.models.native.rope import RotaryEmbedding, apply_rotary
+
+
+def _head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = _head_dim(config)
+        n_heads, n_kv = int(config.num_attention_heads), int(config.num_key_value_heads)
+        if n_heads % n_kv:
+            raise SettingError(f"Llama config: {n_heads} attention heads is not a multiple of {n_kv} key-value heads")
+        self.num_key_value_groups = n_heads // n_kv
+        self.scaling = self.head_dim**-0.5
+        bias, D = bool(config.attention_bias), int(config.hidden_size)
+        self.q_proj = Linear(D, n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(D, n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(D, n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * self.head_dim, D, bias=bias)
+
+    def forward(
+        self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        shape = hidden.shape[:-1]
+        head_shape = (*shape, -1, self.head_dim)
+        q = self.q_proj(hidden).view(head_shape).transpose(1, 2)  # [B, H, T, d]
+        k = self.k_proj(hidden).view(head_shape).transpose(1, 2)  # [B, H_kv, T, d]
+        v = self.v_proj(hidden).view(head_shape).transpose(1, 2)
+        q, k = apply_rotary(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, H_kv, S, d]
+        out = sdpa_attention(q, k, v, mask, self.scaling, self.num_key_value_groups)  # [B, T, H, d]
+        return self.o_proj(out.reshape(*shape, -1).contiguous())
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        D, F, bias = int(config.hidden_size), int(config.intermediate_size), bool(config.mlp_bias)
+        self.gate_proj = Linear(D, F, bias=bias)
+        self.up_proj = Linear(D, F, bias=bias)
+        self.down_proj = Linear(F, D, bias=bias)
+        self.act_fn = activation(config.hidden_act, "Llama")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(int(config.hidden_size), float(config.rms_norm_eps))
+        self.post_attention_layernorm = RMSNorm(int(config.hidden_size), float(config.rms_norm_eps))
+
+    def forward(
+        self,
+        hidden: Tensor,
+        mask: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        assert position_embeddings is not None
+        residual = hidden
+        hidden = residual + self.self_attn(self.input_layernorm(hidden), position_embeddings, mask, cache)
+        residual = hidden
+        return residual + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
+            raise SettingError("the native Llama has no pretraining_tp > 1; load this model with --backend hf")
+        self.config = config
+        D = int(config.hidden_size)
+        self.embed_tokens = Embedding(int(config.vocab_size), D)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(int(config.num_hidden_layers)))
+        self.norm = RMSNorm(D, float(config.rms_norm_eps))
+        self.rotary_emb = RotaryEmbedding(config, _head_dim(config))
+
+    def forward(
+        self,
+        input_ids: Tensor | None,
+        cache: KVCache | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+    ) -> Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        B, T = hidden.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=hidden.device) + past).unsqueeze(0)
+        mask = causal_mask(attention_mask, B, T, past, hidden.device)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, mask=mask, position_embeddings=position_embeddings, cache=cache)
+        return self.norm(hidden)
+
+
+class NativeLlamaForCausalLM(nn.Module):
+    """``LlamaForCausalLM`` without transformers: ``model`` (embed_tokens, layers, norm, rotary_emb) + ``lm_head``."""
+
+    pie_arch = "llama"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = Linear(int(config.hidden_size), int(config.vocab_size), bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def can_generate(self) -> bool:
+        return False
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Compute the rotary inverse frequencies (float32) on ``device``."""
+        self.model.rotary_emb.reset(device)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        if use_cache and cache is None:
+            cache = KVCache()
+        hidden = self.model(input_ids, cache, attention_mask, position_ids, inputs_embeds)
+        logits = self.lm_head(keep_last(hidden, logits_to_keep))
+        return CausalLMOutput(logits=logits, cache=cache if (use_cache or cache is not None) else None)

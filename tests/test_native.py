@@ -1,0 +1,286 @@
+"""The native model backend (pie_lib.models.native) against transformers, bit for bit on a CPU in float32.
+
+Every comparison is ``torch.equal``: the native modules run transformers 5.24's operations in its
+order, so any reordering (another mask path in SDPA, another matmul shape, another GELU) fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pie_lib.engine import traces
+from pie_lib.errors import PieError, SettingError
+from pie_lib.models.arch import ARCHITECTURES
+from pie_lib.models.loading import load_model
+from pie_lib.models.native import NATIVE_ARCHS
+from pie_lib.models.random_init import save_random_model
+from pie_lib.toy import toy_model_path
+
+WORDS = [f"w{i}" for i in range(40)]
+#: random configs that exercise what the toy models do not: GQA, untied head, llama3 RoPE, GPT-2 scalings
+RANDOM = {
+    "llama-gqa-untied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-llama3-rope": (
+        "llama",
+        dict(
+            num_key_value_heads=1,
+            head_dim=8,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=100,
+            ),
+        ),
+    ),
+    "gpt2-inverse-layer-scaling": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True, n_inner=48)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    out = {"toy-gpt2": toy_model_path("gpt2"), "toy-llama": toy_model_path("llama")}
+    root = tmp_path_factory.mktemp("native")
+    for name, (arch, overrides) in RANDOM.items():
+        out[name] = save_random_model(root / name, arch, WORDS, seed=3, **overrides)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(folders):
+    """(native, hf) LoadedModel per folder name."""
+    return {
+        n: (load_model(f, device="cpu", backend="native"), load_model(f, device="cpu", backend="hf"))
+        for n, f in folders.items()
+    }
+
+
+NAMES = ["toy-gpt2", "toy-llama", *RANDOM]
+
+
+def _ids(model, B: int, T: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.vocab_size, (B, T), generator=g)
+
+
+def test_every_arch_spec_says_whether_it_is_native():
+    assert {n for n, s in ARCHITECTURES.items() if s.native} == set(NATIVE_ARCHS)
+    assert not ARCHITECTURES["gemma2"].native  # no native Gemma-2: it loads through transformers
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_tree_parameters_and_logits(pairs, name):
+    nat, hf = pairs[name]
+    assert nat.backend == "native" and hf.backend == "hf"
+    assert [n for n, _ in nat.hf.named_modules()] == [n for n, _ in hf.hf.named_modules()]
+    hp = dict(hf.hf.named_parameters())
+    for n, p in nat.hf.named_parameters():
+        assert torch.equal(p, hp[n]), n
+        assert not p.requires_grad
+    assert len(hp) == len(dict(nat.hf.named_parameters()))
+    head, emb = nat.hf.get_output_embeddings().weight, nat.hf.get_input_embeddings().weight
+    assert (head is emb) == bool(nat.config.tie_word_embeddings)
+    for T in (1, 2, 5, 15, 33, 40):
+        ids = _ids(nat, 3, T, T)
+        with torch.no_grad():
+            for keep in (0, 1):
+                a = nat.hf(input_ids=ids, logits_to_keep=keep).logits
+                b = hf.hf(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=keep).logits
+                assert torch.equal(a, b), (name, T, keep)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padded_batch(pairs, name):
+    nat, hf = pairs[name]
+    ids = _ids(nat, 3, 12, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    with torch.no_grad():
+        a = nat.hf(input_ids=ids, attention_mask=mask).logits
+        b = hf.hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.equal(a[real], b[real])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_traces_agree(pairs, name):
+    """Caches, patched forwards, cached suffixes (positions and skipped layers) and all three gradients."""
+    nat, hf = pairs[name]
+    L, D = nat.n_layers, nat.d_model
+    for T in (9, 37):
+        ids = _ids(nat, 4, T, 7 + T)
+        a, b = traces.run_with_cache(nat, ids), traces.run_with_cache(hf, ids)
+        assert torch.equal(a.resid_mid, b.resid_mid) and torch.equal(a.mlp_out, b.mlp_out)
+        assert torch.equal(a.last_logits, b.last_logits)
+        pa, pb = traces.clean_prefix_cache(nat, ids), traces.clean_prefix_cache(hf, ids)
+        for (ka, va), (kb, vb) in zip(pa.kv, pb.kv):
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+        g = torch.Generator().manual_seed(T)
+        off = torch.randn(L, 4, T, D, generator=g) * 0.1
+        x, _ = traces.patched_last_logits(nat, ids, off)
+        y, _ = traces.patched_last_logits(hf, ids, off)
+        assert torch.equal(x, y)
+        _, la = traces.patched_last_logits(nat, ids, off, with_logsumexp=True)
+        _, lb = traces.patched_last_logits(hf, ids, off, with_logsumexp=True)
+        assert la is not None and lb is not None and torch.equal(la, lb)
+        rows = torch.tensor([0, 1, 1, 3])
+        for first_changed, layer in ((1, 0), (4, 1), (T - 1, 0), (T - 1, L - 1)):
+            start = traces.exact_suffix_start(T, first_changed)
+            o = off.clone()
+            o[:, :, :start] = 0
+            o[:layer] = 0
+            x, _ = traces.patched_last_logits(nat, ids, o[:, :, start:], prefix=traces.Prefix(pa, rows, start, layer))
+            y, _ = traces.patched_last_logits(hf, ids, o[:, :, start:], prefix=traces.Prefix(pb, rows, start, layer))
+            assert torch.equal(x, y), (start, layer)
+            if name.startswith("toy"):  # GQA suffixes take another SDPA path than full forwards, in hf too
+                full, _ = traces.patched_last_logits(hf, ids[rows], o)
+                assert torch.equal(x, full), (start, layer)
+        for mode in ("replacement", "full", "relp"):
+            for metric in ("logit_diff", "logsumexp"):
+                ga, ma = traces.mlp_out_gradients(nat, ids, ids[:, 1], ids[:, 2], metric=metric, mode=mode)
+                gb, mb = traces.mlp_out_gradients(hf, ids, ids[:, 1], ids[:, 2], metric=metric, mode=mode)
+                assert torch.equal(ga, gb) and torch.equal(ma, mb), (mode, metric)
+
+
+def test_auto_picks_native_for_local_gpt2_and_llama_only(folders, tmp_path):
+    assert load_model(folders["toy-gpt2"], device="cpu").backend == "native"
+    assert load_model(folders["toy-llama"], device="cpu").backend == "native"
+    gemma = save_random_model(tmp_path / "gemma", "gemma2", WORDS, seed=0)
+    assert load_model(gemma, device="cpu").backend == "hf"
+    with pytest.raises(SettingError, match="gemma2 has no native implementation"):
+        load_model(gemma, device="cpu", backend="native")
+
+
+def test_native_refusals(folders):
+    with pytest.raises(SettingError, match="--remote"):
+        load_model(folders["toy-gpt2"], device="cpu", backend="native", remote=True)
+    with pytest.raises(SettingError, match="local model folder"):
+        load_model("owner/some-model", device="cpu", backend="native")
+    with pytest.raises(SettingError, match="model backend 'fast'"):
+        load_model(folders["toy-gpt2"], device="cpu", backend="fast")
+
+
+def test_native_does_not_generate(pairs):
+    from pie_lib.engine.generation import steered_greedy
+
+    nat, _ = pairs["toy-llama"]
+    ids = _ids(nat, 2, 5, 0)
+    with pytest.raises(SettingError, match="native model backend does not do"):
+        steered_greedy(nat, [(ids, torch.zeros(nat.n_layers, 2, 5, nat.d_model))], 3)
+
+
+def test_native_weights_are_process_memory(tmp_path):
+    """No mapping of the safetensors file stays behind, and the weights are the file's."""
+    folder = save_random_model(tmp_path / "m", "llama", WORDS, seed=1)
+    m = load_model(folder, device="cpu", backend="native")
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(folder / "model.safetensors") not in maps.read_text()
+    from safetensors.torch import load_file
+
+    ref = load_file(str(folder / "model.safetensors"))
+    params = dict(m.hf.named_parameters())
+    for k, v in ref.items():
+        assert torch.equal(params[k], v), k
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_random_model(tmp_path / "m", "gpt2", WORDS, seed=1)
+    w = load_file(str(folder / "model.safetensors"))
+    w.pop("transformer.h.0.mlp.c_fc.bias")
+    save_file(w, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PieError, match=r"missing transformer\.h\.0\.mlp\.c_fc\.bias"):
+        load_model(folder, device="cpu", backend="native")
+
+
+def test_prune_path_imports_no_modeling_stack():
+    """Loading the toy worlds the way ``pie prune`` does imports none of transformers' modeling code."""
+    code = (
+        "import sys\n"
+        "from pie_lib.prune.sweep import run_prune\n"
+        "from pie_lib.world import load_world\n"
+        "from pie_lib.engine.traces import run_with_cache\n"
+        "import torch\n"
+        "for arch in ('gpt2', 'llama'):\n"
+        "    w = load_world(f'toy:{arch}', f'toy:{arch}', device='cpu')\n"
+        "    assert w.model.backend == 'native', w.model.backend\n"
+        "    run_with_cache(w.model, torch.tensor([[2, 5, 6, 7]]))\n"
+        "heavy = ('transformers.modeling_utils', 'torch._dynamo', 'torch.distributed.tensor', 'sympy',\n"
+        "         'scipy.optimize', 'transformers.models.gpt2.modeling_gpt2', 'transformers.models.llama.modeling_llama')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_reader_matches_transformers(folders, name):
+    """The native config reader gives transformers' values for every attribute pie_lib reads."""
+    from transformers import AutoConfig
+
+    from pie_lib.models.native.config import native_config, read_config_json
+
+    values = read_config_json(folders[name])
+    assert values is not None
+    mine, theirs = native_config(values), AutoConfig.from_pretrained(folders[name])
+    assert mine is not None
+    for attr in (*mine.__dict__, "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        if attr in ("arch", "architectures", "transformers_version", "dtype", "model_type") or not hasattr(
+            theirs, attr
+        ):
+            continue
+        assert getattr(mine, attr) == getattr(theirs, attr), attr
+    assert getattr(mine, "intermediate_size", None) == getattr(theirs, "intermediate_size", None)
+
+
+def test_config_reader_moves_old_rope_keys():
+    """Llama-3 config.json files carry ``rope_theta`` and ``rope_scaling`` at the top level."""
+    from transformers import LlamaConfig
+
+    from pie_lib.models.native.config import native_config
+
+    values = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        rope_theta=500000.0,
+        max_position_embeddings=2048,
+        rope_scaling=dict(
+            factor=32.0,
+            high_freq_factor=4.0,
+            low_freq_factor=1.0,
+            original_max_position_embeddings=8192,
+            rope_type="llama3",
+        ),
+    )
+    mine = native_config(values)
+    assert mine is not None
+    assert mine.rope_parameters == LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"}).rope_parameters
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_tokenizer(pairs, name):
+    nat, hf = pairs[name]
+    assert type(nat.tokenizer) is type(hf.tokenizer)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "padding_side"):
+        assert getattr(nat.tokenizer, attr) == getattr(hf.tokenizer, attr), attr
+    texts = ["w1 w2 w3 w39", " w5", "w7 w7 w0 w12 w3 w1"]
+    assert nat.tokenize(texts) == hf.tokenize(texts)
