@@ -103,9 +103,10 @@ def interpret_corpus(source: str = "toy", n_docs: int = 2000) -> Any:
 
 
 def load_world(
-    model: str = "toy", clt: str = "toy", device: str | None = None, remote: bool = False
+    model: str = "toy", clt: str = "toy", device: str | None = None, remote: bool = False, model_backend: str = "auto"
 ) -> tuple[LoadedModel, CrossLayerTranscoder]:
-    """Load the model (nnsight) and its CLT once, for every sweep of a notebook.
+    """Load the model (nnsight) and its CLT once, for every sweep of a notebook (``model_backend``:
+    ``load_model``'s backend; "hf" for a notebook that steers, as the native backend does not generate).
 
     Raises:
         WeightsUnavailableError: the toy world is not built, or weights cannot be fetched.
@@ -115,7 +116,7 @@ def load_world(
     note = toy_world_missing(model, clt)
     if note:
         raise WeightsUnavailableError(note)
-    world = load(model, clt, device=device, remote=remote)
+    world = load(model, clt, device=device, remote=remote, backend=model_backend)
     return world.model, world.clt
 
 
