@@ -21,6 +21,7 @@ from pie_lib.prune.select import (
     SynergyConfig,
     acdc_select,
     fap_signal,
+    synergy_prefetch,
     synergy_rerank,
     topk_global,
     topk_per_layer,
@@ -52,6 +53,12 @@ def _synergy(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> t
     return keep, s
 
 
+def _synergy_prefetch(ctx: BatchContext, ks: list[Budget], seed: int, params: MethodParams) -> None:
+    """The single and pair removals of every budget in two rounds of forwards (then each K's rerank runs none)."""
+    cfg = SynergyConfig(**{**params.synergy.__dict__, "seed": seed})
+    synergy_prefetch(ctx.evaluator, fap(ctx), ks, cfg, cache=ctx.synergy)
+
+
 def _signal(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     s = fap(ctx)
     return fap_signal(ctx.occ, s, k, params.signal_gamma), s
@@ -70,7 +77,13 @@ def _acdc(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tupl
 register_method("fap", _topk(lambda c: fap(c)), False, "FAP: |Δa · W_dec · replacement gradient|, top-K global")
 register_method("fap-per-layer", _topk(lambda c: fap(c), per_layer=True), False, "FAP with a per-layer budget of K")
 register_method("fap-full", _topk(lambda c: fap(c, "full")), False, "FAP with the true model gradient")
-register_method("fap-synergy", _synergy, True, "FAP + synergy-aware boundary reranking (seeded partner draws)")
+register_method(
+    "fap-synergy",
+    _synergy,
+    True,
+    "FAP + synergy-aware boundary reranking (seeded partner draws)",
+    prefetch=_synergy_prefetch,
+)
 register_method("fap-signal", _signal, False, "FAP-Signal(γ): signed floors of positive and negative occurrences")
 register_method("clt-relp", _topk(lambda c: fap(c, "relp")), False, "CLT-RelP: LRP relevance through the MLPs")
 register_method(

@@ -27,26 +27,35 @@ if TYPE_CHECKING:
 PLUGINS: tuple[str, ...] = ("pie_lib.prune.methods", "pie_lib.prune.related", "pie_lib.prune.beyond")
 
 Selector = Callable[["BatchContext", "Budget", int, "MethodParams"], "tuple[torch.Tensor, torch.Tensor]"]
+#: (batch context, every budget about to be selected, seed, params): pays for their shared work at once
+Prefetcher = Callable[["BatchContext", "list[Budget]", int, "MethodParams"], None]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A circuit-discovery method. ``seeded``: its selection depends on the seed."""
+    """A circuit-discovery method. ``seeded``: its selection depends on the seed.
+
+    ``prefetch`` (optional): called with all the budgets of a batch before they are selected one by
+    one, so a method can batch the forwards they share (it must not change what ``select`` returns).
+    """
 
     name: str
     select: Selector
     seeded: bool
     description: str
+    prefetch: Prefetcher | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, select: Selector, seeded: bool, description: str) -> None:
+def register_method(
+    name: str, select: Selector, seeded: bool, description: str, prefetch: Prefetcher | None = None
+) -> None:
     """Add a method; a name that is already registered is refused (two plugins would shadow each other)."""
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].description!r}); pick another name")
-    METHODS[name] = Method(name, select, seeded, description)
+    METHODS[name] = Method(name, select, seeded, description, prefetch)
 
 
 def load_plugins() -> dict[str, Method]:

@@ -334,14 +334,48 @@ def synergy_rerank(
     Returns:
         keep mask ``[N]`` (and a :class:`SynergyTrace` with ``return_trace``).
     """
+    with _synergy_effects(evaluator, cfg, cache) as effects:
+        return _rerank(evaluator, scores, k, cfg, effects, return_trace)
+
+
+def synergy_prefetch(
+    evaluator: PatchEvaluator,
+    scores: torch.Tensor,
+    ks: list[Budget],
+    cfg: SynergyConfig = SynergyConfig(),
+    cache: SynergyCache | None = None,
+) -> None:
+    """Pay, into ``cache``, for every single and pair removal that :func:`synergy_rerank` needs at each
+    budget of ``ks``: the singles of all budgets in one batched round of forwards, then their pairs in
+    another, instead of two rounds per budget. The reranks that follow (same scores, budgets, ``cfg``
+    and cache) then run no forward and select what they would have selected alone: a budget's plan,
+    partner draws and pairs are its own, and only the forwards are shared.
+    """
+    with _synergy_effects(evaluator, cfg, cache) as effects:
+        occ = evaluator.occ
+        s_abs = scores.abs()
+        plans = [plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg) for k in ks]
+        m_clean = evaluator.clean_metric()
+        eff = single_effects(evaluator, [p for per_k in plans for p in per_k], effects, m_clean)
+        delta = evaluator.delta.cpu()
+        pairs = [t for per_k in plans for t in draw_partners(per_k, delta, eff, cfg)[1]]
+        pair_synergies(evaluator, pairs, eff, effects, m_clean)
+
+
+@contextmanager
+def _synergy_effects(
+    evaluator: PatchEvaluator, cfg: SynergyConfig, cache: SynergyCache | None
+) -> Iterator[SynergyEffects]:
+    """The effect cache of the precision ``cfg`` asks for, with the evaluator's forwards in it."""
     cache = SynergyCache() if cache is None else cache
     n = len(evaluator.occ)
     model = getattr(evaluator, "model", None)  # None: a stand-in evaluator without a model (tests)
     if cfg.precision == "float32" and model is not None and not runs_in_float32(model):
         effects = cache.effects("float32-upcast", n)
         with float32_synergy(evaluator, effects):  # the same rerank, its forwards now in float32
-            return _rerank(evaluator, scores, k, cfg, effects, return_trace)
-    return _rerank(evaluator, scores, k, cfg, cache.effects("model", n), return_trace)
+            yield effects
+        return
+    yield cache.effects("model", n)
 
 
 def _rerank(

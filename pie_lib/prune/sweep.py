@@ -297,12 +297,13 @@ def _prune_batch(
         if not cells:
             continue
         wanted = [(m, lab, val, (m.name, lab, seed if m.seeded else None)) for m, lab, val in cells]
+        todo_cells = [(m, key, _budgets(lab, val, counts)) for m, lab, val, key in wanted if key not in outcomes]
+        for m in {m.name: m for m, _, _ in todo_cells if m.prefetch is not None}.values():
+            # one round of shared forwards for all of this method's budgets (e.g. FAP-Synergy's M(.))
+            m.prefetch(ctx, [kv for mm, _, kv in todo_cells if mm is m], seed, cfg.params)  # pyright: ignore[reportOptionalCall]
         selected = []
         clipped = 0
-        for m, lab, val, key in wanted:
-            if key in outcomes:
-                continue
-            kv = _budgets(lab, val, counts)
+        for m, key, kv in todo_cells:
             clipped += int((kv > counts).sum())
             selected.append((key, *m.select(ctx, kv, seed, cfg.params), kv))
         if selected:
