@@ -244,6 +244,48 @@ def test_synergy_partner_draws_follow_reference_rng(ctx):
     assert int(a.sum()) == int(torch.clamp(ctx.occ.counts(), max=60).sum())
 
 
+def test_synergy_prefetch_pays_once_and_selects_the_same(ctx):
+    """The prefetch runs every budget's single and pair removals in two rounds of forwards; each K's
+    rerank then runs none and keeps exactly what a rerank alone keeps."""
+    from pie_lib.prune.patching import PatchEvaluator
+    from pie_lib.prune.select import SynergyCache, synergy_prefetch
+
+    s = fap_scores(ctx.occ, ctx.grads("replacement"), ctx.rows)
+    cfg = SynergyConfig(seed=3, boundary_percent=50)
+    ks = [5, 10, 20]
+
+    def fresh():
+        e = ctx.evaluator
+        return PatchEvaluator(e.model, e.clt, e.batch, e.occ, e.rows, "corrupted", e.metric, e.clean_logits)
+
+    alone = [synergy_rerank(fresh(), s, k, cfg) for k in ks]
+    ev, cache = fresh(), SynergyCache()
+    synergy_prefetch(ev, s, ks, cfg, cache)
+    assert ev.n_forwards > 0
+    paid = ev.n_forwards
+    for k, want in zip(ks, alone):
+        assert torch.equal(synergy_rerank(ev, s, k, cfg, cache=cache), want)
+    assert ev.n_forwards == paid  # nothing left to run
+
+
+def test_rank_cache_reuses_only_the_same_unmodified_scores(ctx):
+    from pie_lib.prune.select import RankCache
+
+    s = fap_scores(ctx.occ, ctx.grads("replacement"), ctx.rows)
+    ranks = RankCache()
+    a = ranks.by_prompt(ctx.occ, s)
+    assert ranks.by_prompt(ctx.occ, s)[0] is a[0]  # a hit
+    assert torch.equal(topk_global(ctx.occ, s, 7, ranks), topk_global(ctx.occ, s, 7))
+    t = s.clone()
+    t[0] = -1e9  # another object, then modified in place: both rank afresh
+    assert torch.equal(ranks.by_prompt(ctx.occ, t)[1], rank_within(ctx.occ.prompt, t.abs())[1])
+    s.neg_()
+    try:
+        assert ranks.by_prompt(ctx.occ, s)[0] is not a[0]
+    finally:
+        s.neg_()
+
+
 def test_hash_uniform_is_batching_invariant():
     keys = torch.arange(1000)
     u = hash_uniform(3, keys)

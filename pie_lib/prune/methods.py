@@ -41,7 +41,9 @@ def factp(ctx: BatchContext) -> torch.Tensor:
 def _topk(score_fn: Callable[[BatchContext], torch.Tensor], per_layer: bool = False) -> Selector:
     def select(ctx: BatchContext, k: Budget, seed: int, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
         s = score_fn(ctx)
-        return (topk_per_layer if per_layer else topk_global)(ctx.occ, s, k), s
+        if per_layer:
+            return topk_per_layer(ctx.occ, s, k), s
+        return topk_global(ctx.occ, s, k, ctx.synergy.ranks), s  # ranked once per batch and score
 
     return select
 

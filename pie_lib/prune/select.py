@@ -48,6 +48,24 @@ def rank_within(groups: torch.Tensor, key: torch.Tensor | list[torch.Tensor]) ->
     return order, rank
 
 
+@dataclass
+class RankCache:
+    """:func:`rank_within` by prompt of ``|scores|``, once per score tensor of a batch: FAP's top-K and
+    FAP-Synergy's plans at every K rank the same scores. A hit needs the same tensor object, unmodified
+    since (its version counter); it is kept here, so its id cannot be reused. One per batch (one ``occ``)."""
+
+    _memo: dict[int, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def by_prompt(self, occ: Occurrences, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, rank) of ``rank_within(occ.prompt, scores.abs())``."""
+        hit = self._memo.get(id(scores))
+        if hit is not None and hit[0] is scores and hit[1] == scores._version:
+            return hit[2], hit[3]
+        order, rank = rank_within(occ.prompt.cpu(), scores.abs())
+        self._memo[id(scores)] = (scores, scores._version, order, rank)
+        return order, rank
+
+
 Budget = int | torch.Tensor  # one K for every prompt, or ``[B]`` per prompt (fraction ladders)
 
 
@@ -66,10 +84,11 @@ def budget_per_prompt(k: Budget, n_prompts: int) -> torch.Tensor:
     return k.cpu().long() if isinstance(k, torch.Tensor) else torch.full((n_prompts,), int(k), dtype=torch.long)
 
 
-def topk_global(occ: Occurrences, scores: torch.Tensor, k: Budget) -> torch.Tensor:
-    """Keep the top-K occurrences of each prompt by |score| (K clipped to the active set)."""
+def topk_global(occ: Occurrences, scores: torch.Tensor, k: Budget, ranks: RankCache | None = None) -> torch.Tensor:
+    """Keep the top-K occurrences of each prompt by |score| (K clipped to the active set); ``ranks``:
+    the batch's ranking cache (the ranking is the same at every K)."""
     kv = budget_per_prompt(k, occ.n_prompts)
-    _, rank = rank_within(occ.prompt.cpu(), scores.abs())
+    _, rank = (ranks or RankCache()).by_prompt(occ, scores)
     return rank < kv[occ.prompt.cpu()]
 
 
@@ -134,6 +153,7 @@ class SynergyCache:
     so a K ladder over the same prompts pays for each single and pair removal once)."""
 
     by_precision: dict[str, SynergyEffects] = field(default_factory=dict)
+    ranks: RankCache = field(default_factory=RankCache)  # the scores' order within each prompt
 
     def effects(self, precision: str, n: int) -> SynergyEffects:
         e = self.by_precision.get(precision)
@@ -164,11 +184,13 @@ class BoundaryPlan:
 
 
 def plan_boundaries(
-    occ: Occurrences, s_abs: torch.Tensor, kv: torch.Tensor, cfg: SynergyConfig
+    occ: Occurrences, s_abs: torch.Tensor, kv: torch.Tensor, cfg: SynergyConfig, order: torch.Tensor | None = None
 ) -> list[BoundaryPlan | None]:
-    """Step 1: per prompt, its core, boundary candidates and partners (None: no active occurrence)."""
-    prompt = occ.prompt.cpu()
-    order, _ = rank_within(prompt, s_abs)
+    """Step 1: per prompt, its core, boundary candidates and partners (None: no active occurrence).
+
+    ``order``: ``rank_within(occ.prompt, s_abs)``'s order, when the caller has it already."""
+    if order is None:
+        order, _ = rank_within(occ.prompt.cpu(), s_abs)
     starts = occ.offsets().cpu()
     plans: list[BoundaryPlan | None] = []
     for b in range(occ.n_prompts):
@@ -334,8 +356,9 @@ def synergy_rerank(
     Returns:
         keep mask ``[N]`` (and a :class:`SynergyTrace` with ``return_trace``).
     """
+    cache = SynergyCache() if cache is None else cache
     with _synergy_effects(evaluator, cfg, cache) as effects:
-        return _rerank(evaluator, scores, k, cfg, effects, return_trace)
+        return _rerank(evaluator, scores, k, cfg, effects, return_trace, cache.ranks)
 
 
 def synergy_prefetch(
@@ -351,10 +374,12 @@ def synergy_prefetch(
     and cache) then run no forward and select what they would have selected alone: a budget's plan,
     partner draws and pairs are its own, and only the forwards are shared.
     """
+    cache = SynergyCache() if cache is None else cache
     with _synergy_effects(evaluator, cfg, cache) as effects:
         occ = evaluator.occ
         s_abs = scores.abs()
-        plans = [plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg) for k in ks]
+        order, _ = cache.ranks.by_prompt(occ, scores)
+        plans = [plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg, order) for k in ks]
         m_clean = evaluator.clean_metric()
         eff = single_effects(evaluator, [p for per_k in plans for p in per_k], effects, m_clean)
         delta = evaluator.delta.cpu()
@@ -363,11 +388,8 @@ def synergy_prefetch(
 
 
 @contextmanager
-def _synergy_effects(
-    evaluator: PatchEvaluator, cfg: SynergyConfig, cache: SynergyCache | None
-) -> Iterator[SynergyEffects]:
+def _synergy_effects(evaluator: PatchEvaluator, cfg: SynergyConfig, cache: SynergyCache) -> Iterator[SynergyEffects]:
     """The effect cache of the precision ``cfg`` asks for, with the evaluator's forwards in it."""
-    cache = SynergyCache() if cache is None else cache
     n = len(evaluator.occ)
     model = getattr(evaluator, "model", None)  # None: a stand-in evaluator without a model (tests)
     if cfg.precision == "float32" and model is not None and not runs_in_float32(model):
@@ -385,11 +407,13 @@ def _rerank(
     cfg: SynergyConfig,
     effects: SynergyEffects,
     return_trace: bool,
+    ranks: RankCache,
 ) -> torch.Tensor | tuple[torch.Tensor, SynergyTrace]:
     occ = evaluator.occ
     n_before = evaluator.n_forwards
     s_abs = scores.abs()
-    plans = plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg)
+    order, _ = ranks.by_prompt(occ, scores)
+    plans = plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg, order)
     m_clean = evaluator.clean_metric()
     eff = single_effects(evaluator, plans, effects, m_clean)
     draws, pairs = draw_partners(plans, evaluator.delta.cpu(), eff, cfg)
