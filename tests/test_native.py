@@ -284,3 +284,27 @@ def test_same_tokenizer(pairs, name):
         assert getattr(nat.tokenizer, attr) == getattr(hf.tokenizer, attr), attr
     texts = ["w1 w2 w3 w39", " w5", "w7 w7 w0 w12 w3 w1"]
     assert nat.tokenize(texts) == hf.tokenize(texts)
+
+
+@pytest.mark.parametrize("name", ["toy-llama", "toy-gpt2", "llama-llama3-rope"])
+def test_bfloat16_and_float32_upcasts_agree(folders, name):
+    """In bfloat16 and in engine/precision.py's float32 upcasts (whole model, module by module)."""
+    from pie_lib.engine.precision import float32_weights
+    from pie_lib.models.loading import _contiguous_inputs
+
+    nat = load_model(folders[name], device="cpu", dtype="bfloat16", backend="native")
+    hf = load_model(folders[name], device="cpu", dtype="bfloat16", backend="hf")
+    assert _contiguous_inputs in nat.hf.get_output_embeddings()._forward_pre_hooks.values()
+    hb = dict(hf.hf.named_buffers())
+    for n, b in nat.hf.named_buffers():
+        assert b.dtype == hb[n].dtype and torch.equal(b, hb[n]), n
+    ids = _ids(nat, 3, 11, 5)
+    a, b = traces.run_with_cache(nat, ids), traces.run_with_cache(hf, ids)
+    assert a.last_logits.dtype == torch.bfloat16 and torch.equal(a.last_logits, b.last_logits)
+    off = torch.randn(nat.n_layers, 3, 11, nat.d_model, generator=torch.Generator().manual_seed(0)) * 0.1
+    for per_module in (False, True):
+        with float32_weights(nat, per_module=per_module), float32_weights(hf, per_module=per_module):
+            x, _ = traces.patched_last_logits(nat, ids, off)
+            y, _ = traces.patched_last_logits(hf, ids, off)
+        assert x.dtype == torch.float32 and torch.equal(x, y), per_module
+    assert all(p.dtype == torch.bfloat16 for p in nat.hf.parameters())
