@@ -52,8 +52,8 @@ def add_world_flags(p: argparse.ArgumentParser, defaults_note: str) -> None:
         "--model-backend",
         choices=("auto", "native", "hf"),
         default="auto",
-        help="model code: native (pie_lib's own GPT-2 / Llama), hf (transformers), auto (native for a local "
-        "GPT-2 / Llama folder run here, hf otherwise; default)",
+        help="model code: native (pie_lib's own GPT-2 / Llama / Gemma-2), hf (transformers), auto (native for a local "
+        "GPT-2 / Llama / Gemma-2 folder run here, hf otherwise; default)",
     )
 
 

@@ -38,8 +38,8 @@ def add_graph_parser(sub: argparse._SubParsersAction) -> None:
         "--model-backend",
         choices=("auto", "native", "hf"),
         default="auto",
-        help="model code: native (pie_lib's own GPT-2 / Llama), hf (transformers), auto (native for a local "
-        "GPT-2 / Llama folder, hf otherwise; default)",
+        help="model code: native (pie_lib's own GPT-2 / Llama / Gemma-2), hf (transformers), auto (native for a local "
+        "GPT-2 / Llama / Gemma-2 folder, hf otherwise; default)",
     )
     p.add_argument(
         "--edge-threshold",

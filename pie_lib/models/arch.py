@@ -105,7 +105,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "post_feedforward_layernorm",
         ),
         logit_softcap_attr="final_logit_softcapping",
-        native=False,  # no native Gemma-2 yet: backend "auto" loads it through transformers, "native" refuses it
+        native=True,
     ),
     "gpt2": ArchSpec(
         name="gpt2",

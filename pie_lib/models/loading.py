@@ -239,7 +239,7 @@ def load_model(
         backend: "native" builds pie_lib's own modules (:mod:`pie_lib.models.native`; no
             transformers modeling code is imported) from a local folder's config.json and
             safetensors; "hf" loads through transformers; "auto" (default) is native for a local
-            folder of an architecture with a native implementation (GPT-2, Llama; not Gemma-2) whose
+            folder of an architecture with a native implementation (GPT-2, Llama, Gemma-2) whose
             config it supports, run locally (``remote is False``), and hf otherwise.
     Returns:
         A :class:`LoadedModel`. Unknown architectures raise ``UnknownArchitectureError``.
@@ -337,7 +337,7 @@ def _native_choice(folder: Path, backend: str) -> tuple[ArchSpec, Any] | None:
     archs = values.get("architectures") or [str(values.get("model_type"))]
     arch = arch_for(archs[0])
     if cfg is None or cfg.arch != arch.name:
-        reason = f"{arch.name} has no native implementation (native: gpt2, llama)"
+        reason = f"{arch.name} has no native implementation (native: gpt2, llama, gemma2)"
     else:
         reason = native_unsupported(arch.name, cfg, folder)
     if reason is None:

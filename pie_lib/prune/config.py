@@ -122,7 +122,7 @@ class PruneConfig:
         device: cpu, cuda, cuda:1 (default: cuda if available).
         dtype: float32 / bfloat16 (default: float32 on CPU, bfloat16 on GPU).
         remote: run every trace on NDIF (nnsight remote execution).
-        model_backend: auto (default: pie_lib's own model code for a local GPT-2 / Llama folder run
+        model_backend: auto (default: pie_lib's own model code for a local GPT-2 / Llama / Gemma-2 folder run
             here, transformers otherwise), native or hf; the results are the same bits either way.
         batch_size: pairs per batch.
         min_tokens: skip prompts shorter than this (reference: 8).

@@ -13,8 +13,8 @@ What must hold (``tests/test_native.py``):
   nothing is masked and the query covers every key, an explicit boolean mask otherwise), so on a
   CPU in float32 the logits are bitwise those of the Hugging Face model.
 
-GPT-2 (:mod:`.gpt2`) and Llama (:mod:`.llama`) have native implementations; Gemma-2 has none
-(``ArchSpec.native`` is False: it always loads through transformers).
+GPT-2 (:mod:`.gpt2`), Llama (:mod:`.llama`) and Gemma-2 (:mod:`.gemma2`, transformers' eager
+attention path: SDPA cannot soft-cap) have native implementations (``ArchSpec.native``).
 """
 
 from __future__ import annotations

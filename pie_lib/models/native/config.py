@@ -62,6 +62,32 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         mlp_bias=False,
         head_dim=None,
     ),
+    "gemma2": dict(
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        use_cache=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+        rope_parameters=None,
+        attention_bias=False,
+        attention_dropout=0.0,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        layer_types=None,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        use_bidirectional_attention=None,
+    ),
 }
 #: transformers' ``attribute_map``s: alias -> attribute
 ALIASES: dict[str, dict[str, str]] = {
@@ -72,9 +98,10 @@ ALIASES: dict[str, dict[str, str]] = {
         "num_hidden_layers": "n_layer",
     },
     "llama": {},
+    "gemma2": {},
 }
 #: config.json ``model_type`` -> ArchSpec name, for the architectures read here
-MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}
+MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "gemma2": "gemma2"}
 DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -92,6 +119,12 @@ class NativeConfig:
                 self.head_dim = self.hidden_size // self.num_attention_heads
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
+            self.rope_parameters = _standard_rope(values, self.max_position_embeddings)
+        if arch == "gemma2":
+            if self.layer_types is None:
+                self.layer_types = [
+                    "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(self.num_hidden_layers)
+                ]
             self.rope_parameters = _standard_rope(values, self.max_position_embeddings)
 
     def __getattr__(self, name: str) -> Any:  # only called for names not set: the aliases

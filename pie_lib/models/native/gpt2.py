@@ -137,7 +137,7 @@ class NativeGPT2LMHeadModel(nn.Module):
     def can_generate(self) -> bool:
         return False
 
-    def init_buffers(self, device: torch.device) -> None:
+    def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """GPT-2 has no computed buffers."""
 
     def forward(

@@ -148,7 +148,7 @@ class NativeLlamaForCausalLM(nn.Module):
     def can_generate(self) -> bool:
         return False
 
-    def init_buffers(self, device: torch.device) -> None:
+    def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """Compute the rotary inverse frequencies (float32) on ``device``."""
         self.model.rotary_emb.reset(device)
 

@@ -21,10 +21,11 @@ from pie_lib.errors import SettingError, WeightsUnavailableError
 NATIVE_ARCHS: dict[str, tuple[str, str]] = {
     "gpt2": ("pie_lib.models.native.gpt2", "NativeGPT2LMHeadModel"),
     "llama": ("pie_lib.models.native.llama", "NativeLlamaForCausalLM"),
+    "gemma2": ("pie_lib.models.native.gemma2", "NativeGemma2ForCausalLM"),
 }
 
 #: the base model's attribute per arch (checkpoints saved from the base model lack this prefix)
-_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "gemma2": "model."}
 #: keys some GPT-2 checkpoints carry that are constants, not weights (the old causal-mask buffers)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -107,7 +108,7 @@ def load_native_model(
     model = build_native(arch, config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head_key = "lm_head.weight"
-    emb_key = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}[arch]
+    emb_key = {"gpt2": "transformer.wte.weight"}.get(arch, "model.embed_tokens.weight")
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     if tied:
         expected.discard(head_key)
@@ -149,5 +150,5 @@ def load_native_model(
         setattr(mod, leaf, nn.Parameter(t.to(device), requires_grad=False))
     if tied:
         model.lm_head.weight = modules[emb_key.rpartition(".")[0]].weight  # pyright: ignore[reportAttributeAccessIssue]
-    model.init_buffers(device)  # pyright: ignore[reportCallIssue]
+    model.init_buffers(device, dtype)  # pyright: ignore[reportCallIssue]
     return model.eval()

@@ -26,6 +26,14 @@ def native_unsupported(arch: str, config: Any, folder: Path) -> str | None:
             return "GPT-2 with cross-attention"
         act = getattr(config, "activation_function", None)
     else:
+        if arch == "gemma2":
+            kinds = set(config.layer_types)
+            if not kinds <= {"full_attention", "sliding_attention"}:
+                return f"Gemma-2 layer types {sorted(kinds)}"
+            if "sliding_attention" in kinds and not config.sliding_window:
+                return "Gemma-2 sliding layers without a sliding_window"
+            if getattr(config, "use_bidirectional_attention", None):
+                return "bidirectional Gemma-2 attention"
         params = getattr(config, "rope_parameters", None) or {}
         rope = params.get("rope_type", params.get("type", "default"))
         if rope not in ROPE_TYPES:
@@ -34,8 +42,8 @@ def native_unsupported(arch: str, config: Any, folder: Path) -> str | None:
             return "partial rotary embeddings"
         if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
             return "pretraining_tp > 1"
-        act = getattr(config, "hidden_act", None)
-    if act not in ACTIVATIONS:
+        act = getattr(config, "hidden_activation" if arch == "gemma2" else "hidden_act", None)
+    if act not in (("gelu_pytorch_tanh",) if arch == "gemma2" else ACTIVATIONS):
         return f"activation {act!r} (native: {', '.join(sorted(ACTIVATIONS))})"
     if getattr(config, "_attn_implementation_internal", None) not in (None, "sdpa"):
         return f"attention implementation {config._attn_implementation_internal!r} (native: sdpa)"
