@@ -189,9 +189,10 @@ def test_wrong_shapes(tmp_path):
         load_clt(tmp_path / "a")
 
 
-def test_nan_weights(tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_weights(tmp_path, bad):
     t = _tensors()
-    t["W_enc"][1, 3, 2] = float("nan")
+    t["W_enc"][1, 3, 2] = bad
     _write_foreign(tmp_path / "a", t)
     with pytest.raises(CLTFormatError, match="NaN or Inf"):
         load_clt(tmp_path / "a")

@@ -221,43 +221,37 @@ class Occurrences:
         return torch.stack([self.layer[rows], self.pos[rows], self.feat[rows]], dim=1).tolist()
 
 
-def _sparse(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[L, B, T, F]`` -> (indices ``[N, 4]`` as (b, l, t, f), values ``[N]``) sorted by b,l,t,f."""
-    perm = acts.permute(1, 0, 2, 3)  # b, l, t, f
-    idx = perm.nonzero()
-    return idx, perm[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]]
-
-
 def active_occurrences(
     clt: CrossLayerTranscoder,
     clean: ForwardCache,
     corr: ForwardCache | None,
     zero_bos: bool = True,
-    layer_chunk: int | None = None,
 ) -> Occurrences:
     """Encode both runs and take the union of active occurrences.
+
+    Each layer is encoded and read sparsely on its own (no dense ``[L, B, T, F]`` stack, and memory
+    bounded by one layer's ``[B, T, F]``): the keys ``(b, l, t, f)`` are sorted by the union below, so
+    the order they are gathered in does not matter, and each activation is read as the encoder
+    computed it.
 
     Args:
         clean, corr: caches with ``resid_mid`` ``[L, B, T, D]``; ``corr`` None = zero corruption
             (the active set is the clean one, a_corr = 0).
         zero_bos: zero position 0 (BOS) activations, as the reference does.
-        layer_chunk: encode this many layers at a time to bound memory (default: all).
     """
     L, B, T, _ = clean.resid_mid.shape
     F = clt.n_features
     keys, vals_c, vals_o = [], [], []
-    step = layer_chunk or L
-    for lo in range(0, L, step):
-        hi = min(L, lo + step)
+    for layer in range(L):
         for which, cache in (("c", clean), ("o", corr)):
             if cache is None:
                 continue
-            acts = torch.stack([clt.encode(cache.resid_mid[l].to(clt.device), layer=l) for l in range(lo, hi)])
+            acts = clt.encode(cache.resid_mid[layer].to(clt.device), layer=layer)  # [B, T, F]
             if zero_bos:
-                acts[:, :, 0] = 0
-            idx, v = _sparse(acts)
-            idx[:, 1] += lo
-            key = ((idx[:, 0] * L + idx[:, 1]) * T + idx[:, 2]) * F + idx[:, 3]
+                acts[:, 0] = 0
+            idx = acts.nonzero()  # [n, 3] (b, t, f)
+            v = acts[idx[:, 0], idx[:, 1], idx[:, 2]]
+            key = ((idx[:, 0] * L + layer) * T + idx[:, 1]) * F + idx[:, 2]
             keys.append(key)
             vals_c.append(v if which == "c" else torch.zeros_like(v))
             vals_o.append(v if which == "o" else torch.zeros_like(v))
