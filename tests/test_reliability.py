@@ -159,11 +159,11 @@ def test_cli_turns_unexpected_errors_into_one_line(monkeypatch, capsys, tmp_path
         raise ZeroDivisionError("division by zero\nsecond line")
 
     args = ["prune", "--out", str(tmp_path / "o"), "--no-progress"]
-    monkeypatch.setattr(sweep, "run_prune", oom)
+    monkeypatch.setattr(sweep, "run_prune_rows", oom)  # what `pie prune` calls
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory" in err and "--batch-size" in err
-    monkeypatch.setattr(sweep, "run_prune", bug)
+    monkeypatch.setattr(sweep, "run_prune_rows", bug)
     assert cli_main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error: ZeroDivisionError: division by zero" in err
