@@ -161,3 +161,16 @@ def test_real_scale_shapes_divide():
     arch, cfg, F = real_scale.scaled_shape("gemma-2-2b", 16)
     assert (arch, cfg["num_hidden_layers"], cfg["hidden_size"], F) == ("gemma2", 2, 144, 1024)
     assert cfg["num_attention_heads"] % cfg["num_key_value_heads"] == 0
+
+
+def test_model_backends_start_up(tmp_path):
+    """Both backends load the toy GPT-2 in fresh processes, the native one without the modeling stack."""
+    import model_backends
+
+    out = tmp_path / "mb.json"
+    assert model_backends.main(["--repeats", "1", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["logits_equal"]
+    assert summary["backends"]["native"]["loaded_as"] == "native"
+    assert summary["backends"]["native"]["heavy_modules"] == []
+    assert "transformers.modeling_utils" in summary["backends"]["hf"]["heavy_modules"]

@@ -314,3 +314,13 @@ def test_bfloat16_and_float32_upcasts_agree(folders, name):
             y, _ = traces.patched_last_logits(hf, ids, off)
         assert x.dtype == torch.float32 and torch.equal(x, y), per_module
     assert all(p.dtype == torch.bfloat16 for p in nat.hf.parameters())
+
+
+def test_wrap_model_takes_a_native_module(pairs):
+    from pie_lib.models.loading import wrap_model
+
+    nat, hf = pairs["toy-gpt2"]
+    w = wrap_model(nat.hf, nat.tokenizer, name="wrapped")
+    assert w.backend == "native" and w.arch.name == "gpt2"
+    ids = _ids(nat, 2, 6, 0)
+    assert torch.equal(traces.run_with_cache(w, ids).last_logits, traces.run_with_cache(hf, ids).last_logits)

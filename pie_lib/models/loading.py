@@ -359,8 +359,13 @@ def _load_native(
     try:
         module = load_native_model(folder, arch.name, cfg, device, dtype)
         tok = _tokenizer(str(folder), config=cfg)  # passed: AutoTokenizer would otherwise load AutoConfig's class
-    except (WeightsUnavailableError, SettingError):
+    except WeightsUnavailableError:
         raise
+    except SettingError as exc:  # the modules refuse the config's values (heads not dividing the width, ...)
+        raise WeightsUnavailableError(
+            f"model {name!r}: its config.json has values no model can be built from ({exc}); fix the folder's "
+            "config.json"
+        ) from None
     except Exception as exc:
         if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
             raise SettingError(
@@ -423,9 +428,18 @@ def _own_memory(hf: torch.nn.Module) -> None:
 def wrap_model(
     hf_model: torch.nn.Module, tokenizer: Any, name: str = "in-memory", remote: Remote = False
 ) -> LoadedModel:
-    """Wrap an already-built ``transformers`` model (tests, notebooks building tiny models)."""
-    LanguageModel = _nnsight_class()
+    """Wrap an already-built ``transformers`` model (tests, notebooks building tiny models), or a
+    :mod:`pie_lib.models.native` one (``nnsight.NNsight``, backend "native")."""
     arch = arch_for(hf_model)
+    if isinstance(getattr(hf_model, "pie_arch", None), str):
+        from nnsight import NNsight
+
+        if remote is not False:
+            raise SettingError("a native model runs here only; wrap a transformers model for remote runs")
+        native = NNsight(hf_model.eval())
+        freeze_weights(native)
+        return LoadedModel(lm=native, arch=arch, tokenizer=tokenizer, name=name, remote=False, backend="native")
+    LanguageModel = _nnsight_class()
     use_blocked_activations(hf_model)
     lm = LanguageModel(hf_model.eval(), tokenizer=tokenizer)
     freeze_weights(lm)

@@ -85,13 +85,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 continue
             if info["dtype"] not in _DTYPES:
                 raise WeightsUnavailableError(
-                    f"{path}: tensor {name} has dtype {info['dtype']}, which pie_lib cannot read"
+                    f"model file {path}: tensor {name} has dtype {info['dtype']}, which the native loader cannot "
+                    "read; use --model-backend hf"
                 )
             lo, hi = info["data_offsets"]
             raw = torch.empty(hi - lo, dtype=torch.uint8)
             f.seek(base + lo)
             if hi > lo and f.readinto(raw.numpy().data) != hi - lo:
-                raise WeightsUnavailableError(f"{path} is truncated (tensor {name}); re-download the weights")
+                raise WeightsUnavailableError(
+                    f"model file {path} is truncated (tensor {name}); re-download the weights"
+                )
             out[name] = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
 
