@@ -47,6 +47,28 @@ def table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def reruns(results: Path, device: str) -> str:
+    """Peak memory of each ``real_scale_<shape>_s<scale>_<device>_n<k>.json`` re-run (fewer prompts,
+    same command otherwise) against the committed run's: the check that a re-run reproduces it."""
+    rows = []
+    for p in sorted(results.glob(f"real_scale_*_{device}_n*.json")):
+        r = json.loads(p.read_text())
+        main_json = results / f"real_scale_{r['shape']}_s{r['scale']}_{device}.json"
+        if not main_json.exists():
+            continue
+        m = json.loads(main_json.read_text())
+        a, b = m["peak_memory_bytes"], r["peak_memory_bytes"]
+        phase = max(r["peak_memory_mb_by_phase"], key=r["peak_memory_mb_by_phase"].get)
+        rows.append(
+            f"| {r['shape']} | {r['scale']} | {m['n']}: {a / 2**30:.2f} GiB | {r['n']}: {b / 2**30:.2f} GiB "
+            f"(set in {phase}) | {100 * (b - a) / a:+.1f}% |"
+        )
+    if not rows:
+        return ""
+    head = "| shape | scale | n: peak RSS | re-run n: peak RSS | difference |\n|---|---|---|---|---|"
+    return head + "\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -55,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     runs = load(a.results, a.device)
     print(table(runs))
+    again = reruns(a.results, a.device)
+    if again:
+        print("\n" + again)
     if a.out is None:
         return
     import matplotlib

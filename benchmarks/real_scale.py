@@ -42,6 +42,7 @@ import prune_speed as ps  # noqa: E402
 
 from pie_lib.clt import load_clt  # noqa: E402
 from pie_lib.clt.lazy import SafetensorsRows  # noqa: E402
+from pie_lib.engine.memory import MMAP_THRESHOLD_PINNED  # noqa: E402
 from pie_lib.models.loading import load_model  # noqa: E402
 from pie_lib.models.random_init import REAL_SHAPES, random_model, word_tokenizer  # noqa: E402
 from pie_lib.prune.occurrences import PairBatch  # noqa: E402
@@ -329,6 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="dtype of gathered decoder rows (default: float32, or the run dtype when it is bfloat16 on CPU)",
     )
+    p.add_argument(
+        "--model-backend",
+        choices=("auto", "native", "hf"),
+        default="auto",
+        help="model modules: pie_lib's own (native), transformers' (hf), or auto (native for these folders)",
+    )
     p.add_argument("--naive", action="store_true", help="also run the naive reference (slow; small --n only)")
     p.add_argument(
         "--results", default=None, help="folder for real_scale_<shape>_s<scale>_<device>.json (default: only --json)"
@@ -366,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_log = ps.PhaseLog()
     t0 = time.perf_counter()
     with load_log.phase("load", device, mem):
-        model = load_model(model_dir, device=device, dtype=dtype)
+        model = load_model(model_dir, device=device, dtype=dtype, backend=args.model_backend)
         clt = load_clt(clt_dir, device=model.device, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t0
     model.check_clt(clt)
@@ -420,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rows_dtype": rows_dtype,
             "threads": args.threads,
             "lazy_decoder": isinstance(clt.decoder.sources[0], SafetensorsRows),
+            "model_backend": model.backend,
+            "decoder_row_cache": not (clt.decoder.device_only_cache and clt.decoder.device.type == "cpu"),
+            "mmap_threshold_pinned": MMAP_THRESHOLD_PINNED,
         },
     )
     result["hardware"]["loadavg_end"] = list(os.getloadavg())
@@ -443,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"peak {'GPU memory allocated' if str(model.device).startswith('cuda') else 'RSS'}: "
         f"{result['peak_memory_bytes'] / 2**30:.2f} GiB (model + CLT load {load_s:.1f} s; CLT decoders "
-        f"{'lazy (rows read from the files)' if result['config']['lazy_decoder'] else 'in memory'}); total {result['total_seconds']:.1f} s"
+        f"{'lazy (rows read from the files)' if result['config']['lazy_decoder'] else 'in memory'}; model backend "
+        f"{model.backend}); total {result['total_seconds']:.1f} s"
     )
     json_path = args.json
     if args.results:

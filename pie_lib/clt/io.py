@@ -214,17 +214,28 @@ def _load_clt_folder(folder: Path, config: CLTConfig, lazy: bool | None, check_f
         )
     L = len(enc_layers)
     W_enc, b_enc, b_dec, thr = [], [], [], []
+    enc: torch.Tensor | None = None  # [L, F, D], filled layer by layer (a stack at the end held the encoders twice)
     for i in range(L):
         path = folder / f"W_enc_{i}.safetensors"
         t = _load_tensors(path)
         for key in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
             if key not in t:
                 raise CLTFormatError(f"{path}: missing tensor {key!r} (found {sorted(t)})")
-        W_enc.append(t[f"W_enc_{i}"])
-        b_enc.append(t[f"b_enc_{i}"])
-        b_dec.append(t[f"b_dec_{i}"])
+        w = t.pop(f"W_enc_{i}")
+        if i == 0:
+            enc = torch.empty((L, *w.shape), dtype=w.dtype)
+        if enc is not None and w.shape == enc.shape[1:] and w.dtype == enc.dtype:
+            enc[i] = w
+            w = enc[i]  # the layer's file tensor is freed with ``t``
+        else:
+            enc = None  # shapes or dtypes differ: checked below, stacked as before
+        W_enc.append(w)
+        # copies: the file's tensors share one memory map, which a kept view would hold, W_enc's pages included
+        b_enc.append(t[f"b_enc_{i}"].clone())
+        b_dec.append(t[f"b_dec_{i}"].clone())
         if f"threshold_{i}" in t:
-            thr.append(t[f"threshold_{i}"])
+            thr.append(t[f"threshold_{i}"].clone())
+        del t, w
     if thr and len(thr) != L:
         raise CLTFormatError(f"{folder}: threshold_<i> is stored for {len(thr)} of {L} layers; expected all or none")
     F, D = W_enc[0].shape
@@ -245,7 +256,8 @@ def _load_clt_folder(folder: Path, config: CLTConfig, lazy: bool | None, check_f
     if lazy is None:
         lazy = total > EAGER_DECODER_VALUES
     sources: list = decs if lazy else [d.full() for d in decs]
-    enc = torch.stack(W_enc)
+    if enc is None:
+        enc = torch.stack(W_enc)
     if check_finite:
         for i in range(L):
             where = folder / f"W_enc_{i}.safetensors"
