@@ -324,3 +324,22 @@ def test_wrap_model_takes_a_native_module(pairs):
     assert w.backend == "native" and w.arch.name == "gpt2"
     ids = _ids(nat, 2, 6, 0)
     assert torch.equal(traces.run_with_cache(w, ids).last_logits, traces.run_with_cache(hf, ids).last_logits)
+
+
+def test_hf_sliding_window_prefix_cache_is_refused(pairs):
+    """transformers' cache of a sliding-window layer drops the oldest keys, so an hf Gemma-2 prompt
+    longer than the window may not restart from a clean prefix; the native cache keeps every key."""
+    nat, hf = pairs["gemma2"]
+    window = int(hf.config.sliding_window)
+    T = window + 4
+    ids = _ids(nat, 2, T, 11)
+    # the premise: transformers' cache of a sliding layer holds fewer than T positions
+    out = hf.hf(input_ids=ids, use_cache=True)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    assert min(layer.keys.shape[2] for layer in cache.layers) < T
+    assert not traces.prefix_cache_keeps_every_key(hf, T) and traces.prefix_cache_keeps_every_key(hf, window)
+    assert traces.prefix_cache_keeps_every_key(nat, T)
+    with pytest.raises(SettingError, match="sliding window"):
+        traces.clean_prefix_cache(hf, ids)
+    full = traces.clean_prefix_cache(nat, ids)
+    assert all(k.shape[2] == T for k, _ in full.kv)

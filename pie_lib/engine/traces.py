@@ -297,11 +297,29 @@ def parameter_precision(model: LoadedModel) -> tuple[torch.dtype, ...]:
     return tuple(p.dtype for p in params)
 
 
+def prefix_cache_keeps_every_key(model: LoadedModel, seq_len: int) -> bool:
+    """Whether a clean run's key-value cache of ``seq_len`` positions holds every position's keys.
+
+    transformers' cache keeps only the last ``sliding_window`` keys of a sliding-window layer
+    (Gemma-2), so on the hf backend a prompt longer than the window cannot restart from it; the
+    native cache keeps every key.
+    """
+    if model.backend != "hf":
+        return True
+    window = getattr(model.config, "sliding_window", None)
+    return window is None or seq_len <= int(window)
+
+
 def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCache:
     """One clean forward of ``input_ids`` ``[B, T]`` keeping every layer's keys and values (local only:
     the cache would have to travel to and from the server with every request)."""
     if remote_.is_remote(model):
         raise SettingError("prefix caches are local-only (keys and values would travel with every request)")
+    if not prefix_cache_keeps_every_key(model, input_ids.shape[1]):
+        raise SettingError(
+            f"a {input_ids.shape[1]}-token prompt is longer than the model's sliding window, whose transformers "
+            "cache drops the oldest keys; run it without prefix reuse or load the model with backend='native'"
+        )
     arch = model.arch
     steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
     lm = model.lm

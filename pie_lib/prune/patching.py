@@ -33,6 +33,7 @@ from pie_lib.engine.traces import (
     parameter_precision,
     patched_last_logits,
     patched_last_logits_many,
+    prefix_cache_keeps_every_key,
 )
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
@@ -273,11 +274,14 @@ class PatchEvaluator:
             raise SettingError(f"chunk {chunk}: patch variants per forward must be a positive integer")
         self._chunk = chunk
         self.request_bytes = request_bytes
-        can_reuse = not is_remote(model) and metric == "logit_diff"
+        can_reuse = (
+            not is_remote(model) and metric == "logit_diff" and prefix_cache_keeps_every_key(model, batch.seq_len)
+        )
         if reuse_prefix and not can_reuse:
             raise SettingError(
-                "reuse_prefix needs a local model and the logit_diff metric (a remote forward runs whole "
-                "prompts; logsumexp sums every position)"
+                "reuse_prefix needs a local model, the logit_diff metric and a cache that keeps every key (a remote "
+                "forward runs whole prompts; logsumexp sums every position; transformers' sliding-window cache "
+                "drops keys of prompts longer than the window)"
             )
         self.reuse_prefix = can_reuse if reuse_prefix is None else reuse_prefix
         self._prefix: dict[tuple, PrefixCache] = {}  # clean keys / values, per parameter precision
