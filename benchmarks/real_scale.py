@@ -42,7 +42,6 @@ import prune_speed as ps  # noqa: E402
 
 from pie_lib.clt import load_clt  # noqa: E402
 from pie_lib.clt.lazy import SafetensorsRows  # noqa: E402
-from pie_lib.engine.memory import MMAP_THRESHOLD_PINNED  # noqa: E402
 from pie_lib.models.loading import load_model  # noqa: E402
 from pie_lib.models.random_init import REAL_SHAPES, random_model, word_tokenizer  # noqa: E402
 from pie_lib.prune.occurrences import PairBatch  # noqa: E402
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "lazy_decoder": isinstance(clt.decoder.sources[0], SafetensorsRows),
             "model_backend": model.backend,
             "decoder_row_cache": not (clt.decoder.device_only_cache and clt.decoder.device.type == "cpu"),
-            "mmap_threshold_pinned": MMAP_THRESHOLD_PINNED,
+            "mmap_threshold_pinned": bool(model.extra.get("mmap_threshold_pinned")),
         },
     )
     result["hardware"]["loadavg_end"] = list(os.getloadavg())

@@ -84,9 +84,14 @@ def test_lazy_decoder_rows_for_the_cpu_are_not_cached_by_default(tmp_path):
 
 _HEAP_PROBE = r"""
 import ctypes, sys, torch
-if sys.argv[1] == "pinned":
-    import pie_lib.engine.memory as m
-    assert m.MMAP_THRESHOLD_PINNED
+if sys.argv[1] == "pinned":  # what load_model does for a CPU model of LARGE_MODEL_BYTES or more
+    from pie_lib.models.host_memory import LARGE_MODEL_BYTES, settle_for_model
+    assert settle_for_model(LARGE_MODEL_BYTES, "cpu")
+elif sys.argv[1] == "toy":  # a small model leaves glibc's default alone
+    from pie_lib.models.loading import load_model
+    from pie_lib.toy import toy_model_path
+    model = load_model(toy_model_path("gpt2"), device="cpu")
+    assert model.extra["mmap_threshold_pinned"] is False
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -101,10 +106,12 @@ print(libc.mallinfo2().hblkhd - before)
 
 
 def test_freed_tensors_go_back_to_the_os():
-    """Importing pie_lib.engine pins glibc's mmap threshold: after a 16 MiB tensor was freed,
+    """Loading a large CPU model pins glibc's mmap threshold: after a 16 MiB tensor was freed,
     4 MiB tensors still get memory maps of their own (returned to the OS when freed). Unpinned,
     freeing the 16 MiB tensor raised the threshold and the 4 MiB tensors came from the heap,
-    whose pages stay resident after a free (the creep of a run's resident set)."""
+    whose pages stay resident after a free (the creep of a run's resident set). A small model
+    (the toy GPT-2) leaves the default alone: mapping every tensor of 1 MiB or more costs a small
+    model's run measurable system time."""
     import subprocess
     import sys
 
@@ -116,7 +123,7 @@ def test_freed_tensors_go_back_to_the_os():
         pytest.skip("needs glibc (mallopt, mallinfo2)")
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     mapped = {}
-    for mode in ("pinned", "plain"):
+    for mode in ("pinned", "plain", "toy"):
         out = subprocess.run(
             [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, env=env, timeout=120
         )
@@ -124,6 +131,7 @@ def test_freed_tensors_go_back_to_the_os():
         mapped[mode] = int(out.stdout.split()[-1])
     assert mapped["pinned"] >= 40 << 20, mapped  # every 4 MiB tensor mapped on its own
     assert mapped["plain"] < 4 << 20, mapped  # glibc's dynamic threshold: from the heap
+    assert mapped["toy"] < 4 << 20, mapped
 
 
 _LOAD_PROBE = r"""

@@ -12,6 +12,7 @@ import torch
 from pie_lib.errors import SettingError, ShapeMismatchError, WeightsUnavailableError
 from pie_lib.models.activations import use_blocked_activations
 from pie_lib.models.arch import ArchSpec, arch_for, get_path
+from pie_lib.models.host_memory import settle_for_model
 
 if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
@@ -269,7 +270,7 @@ def load_model(
     if backend != "hf" and local.is_dir() and remote is False:
         native = _native_choice(local, backend)
         if native is not None:
-            return _load_native(name, local, native[0], native[1], check_device(device), dtype)
+            return _settle_host_memory(_load_native(name, local, native[0], native[1], check_device(device), dtype))
     from transformers import AutoConfig
 
     LanguageModel = _nnsight_class()
@@ -321,7 +322,17 @@ def load_model(
         freeze_weights(lm)
         if torch.device(device).type == "cpu":  # a hub download is file-mapped just like a folder
             _own_memory(lm._module)
-    return LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote)
+    return _settle_host_memory(LoadedModel(lm=lm, arch=arch, tokenizer=lm.tokenizer, name=name, remote=remote))
+
+
+def _settle_host_memory(model: LoadedModel) -> LoadedModel:
+    """Pin glibc's mmap threshold for a large CPU model (:mod:`pie_lib.models.host_memory`); the
+    outcome is recorded as ``model.extra["mmap_threshold_pinned"]``."""
+    if model.remote is True:
+        return model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.hf.parameters())
+    model.extra["mmap_threshold_pinned"] = settle_for_model(weight_bytes, model.device.type)
+    return model
 
 
 def _native_choice(folder: Path, backend: str) -> tuple[ArchSpec, Any] | None:
