@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -206,7 +207,7 @@ def activation(name: str, arch: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise SettingError(
             f"the native {arch} backend has no activation {name!r} (it has {', '.join(sorted(ACTIVATIONS))}); "
-            "load this model with --backend hf"
+            "load this model with --model-backend hf"
         )
     return ACTIVATIONS[name]()
 
@@ -216,3 +217,58 @@ def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
     if not isinstance(logits_to_keep, int):
         raise ValueError("native models take an int logits_to_keep")
     return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+
+
+class NativeCausalLM(nn.Module):
+    """A decoder and its unembedding ``lm_head``: what the native causal LMs share.
+
+    A subclass names the architecture (``pie_arch``), the decoder's attribute (``backbone_name``:
+    GPT-2's ``transformer``, Llama's and Gemma-2's ``model``, as in transformers) and its
+    embedding's (``embedding_name``), and may soft-cap the logits (:meth:`cap_logits`). The decoder
+    takes ``(input_ids, cache, attention_mask, position_ids, inputs_embeds)`` and returns the
+    final-normed hidden states ``[B, T, D]``.
+    """
+
+    pie_arch: str
+    backbone_name: str = "model"
+    embedding_name: str = "embed_tokens"
+
+    def __init__(self, config: Any, backbone: nn.Module, d_model: int) -> None:
+        super().__init__()
+        self.config = config
+        self.add_module(self.backbone_name, backbone)
+        self.lm_head = Linear(d_model, int(config.vocab_size), bias=False)
+
+    def _backbone(self) -> nn.Module:
+        return getattr(self, self.backbone_name)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self._backbone(), self.embedding_name)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def can_generate(self) -> bool:
+        return False
+
+    def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Compute the buffers a checkpoint does not hold, on ``device`` (none by default)."""
+
+    def cap_logits(self, logits: Tensor) -> Tensor:
+        return logits
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        if use_cache and cache is None:
+            cache = KVCache()
+        hidden = self._backbone()(input_ids, cache, attention_mask, position_ids, inputs_embeds)
+        logits = self.cap_logits(self.lm_head(keep_last(hidden, logits_to_keep)))
+        return CausalLMOutput(logits=logits, cache=cache if (use_cache or cache is not None) else None)

@@ -12,7 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from pie_lib.errors import SettingError
-from pie_lib.models.native.common import CausalLMOutput, Embedding, KVCache, Linear, keep_last, repeat_kv
+from pie_lib.models.native.common import (
+    Embedding,
+    KVCache,
+    Linear,
+    NativeCausalLM,
+    repeat_kv,
+)
 from pie_lib.models.native.rope import RotaryEmbedding, apply_rotary
 
 
@@ -123,7 +129,7 @@ class Gemma2MLP(nn.Module):
         self.down_proj = Linear(F, D, bias=False)
         if config.hidden_activation != "gelu_pytorch_tanh":
             raise SettingError(
-                f"the native Gemma-2 has no activation {config.hidden_activation!r}; load this model with --backend hf"
+                f"the native Gemma-2 has no activation {config.hidden_activation!r}; load this model with --model-backend hf"
             )
         self.act_fn = GELUTanh()
 
@@ -161,7 +167,7 @@ class Gemma2Model(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         if getattr(config, "use_bidirectional_attention", None):
-            raise SettingError("the native Gemma-2 is causal only; load this model with --backend hf")
+            raise SettingError("the native Gemma-2 is causal only; load this model with --model-backend hf")
         self.config = config
         D = int(config.hidden_size)
         self.embed_tokens = Gemma2ScaledEmbedding(int(config.vocab_size), D, config.pad_token_id)
@@ -198,25 +204,14 @@ class Gemma2Model(nn.Module):
         return self.norm(hidden)
 
 
-class NativeGemma2ForCausalLM(nn.Module):
+class NativeGemma2ForCausalLM(NativeCausalLM):
     """``Gemma2ForCausalLM`` without transformers: ``model`` (embed_tokens, layers, norm, rotary_emb) + ``lm_head``."""
 
     pie_arch = "gemma2"
+    model: Gemma2Model
 
     def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Gemma2Model(config)
-        self.lm_head = Linear(int(config.hidden_size), int(config.vocab_size), bias=False)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def can_generate(self) -> bool:
-        return False
+        super().__init__(config, Gemma2Model(config), int(config.hidden_size))
 
     def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """The rotary inverse frequencies (float32) and the embedding scale (in ``dtype``, as
@@ -225,21 +220,6 @@ class NativeGemma2ForCausalLM(nn.Module):
         emb = self.model.embed_tokens
         emb.embed_scale = torch.tensor(emb.scalar_embed_scale, dtype=dtype, device=device)
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        cache: KVCache | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-    ) -> CausalLMOutput:
-        if use_cache and cache is None:
-            cache = KVCache()
-        hidden = self.model(input_ids, cache, attention_mask, position_ids, inputs_embeds)
-        logits = self.lm_head(keep_last(hidden, logits_to_keep))
+    def cap_logits(self, logits: Tensor) -> Tensor:
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return CausalLMOutput(logits=logits, cache=cache if (use_cache or cache is not None) else None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap

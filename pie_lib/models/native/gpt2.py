@@ -10,15 +10,13 @@ from torch import Tensor, nn
 
 from pie_lib.errors import SettingError
 from pie_lib.models.native.common import (
-    CausalLMOutput,
     Conv1D,
     Embedding,
     KVCache,
     LayerNorm,
-    Linear,
+    NativeCausalLM,
     activation,
     causal_mask,
-    keep_last,
     sdpa_attention,
 )
 
@@ -85,7 +83,7 @@ class GPT2Model(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         if getattr(config, "add_cross_attention", False):
-            raise SettingError("the native GPT-2 has no cross-attention; load this model with --backend hf")
+            raise SettingError("the native GPT-2 has no cross-attention; load this model with --model-backend hf")
         d_model = int(config.n_embd)
         self.config = config
         self.wte = Embedding(int(config.vocab_size), d_model)
@@ -117,41 +115,13 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden)
 
 
-class NativeGPT2LMHeadModel(nn.Module):
+class NativeGPT2LMHeadModel(NativeCausalLM):
     """``GPT2LMHeadModel`` without transformers: ``transformer`` (wte, wpe, drop, h, ln_f) + ``lm_head``."""
 
     pie_arch = "gpt2"
+    backbone_name = "transformer"
+    embedding_name = "wte"
+    transformer: GPT2Model
 
     def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.transformer = GPT2Model(config)
-        self.lm_head = Linear(int(config.n_embd), int(config.vocab_size), bias=False)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def can_generate(self) -> bool:
-        return False
-
-    def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """GPT-2 has no computed buffers."""
-
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        cache: KVCache | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-    ) -> CausalLMOutput:
-        if use_cache and cache is None:
-            cache = KVCache()
-        hidden = self.transformer(input_ids, cache, attention_mask, position_ids, inputs_embeds)
-        logits = self.lm_head(keep_last(hidden, logits_to_keep))
-        return CausalLMOutput(logits=logits, cache=cache if (use_cache or cache is not None) else None)
+        super().__init__(config, GPT2Model(config), int(config.n_embd))

@@ -11,14 +11,13 @@ from torch import Tensor, nn
 
 from pie_lib.errors import SettingError
 from pie_lib.models.native.common import (
-    CausalLMOutput,
     Embedding,
     KVCache,
     Linear,
+    NativeCausalLM,
     RMSNorm,
     activation,
     causal_mask,
-    keep_last,
     sdpa_attention,
 )
 from pie_lib.models.native.rope import RotaryEmbedding, apply_rotary
@@ -98,7 +97,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
-            raise SettingError("the native Llama has no pretraining_tp > 1; load this model with --backend hf")
+            raise SettingError("the native Llama has no pretraining_tp > 1; load this model with --model-backend hf")
         self.config = config
         D = int(config.hidden_size)
         self.embed_tokens = Embedding(int(config.vocab_size), D)
@@ -128,42 +127,15 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-class NativeLlamaForCausalLM(nn.Module):
+class NativeLlamaForCausalLM(NativeCausalLM):
     """``LlamaForCausalLM`` without transformers: ``model`` (embed_tokens, layers, norm, rotary_emb) + ``lm_head``."""
 
     pie_arch = "llama"
+    model: LlamaModel
 
     def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(int(config.hidden_size), int(config.vocab_size), bias=False)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def can_generate(self) -> bool:
-        return False
+        super().__init__(config, LlamaModel(config), int(config.hidden_size))
 
     def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """Compute the rotary inverse frequencies (float32) on ``device``."""
         self.model.rotary_emb.reset(device)
-
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        cache: KVCache | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-    ) -> CausalLMOutput:
-        if use_cache and cache is None:
-            cache = KVCache()
-        hidden = self.model(input_ids, cache, attention_mask, position_ids, inputs_embeds)
-        logits = self.lm_head(keep_last(hidden, logits_to_keep))
-        return CausalLMOutput(logits=logits, cache=cache if (use_cache or cache is not None) else None)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pie_lib.errors import SettingError, WeightsUnavailableError
+from pie_lib.models.native.common import NativeCausalLM
 
 #: ArchSpec name -> the native class's module and name (imported on demand)
 NATIVE_ARCHS: dict[str, tuple[str, str]] = {
@@ -43,13 +44,13 @@ _DTYPES = {
 }
 
 
-def build_native(arch: str, config: Any) -> nn.Module:
+def build_native(arch: str, config: Any) -> NativeCausalLM:
     """An uninitialised native model of ``arch`` on the meta device (no memory)."""
     import importlib
 
     if arch not in NATIVE_ARCHS:
         raise SettingError(
-            f"there is no native {arch} model (native: {', '.join(sorted(NATIVE_ARCHS))}); use --backend hf"
+            f"there is no native {arch} model (native: {', '.join(sorted(NATIVE_ARCHS))}); use --model-backend hf"
         )
     module, cls = NATIVE_ARCHS[arch]
     with torch.device("meta"):
@@ -67,7 +68,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         return [single]
     raise WeightsUnavailableError(
         f"model folder {str(folder)!r} has no model.safetensors (or index); the native backend reads safetensors "
-        "only: convert the weights, or pass --backend hf"
+        "only: convert the weights, or pass --model-backend hf"
     )
 
 
@@ -101,7 +102,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_native_model(
     folder: str | Path, arch: str, config: Any, device: torch.device, dtype: torch.dtype
-) -> nn.Module:
+) -> NativeCausalLM:
     """The native model of ``arch`` with ``folder``'s weights in ``dtype`` on ``device``, frozen and in eval mode.
 
     Tied embeddings (``config.tie_word_embeddings``): the head shares the input embedding's
@@ -136,7 +137,7 @@ def load_native_model(
             what.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
         raise WeightsUnavailableError(
             f"model folder {str(folder)!r}: the weights do not fit the native {arch} model ({'; '.join(what)}); "
-            "check the folder, or pass --backend hf"
+            "check the folder, or pass --model-backend hf"
         )
     modules = dict(model.named_modules())
     for key, t in loaded.items():
@@ -153,5 +154,5 @@ def load_native_model(
         setattr(mod, leaf, nn.Parameter(t.to(device), requires_grad=False))
     if tied:
         model.lm_head.weight = modules[emb_key.rpartition(".")[0]].weight  # pyright: ignore[reportAttributeAccessIssue]
-    model.init_buffers(device, dtype)  # pyright: ignore[reportCallIssue]
+    model.init_buffers(device, dtype)
     return model.eval()

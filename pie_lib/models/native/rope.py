@@ -19,15 +19,17 @@ def rope_parameters(config: Any) -> dict:
     ``rope_scaling`` / ``rope_theta`` of config.json there)."""
     params = getattr(config, "rope_parameters", None)
     if not isinstance(params, dict) or "rope_theta" not in params:
-        raise SettingError("the model config has no rope_parameters with rope_theta; load it with --backend hf")
+        raise SettingError("the model config has no rope_parameters with rope_theta; load it with --model-backend hf")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise SettingError(
             f"the native backend has no RoPE type {rope_type!r} (it has {', '.join(ROPE_TYPES)}); "
-            "load this model with --backend hf"
+            "load this model with --model-backend hf"
         )
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise SettingError("the native backend has no partial rotary embeddings; load this model with --backend hf")
+        raise SettingError(
+            "the native backend has no partial rotary embeddings; load this model with --model-backend hf"
+        )
     return {**params, "rope_type": rope_type}
 
 
