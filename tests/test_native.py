@@ -343,3 +343,40 @@ def test_hf_sliding_window_prefix_cache_is_refused(pairs):
         traces.clean_prefix_cache(hf, ids)
     full = traces.clean_prefix_cache(nat, ids)
     assert all(k.shape[2] == T for k, _ in full.kv)
+
+
+@pytest.mark.parametrize("name", ["toy-gpt2", "toy-llama"])
+def test_padded_short_tail_blocks_round_as_whole_prompts(pairs, name):
+    """A native model that pads cached suffixes' 1-3-row tail query blocks starts a suffix at the
+    first changed position itself, and the last logits are bitwise the whole prompt's; without the
+    padding (transformers' model, the same weights) some of those starts round differently.
+
+    Measured on the toy models, as the unpadded rule's starts are (test_engine_traces_agree): at
+    other widths a suffix's smaller matmuls may round differently in either case."""
+    from pie_lib.models.native.common import short_block_padding
+
+    nat, hf = pairs[name]
+    if not nat.pads_short_query_blocks:
+        pytest.skip(f"{name} has grouped queries: its suffixes take another SDPA path than full forwards")
+    assert not hf.pads_short_query_blocks
+    L, D = nat.n_layers, nat.d_model
+    g = torch.Generator().manual_seed(5)
+    differs = 0
+    for T in (9, 15, 31, 36, 40, 64):
+        ids = _ids(nat, 3, T, 100 + T)
+        pn, ph = traces.clean_prefix_cache(nat, ids), traces.clean_prefix_cache(hf, ids)
+        rows = torch.arange(3)
+        for first in range(1, T):
+            start = traces.exact_suffix_start(T, first, pads_short_blocks=True, sequences=3)
+            assert start == (first if 3 * (T - first) >= 4 else T - 2)
+            off = torch.randn(L, 3, T, D, generator=g) * 0.1
+            off[:, :, :first] = 0
+            want, _ = traces.patched_last_logits(nat, ids, off)
+            got, _ = traces.patched_last_logits(nat, ids, off[:, :, start:], prefix=traces.Prefix(pn, rows, start))
+            assert torch.equal(got, want), (T, start)
+            if short_block_padding(T - start, T):
+                unpadded, _ = traces.patched_last_logits(
+                    hf, ids, off[:, :, start:], prefix=traces.Prefix(ph, rows, start)
+                )
+                differs += not torch.equal(unpadded, want)
+    assert differs > 0  # the padding is what makes these starts exact

@@ -24,6 +24,7 @@ from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identit
 from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
+from pie_lib.models.native.common import MIN_MATMUL_ROWS, SDPA_BLOCKED_KEYS, SDPA_QUERY_BLOCK, SDPA_SMALL_BLOCK
 
 if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
@@ -354,13 +355,7 @@ def _cache_kwarg(model: LoadedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
 
 
-#: SDPA's CPU kernel splits queries into blocks of this many rows (fewer than 192 queries) and
-#: computes a block of fewer than SDPA_SMALL_BLOCK rows along another path, whose rounding differs.
-SDPA_QUERY_BLOCK = 32
-SDPA_SMALL_BLOCK = 4
-
-
-def exact_suffix_start(seq_len: int, first_changed: int) -> int:
+def exact_suffix_start(seq_len: int, first_changed: int, pads_short_blocks: bool = False, sequences: int = 1) -> int:
     """The latest start ``<= first_changed`` whose suffix forward rounds exactly as the full forward.
 
     Every per-position op (matmuls, norms, MLPs) gives a row the same bits whatever the other rows,
@@ -372,14 +367,26 @@ def exact_suffix_start(seq_len: int, first_changed: int) -> int:
     prompts of 192 tokens or more (another block size) always start at 0: no suffix of theirs
     was measured to round alike.
 
+    A native model whose attention pads such a tail block itself
+    (:func:`pie_lib.models.native.common.short_block_padding`; ``LoadedModel.pads_short_query_blocks``)
+    starts at the first changed position, unless the forward would then have fewer than
+    :data:`~pie_lib.models.native.common.MIN_MATMUL_ROWS` rows (``sequences x positions``): torch's
+    CPU matmul computes 1-3 rows along another path (measured), so it starts early enough for 4.
+
     Args:
         seq_len: T; first_changed: the first position whose input differs from the clean run
             (``T`` or more: nothing differs; the last position still runs, for its logits).
+        pads_short_blocks: the model pads 1-3-row tail query blocks of cached suffixes.
+        sequences: how many sequences the forward holds (with ``pads_short_blocks``).
     """
     T, Q, small = seq_len, SDPA_QUERY_BLOCK, SDPA_SMALL_BLOCK
-    if T >= 192 or 0 < T % Q < small:
+    if T >= SDPA_BLOCKED_KEYS or 0 < T % Q < small:
         return 0
     start = max(0, min(first_changed, T - 1))
+    if pads_short_blocks:
+        while start > 0 and max(1, sequences) * (T - start) < MIN_MATMUL_ROWS:
+            start -= 1
+        return start
     while start > 0 and 0 < (T - start) % Q < small:
         start -= 1
     return start

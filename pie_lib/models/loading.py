@@ -55,6 +55,13 @@ class LoadedModel:
 
         return DynamicCache(ddp_cache_data=kv, config=self.config)
 
+    @property
+    def pads_short_query_blocks(self) -> bool:
+        """Whether every attention of this model pads a cached suffix's 1-3-row tail query block
+        (native GPT-2, native Llama without grouped queries), so its suffixes round as whole-prompt
+        forwards from any start (:func:`pie_lib.engine.traces.exact_suffix_start`)."""
+        return self.backend == "native" and bool(getattr(self.hf, "pads_short_query_blocks", False))
+
     def require_generate(self, what: str) -> None:
         """Refuse, in one line, ``what`` (a caller of nnsight's ``generate``) on the native backend."""
         if self.backend == "native":

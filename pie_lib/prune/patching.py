@@ -523,7 +523,7 @@ class PatchEvaluator:
             for i in range(j - 1, -1, -1):  # run = distinct keys i..j-1: layer lay_l[i], from min position
                 low = min(low, pos_l[i])
                 n = bounds[j] - bounds[i]
-                run = T - exact_suffix_start(T, low)
+                run = T - exact_suffix_start(T, low, self.model.pads_short_query_blocks, n)
                 cost = best[i] + n * run * (L - lay_l[i]) / L + overhead * -(-n // self._chunk_for(run))
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
@@ -601,7 +601,11 @@ class PatchEvaluator:
         or below this layer (:meth:`_first_changed`); with prefix reuse the forward starts there
         (the position moved earlier where :func:`~pie_lib.engine.traces.exact_suffix_start` says so).
         """
-        pos = exact_suffix_start(self.batch.seq_len, first) if self.reuse_prefix else 0
+        pos = (
+            exact_suffix_start(self.batch.seq_len, first, self.model.pads_short_query_blocks, stop - start)
+            if self.reuse_prefix
+            else 0
+        )
         ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets, pos)
         prefix = Prefix(self.prefix_cache(), prompts, pos, first_layer) if self.reuse_prefix else None
         logits, lse = patched_last_logits(

@@ -96,6 +96,30 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
+#: SDPA's CPU kernel splits fewer than SDPA_BLOCKED_KEYS keys' queries into blocks of SDPA_QUERY_BLOCK
+#: rows, and computes a block of fewer than SDPA_SMALL_BLOCK rows along another path (measured on
+#: torch 2.13; engine/traces.py:exact_suffix_start states the consequences).
+SDPA_QUERY_BLOCK = 32
+SDPA_SMALL_BLOCK = 4
+SDPA_BLOCKED_KEYS = 192
+#: torch's CPU matmul (``addmm``) computes an input of fewer rows than this along another path,
+#: whose rounding differs from the same rows inside a larger input (measured on torch 2.13)
+MIN_MATMUL_ROWS = 4
+
+
+def short_block_padding(q_len: int, kv_len: int) -> int:
+    """Query rows to add so that a cached suffix (``q_len < kv_len``) has no 1-3-row last block.
+
+    Padded, every real row of the suffix rounds as the same position of the whole-prompt forward
+    (``tests/test_native.py``), so prefix reuse need not start earlier than the first changed
+    position. Whole forwards (``q_len == kv_len``) and ``kv_len >= 192`` are left alone.
+    """
+    if q_len >= kv_len or kv_len >= SDPA_BLOCKED_KEYS:
+        return 0
+    tail = q_len % SDPA_QUERY_BLOCK
+    return SDPA_SMALL_BLOCK - tail if 0 < tail < SDPA_SMALL_BLOCK else 0
+
+
 def sdpa_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float, n_rep: int = 1
 ) -> Tensor:
@@ -107,6 +131,15 @@ def sdpa_attention(
     """
     kw: dict = {}
     q_len = query.shape[2]
+    pad = short_block_padding(q_len, key.shape[2]) if n_rep == 1 else 0
+    if pad:
+        # a cached suffix whose last query block would have 1-3 rows: SDPA's CPU kernel computes
+        # such a block along another path, rounding unlike the whole-prompt forward's rows; copies
+        # of the last query (dropped below) make it a block of 4, whose rows round as they do there
+        if mask is None:  # one query, after the cache: it sees every key
+            mask = torch.ones(query.shape[0], 1, q_len, key.shape[2], dtype=torch.bool, device=query.device)
+        query = torch.cat([query, query[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
     if n_rep > 1:
         if mask is None and key.shape[-1] == value.shape[-1] <= 256:
             kw["enable_gqa"] = True
@@ -121,6 +154,8 @@ def sdpa_attention(
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=is_causal, **kw
     )
+    if pad:
+        out = out[:, :, :q_len]
     out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
     return out.transpose(1, 2).contiguous()
 
@@ -232,6 +267,7 @@ class NativeCausalLM(nn.Module):
     pie_arch: str
     backbone_name: str = "model"
     embedding_name: str = "embed_tokens"
+    pads_short_query_blocks: bool = False  # every attention goes through sdpa_attention without grouped queries
 
     def __init__(self, config: Any, backbone: nn.Module, d_model: int) -> None:
         super().__init__()

@@ -121,6 +121,7 @@ class NativeGPT2LMHeadModel(NativeCausalLM):
     pie_arch = "gpt2"
     backbone_name = "transformer"
     embedding_name = "wte"
+    pads_short_query_blocks = True
     transformer: GPT2Model
 
     def __init__(self, config: Any) -> None:
