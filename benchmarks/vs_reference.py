@@ -170,6 +170,23 @@ def _env(threads: int, **extra: str) -> dict[str, str]:
     return env
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (``-dirty`` when tracked files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = head.stdout.strip()
+    return (sha + ("-dirty" if dirty.stdout.strip() else "")) or None
+
+
 # ---------------------------------------------------------------------------------------------- runs
 def run_reference(fx: Path, work: Path, a: argparse.Namespace, after_run=None) -> dict[str, Any]:
     """One official run per (method, K); returns wall times and per-prompt kept sets.
@@ -360,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-mismatch", type=int, default=0, help="differing selections tolerated before exit 1")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
+    commit = _git_commit()  # now: the code the pie runs import, not whatever is checked out at the end
 
     why = reference_missing(a.harness, a.reference_python, a.official_dir)
     if why:
@@ -419,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": list(load0),
         "loadavg_end": list(os.getloadavg()),
         "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
+        "command": " ".join(["python", "benchmarks/vs_reference.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": commit,
     }
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
