@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from big_vocab import big_vocab_model, max_allocation
 
 from pie_lib.engine import precision
 from pie_lib.engine.precision import chunked_float32_linear, float32_weights
 from pie_lib.engine.traces import run_with_cache
 from pie_lib.models.loading import load_model
-from pie_lib.models.random_init import random_model, word_tokenizer
 
 
 @pytest.mark.parametrize("backend", ["hf", "native"])
@@ -50,45 +50,18 @@ def test_per_module_forward_is_bitwise_the_whole_model_upcast(tiny_worlds, arch,
     assert all(not m._forward_hooks for m in model.hf.modules())
 
 
-def _max_allocation(fn) -> int:
-    """The largest single CPU allocation (bytes) any op makes while ``fn`` runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
-
-
-def _big_vocab_model(folder, backend: str, tied: bool):
-    """A bf16 Llama whose 8,192 x 64 (un)embedding dominates every other weight, loaded by ``backend``."""
-    V, D = 8192, 64
-    hf = random_model(
-        "llama",
-        vocab_size=V,
-        hidden_size=D,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        tie_word_embeddings=tied,
-    )
-    hf.save_pretrained(folder)
-    word_tokenizer([f"t{i}" for i in range(V - 3)]).save_pretrained(str(folder))
-    model = load_model(folder, device="cpu", dtype="bfloat16", backend=backend)
-    assert model.vocab_size == V and model.dtype == torch.bfloat16 and model.backend == backend
-    return model
-
-
 @pytest.mark.parametrize("backend", ["hf", "native"])
 def test_per_module_upcast_never_allocates_a_float32_table(one_torch_thread, monkeypatch, tmp_path, backend):
     """A model whose (tied) embedding table dominates: the float32 forward's largest allocation
     stays far below the table's float32 size (it was one float32 copy of it, twice per forward)."""
-    model = _big_vocab_model(tmp_path / "m", backend, tied=True)
+    model = big_vocab_model(tmp_path / "m", backend, tied=True)
     V, D = model.vocab_size, model.d_model
     ids = torch.randint(3, V, (4, 9), generator=torch.Generator().manual_seed(1))
     table_f32 = 4 * V * D
     monkeypatch.setattr(precision, "UNEMBED_CHUNK_BYTES", table_f32 // 8)  # (64 MiB would hold this table)
     with float32_weights(model, per_module=True):
         run_with_cache(model, ids)  # warm-up (lazy initialisations)
-        peak = _max_allocation(lambda: run_with_cache(model, ids))
+        peak = max_allocation(lambda: run_with_cache(model, ids))
         got = run_with_cache(model, ids).last_logits
     assert peak < table_f32 // 4, f"largest allocation {peak} B against a {table_f32} B float32 table"
     with float32_weights(model, per_module=False):

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from big_vocab import big_vocab_model, max_allocation
 
 from pie_lib.engine.traces import run_with_cache
-from pie_lib.models.loading import load_model
-from pie_lib.models.random_init import random_model, word_tokenizer
-
-
-def _max_allocation(fn) -> int:
-    """The largest single CPU allocation (bytes) any op makes while ``fn`` runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
 
 
 @pytest.mark.parametrize("backend", ["hf", "native"])
@@ -26,24 +18,12 @@ def test_batch_of_one_unembedding_copies_no_weight(one_torch_thread, tmp_path, b
     so ``.contiguous()`` kept its strides and the bf16 matmul expanded the whole unembedding (a
     weight-sized copy; 1.1 GiB at Gemma-2-2B). The head's input hook gives it row-major strides:
     no copy, and the logits are bitwise those of the unhooked, trainable model."""
-    V, D = 8192, 64
-    hf = random_model(
-        "llama",
-        vocab_size=V,
-        hidden_size=D,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        tie_word_embeddings=False,
-    )
-    hf.save_pretrained(tmp_path)
-    word_tokenizer([f"t{i}" for i in range(V - 3)]).save_pretrained(str(tmp_path))
-    model = load_model(tmp_path, device="cpu", dtype="bfloat16", backend=backend)
+    model = big_vocab_model(tmp_path, backend, tied=False)
+    V, D = model.vocab_size, model.d_model
     ids = torch.randint(3, V, (1, 12), generator=torch.Generator().manual_seed(0))
     weight_bytes = 2 * V * D
     run_with_cache(model, ids)
-    assert _max_allocation(lambda: run_with_cache(model, ids)) < weight_bytes // 4
+    assert max_allocation(lambda: run_with_cache(model, ids)) < weight_bytes // 4
     frozen = run_with_cache(model, ids).last_logits
     head = model.hf.get_output_embeddings()
     hooks = dict(head._forward_pre_hooks)

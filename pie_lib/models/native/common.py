@@ -247,6 +247,27 @@ def activation(name: str, arch: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def embed_inputs(
+    embedding: nn.Module,
+    input_ids: Tensor | None,
+    inputs_embeds: Tensor | None,
+    cache: KVCache | None,
+    position_ids: Tensor | None,
+) -> tuple[Tensor, int, Tensor]:
+    """A decoder's first step: ``(embeds [B, T, D], past, position_ids [1 or B, T])``.
+
+    Exactly one of ``input_ids`` / ``inputs_embeds``; ``past`` is the cache's length, and positions
+    default to ``past .. past + T - 1``.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    embeds = embedding(input_ids) if inputs_embeds is None else inputs_embeds
+    past = cache.get_seq_length() if cache is not None else 0
+    if position_ids is None:
+        position_ids = (torch.arange(embeds.shape[1], device=embeds.device) + past).unsqueeze(0)
+    return embeds, past, position_ids
+
+
 def keep_last(hidden: Tensor, logits_to_keep: int) -> Tensor:
     """transformers' ``slice_logits_to_keep`` for an int: the last ``logits_to_keep`` positions (0: all)."""
     if not isinstance(logits_to_keep, int):

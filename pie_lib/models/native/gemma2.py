@@ -17,6 +17,7 @@ from pie_lib.models.native.common import (
     KVCache,
     Linear,
     NativeCausalLM,
+    embed_inputs,
     repeat_kv,
 )
 from pie_lib.models.native.rope import RotaryEmbedding, apply_rotary
@@ -183,13 +184,8 @@ class Gemma2Model(nn.Module):
         position_ids: Tensor | None,
         inputs_embeds: Tensor | None,
     ) -> Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-        B, T = hidden.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(T, device=hidden.device) + past).unsqueeze(0)
+        hidden, past, position_ids = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, cache, position_ids)
+        B, T = hidden.shape[:2]  # hidden [B, T, D]
         masks = {
             "full_attention": additive_mask(attention_mask, B, T, past, None, hidden.dtype, hidden.device),
             "sliding_attention": additive_mask(

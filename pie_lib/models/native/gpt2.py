@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from pie_lib.errors import SettingError
@@ -17,6 +16,7 @@ from pie_lib.models.native.common import (
     NativeCausalLM,
     activation,
     causal_mask,
+    embed_inputs,
     sdpa_attention,
 )
 
@@ -100,13 +100,8 @@ class GPT2Model(nn.Module):
         position_ids: Tensor | None,
         inputs_embeds: Tensor | None,
     ) -> Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-        B, T = embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(T, device=embeds.device) + past).unsqueeze(0)
+        embeds, past, position_ids = embed_inputs(self.wte, input_ids, inputs_embeds, cache, position_ids)
+        B, T = embeds.shape[:2]  # embeds [B, T, D]
         hidden = embeds + self.wpe(position_ids).to(embeds.device)
         mask = causal_mask(attention_mask, B, T, past, embeds.device)
         hidden = self.drop(hidden)

@@ -18,6 +18,7 @@ from pie_lib.models.native.common import (
     RMSNorm,
     activation,
     causal_mask,
+    embed_inputs,
     sdpa_attention,
 )
 from pie_lib.models.native.rope import RotaryEmbedding, apply_rotary
@@ -113,13 +114,8 @@ class LlamaModel(nn.Module):
         position_ids: Tensor | None,
         inputs_embeds: Tensor | None,
     ) -> Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-        B, T = hidden.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(T, device=hidden.device) + past).unsqueeze(0)
+        hidden, past, position_ids = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, cache, position_ids)
+        B, T = hidden.shape[:2]  # hidden [B, T, D]
         mask = causal_mask(attention_mask, B, T, past, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         for layer in self.layers:
