@@ -131,8 +131,8 @@ class NativeLlamaForCausalLM(NativeCausalLM):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config, LlamaModel(config), int(config.hidden_size))
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.pads_short_query_blocks = int(kv_heads) == int(config.num_attention_heads)
+        # NativeConfig has resolved num_key_value_heads (None -> num_attention_heads)
+        self.pads_short_query_blocks = int(config.num_key_value_heads) == int(config.num_attention_heads)
 
     def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """Compute the rotary inverse frequencies (float32) on ``device``."""
