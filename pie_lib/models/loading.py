@@ -13,6 +13,7 @@ from pie_lib.errors import SettingError, ShapeMismatchError, WeightsUnavailableE
 from pie_lib.models.activations import use_blocked_activations
 from pie_lib.models.arch import ArchSpec, arch_for, get_path
 from pie_lib.models.host_memory import settle_for_model
+from pie_lib.models.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
@@ -376,7 +377,7 @@ def _load_native(
 
     try:
         module = load_native_model(folder, arch.name, cfg, device, dtype)
-        tok = _tokenizer(str(folder), config=cfg)  # passed: AutoTokenizer would otherwise load AutoConfig's class
+        tok = load_tokenizer(str(folder), config=cfg)  # passed: AutoTokenizer would otherwise load AutoConfig's class
     except WeightsUnavailableError:
         raise
     except SettingError as exc:  # the modules refuse the config's values (heads not dividing the width, ...)
@@ -399,21 +400,6 @@ def _load_native(
     return LoadedModel(lm=lm, arch=arch, tokenizer=tok, name=name, remote=False, backend="native")
 
 
-def _tokenizer(folder: str, config: Any = None) -> Any:
-    """The folder's tokenizer with nnsight's settings: EOS as pad when there is no pad token, left padding.
-
-    ``config``: the model's config, when already read (AutoTokenizer reads only its ``model_type``
-    and ``tokenizer_class``; without one it builds transformers' config class).
-    """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, **({"config": config} if config is not None else {}))
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
-
-
 def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> Any:
     """A local folder's weights loaded once, straight onto ``device``, then wrapped in nnsight.
 
@@ -425,7 +411,7 @@ def _load_local(folder: str, device: torch.device | str, dtype: torch.dtype) -> 
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device))
-    tok = _tokenizer(folder)
+    tok = load_tokenizer(folder)
     use_blocked_activations(hf)  # before nnsight wraps it (it keeps an instance forward as the body)
     return _nnsight_class()(hf.eval(), tokenizer=tok)
 
