@@ -274,14 +274,43 @@ class PrefixCache:
 
 
 @dataclass
+class PatchedStates:
+    """Keys and values of earlier *patched* forwards, so a later one that agrees with one of them up
+    to position ``t`` can start at ``t`` from its keys and values instead of the clean run's.
+
+    A patched forward is causal too: a variant whose removals agree with an earlier variant's at every
+    position before ``t`` sees, at those positions, exactly that variant's keys and values.
+
+    Attributes:
+        kv: per layer ``(keys, values)``, each ``[P, H_kv, T, d_head]``: every position of the P
+            earlier forwards (positions a forward did not run hold the clean run's, which they equal).
+        precision: the parameter dtypes they were computed in (:func:`parameter_precision`).
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    precision: tuple[torch.dtype, ...]
+
+    @property
+    def n(self) -> int:
+        return int(self.kv[0][0].shape[0]) if self.kv else 0
+
+
+@dataclass
 class Prefix:
-    """Which clean prefix a patched forward starts from: batch rows ``rows`` ``[V]`` of ``cache``,
-    positions ``0..start-1``, and decoder layers ``0..layer`` (offsets are zero below ``layer``)."""
+    """Which prefix a patched forward starts from: batch rows ``rows`` ``[V]`` of ``cache``,
+    positions ``0..start-1``, and decoder layers ``0..layer`` (offsets are zero below ``layer``).
+
+    With ``states``, sequence ``v`` whose ``state_rows[v] >= 0`` takes the keys and values of
+    positions ``0..start-1`` from that row of ``states`` instead (its residual stream at decoder
+    layer ``layer``, from position ``start`` on, is still the clean one: the caller's guarantee that
+    nothing of it changes below that layer)."""
 
     cache: PrefixCache
     rows: torch.Tensor
     start: int
     layer: int = 0
+    states: PatchedStates | None = None
+    state_rows: torch.Tensor | None = None
 
 
 def parameter_precision(model: LoadedModel) -> tuple[torch.dtype, ...]:
@@ -416,7 +445,8 @@ def patched_last_logits(
         (``[B, V]`` last-token logits, ``[B]`` logsumexp metric or None).
     """
     if prefix is not None:
-        return _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp)
+        last, _ = _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp)
+        return last, None
     steps = _patch_steps(model)
     off = remote_.host(model, offsets)
     lm = model.lm
@@ -434,13 +464,62 @@ def patched_last_logits(
     return _val(last), (_val(lse) if lse is not None else None)
 
 
+def patched_suffix_with_states(
+    model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, prefix: Prefix
+) -> tuple[torch.Tensor, PatchedStates]:
+    """:func:`patched_last_logits` with ``prefix``, also returning each sequence's keys and values at
+    every position (:class:`PatchedStates`, for later forwards that agree with it up to some position)."""
+    last, states = _patched_suffix(model, input_ids, offsets, prefix, False, keep_states=True)
+    assert states is not None
+    return last, states
+
+
+def _gather_kv(prefix: Prefix, layer: int, upto: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[V, H_kv, upto, d]`` keys and values of decoder layer ``layer`` at positions ``0..upto-1``: the
+    clean rows, and for a sequence that starts from an earlier patched forward that forward's rows
+    before ``prefix.start``."""
+    k, v = prefix.cache.kv[layer]
+    rows = prefix.rows.to(device)
+    kj, vj = k[rows, :, :upto], v[rows, :, :upto]  # advanced indexing: copies, safe to write into
+    if prefix.states is not None and prefix.state_rows is not None and prefix.start > 0:
+        sr = prefix.state_rows.to(device)
+        sel = (sr >= 0).nonzero().squeeze(-1)
+        if sel.numel():
+            sk, sv = prefix.states.kv[layer]
+            kj[sel, :, : prefix.start] = sk[sr[sel], :, : prefix.start].to(kj)
+            vj[sel, :, : prefix.start] = sv[sr[sel], :, : prefix.start].to(vj)
+    return kj, vj
+
+
+def _prefix_kv(prefix: Prefix, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``[V, H_kv, start, d]`` keys and values the suffix starts from.
+
+    Layers ``0..prefix.layer`` are skipped (never read): they get a zero-copy view of one clean row,
+    expanded, so the cache still knows its length; the others :func:`_gather_kv`.
+    """
+    start, V = prefix.start, prefix.rows.numel()
+    out = []
+    for j, (k, v) in enumerate(prefix.cache.kv):
+        if j <= prefix.layer:
+            out.append((k[:1, :, :start].expand(V, -1, -1, -1), v[:1, :, :start].expand(V, -1, -1, -1)))
+        else:
+            out.append(_gather_kv(prefix, j, start, device))
+    return out
+
+
 def _patched_suffix(
-    model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, prefix: Prefix, with_logsumexp: bool
-) -> tuple[torch.Tensor, None]:
-    """:func:`patched_last_logits` of positions ``prefix.start..T-1`` on top of the clean prefix, from
+    model: LoadedModel,
+    input_ids: torch.Tensor,
+    offsets: torch.Tensor,
+    prefix: Prefix,
+    with_logsumexp: bool,
+    keep_states: bool = False,
+) -> tuple[torch.Tensor, PatchedStates | None]:
+    """:func:`patched_last_logits` of positions ``prefix.start..T-1`` on top of the prefix, from
     decoder layer ``prefix.layer``'s output on (layers ``0..prefix.layer`` are skipped: their outputs
     below the last are never read, and the last is the clean residual plus its patched MLP output,
-    computed as the layer would: ``residual + (mlp_out - offset)``)."""
+    computed as the layer would: ``residual + (mlp_out - offset)``). ``keep_states``: also return
+    every sequence's keys and values at every position (:func:`patched_suffix_with_states`)."""
     start, T, first = prefix.start, input_ids.shape[1], prefix.layer
     if remote_.is_remote(model):
         raise SettingError("a patched forward from a clean prefix is local-only; run it without prefix")
@@ -451,14 +530,17 @@ def _patched_suffix(
             f"prefix start {start}: offsets cover {offsets.shape[2]} positions and the cache {prefix.cache.seq_len}; "
             f"expected {T - start} and {T}"
         )
-    if prefix.cache.precision != parameter_precision(model):
+    precision = parameter_precision(model)
+    if prefix.cache.precision != precision or (prefix.states is not None and prefix.states.precision != precision):
         raise ValueError("the prefix cache was built with other parameter dtypes; build one for this precision")
     if not 0 <= first < model.n_layers:
         raise ValueError(f"prefix layer {first}: the model has {model.n_layers} layers")
     rows = prefix.rows.to(model.device)
     kw: dict[str, Any] = {**_last_only(model)}
+    name = _cache_kwarg(model)
+    if start > 0 or keep_states:
+        kw[name] = model.kv_cache(_prefix_kv(prefix, model.device))
     if start > 0:
-        kw[_cache_kwarg(model)] = model.kv_cache([(k[rows, :, :start], v[rows, :, :start]) for k, v in prefix.cache.kv])
         # the mask covers the cached positions too (nnsight would make one for the new tokens only)
         kw["attention_mask"] = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)
     off = offsets.to(model.device)
@@ -470,6 +552,7 @@ def _patched_suffix(
     steps = _patch_steps(model)[first + 1 :]
     offs = off[first + 1 :]
     lm = model.lm
+    cache = None
     with torch.no_grad(), remote_.trace(model, input_ids[:, start:].to(model.device), kind="patch", **kw):
         for block in skips:
             block.skip(skipped)
@@ -478,7 +561,15 @@ def _patched_suffix(
             env.output = h - offs[layer].to(h.device, h.dtype)
         out = lm.output
         last = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
-    return _val(last), None
+        if keep_states:
+            cache = nnsight.save(getattr(out, name))
+    if not keep_states:
+        return _val(last), None
+    layers: Any = getattr(_val(cache), "layers")
+    # a skipped layer's keys and values are the prefix's before `start` and the clean run's from there
+    # (nothing changes below `first` there); a layer that ran holds all of its positions
+    kv = [_gather_kv(prefix, j, T, model.device) if j <= first else (layers[j].keys, layers[j].values) for j in range(model.n_layers)]
+    return _val(last), PatchedStates(kv, precision)
 
 
 def patched_last_logits_many(

@@ -25,6 +25,7 @@ from pie_lib.engine.memory import available_memory_bytes
 from pie_lib.engine.remote import is_remote
 from pie_lib.engine.traces import (
     MetricKind,
+    PatchedStates,
     Prefix,
     PrefixCache,
     clean_prefix_cache,
@@ -33,6 +34,7 @@ from pie_lib.engine.traces import (
     parameter_precision,
     patched_last_logits,
     patched_last_logits_many,
+    patched_suffix_with_states,
     prefix_cache_keeps_every_key,
 )
 from pie_lib.errors import SettingError
@@ -155,6 +157,10 @@ class Variants:
     """V removal variants (COO). Variant v acts on batch row ``prompt[v]``; entry e puts
     occurrence ``occ[e]`` into variant ``var[e]`` with weight ``weight[e]`` (1 = fully removed).
     ``complement[v]`` flips the meaning: the listed occurrences are *kept*, all others removed.
+
+    ``parent[v]`` (optional; -1: none) names a state kept by an earlier :meth:`PatchEvaluator.run`
+    (``retain``): variant v may start where its removals first differ from that state's and take the
+    positions before from its keys and values. A parent changes no outcome, only the work.
     """
 
     prompt: torch.Tensor
@@ -162,6 +168,7 @@ class Variants:
     occ: torch.Tensor
     complement: torch.Tensor
     weight: torch.Tensor | None = None
+    parent: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -176,12 +183,16 @@ class Variants:
         w = None
         if any(p.weight is not None for p in parts):
             w = torch.cat([p.weight if p.weight is not None else torch.ones(p.occ.numel()) for p in parts])
+        par = None
+        if any(p.parent is not None for p in parts):
+            par = torch.cat([p.parent if p.parent is not None else torch.full((p.n,), -1) for p in parts])
         return Variants(
             prompt=torch.cat([p.prompt for p in parts]),
             var=torch.cat(vs),
             occ=torch.cat([p.occ for p in parts]),
             complement=torch.cat([p.complement for p in parts]),
             weight=w,
+            parent=par,
         )
 
     def take(self, idx: torch.Tensor) -> "Variants":
@@ -195,6 +206,7 @@ class Variants:
             occ=self.occ[ent],
             complement=self.complement[idx],
             weight=self.weight[ent] if self.weight is not None else None,
+            parent=self.parent[idx] if self.parent is not None else None,
         )
 
     @staticmethod
@@ -212,11 +224,13 @@ class Variants:
 
 @dataclass
 class PatchResult:
-    """Per-variant outcomes: metric ``[V]``, KL(clean || patched) ``[V]``, argmax changed ``[V]``."""
+    """Per-variant outcomes: metric ``[V]``, KL(clean || patched) ``[V]``, argmax changed ``[V]``;
+    ``state`` ``[V]``: the id of each variant's kept state (``run(..., retain=...)``; -1: none kept)."""
 
     metric: torch.Tensor
     kl: torch.Tensor
     pred_change: torch.Tensor
+    state: torch.Tensor | None = None
 
 
 class PatchEvaluator:
@@ -287,6 +301,10 @@ class PatchEvaluator:
         self._prefix: dict[tuple, PrefixCache] = {}  # clean keys / values, per parameter precision
         self._chunks: dict[int, int] = {}  # automatic variants per forward, per positions run
         self._null: torch.Tensor | None = None
+        # kept states of earlier forwards (run(..., retain=...)) and the removal sets they hold
+        self.states: PatchedStates | None = None
+        self._state_sets: Variants | None = None
+        self.state_fraction = 0.1  # of the free memory that kept states may take
         self.n_forwards = 0  # patch traces run
         self.n_sequences = 0  # patched sequences (variants) they held, after de-duplication
         self.n_positions = 0  # positions those sequences ran (fewer than n_sequences * T with prefix reuse)
@@ -376,24 +394,62 @@ class PatchEvaluator:
         return self._null
 
     # -------------------------------------------------------------- forwards
-    def run(self, variants: Variants, extra_offsets: torch.Tensor | None = None) -> PatchResult:
+    def run(
+        self,
+        variants: Variants,
+        extra_offsets: torch.Tensor | None = None,
+        retain: bool | torch.Tensor = False,
+    ) -> PatchResult:
         """Evaluate every variant; forwards are batched ``chunk`` variants at a time.
 
         Args:
-            variants: what each variant removes.
+            variants: what each variant removes (and, optionally, the kept state each may start from:
+                ``variants.parent``).
             extra_offsets: optional ``[L, B, T, D]`` added to every variant of prompt b (a shared
                 base state, e.g. ACDC's current removals), by linearity of the offsets.
+            retain: keep the keys and values of these variants' forwards (``[V]`` bool, or all), for
+                later variants that agree with one of them up to some position (:class:`Variants`
+                ``parent``). Kept only with prefix reuse, without ``extra_offsets``, and while they fit in :attr:`state_fraction` of the free memory;
+                ``result.state`` says which were kept. :meth:`release_states` frees them.
         Returns:
             Host tensors. Locally, every chunk's results stay on the device until all chunks ran
             (one host copy per call, not one per chunk).
         """
+        keep = self._retain_mask(variants, retain, extra_offsets)
         uniq, inverse = _unique_variants(variants)
         if uniq is not None:
-            res = self._run_all(uniq, extra_offsets)
-            return PatchResult(res.metric[inverse], res.kl[inverse], res.pred_change[inverse])
-        return self._run_all(variants, extra_offsets)
+            assert inverse is not None
+            keep_u = None
+            if keep is not None:
+                keep_u = torch.zeros(uniq.n, dtype=torch.bool).index_put_((inverse,), keep, accumulate=True)
+            res = self._run_all(uniq, extra_offsets, keep_u)
+            state = res.state[inverse] if res.state is not None else None
+            return PatchResult(res.metric[inverse], res.kl[inverse], res.pred_change[inverse], state)
+        return self._run_all(variants, extra_offsets, keep)
 
-    def _run_all(self, variants: Variants, extra_offsets: torch.Tensor | None) -> PatchResult:
+    def release_states(self) -> None:
+        """Drop every kept state (their ids are invalid afterwards)."""
+        self.states, self._state_sets = None, None
+
+    def _retain_mask(
+        self, variants: Variants, retain: bool | torch.Tensor, extra_offsets: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``[V]`` which variants' states to keep, or None (none)."""
+        if isinstance(retain, bool):
+            if not retain:
+                return None
+            mask = torch.ones(variants.n, dtype=torch.bool)
+        else:
+            mask = retain.to(torch.bool).cpu()
+            if mask.shape != (variants.n,):
+                raise ValueError(f"retain mask of shape {tuple(mask.shape)}; expected ({variants.n},)")
+        if not self.reuse_prefix or extra_offsets is not None or not bool(mask.any()):
+            return None  # states exist only for forwards from the clean prefix
+        return mask
+
+    def _run_all(
+        self, variants: Variants, extra_offsets: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> PatchResult:
         V = variants.n
         order = torch.argsort(variants.var, stable=True)
         var_sorted = variants.var[order]
@@ -405,23 +461,28 @@ class PatchEvaluator:
             return PatchResult(metric, kl, change)
         perm: torch.Tensor | None = None
         groups = [(0, V, 0, 0)]  # (first variant, end, start position, first layer): the whole prompt
+        parent = torch.full((V,), -1, dtype=torch.long)
         if self.reuse_prefix and V:
-            first, layer = self._first_changed(variants, extra_offsets)
+            first, layer, parent = self._first_changed(variants, extra_offsets)
             T = self.batch.seq_len
             perm = torch.argsort(layer * (T + 1) + first, stable=True)  # by (layer, position)
-            variants, first, layer = variants.take(perm), first[perm], layer[perm]
+            variants, first, layer, parent = variants.take(perm), first[perm], layer[perm], parent[perm]
+            keep = keep[perm] if keep is not None else None
             order = torch.argsort(variants.var, stable=True)
             var_sorted = variants.var[order]
             groups = self._prefix_groups(first, layer)
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        kept: list[tuple[torch.Tensor, PatchedStates]] = []  # (variants, their states) per forward
+        budget = [self._state_budget()] if keep is not None else [0]
         for lo, hi, first_pos, first_layer in groups:
             start = lo
             while start < hi:
                 stop = min(hi, start + self._chunk_for(self.batch.seq_len - first_pos))
                 try:
                     res = self._run_range(
-                        variants, order, var_sorted, start, stop, extra_offsets, first_pos, first_layer
-                    )
+                        variants, order, var_sorted, start, stop, extra_offsets, first_pos, first_layer,
+                        parent, keep, kept, budget,
+                    )  # fmt: skip
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
@@ -444,11 +505,43 @@ class PatchEvaluator:
         if not parts:
             return PatchResult(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
         metric, kl, change = (torch.cat([p[i] for p in parts]).cpu() for i in range(3))
+        state = self._store_states(variants, kept) if keep is not None else None
         if perm is not None:  # back to the caller's order
             back = torch.empty_like(perm)
             back[perm] = torch.arange(perm.numel())
             metric, kl, change = metric[back], kl[back], change[back]
-        return PatchResult(metric.float(), kl.float(), change.bool())
+            state = state[back] if state is not None else None
+        return PatchResult(metric.float(), kl.float(), change.bool(), state)
+
+    def _state_budget(self) -> int:
+        """Bytes kept states may still take: :attr:`state_fraction` of the free memory, less those kept."""
+        held = 0
+        if self.states is not None:
+            held = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.states.kv)
+        return max(0, int(self.state_fraction * available_memory_bytes(self.model.device)) - held)
+
+    def _store_states(self, variants: Variants, kept: list[tuple[torch.Tensor, PatchedStates]]) -> torch.Tensor:
+        """Append the states of this call's kept forwards; ``[V]`` their ids (-1: not kept)."""
+        state = torch.full((variants.n,), -1, dtype=torch.long)
+        if not kept:
+            return state
+        idx = torch.cat([i for i, _ in kept])
+        kv = [
+            (torch.cat([st.kv[j][0] for _, st in kept]), torch.cat([st.kv[j][1] for _, st in kept]))
+            for j in range(len(kept[0][1].kv))
+        ]
+        precision = kept[0][1].precision
+        sets = variants.take(idx)
+        sets.parent = None
+        if self.states is not None and self.states.precision == precision and self._state_sets is not None:
+            base = self.states.n
+            kv = [(torch.cat([a, k]), torch.cat([b, v])) for (a, b), (k, v) in zip(self.states.kv, kv)]
+            sets = Variants.concat([self._state_sets, sets])
+        else:  # none kept yet, or kept in another precision (those are dropped)
+            base = 0
+        self.states, self._state_sets = PatchedStates(kv, precision), sets
+        state[idx] = base + torch.arange(idx.numel())
+        return state
 
     # -------------------------------------------------------------- prefix reuse
     def _chunk_for(self, run_len: int) -> int:
@@ -463,8 +556,9 @@ class PatchEvaluator:
 
     def _first_changed(
         self, variants: Variants, extra_offsets: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[V]`` the first position and ``[V]`` the first layer each variant can change, from its entries.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[V]`` the first position and ``[V]`` the first layer each variant can change, from its entries,
+        and ``[V]`` the kept state each starts from (-1: the clean run).
 
         A removal writes at its occurrence's position, into the MLP outputs of its source layer and
         later ones; so a variant changes nothing before its earliest entry's position, nor below its
@@ -473,6 +567,11 @@ class PatchEvaluator:
         ``extra_offsets`` nothing before their first nonzero position and layer. ``(T, L - 1)`` when
         nothing changes. Offsets are zero there by construction (:meth:`offsets` refuses an entry
         before its start).
+
+        A variant with a parent state starts where its removals first differ from the parent's
+        (:meth:`_diverge`), when that is later than where they first differ from the clean run's;
+        otherwise it starts from the clean run. Its first layer is still its own lowest: the
+        suffix's residual at that layer is the clean one.
         """
         T, L, V = self.batch.seq_len, self.clt.n_layers, variants.n
         pos, lay = self.occ.pos.cpu(), self.occ.layer.cpu()
@@ -496,7 +595,68 @@ class PatchEvaluator:
             l_first = torch.where(nz, ls, torch.full_like(ls, L - 1)).amin(dim=(0, 2))  # [B]
             first = torch.minimum(first, p_first[variants.prompt])
             layer = torch.minimum(layer, l_first[variants.prompt])
-        return first, layer
+        parent = torch.full((V,), -1, dtype=torch.long)
+        if variants.parent is not None and extra_offsets is None and self.states is not None:
+            if self.states.precision == parameter_precision(self.model):
+                diverge = self._diverge(variants)
+                later = (variants.parent >= 0) & (diverge > first)
+                parent = torch.where(later, variants.parent, parent)
+                first = torch.where(later, diverge, first)
+        return first, layer, parent
+
+    def _diverge(self, variants: Variants) -> torch.Tensor:
+        """``[V]`` the first position where each variant's removals differ from its parent state's (T: nowhere).
+
+        Two removal sets differ where an occurrence's removed weight differs. For two plain sets or
+        two complements (e.g. a kept set against the null, every active occurrence removed) that is
+        where their listed entries' weights differ; a plain set against a complement is taken to
+        differ from the prompt's first active position on (never later than the truth, so never wrong).
+        """
+        T, V = self.batch.seq_len, variants.n
+        diverge = torch.full((V,), T, dtype=torch.long)
+        assert variants.parent is not None and self._state_sets is not None
+        sets = self._state_sets
+        par = variants.parent
+        has = (par >= 0).nonzero().squeeze(-1)
+        if has.numel() == 0:
+            return diverge
+        if bool((par[has] >= sets.n).any()):
+            raise ValueError(f"parent state id beyond the {sets.n} kept states (released, or from another evaluator?)")
+        if not torch.equal(sets.prompt[par[has]], variants.prompt[has]):
+            raise ValueError("a variant's parent state is another prompt's")
+        pos = self.occ.pos.cpu()
+        mixed = has[sets.complement[par[has]] != variants.complement[has]]
+        if mixed.numel():
+            first_active = torch.full((self.batch.size,), T, dtype=torch.long).scatter_reduce_(
+                0, self.occ.prompt.cpu(), pos, "amin"
+            )
+            diverge[mixed] = first_active[variants.prompt[mixed]]
+        same = torch.zeros(V, dtype=torch.bool)
+        same[has] = sets.complement[par[has]] == variants.complement[has]
+        # signed entries: +weight for the variant's, -weight for its parent's, summed per (variant, occurrence)
+        own = same[variants.var]
+        v_own, o_own = variants.var[own], variants.occ[own]
+        w_own = variants.weight[own].double() if variants.weight is not None else torch.ones(v_own.numel(), dtype=torch.double)
+        kids = same.nonzero().squeeze(-1)
+        s_order = torch.argsort(sets.var, stable=True)
+        s_var = sets.var[s_order]
+        lo = torch.searchsorted(s_var, par[kids])
+        hi = torch.searchsorted(s_var, par[kids], right=True)
+        n_ent = hi - lo
+        v_par = kids.repeat_interleave(n_ent)
+        offs = torch.arange(int(n_ent.sum())) - torch.repeat_interleave(torch.cumsum(n_ent, 0) - n_ent, n_ent)
+        e_par = s_order[lo.repeat_interleave(n_ent) + offs]
+        o_par = sets.occ[e_par]
+        w_par = sets.weight[e_par].double() if sets.weight is not None else torch.ones(e_par.numel(), dtype=torch.double)
+        N = len(self.occ)
+        keys = torch.cat([v_own * N + o_own, v_par * N + o_par])
+        vals = torch.cat([w_own, -w_par])
+        if keys.numel():
+            uniq, inv = torch.unique(keys, return_inverse=True)
+            sums = torch.zeros(uniq.numel(), dtype=torch.double).index_add_(0, inv, vals)
+            diff = uniq[sums != 0]
+            diverge.scatter_reduce_(0, diff // N, pos[diff % N], reduce="amin")
+        return diverge
 
     def _prefix_groups(self, first: torch.Tensor, layer: torch.Tensor) -> list[tuple[int, int, int, int]]:
         """Split variants sorted by (``layer``, ``first``) into ``(lo, hi, start, layer)`` runs sharing forwards.
@@ -594,23 +754,47 @@ class PatchEvaluator:
         extra_offsets: torch.Tensor | None,
         first: int = 0,
         first_layer: int = 0,
+        parent: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        kept: list[tuple[torch.Tensor, PatchedStates]] | None = None,
+        budget: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Metric, KL and argmax change of variants ``start:stop`` (one forward).
 
         ``first``, ``first_layer``: none of these variants changes anything before this position
-        or below this layer (:meth:`_first_changed`); with prefix reuse the forward starts there
-        (the position moved earlier where :func:`~pie_lib.engine.traces.exact_suffix_start` says so).
+        or below this layer (:meth:`_first_changed`; against its parent state where ``parent[v] >=
+        0``); with prefix reuse the forward starts there (the position moved earlier where
+        :func:`~pie_lib.engine.traces.exact_suffix_start` says so). ``keep``: whose states to append
+        to ``kept`` while ``budget[0]`` bytes last.
         """
         pos = (
             exact_suffix_start(self.batch.seq_len, first, self.model.pads_short_query_blocks, stop - start)
             if self.reuse_prefix
             else 0
         )
-        ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets, pos)
-        prefix = Prefix(self.prefix_cache(), prompts, pos, first_layer) if self.reuse_prefix else None
-        logits, lse = patched_last_logits(
-            self.model, ids, off, with_logsumexp=self.metric == "logsumexp", prefix=prefix
-        )
+        rows = parent[start:stop] if parent is not None else None
+        if rows is not None and not bool((rows >= 0).any()):
+            rows = None
+        ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets, pos, rows)
+        prefix = None
+        if self.reuse_prefix:
+            states = self.states if rows is not None else None
+            prefix = Prefix(self.prefix_cache(), prompts, pos, first_layer, states, rows)
+        want = keep[start:stop].nonzero().squeeze(-1) if keep is not None and budget is not None else None
+        if prefix is not None and want is not None and want.numel() and budget is not None and budget[0] > 0:
+            assert kept is not None
+            logits, states_out = patched_suffix_with_states(self.model, ids, off, prefix)
+            per_seq = sum((k[0].numel() + v[0].numel()) * k.element_size() for k, v in states_out.kv)
+            want = want[: max(0, budget[0] // max(per_seq, 1))]
+            if want.numel():
+                budget[0] -= int(want.numel()) * per_seq
+                kv = [(k[want], v[want]) for k, v in states_out.kv]
+                kept.append((want + start, PatchedStates(kv, states_out.precision)))
+            lse = None
+        else:
+            logits, lse = patched_last_logits(
+                self.model, ids, off, with_logsumexp=self.metric == "logsumexp", prefix=prefix
+            )
         self.n_forwards += 1
         self.n_sequences += stop - start
         self.n_positions += (stop - start) * off.shape[2]
@@ -628,11 +812,17 @@ class PatchEvaluator:
         stop: int,
         extra_offsets: torch.Tensor | None,
         pos: int = 0,
+        parent: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input ids ``[v, T]``, offsets ``[L, v, T - pos, D]`` of positions ``pos..T-1`` and batch rows
-        ``[v]`` of variants ``start:stop`` (``pos`` > 0: nothing of theirs changes before it)."""
+        ``[v]`` of variants ``start:stop`` (``pos`` > 0: nothing of theirs changes before it, or, where
+        ``parent[v] >= 0``, nothing differs from that state before it: its entries before ``pos``,
+        which write only there, are the state's)."""
         lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
         ent = order[lo:hi]
+        if parent is not None and pos > 0:
+            inherited = (parent[variants.var[ent] - start] >= 0) & (self.occ.pos.cpu()[variants.occ[ent]] < pos)
+            ent = ent[~inherited]
         w = variants.weight[ent] if variants.weight is not None else None
         off = self.offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start, pos)
         prompts = variants.prompt[start:stop]

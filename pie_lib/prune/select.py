@@ -140,11 +140,13 @@ class SynergyEffects:
         single: ``[N]`` ``M({i}) = m_clean - m({i} removed)``; NaN = not computed yet.
         pairs: ``Syn(c, p) = M({c, p}) - M({c}) - M({p})`` of the pairs computed so far.
         m_clean: the clean metric of this precision (None: the evaluator's own; float32 upcasts keep theirs).
+        states: while the pairs that need them run, the evaluator's kept state of single removals.
     """
 
     single: torch.Tensor
     pairs: dict[tuple[int, int], float] = field(default_factory=dict)
     m_clean: torch.Tensor | None = None
+    states: dict[int, int] = field(default_factory=dict)  # occurrence -> its single forward's kept state id
 
 
 @dataclass
@@ -213,18 +215,32 @@ def plan_boundaries(
 
 
 def single_effects(
-    evaluator: PatchEvaluator, plans: list[BoundaryPlan | None], effects: SynergyEffects, m_clean: torch.Tensor
+    evaluator: PatchEvaluator,
+    plans: list[BoundaryPlan | None],
+    effects: SynergyEffects,
+    m_clean: torch.Tensor,
+    retain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step 2: ``[N]`` single effects M({i}) of the partners and candidates (one batched round of
-    forwards for those not cached; zero-write occurrences have no effect and need none)."""
+    forwards for those not cached; zero-write occurrences have no effect and need none).
+
+    ``retain``: ``[N]`` bool, singles whose forwards' keys and values the evaluator keeps
+    (:meth:`PatchEvaluator.run` ``retain``); their state ids go into ``effects.states``.
+    """
     delta, cache = evaluator.delta.cpu(), effects.single
     prompt = evaluator.occ.prompt.cpu()
     need = [torch.cat([p.partners, p.boundary]) for p in plans if p and not p.forced]
     singles = torch.unique(torch.cat(need)) if need else torch.zeros(0, dtype=torch.long)
     singles = singles[(delta[singles] != 0) & torch.isnan(cache[singles])]
     if singles.numel():
-        res = evaluator.run(Variants.singles(prompt[singles], singles))
+        keep = retain[singles] if retain is not None else None
+        variants = Variants.singles(prompt[singles], singles)
+        res = evaluator.run(variants, retain=keep) if keep is not None and bool(keep.any()) else evaluator.run(variants)
         cache[singles] = m_clean[prompt[singles]] - res.metric
+        state = getattr(res, "state", None)
+        if state is not None:
+            got = state >= 0
+            effects.states.update(zip(singles[got].tolist(), state[got].tolist()))
     return torch.nan_to_num(cache, nan=0.0)
 
 
@@ -269,7 +285,11 @@ def pair_synergies(
     effects: SynergyEffects,
     m_clean: torch.Tensor,
 ) -> dict[tuple[int, int], float]:
-    """Step 4: ``Syn(c, p)`` of every needed pair (one batched round of pair removals for those not cached)."""
+    """Step 4: ``Syn(c, p)`` of every needed pair (one batched round of pair removals for those not cached).
+
+    A pair whose members sit at different positions starts, where the earlier member's single
+    forward was kept (``effects.states``), from that forward at the later member's position.
+    """
     prompt = evaluator.occ.prompt.cpu()
     todo = sorted({t for t in pairs if t not in effects.pairs})
     if todo:
@@ -277,7 +297,12 @@ def pair_synergies(
         V = pc.numel()
         var = torch.arange(V).repeat_interleave(2)
         ent = torch.stack([pc, pp], 1).flatten()
-        res = evaluator.run(Variants(prompt[pc], var, ent, torch.zeros(V, dtype=torch.bool)))
+        parent = None
+        if effects.states:
+            pos = evaluator.occ.pos.cpu()
+            earlier = torch.where(pos[pc] <= pos[pp], pc, pp)
+            parent = torch.tensor([effects.states.get(int(o), -1) for o in earlier.tolist()], dtype=torch.long)
+        res = evaluator.run(Variants(prompt[pc], var, ent, torch.zeros(V, dtype=torch.bool), parent=parent))
         syn = (m_clean[prompt[pc]] - res.metric) - eff[pc] - eff[pp]
         effects.pairs.update({t: float(v) for t, v in zip(todo, syn.tolist())})
     return effects.pairs
@@ -381,10 +406,43 @@ def synergy_prefetch(
         order, _ = cache.ranks.by_prompt(occ, scores)
         plans = [plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg, order) for k in ks]
         m_clean = evaluator.clean_metric()
-        eff = single_effects(evaluator, [p for per_k in plans for p in per_k], effects, m_clean)
-        delta = evaluator.delta.cpu()
-        pairs = [t for per_k in plans for t in draw_partners(per_k, delta, eff, cfg)[1]]
-        pair_synergies(evaluator, pairs, eff, effects, m_clean)
+        _effects_and_synergies(evaluator, [p for per_k in plans for p in per_k], effects, m_clean, cfg)
+
+
+def _effects_and_synergies(
+    evaluator: PatchEvaluator,
+    plans: list[BoundaryPlan | None],
+    effects: SynergyEffects,
+    m_clean: torch.Tensor,
+    cfg: SynergyConfig,
+) -> tuple[torch.Tensor, PartnerDraws, dict[tuple[int, int], float]]:
+    """Steps 2-4 for ``plans`` (one or several budgets'): single effects, partner draws, pair synergies.
+
+    The draws do not depend on the single effects (only which pairs are kept does), so the pairs any
+    draw can ask for are known before the singles run; the single forward of each pair's earlier
+    member is kept, and the pair starts from it at its later member's position (exact: before that
+    position the pair removes what the single does). The kept states are released at the end.
+    """
+    delta = evaluator.delta.cpu()
+    everything = torch.full((delta.numel(),), float("inf"))
+    candidates = draw_partners(plans, delta, everything, cfg)[1]
+    retain = None
+    if candidates:
+        pos = evaluator.occ.pos.cpu()
+        pc, pp = torch.tensor([t[0] for t in candidates]), torch.tensor([t[1] for t in candidates])
+        apart = pos[pc] != pos[pp]
+        retain = torch.zeros(delta.numel(), dtype=torch.bool)
+        retain[torch.where(pos[pc] < pos[pp], pc, pp)[apart]] = True
+    try:
+        eff = single_effects(evaluator, plans, effects, m_clean, retain)
+        draws, pairs = draw_partners(plans, delta, eff, cfg)
+        syn = pair_synergies(evaluator, pairs, eff, effects, m_clean)
+    finally:
+        effects.states.clear()
+        release = getattr(evaluator, "release_states", None)  # stand-in evaluators of tests have none
+        if release is not None:
+            release()
+    return eff, draws, syn
 
 
 @contextmanager
@@ -415,9 +473,7 @@ def _rerank(
     order, _ = ranks.by_prompt(occ, scores)
     plans = plan_boundaries(occ, s_abs, budget_per_prompt(k, occ.n_prompts), cfg, order)
     m_clean = evaluator.clean_metric()
-    eff = single_effects(evaluator, plans, effects, m_clean)
-    draws, pairs = draw_partners(plans, evaluator.delta.cpu(), eff, cfg)
-    syn = pair_synergies(evaluator, pairs, eff, effects, m_clean)
+    eff, draws, syn = _effects_and_synergies(evaluator, plans, effects, m_clean, cfg)
     keep, trace = rerank_boundaries(plans, draws, eff, syn, s_abs, cfg)
     trace.n_forwards = evaluator.n_forwards - n_before
     return (keep, trace) if return_trace else keep
