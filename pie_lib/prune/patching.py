@@ -915,5 +915,6 @@ def _unique_variants(variants: Variants) -> tuple[Variants | None, torch.Tensor 
         occ=variants.occ[ent],
         complement=variants.complement[keep],
         weight=variants.weight[ent] if variants.weight is not None else None,
+        parent=variants.parent[keep] if variants.parent is not None else None,  # the first copy's (outcomes do not depend on it)
     )
     return uniq, torch.from_numpy(inverse)

@@ -23,7 +23,9 @@ def evaluate_keep_masks(ctx: BatchContext, keeps: torch.Tensor) -> dict[str, tor
 
     For each mask j and prompt b three quantities need forwards: the circuit (all active removed
     except the kept), its complement (only the kept removed) and, once per prompt, the null (all
-    removed). They run as one stack of variants.
+    removed). The nulls run first and their forwards are kept: a circuit removes what the null does
+    before its first kept occurrence, so it starts there from the null's keys and values. The
+    circuits and complements then run as one stack of variants.
 
     Args:
         keeps: ``[J, N]`` bool keep masks.
@@ -37,20 +39,26 @@ def evaluate_keep_masks(ctx: BatchContext, keeps: torch.Tensor) -> dict[str, tor
     j_idx, o_idx = keeps.nonzero(as_tuple=True)
     var = j_idx * B + prompt[o_idx]
     prompts_jb = torch.arange(B).repeat(J)
-    circuit = Variants(prompts_jb, var, o_idx, torch.ones(J * B, dtype=torch.bool))
-    complement = Variants(prompts_jb, var, o_idx, torch.zeros(J * B, dtype=torch.bool))
     null = Variants(
         torch.arange(B),
         torch.zeros(0, dtype=torch.long),
         torch.zeros(0, dtype=torch.long),
         torch.ones(B, dtype=torch.bool),
     )
-    res = ctx.evaluator.run(Variants.concat([circuit, complement, null]))
-    m_clean = ctx.evaluator.clean_metric()
+    ev = ctx.evaluator
+    res_null = ev.run(null, retain=True)
+    parent = res_null.state[prompts_jb] if res_null.state is not None else None
+    circuit = Variants(prompts_jb, var, o_idx, torch.ones(J * B, dtype=torch.bool), parent=parent)
+    complement = Variants(prompts_jb, var, o_idx, torch.zeros(J * B, dtype=torch.bool))
+    try:
+        res = ev.run(Variants.concat([circuit, complement]))
+    finally:
+        ev.release_states()
+    m_clean = ev.clean_metric()
     m_circ = res.metric[: J * B].view(J, B).clone()
     m_comp = res.metric[J * B : 2 * J * B].view(J, B).clone()
-    m_null = res.metric[2 * J * B :].clone()
-    kl, kl_null = res.kl[: J * B].view(J, B).clone(), res.kl[2 * J * B :].clone()
+    m_null = res_null.metric.clone()
+    kl, kl_null = res.kl[: J * B].view(J, B).clone(), res_null.kl.clone()
     change = res.pred_change[: J * B].view(J, B).clone()
     # a prompt with no active occurrence removes nothing in any variant: each is the clean run by
     # definition (its forwards differ from the clean one only by the rounding of another batch size)
