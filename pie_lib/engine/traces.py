@@ -568,7 +568,10 @@ def _patched_suffix(
     layers: Any = getattr(_val(cache), "layers")
     # a skipped layer's keys and values are the prefix's before `start` and the clean run's from there
     # (nothing changes below `first` there); a layer that ran holds all of its positions
-    kv = [_gather_kv(prefix, j, T, model.device) if j <= first else (layers[j].keys, layers[j].values) for j in range(model.n_layers)]
+    kv = [
+        _gather_kv(prefix, j, T, model.device) if j <= first else (layers[j].keys, layers[j].values)
+        for j in range(model.n_layers)
+    ]
     return _val(last), PatchedStates(kv, precision)
 
 

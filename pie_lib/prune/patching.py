@@ -636,7 +636,11 @@ class PatchEvaluator:
         # signed entries: +weight for the variant's, -weight for its parent's, summed per (variant, occurrence)
         own = same[variants.var]
         v_own, o_own = variants.var[own], variants.occ[own]
-        w_own = variants.weight[own].double() if variants.weight is not None else torch.ones(v_own.numel(), dtype=torch.double)
+        w_own = (
+            variants.weight[own].double()
+            if variants.weight is not None
+            else torch.ones(v_own.numel(), dtype=torch.double)
+        )
         kids = same.nonzero().squeeze(-1)
         s_order = torch.argsort(sets.var, stable=True)
         s_var = sets.var[s_order]
@@ -647,7 +651,9 @@ class PatchEvaluator:
         offs = torch.arange(int(n_ent.sum())) - torch.repeat_interleave(torch.cumsum(n_ent, 0) - n_ent, n_ent)
         e_par = s_order[lo.repeat_interleave(n_ent) + offs]
         o_par = sets.occ[e_par]
-        w_par = sets.weight[e_par].double() if sets.weight is not None else torch.ones(e_par.numel(), dtype=torch.double)
+        w_par = (
+            sets.weight[e_par].double() if sets.weight is not None else torch.ones(e_par.numel(), dtype=torch.double)
+        )
         N = len(self.occ)
         keys = torch.cat([v_own * N + o_own, v_par * N + o_par])
         vals = torch.cat([w_own, -w_par])
@@ -915,6 +921,6 @@ def _unique_variants(variants: Variants) -> tuple[Variants | None, torch.Tensor 
         occ=variants.occ[ent],
         complement=variants.complement[keep],
         weight=variants.weight[ent] if variants.weight is not None else None,
-        parent=variants.parent[keep] if variants.parent is not None else None,  # the first copy's (outcomes do not depend on it)
+        parent=variants.parent[keep] if variants.parent is not None else None,  # the first copy's: outcomes ignore it
     )
     return uniq, torch.from_numpy(inverse)
