@@ -152,3 +152,18 @@ def test_states_need_prefix_reuse(ctx):
     )  # fmt: skip
     res = ev.run(Variants.singles(ctx.occ.prompt[:3], torch.arange(3)), retain=True)
     assert res.state is None and ev.states is None
+
+
+def test_outcomes_are_bitwise_the_same_whatever_the_chunk(tiny_worlds, one_torch_thread):
+    """Forwards of 1-3 sequences are padded to 4 on a CPU (torch's matmul rounds 1-3 rows otherwise):
+    a variant's outcome does not depend, even in its last bits, on how many share its forward."""
+    w = tiny_worlds["gpt2"]
+    model = load_model(w.model_dir, device="cpu", backend="native")
+    tok = tokenize_pairs(model, w.pairs, batch_size=8)
+    c = BatchContext(model, w.clt, max(tok.batches, key=lambda b: b.size), ScoringConfig())
+    pick = torch.randperm(len(c.occ), generator=torch.Generator().manual_seed(4))[:24]
+    v = Variants.singles(c.occ.prompt[pick], pick)
+    want = _evaluator(c, chunk=64).run(v)
+    for chunk in (1, 2, 3, 5):
+        got = _evaluator(c, chunk=chunk).run(v)
+        assert torch.equal(got.metric, want.metric) and torch.equal(got.kl, want.kl), chunk

@@ -39,6 +39,7 @@ from pie_lib.engine.traces import (
 )
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
+from pie_lib.models.native.common import MIN_MATMUL_ROWS
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
 
 log = logging.getLogger(__name__)
@@ -772,9 +773,16 @@ class PatchEvaluator:
         0``); with prefix reuse the forward starts there (the position moved earlier where
         :func:`~pie_lib.engine.traces.exact_suffix_start` says so). ``keep``: whose states to append
         to ``kept`` while ``budget[0]`` bytes last.
+
+        On a CPU a forward of 1-3 sequences gets copies of its last one up to
+        :data:`~pie_lib.models.native.common.MIN_MATMUL_ROWS`: torch's CPU matmul computes inputs of
+        1-3 rows (the unembedding of the last positions) along another path, so without them a
+        variant's outcome would depend, in its last bits, on how many others share its forward.
         """
+        n = stop - start
+        pad = MIN_MATMUL_ROWS - n if self.model.device.type == "cpu" and n < MIN_MATMUL_ROWS else 0
         pos = (
-            exact_suffix_start(self.batch.seq_len, first, self.model.pads_short_query_blocks, stop - start)
+            exact_suffix_start(self.batch.seq_len, first, self.model.pads_short_query_blocks, n + pad)
             if self.reuse_prefix
             else 0
         )
@@ -782,6 +790,10 @@ class PatchEvaluator:
         if rows is not None and not bool((rows >= 0).any()):
             rows = None
         ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets, pos, rows)
+        if pad:
+            rep = torch.cat([torch.arange(n), torch.full((pad,), n - 1)])
+            ids, off, prompts = ids[rep], off[:, rep.to(off.device)], prompts[rep]
+            rows = rows[rep] if rows is not None else None
         prefix = None
         if self.reuse_prefix:
             states = self.states if rows is not None else None
@@ -801,6 +813,9 @@ class PatchEvaluator:
             logits, lse = patched_last_logits(
                 self.model, ids, off, with_logsumexp=self.metric == "logsumexp", prefix=prefix
             )
+        if pad:
+            logits, prompts = logits[:n], prompts[:n]
+            lse = lse[:n] if lse is not None else None
         self.n_forwards += 1
         self.n_sequences += stop - start
         self.n_positions += (stop - start) * off.shape[2]
