@@ -380,3 +380,100 @@ def test_padded_short_tail_blocks_round_as_whole_prompts(pairs, name):
                 )
                 differs += not torch.equal(unpadded, want)
     assert differs > 0  # the padding is what makes these starts exact
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_final_block_positions_round_as_the_full_forward(pairs, name):
+    """``final_block_positions`` n (the last block's projection, norms and MLP at the last n positions
+    only) gives last logits bitwise the full forward's whenever ``exact_final_rows`` allows it:
+    batches 1-5, whole prompts and cached suffixes, prompts past Gemma-2's sliding window (16)."""
+    from pie_lib.models.native.common import KVCache, exact_final_rows
+
+    model = pairs[name][0].hf
+    skipped = 0
+    with torch.no_grad():
+        for T in (9, 20, 33, 40):
+            for B in (1, 2, 3, 5):
+                ids = _ids(pairs[name][0], B, T, 11 * T + B)
+                clean = KVCache()
+                model(input_ids=ids, cache=clean)
+                for start in (0, 1, T - 5, T - 2):
+                    kw: dict = {}
+                    if start:
+                        kv = [(e.keys[:, :, :start], e.values[:, :, :start]) for e in clean.layers]
+                        kw = dict(cache=KVCache(kv), attention_mask=torch.ones(B, T, dtype=torch.long))
+                    n = exact_final_rows(B, T - start)
+                    assert n == 0 or (B * n >= 4 and n < T - start)
+                    want = model(input_ids=ids[:, start:], logits_to_keep=1, **kw).logits
+                    if start:  # the cache grew: rebuild it
+                        kw["cache"] = KVCache(kv)
+                    out = model(input_ids=ids[:, start:], logits_to_keep=1, final_block_positions=n, **kw)
+                    assert torch.equal(out.logits, want), (T, B, start, n)
+                    skipped += n > 0
+    assert skipped >= 40
+    with pytest.raises(ValueError, match="final_block_positions"):
+        model(input_ids=ids, final_block_positions=T + 1)
+
+
+@pytest.mark.parametrize("name", ["toy-gpt2", "toy-llama"])
+def test_final_block_needs_four_matmul_rows(pairs, name):
+    """Why a batch of 1-3 keeps more than the last position: with fewer than MIN_MATMUL_ROWS rows the
+    skipped block's matmuls round differently (measured), so B x n = 1-3 rows is not exact somewhere."""
+    model = pairs[name][0].hf
+    differs = 0
+    with torch.no_grad():
+        for T in (9, 20, 40):
+            for B in (1, 2, 3):
+                ids = _ids(pairs[name][0], B, T, 5 * T + B)
+                want = model(input_ids=ids, logits_to_keep=1).logits
+                differs += not torch.equal(model(input_ids=ids, logits_to_keep=1, final_block_positions=1).logits, want)
+    assert differs > 0
+
+
+@pytest.mark.parametrize("name", ["toy-gpt2", "toy-llama", "llama-gqa-untied", "gemma2"])
+def test_patched_forwards_skip_the_final_block_exactly(pairs, name, monkeypatch):
+    """patched_last_logits (whole prompts and clean prefixes) with the final block cut to its last
+    positions equals the full forward bit for bit; an offset only at the last layer's last position
+    changes the logits (so the offsets' slice is the last positions'), one only at its other
+    positions does not."""
+    nat, hf = pairs[name]
+    L, D = nat.n_layers, nat.d_model
+    real_rows = traces._final_rows
+    used: list[int] = []
+
+    def spy(model, batch, q_len):
+        used.append(real_rows(model, batch, q_len))
+        return used[-1]
+
+    T = 20
+    ids = _ids(nat, 5, T, 3)
+    clean = traces.clean_prefix_cache(nat, ids)
+    g = torch.Generator().manual_seed(9)
+    for B in (1, 2, 3, 5):
+        rows = torch.arange(B)
+        off = torch.randn(L, B, T, D, generator=g) * 0.1
+        last_only = torch.zeros(L, B, T, D)
+        last_only[L - 1, :, -1] = off[L - 1, :, -1]
+        early_only = torch.zeros(L, B, T, D)
+        early_only[L - 1, :, :-1] = off[L - 1, :, :-1]
+        cases = [(off, None), (last_only, None), (early_only, None)]
+        for start, layer in ((0, 1), (4, 0), (T - 2, 1), (T - 1, L - 2), (6, L - 1)):
+            o = off.clone()
+            o[:, :, :start] = 0
+            o[:layer] = 0
+            cases.append((o, traces.Prefix(clean, rows, start, layer)))
+        got = []
+        for o, prefix in cases:
+            start = prefix.start if prefix else 0
+            monkeypatch.setattr(traces, "_final_rows", spy)
+            x, _ = traces.patched_last_logits(nat, ids[:B], o[:, :, start:], prefix=prefix)
+            monkeypatch.setattr(traces, "_final_rows", lambda *a: 0)
+            y, _ = traces.patched_last_logits(nat, ids[:B], o[:, :, start:], prefix=prefix)
+            assert torch.equal(x, y), (B, start)
+            got.append(x)
+        plain, _ = traces.patched_last_logits(nat, ids[:B], torch.zeros(L, B, T, D))
+        assert not torch.equal(got[1], plain) and torch.equal(got[2], plain)
+    # 7 forwards per batch ask (prefix layer L - 1 runs no block); only those with B x (1-2 positions)
+    # left run whole (4 rows would be every position): 2 per batch of 1-3, 1 of 5
+    assert len(used) == 4 * 7 and sum(n == 0 for n in used) == 7, used
+    assert traces._final_rows(hf, 5, T) == 0  # hf models run whole

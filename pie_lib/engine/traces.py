@@ -24,7 +24,13 @@ from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identit
 from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
-from pie_lib.models.native.common import MIN_MATMUL_ROWS, SDPA_BLOCKED_KEYS, SDPA_QUERY_BLOCK, SDPA_SMALL_BLOCK
+from pie_lib.models.native.common import (
+    MIN_MATMUL_ROWS,
+    SDPA_BLOCKED_KEYS,
+    SDPA_QUERY_BLOCK,
+    SDPA_SMALL_BLOCK,
+    exact_final_rows,
+)
 
 if TYPE_CHECKING:
     from pie_lib.clt.transcoder import CrossLayerTranscoder
@@ -421,6 +427,14 @@ def exact_suffix_start(seq_len: int, first_changed: int, pads_short_blocks: bool
     return start
 
 
+def _final_rows(model: LoadedModel, batch: int, q_len: int) -> int:
+    """How many last positions a local native forward's final block computes past its attention
+    (the others feed no last logit): :func:`exact_final_rows`; 0 (the whole block) for hf or remote."""
+    if model.backend != "native" or remote_.is_remote(model):
+        return 0
+    return exact_final_rows(batch, q_len)
+
+
 def patched_last_logits(
     model: LoadedModel,
     input_ids: torch.Tensor,
@@ -448,10 +462,14 @@ def patched_last_logits(
         last, _ = _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp)
         return last, None
     steps = _patch_steps(model)
-    off = remote_.host(model, offsets)
+    off: Any = remote_.host(model, offsets)
     lm = model.lm
     lse = None
-    keep = {} if with_logsumexp else _last_only(model)
+    keep: dict[str, Any] = {} if with_logsumexp else _last_only(model)
+    rows = 0 if with_logsumexp else _final_rows(model, *input_ids.shape)
+    if rows:  # the last block's MLP output is [B, rows, D]
+        keep["final_block_positions"] = rows
+        off = [*off[:-1], off[-1][:, -rows:]]
     with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="patch", **keep):
         for layer, env in enumerate(steps):
             y = env.output
@@ -550,7 +568,11 @@ def _patched_suffix(
     blocks = get_path(model.lm, model.arch.layers)
     skips = [blocks[j] for j in range(first + 1)]
     steps = _patch_steps(model)[first + 1 :]
-    offs = off[first + 1 :]
+    offs: Any = off[first + 1 :]
+    rows = _final_rows(model, input_ids.shape[0], T - start) if first < model.n_layers - 1 else 0
+    if rows:  # the last block's MLP output is [V, rows, D]
+        kw["final_block_positions"] = rows
+        offs = [*offs[:-1], offs[-1][:, -rows:]]
     lm = model.lm
     cache = None
     with torch.no_grad(), remote_.trace(model, input_ids[:, start:].to(model.device), kind="patch", **kw):

@@ -88,6 +88,13 @@ def causal_mask(
     return mask.expand(batch, -1, q_len, kv_len)
 
 
+def check_final_rows(rows: int, q_len: int) -> int:
+    """``final_block_positions`` checked against the forward's ``q_len`` new positions; 0 for all."""
+    if not isinstance(rows, int) or not 0 <= rows <= q_len:
+        raise ValueError(f"final_block_positions {rows!r}: use an int in 0..{q_len} (0: every position)")
+    return 0 if rows == q_len else rows
+
+
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """``[B, H_kv, S, d]`` -> ``[B, H_kv * n_rep, S, d]``, each key-value head repeated ``n_rep`` times."""
     if n_rep == 1:
@@ -118,6 +125,17 @@ def short_block_padding(q_len: int, kv_len: int) -> int:
         return 0
     tail = q_len % SDPA_QUERY_BLOCK
     return SDPA_SMALL_BLOCK - tail if 0 < tail < SDPA_SMALL_BLOCK else 0
+
+
+def exact_final_rows(batch: int, q_len: int) -> int:
+    """How many last positions a forward of ``batch x q_len`` new positions may give its final block
+    (``final_block_positions``) with every kept row bitwise the full forward's; 0: run it whole.
+
+    The block's attention runs whole, so only its per-row operations see fewer rows; each of their
+    matmuls must keep :data:`MIN_MATMUL_ROWS` rows (``batch x n``).
+    """
+    n = -(-MIN_MATMUL_ROWS // max(1, batch))
+    return n if n < q_len else 0
 
 
 def sdpa_attention(
@@ -281,8 +299,17 @@ class NativeCausalLM(nn.Module):
     A subclass names the architecture (``pie_arch``), the decoder's attribute (``backbone_name``:
     GPT-2's ``transformer``, Llama's and Gemma-2's ``model``, as in transformers) and its
     embedding's (``embedding_name``), and may soft-cap the logits (:meth:`cap_logits`). The decoder
-    takes ``(input_ids, cache, attention_mask, position_ids, inputs_embeds)`` and returns the
-    final-normed hidden states ``[B, T, D]``.
+    takes ``(input_ids, cache, attention_mask, position_ids, inputs_embeds, final_block_positions)``
+    and returns the final-normed hidden states ``[B, T, D]`` (``[B, n, D]`` for ``n`` final positions).
+
+    ``final_block_positions`` ``n`` > 0: the last decoder block runs its attention at every position
+    (the cache gets every key and value), then its output projection, residual, norms and MLP at
+    the last ``n`` positions only, so those modules' outputs (and hooks on them) are ``[B, n, D]``.
+    A caller that reads only the last position's logits skips ~3/4 of that block's matmuls;
+    :func:`exact_final_rows` says which ``n`` keeps the rows bitwise the full forward's. (Attention
+    for the last queries only does not: SDPA's CPU kernel rounds a query row by the size of its
+    query block, for some head sizes by any size -- measured, e.g. head size 8 -- and its cost is
+    small at these lengths.)
     """
 
     pie_arch: str
@@ -323,9 +350,12 @@ class NativeCausalLM(nn.Module):
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        final_block_positions: int = 0,
     ) -> CausalLMOutput:
         if use_cache and cache is None:
             cache = KVCache()
-        hidden = self._backbone()(input_ids, cache, attention_mask, position_ids, inputs_embeds)
+        hidden = self._backbone()(
+            input_ids, cache, attention_mask, position_ids, inputs_embeds, final_block_positions
+        )  # [B, T or n, D]
         logits = self.cap_logits(self.lm_head(keep_last(hidden, logits_to_keep)))
         return CausalLMOutput(logits=logits, cache=cache if (use_cache or cache is not None) else None)

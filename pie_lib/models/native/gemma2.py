@@ -17,6 +17,7 @@ from pie_lib.models.native.common import (
     KVCache,
     Linear,
     NativeCausalLM,
+    check_final_rows,
     embed_inputs,
     repeat_kv,
 )
@@ -102,8 +103,14 @@ class Gemma2Attention(nn.Module):
         self.o_proj = Linear(n_heads * self.head_dim, D, bias=bias)
 
     def forward(
-        self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], mask: Tensor, cache: KVCache | None
+        self,
+        hidden: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        mask: Tensor,
+        cache: KVCache | None,
+        rows: int = 0,
     ) -> Tensor:
+        """``rows`` > 0: the projected output at the last ``rows`` positions only (``[B, n, D]``)."""
         shape = hidden.shape[:-1]
         head_shape = (*shape, -1, self.head_dim)
         q = self.q_proj(hidden).view(head_shape).transpose(1, 2)  # [B, H, T, d]
@@ -118,6 +125,8 @@ class Gemma2Attention(nn.Module):
             w = torch.tanh(w / self.softcap) * self.softcap
         w = nn.functional.softmax(w + mask, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(w, v).transpose(1, 2).contiguous()  # [B, T, H, d]
+        if rows:
+            out, shape = out[:, -rows:], (shape[0], rows)  # [B, n, H, d]
         return self.o_proj(out.reshape(*shape, -1).contiguous())
 
 
@@ -155,10 +164,12 @@ class Gemma2DecoderLayer(nn.Module):
         mask: Tensor | None = None,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
+        rows: int = 0,
     ) -> Tensor:
+        """hidden ``[B, T, D]`` -> ``[B, T, D]``, or ``[B, n, D]`` (the last positions) with ``rows`` = n > 0."""
         assert position_embeddings is not None and mask is not None
-        residual = hidden
-        attn = self.self_attn(self.input_layernorm(hidden), position_embeddings, mask, cache)
+        residual = hidden[:, -rows:] if rows else hidden
+        attn = self.self_attn(self.input_layernorm(hidden), position_embeddings, mask, cache, rows)
         hidden = residual + self.post_attention_layernorm(attn)
         residual = hidden
         return residual + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
@@ -183,9 +194,11 @@ class Gemma2Model(nn.Module):
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         inputs_embeds: Tensor | None,
+        final_block_positions: int = 0,
     ) -> Tensor:
         hidden, past, position_ids = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, cache, position_ids)
         B, T = hidden.shape[:2]  # hidden [B, T, D]
+        rows = check_final_rows(final_block_positions, T)
         masks = {
             "full_attention": additive_mask(attention_mask, B, T, past, None, hidden.dtype, hidden.device),
             "sliding_attention": additive_mask(
@@ -193,11 +206,17 @@ class Gemma2Model(nn.Module):
             ),
         }
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            final = {"rows": rows} if rows and i == last else {}
             hidden = layer(
-                hidden, mask=masks[self.config.layer_types[i]], position_embeddings=position_embeddings, cache=cache
+                hidden,
+                mask=masks[self.config.layer_types[i]],
+                position_embeddings=position_embeddings,
+                cache=cache,
+                **final,
             )
-        return self.norm(hidden)
+        return self.norm(hidden)  # [B, T or n, D]
 
 
 class NativeGemma2ForCausalLM(NativeCausalLM):

@@ -16,6 +16,7 @@ from pie_lib.models.native.common import (
     NativeCausalLM,
     activation,
     causal_mask,
+    check_final_rows,
     embed_inputs,
     sdpa_attention,
 )
@@ -37,7 +38,8 @@ class GPT2Attention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward(self, hidden: Tensor, cache: KVCache | None, mask: Tensor | None, rows: int = 0) -> Tensor:
+        """``rows`` > 0: the projected output at the last ``rows`` positions only (``[B, n, D]``)."""
         q, k, v = self.c_attn(hidden).split(self.split_size, dim=2)  # each [B, T, D]
         kv_shape = (*k.shape[:-1], -1, self.head_dim)
         k = k.view(kv_shape).transpose(1, 2)  # [B, H, T, d]
@@ -46,6 +48,8 @@ class GPT2Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, H, S, d]
         out = sdpa_attention(q, k, v, mask, self.scaling)  # [B, T, H, d]
+        if rows:
+            out = out[:, -rows:]  # [B, n, H, d]
         out = out.reshape(*out.shape[:-2], -1).contiguous()
         return self.resid_dropout(self.c_proj(out))
 
@@ -72,9 +76,12 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(d_model, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(inner, config)
 
-    def forward(self, hidden: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        residual = hidden
-        hidden = self.attn(self.ln_1(hidden), cache, mask) + residual
+    def forward(
+        self, hidden: Tensor, cache: KVCache | None = None, mask: Tensor | None = None, rows: int = 0
+    ) -> Tensor:
+        """hidden ``[B, T, D]`` -> ``[B, T, D]``, or ``[B, n, D]`` (the last positions) with ``rows`` = n > 0."""
+        residual = hidden[:, -rows:] if rows else hidden
+        hidden = self.attn(self.ln_1(hidden), cache, mask, rows) + residual
         residual = hidden
         return residual + self.mlp(self.ln_2(hidden))
 
@@ -99,15 +106,18 @@ class GPT2Model(nn.Module):
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         inputs_embeds: Tensor | None,
+        final_block_positions: int = 0,
     ) -> Tensor:
         embeds, past, position_ids = embed_inputs(self.wte, input_ids, inputs_embeds, cache, position_ids)
         B, T = embeds.shape[:2]  # embeds [B, T, D]
+        rows = check_final_rows(final_block_positions, T)
         hidden = embeds + self.wpe(position_ids).to(embeds.device)
         mask = causal_mask(attention_mask, B, T, past, embeds.device)
         hidden = self.drop(hidden)
-        for block in self.h:
-            hidden = block(hidden, cache, mask)
-        return self.ln_f(hidden)
+        last = len(self.h) - 1
+        for i, block in enumerate(self.h):
+            hidden = block(hidden, cache, mask, rows) if rows and i == last else block(hidden, cache, mask)
+        return self.ln_f(hidden)  # [B, T or n, D]
 
 
 class NativeGPT2LMHeadModel(NativeCausalLM):

@@ -18,6 +18,7 @@ from pie_lib.models.native.common import (
     RMSNorm,
     activation,
     causal_mask,
+    check_final_rows,
     embed_inputs,
     sdpa_attention,
 )
@@ -45,8 +46,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(n_heads * self.head_dim, D, bias=bias)
 
     def forward(
-        self, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None
+        self,
+        hidden: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: KVCache | None,
+        rows: int = 0,
     ) -> Tensor:
+        """``rows`` > 0: the projected output at the last ``rows`` positions only (``[B, n, D]``)."""
         shape = hidden.shape[:-1]
         head_shape = (*shape, -1, self.head_dim)
         q = self.q_proj(hidden).view(head_shape).transpose(1, 2)  # [B, H, T, d]
@@ -56,6 +63,8 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, H_kv, S, d]
         out = sdpa_attention(q, k, v, mask, self.scaling, self.num_key_value_groups)  # [B, T, H, d]
+        if rows:
+            out, shape = out[:, -rows:], (shape[0], rows)  # [B, n, H, d]
         return self.o_proj(out.reshape(*shape, -1).contiguous())
 
 
@@ -86,10 +95,12 @@ class LlamaDecoderLayer(nn.Module):
         mask: Tensor | None = None,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
+        rows: int = 0,
     ) -> Tensor:
+        """hidden ``[B, T, D]`` -> ``[B, T, D]``, or ``[B, n, D]`` (the last positions) with ``rows`` = n > 0."""
         assert position_embeddings is not None
-        residual = hidden
-        hidden = residual + self.self_attn(self.input_layernorm(hidden), position_embeddings, mask, cache)
+        residual = hidden[:, -rows:] if rows else hidden
+        hidden = residual + self.self_attn(self.input_layernorm(hidden), position_embeddings, mask, cache, rows)
         residual = hidden
         return residual + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -113,14 +124,18 @@ class LlamaModel(nn.Module):
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         inputs_embeds: Tensor | None,
+        final_block_positions: int = 0,
     ) -> Tensor:
         hidden, past, position_ids = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, cache, position_ids)
         B, T = hidden.shape[:2]  # hidden [B, T, D]
+        rows = check_final_rows(final_block_positions, T)
         mask = causal_mask(attention_mask, B, T, past, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, mask=mask, position_embeddings=position_embeddings, cache=cache)
-        return self.norm(hidden)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            final = {"rows": rows} if rows and i == last else {}
+            hidden = layer(hidden, mask=mask, position_embeddings=position_embeddings, cache=cache, **final)
+        return self.norm(hidden)  # [B, T or n, D]
 
 
 class NativeLlamaForCausalLM(NativeCausalLM):
