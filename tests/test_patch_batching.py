@@ -270,3 +270,44 @@ def test_exact_suffix_start_over_prompt_lengths(tiny_worlds, one_torch_thread, a
             got, _ = patched_last_logits(model, ids, off[:, :, start:], prefix=Prefix(cache, torch.arange(3), start))
             # rounding level: small matmuls may take another kernel path for another row count
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"T={T} start={start}: {m}")
+
+
+def test_final_block_cut_leaves_pie_prune_unchanged(tmp_path, monkeypatch, one_torch_thread):
+    """pie prune on the native toy GPT-2 with the patch forwards' final block cut to its last
+    positions (``final_block_positions``) gives the same selections and every number bit for bit
+    as with whole final blocks."""
+    import pie_lib.engine.traces as traces
+    from pie_lib.prune.sweep import PruneConfig, load_results, load_selections, run_prune
+
+    real = traces._final_rows
+    cut: list[int] = []
+
+    def spy(model, batch, q_len):
+        cut.append(real(model, batch, q_len))
+        return cut[-1]
+
+    outs = {}
+    for name, rows in (("whole", lambda *a: 0), ("cut", spy)):
+        monkeypatch.setattr(traces, "_final_rows", rows)
+        cfg = PruneConfig(
+            model="toy:gpt2",
+            clt="toy:gpt2",
+            task="ioi",
+            n=4,
+            data_seed=0,
+            methods=["fap", "fap-synergy"],
+            k=[4, 12],
+            k_frac=[],
+            seeds=[0],
+            out=str(tmp_path / name),
+            device="cpu",
+            batch_size=4,
+            progress=False,
+        )
+        run_prune(cfg)
+        res = load_results(tmp_path / name).drop(columns=["seconds"]).sort_values(["method", "k", "seed", "prompt_idx"])
+        sels = sorted(load_selections(tmp_path / name), key=lambda r: (r["method"], r["k"], r["seed"], r["prompt_idx"]))
+        outs[name] = (res.reset_index(drop=True), sels)
+    assert sum(n > 0 for n in cut) >= 5  # the cut run did cut
+    assert outs["cut"][1] == outs["whole"][1]
+    assert outs["cut"][0].equals(outs["whole"][0])
