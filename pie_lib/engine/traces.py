@@ -466,10 +466,10 @@ def patched_last_logits(
     lm = model.lm
     lse = None
     keep: dict[str, Any] = {} if with_logsumexp else _last_only(model)
-    rows = 0 if with_logsumexp else _final_rows(model, *input_ids.shape)
-    if rows:  # the last block's MLP output is [B, rows, D]
-        keep["final_block_positions"] = rows
-        off = [*off[:-1], off[-1][:, -rows:]]
+    final = 0 if with_logsumexp else _final_rows(model, *input_ids.shape)
+    if final:  # the last block's MLP output is [B, final, D]
+        keep["final_block_positions"] = final
+        off = [*off[:-1], off[-1][:, -final:]]
     with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="patch", **keep):
         for layer, env in enumerate(steps):
             y = env.output
@@ -569,10 +569,10 @@ def _patched_suffix(
     skips = [blocks[j] for j in range(first + 1)]
     steps = _patch_steps(model)[first + 1 :]
     offs: Any = off[first + 1 :]
-    rows = _final_rows(model, input_ids.shape[0], T - start) if first < model.n_layers - 1 else 0
-    if rows:  # the last block's MLP output is [V, rows, D]
-        kw["final_block_positions"] = rows
-        offs = [*offs[:-1], offs[-1][:, -rows:]]
+    final = _final_rows(model, input_ids.shape[0], T - start) if first < model.n_layers - 1 else 0
+    if final:  # the last block's MLP output is [V, final, D]
+        kw["final_block_positions"] = final
+        offs = [*offs[:-1], offs[-1][:, -final:]]
     lm = model.lm
     cache = None
     with torch.no_grad(), remote_.trace(model, input_ids[:, start:].to(model.device), kind="patch", **kw):
