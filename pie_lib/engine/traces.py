@@ -47,11 +47,14 @@ class ForwardCache:
         resid_mid: ``[L, B, T, D]`` CLT inputs (hook_resid_mid).
         mlp_out: ``[L, B, T, D]`` real MLP outputs (hook_mlp_out).
         last_logits: ``[B, V]`` logits at the last position.
+        kv: per layer the attention ``(keys, values)``, each ``[B, H_kv, T, d_head]``, when the
+            forward was asked to keep them (``run_with_cache(..., keep_kv=True)``, local only).
     """
 
     resid_mid: Float[Tensor, "L B T D"]
     mlp_out: Float[Tensor, "L B T D"]
     last_logits: Float[Tensor, "B V"]
+    kv: list[tuple[Tensor, Tensor]] | None = None
 
 
 def _val(x: Any) -> torch.Tensor:
@@ -90,18 +93,23 @@ def _last_only(model: LoadedModel) -> dict[str, int]:
     return {"logits_to_keep": 1} if model.arch.supports_logits_to_keep else {}
 
 
-def run_with_cache(model: LoadedModel, input_ids: torch.Tensor) -> ForwardCache:
+def run_with_cache(model: LoadedModel, input_ids: torch.Tensor, keep_kv: bool = False) -> ForwardCache:
     """One forward of ``input_ids`` ``[B, T]`` saving resid_mid, mlp_out and last-token logits.
 
     The per-layer reads are stacked inside the block into names bound there, so they come back
-    from a remote server too.
+    from a remote server too. ``keep_kv`` also keeps every layer's keys and values (local runs
+    only: they would travel back with the request), what :func:`prefix_cache_of` reads.
     """
     arch = model.arch
     if arch.mlp_out == arch.resid_mid:  # pragma: no cover - no such architecture today
         raise AssertionError("resid_mid and mlp_out must be different modules")
+    if keep_kv and remote_.is_remote(model):
+        raise SettingError("keys and values are kept by local forwards only (they would travel with every request)")
     steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
     lm = model.lm
-    with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="cache", **_last_only(model)):
+    name = _cache_kwarg(model) if keep_kv else ""
+    kw = {"use_cache": True, **_last_only(model)} if keep_kv else _last_only(model)
+    with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="cache", **kw):
         reads_in, reads_out = [], []
         for is_input, env in steps:
             if is_input:
@@ -112,7 +120,13 @@ def run_with_cache(model: LoadedModel, input_ids: torch.Tensor) -> ForwardCache:
         mlp_out = nnsight.save(torch.stack(reads_out))
         out = lm.output
         last_logits = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
-    return ForwardCache(resid_mid=_val(resid_mid), mlp_out=_val(mlp_out), last_logits=_val(last_logits))
+        if keep_kv:
+            cache = nnsight.save(getattr(out, name))
+    kv = None
+    if keep_kv:
+        saved: Any = _val(cache)  # pyright: ignore[reportPossiblyUnboundVariable]  # bound in the block when keep_kv
+        kv = [(layer.keys, layer.values) for layer in saved.layers]  # a transformers Cache or a native KVCache
+    return ForwardCache(resid_mid=_val(resid_mid), mlp_out=_val(mlp_out), last_logits=_val(last_logits), kv=kv)
 
 
 def metric_value(logits: torch.Tensor, correct: torch.Tensor, wrong: torch.Tensor, kind: MetricKind) -> torch.Tensor:
@@ -356,29 +370,21 @@ def clean_prefix_cache(model: LoadedModel, input_ids: torch.Tensor) -> PrefixCac
             f"a {input_ids.shape[1]}-token prompt is longer than the model's sliding window, whose transformers "
             "cache drops the oldest keys; run it without prefix reuse or load the model with backend='native'"
         )
-    arch = model.arch
-    steps = [(rel == arch.resid_mid, env) for _, rel, env in _forward_steps(model, (arch.resid_mid, arch.mlp_out))]
-    lm = model.lm
-    name = _cache_kwarg(model)
-    with (
-        torch.no_grad(),
-        remote_.trace(model, input_ids.to(model.device), kind="cache", use_cache=True, **_last_only(model)),
-    ):
-        reads_in, reads_out = [], []
-        for is_input, env in steps:
-            if is_input:
-                reads_in.append(env.input)
-            else:
-                reads_out.append(env.output)
-        resid = nnsight.save(torch.stack(reads_in))
-        mlp_out = nnsight.save(torch.stack(reads_out))
-        out = lm.output
-        cache = nnsight.save(getattr(out, name))
-    layers: Any = getattr(
-        _val(cache), "layers"
-    )  # a transformers Cache or a native KVCache: one (keys, values) per layer
+    return prefix_cache_of(model, run_with_cache(model, input_ids, keep_kv=True))
+
+
+def prefix_cache_of(model: LoadedModel, cache: ForwardCache, copy: bool = False) -> PrefixCache:
+    """The :class:`PrefixCache` of a clean forward run with ``keep_kv`` (in the model's current precision).
+
+    ``copy``: copy the tensors out (when ``cache`` holds views into a larger batch's, e.g. the clean
+    half of :func:`pie_lib.prune.occurrences.run_pair_caches`, so the rest can be freed). The
+    prefix forwards read it by indexing, so the values alone matter, not the strides.
+    """
+    if cache.kv is None:
+        raise ValueError("this forward kept no keys and values; run it with keep_kv=True")
+    own = (lambda t: t.clone()) if copy else (lambda t: t)
     return PrefixCache(
-        [(layer.keys, layer.values) for layer in layers], _val(resid), _val(mlp_out), parameter_precision(model)
+        [(own(k), own(v)) for k, v in cache.kv], own(cache.resid_mid), own(cache.mlp_out), parameter_precision(model)
     )
 
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 
 from pie_lib.clt.transcoder import CrossLayerTranscoder
-from pie_lib.engine.traces import GradientMode, mlp_out_gradients
+from pie_lib.engine.traces import GradientMode, mlp_out_gradients, prefix_cache_of
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.config import ScoringConfig  # noqa: F401 (re-exported: its old home)
 from pie_lib.prune.occurrences import Occurrences, PairBatch, active_occurrences, run_pair_caches
-from pie_lib.prune.patching import PatchEvaluator, gather_rows
+from pie_lib.prune.patching import PatchEvaluator, can_reuse_prefix, gather_rows
 from pie_lib.prune.select import SynergyCache
 
 
@@ -34,7 +34,9 @@ class BatchContext:
     _scores: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        clean, corr = run_pair_caches(self.model, self.batch, self.cfg.corruption)
+        # the prefix cache of the patched forwards comes from this forward's clean half (no second clean forward)
+        keep_kv = can_reuse_prefix(self.model, self.cfg.metric, self.batch.seq_len)
+        clean, corr = run_pair_caches(self.model, self.batch, self.cfg.corruption, keep_kv=keep_kv)
         self.occ = active_occurrences(self.clt, clean, corr, zero_bos=self.cfg.zero_bos)
         self.rows = gather_rows(self.clt, self.occ, self.cfg.rows_dtype)
         self.evaluator = PatchEvaluator(
@@ -48,6 +50,8 @@ class BatchContext:
             clean.last_logits,
             chunk=self.cfg.chunk,
         )
+        if self.evaluator.reuse_prefix and clean.kv is not None:
+            self.evaluator.use_prefix_cache(prefix_cache_of(self.model, clean, copy=True))
 
     def grads(self, mode: GradientMode) -> torch.Tensor:
         """``[L, B, T, D]`` metric gradient (or RelP relevance) at every MLP output."""

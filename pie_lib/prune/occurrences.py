@@ -280,14 +280,16 @@ def active_occurrences(
 
 
 def run_pair_caches(
-    model: LoadedModel, batch: PairBatch, corruption: Corruption
+    model: LoadedModel, batch: PairBatch, corruption: Corruption, keep_kv: bool = False
 ) -> tuple[ForwardCache, ForwardCache | None]:
     """Clean and corrupted forwards of a batch in one trace (the corrupted half only when needed).
 
+    ``keep_kv``: the clean cache also holds the clean prompts' keys and values (a local model's
+    prefix cache, :func:`pie_lib.engine.traces.prefix_cache_of`, without a forward of its own).
     NaN/Inf logits (corrupt weights, or a dtype that overflows) are an error naming the pairs.
     """
     ids = batch.clean_ids if corruption == "zero" else torch.cat([batch.clean_ids, batch.corr_ids])
-    both = run_with_cache(model, ids)
+    both = run_with_cache(model, ids, keep_kv=keep_kv)
     bad = ~torch.isfinite(both.last_logits.float()).all(-1)
     if bad.any():
         B = batch.size
@@ -303,6 +305,7 @@ def run_pair_caches(
     if corruption == "zero":
         return both, None
     B = batch.size
-    clean = ForwardCache(both.resid_mid[:, :B], both.mlp_out[:, :B], both.last_logits[:B])
+    kv = None if both.kv is None else [(k[:B], v[:B]) for k, v in both.kv]
+    clean = ForwardCache(both.resid_mid[:, :B], both.mlp_out[:, :B], both.last_logits[:B], kv)
     corr = ForwardCache(both.resid_mid[:, B:], both.mlp_out[:, B:], both.last_logits[B:])
     return clean, corr

@@ -234,6 +234,13 @@ class PatchResult:
     state: torch.Tensor | None = None
 
 
+def can_reuse_prefix(model: LoadedModel, metric: MetricKind, seq_len: int) -> bool:
+    """Whether patched forwards of ``seq_len``-token prompts can start from the clean runs' keys and
+    values: a local model (a remote forward runs whole prompts), the logit_diff metric (logsumexp
+    sums every position) and a cache that keeps every key."""
+    return not is_remote(model) and metric == "logit_diff" and prefix_cache_keeps_every_key(model, seq_len)
+
+
 class PatchEvaluator:
     """Runs removal variants of one batch in the real model.
 
@@ -289,9 +296,7 @@ class PatchEvaluator:
             raise SettingError(f"chunk {chunk}: patch variants per forward must be a positive integer")
         self._chunk = chunk
         self.request_bytes = request_bytes
-        can_reuse = (
-            not is_remote(model) and metric == "logit_diff" and prefix_cache_keeps_every_key(model, batch.seq_len)
-        )
+        can_reuse = can_reuse_prefix(model, metric, batch.seq_len)
         if reuse_prefix and not can_reuse:
             raise SettingError(
                 "reuse_prefix needs a local model, the logit_diff metric and a cache that keeps every key (a remote "
@@ -701,6 +706,13 @@ class PatchEvaluator:
             runs.append((bounds[i], bounds[j], min(pos_l[i:j]), lay_l[i]))
             j = i
         return runs[::-1]
+
+    def use_prefix_cache(self, cache: PrefixCache) -> None:
+        """Take the clean runs' keys and values from a forward already run (the batch's pair forward,
+        :class:`pie_lib.prune.context.BatchContext`) instead of running one when first needed."""
+        if not self.reuse_prefix:
+            raise SettingError("this evaluator runs whole prompts; it has no use for a prefix cache")
+        self._prefix[cache.precision] = cache
 
     def prefix_cache(self) -> PrefixCache:
         """The clean runs' keys and values in the model's current precision (one forward, once each)."""
