@@ -15,7 +15,8 @@ import pie_lib.prune.patching as patching
 from pie_lib.data.tasks import generate_task
 from pie_lib.engine.traces import clean_prefix_cache, run_with_cache
 from pie_lib.errors import SettingError
-from pie_lib.prune.context import BatchContext, ScoringConfig
+from pie_lib.models.loading import LoadedModel
+from pie_lib.prune.context import BatchContext, ScoringConfig, pair_forward_keeps_prefix
 from pie_lib.prune.occurrences import tokenize_pairs
 from pie_lib.world import load_world
 
@@ -76,3 +77,12 @@ def test_keep_kv_leaves_the_cache_values_alone(llama_world):
     assert plain.kv is None and kept.kv is not None and len(kept.kv) == model.n_layers
     for field in ("resid_mid", "mlp_out", "last_logits"):
         assert torch.equal(getattr(plain, field), getattr(kept, field)), field
+
+
+def test_gpu_models_keep_their_own_prefix_forward(llama_world, monkeypatch):
+    """Off the CPU the pair forward keeps no keys (a GPU BLAS may round the 2B-row batch otherwise)."""
+    model, cfg = llama_world.model, ScoringConfig()
+    assert pair_forward_keeps_prefix(model, cfg, 7)
+    assert not pair_forward_keeps_prefix(model, ScoringConfig(metric="logsumexp"), 7)
+    monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device("cuda", 0)))
+    assert not pair_forward_keeps_prefix(model, cfg, 7)

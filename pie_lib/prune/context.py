@@ -15,6 +15,18 @@ from pie_lib.prune.patching import PatchEvaluator, can_reuse_prefix, gather_rows
 from pie_lib.prune.select import SynergyCache
 
 
+def pair_forward_keeps_prefix(model: LoadedModel, cfg: ScoringConfig, seq_len: int) -> bool:
+    """Whether the patch evaluator's prefix cache is taken from the batch's clean + corrupted forward
+    (its clean half) instead of a clean forward of its own.
+
+    Only on a CPU, where torch's matmul rounds each row the same whatever the batch size (from 4 rows,
+    ``MIN_MATMUL_ROWS``; every row here is a position), so the clean half holds bitwise the keys,
+    values and residuals of the separate forward. A GPU's BLAS may pick its kernels by batch size,
+    so there the separate forward is kept and results stay as they were.
+    """
+    return model.device.type == "cpu" and can_reuse_prefix(model, cfg.metric, seq_len)
+
+
 @dataclass
 class BatchContext:
     """One batch of pairs with its caches, active set, decoder rows and patch evaluator.
@@ -34,8 +46,7 @@ class BatchContext:
     _scores: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        # the prefix cache of the patched forwards comes from this forward's clean half (no second clean forward)
-        keep_kv = can_reuse_prefix(self.model, self.cfg.metric, self.batch.seq_len)
+        keep_kv = pair_forward_keeps_prefix(self.model, self.cfg, self.batch.seq_len)
         clean, corr = run_pair_caches(self.model, self.batch, self.cfg.corruption, keep_kv=keep_kv)
         self.occ = active_occurrences(self.clt, clean, corr, zero_bos=self.cfg.zero_bos)
         self.rows = gather_rows(self.clt, self.occ, self.cfg.rows_dtype)
