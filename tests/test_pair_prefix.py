@@ -13,7 +13,7 @@ import torch
 
 import pie_lib.prune.patching as patching
 from pie_lib.data.tasks import generate_task
-from pie_lib.engine.traces import clean_prefix_cache, run_with_cache
+from pie_lib.engine.traces import clean_prefix_cache, mlp_out_gradients, run_with_cache
 from pie_lib.errors import SettingError
 from pie_lib.models.loading import LoadedModel
 from pie_lib.prune.context import BatchContext, ScoringConfig, pair_forward_keeps_prefix
@@ -86,3 +86,20 @@ def test_gpu_models_keep_their_own_prefix_forward(llama_world, monkeypatch):
     assert not pair_forward_keeps_prefix(model, ScoringConfig(metric="logsumexp"), 7)
     monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device("cuda", 0)))
     assert not pair_forward_keeps_prefix(model, cfg, 7)
+
+
+def test_replacement_gradients_from_the_given_mlp_outputs(tiny_worlds):
+    """FAP's replacement gradient with the MLPs skipped (their outputs the pair forward's clean
+    ones, leaves of the same value) is bitwise the gradient of the pass that runs them."""
+    for name, (model, clt, pairs) in _worlds(tiny_worlds).items():
+        tok = tokenize_pairs(model, pairs, batch_size=4)
+        batch = max(tok.batches, key=lambda b: b.size)
+        ctx = BatchContext(model, clt, batch, ScoringConfig())
+        args = (model, batch.clean_ids, batch.correct, batch.wrong, "logit_diff")
+        for mode in ("replacement", "full"):
+            assert torch.equal(ctx.grads(mode), mlp_out_gradients(*args, mode)[0]), (name, mode)
+        want = ctx.grads("replacement")
+        given = ctx.evaluator.prefix_cache().mlp_out
+        moved, _ = mlp_out_gradients(*args, "replacement", given * 1.5)
+        uses_given = model.arch.mlp_out == model.arch.mlp
+        assert uses_given == (not torch.equal(moved, want)), name  # the leaves are the given values

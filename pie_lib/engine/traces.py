@@ -153,6 +153,7 @@ def mlp_out_gradients(
     wrong: torch.Tensor,
     metric: MetricKind = "logit_diff",
     mode: GradientMode = "replacement",
+    mlp_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the metric w.r.t. every layer's MLP output, in one forward/backward.
 
@@ -169,6 +170,10 @@ def mlp_out_gradients(
 
     Args:
         input_ids: ``[B, T]`` clean prompts; correct, wrong: ``[B]`` target token ids.
+        mlp_out: ``[L, B, T, D]`` the MLP outputs of a forward of these prompts that rounds as this
+            one (a local CPU clean cache): in ``replacement`` mode, where every MLP output is
+            replaced by a leaf of its own value, the MLPs then do not run and the leaves hold these
+            (local runs only; ignored in the other modes, which differentiate through the MLPs).
     Returns:
         (grads ``[L, B, T, D]``, metric ``[B]``). Prompts in a batch do not interact, so the
         gradient of the summed metric gives each prompt its own gradient.
@@ -179,6 +184,18 @@ def mlp_out_gradients(
     freeze = mode in ("replacement", "relp")
     replacement = mode == "replacement"
     norm_kind = arch.norm_kind
+    # given MLP outputs replace whole MLP modules (nothing else of the plan reads inside them)
+    given = (
+        mlp_out is not None
+        and replacement
+        and not remote_.is_remote(model)
+        and arch.mlp_out == arch.mlp
+        and arch.mlp_out not in arch.norms
+    )
+    if given and mlp_out is not None and mlp_out.shape[:3] != (model.n_layers, *input_ids.shape):
+        raise ValueError(
+            f"mlp_out {tuple(mlp_out.shape)} does not match {model.n_layers} layers x {tuple(input_ids.shape)}"
+        )
 
     def norm_op(env: Any) -> tuple:
         mod = env._module if hasattr(env, "_module") else None
@@ -209,7 +226,7 @@ def mlp_out_gradients(
             else:
                 plan.append(("relp_plain", env, get_path(env, arch.mlp_act)))
         if rel == arch.mlp_out:
-            plan.append(("out", env))
+            plan.append(("given", env, layer) if given else ("out", env))
     final = norm_op(get_path(model.lm, arch.final_norm)) if freeze else None
     lm = model.lm
     correct, wrong = remote_.host(model, correct), remote_.host(model, wrong)
@@ -230,6 +247,10 @@ def mlp_out_gradients(
                 op[5].input = half_rule(a, u)
             elif op[0] == "relp_plain":
                 op[2].output = identity_rule(op[2].input, op[2].output)
+            elif op[0] == "given":
+                leaf = mlp_out[op[2]].clone().requires_grad_(True)  # pyright: ignore[reportOptionalSubscript]
+                env.skip(leaf)
+                leaves.append(leaf)
             elif replacement:
                 leaf = env.output.detach().requires_grad_(True)
                 env.output = leaf

@@ -44,6 +44,7 @@ class BatchContext:
     synergy: SynergyCache = field(default_factory=SynergyCache, init=False)
     _grads: dict = field(default_factory=dict, init=False)
     _scores: dict = field(default_factory=dict, init=False)
+    _prefix_from_pairs: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         keep_kv = pair_forward_keeps_prefix(self.model, self.cfg, self.batch.seq_len)
@@ -61,14 +62,17 @@ class BatchContext:
             clean.last_logits,
             chunk=self.cfg.chunk,
         )
-        if self.evaluator.reuse_prefix and clean.kv is not None:
+        self._prefix_from_pairs = self.evaluator.reuse_prefix and clean.kv is not None
+        if self._prefix_from_pairs:
             self.evaluator.use_prefix_cache(prefix_cache_of(self.model, clean, copy=True))
 
     def grads(self, mode: GradientMode) -> torch.Tensor:
         """``[L, B, T, D]`` metric gradient (or RelP relevance) at every MLP output."""
         if mode not in self._grads:
+            # the clean MLP outputs, where the prefix cache came from the pair forward (CPU: the same bits)
+            given = self.evaluator.prefix_cache().mlp_out if self._prefix_from_pairs and mode == "replacement" else None
             g, _ = mlp_out_gradients(
-                self.model, self.batch.clean_ids, self.batch.correct, self.batch.wrong, self.cfg.metric, mode
+                self.model, self.batch.clean_ids, self.batch.correct, self.batch.wrong, self.cfg.metric, mode, given
             )
             self._grads[mode] = g
         return self._grads[mode]
