@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -389,3 +390,18 @@ def test_stale_atomic_write_temps_are_removed_on_rerun(llama_world, tmp_path):
     stale.write_bytes(b"half a parquet")
     run_prune(cfg, model=llama_world.model, clt=llama_world.clt)
     assert not stale.exists() and (out / "results.parquet").exists()
+
+
+def test_median_is_numpys_bit_for_bit():
+    from pie_lib.prune.select import median
+
+    g = random.Random(0)
+    for n in list(range(1, 12)) + [31, 32]:
+        for _ in range(50):
+            xs = [g.uniform(-1, 1) * 10 ** g.randint(-8, 3) for _ in range(n)]
+            assert median(xs) == float(np.median(xs)), xs
+    assert median([1.0, 3.0]) == 2.0 and median([5.0]) == 5.0
+    assert math.isnan(median([1.0, float("nan"), 2.0]))
+    # the two middle values' mean is (a + b) / 2 in float64, as numpy's
+    a, b = 0.1, 0.2
+    assert median([b, a]) == float(np.median([a, b])) == (a + b) / 2

@@ -7,6 +7,7 @@ stable sorts, so selections are deterministic.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -214,6 +215,17 @@ def plan_boundaries(
     return plans
 
 
+def median(values: list[float]) -> float:
+    """``float(np.median(values))`` of a non-empty list of floats, bit for bit: the middle value, or the
+    mean ``(a + b) / 2`` of the two middle ones; NaN if any value is NaN. (np.median's first call
+    imports ``numpy.ma``, ~0.14 s of every FAP-Synergy run.)"""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def single_effects(
     evaluator: PatchEvaluator,
     plans: list[BoundaryPlan | None],
@@ -334,7 +346,7 @@ def rerank_boundaries(
             continue
         keep[p.order[: p.core_k]] = True
         part_eff = [eff_l[i] for i in p.partners.tolist()]
-        med_partner = max(float(np.median(np.abs(part_eff))) if part_eff else 1.0, 1e-6)
+        med_partner = max(median([abs(e) for e in part_eff]) if part_eff else 1.0, 1e-6)
         cands = []
         for j, c in enumerate(p.boundary.tolist()):
             base_z = s_abs_l[c] / p.base_scale
@@ -343,7 +355,7 @@ def rerank_boundaries(
                 cands.append((base_z, c))
                 continue
             vals = [syn[(c, m)] for m in mates if (c, m) in syn]
-            syn_stat = float(np.median(vals)) if vals else 0.0
+            syn_stat = median(vals) if vals else 0.0
             cands.append((base_z + cfg.lam * max(0.0, syn_stat) / (med_partner + 1e-6), c))
         ranked = sorted(cands, key=lambda x: -x[0])  # stable, like the reference
         for _, c in ranked[: p.K - p.core_k]:
