@@ -171,11 +171,12 @@ def _env(threads: int, **extra: str) -> dict[str, str]:
 
 
 def _git_commit() -> str | None:
-    """The checkout's commit (``-dirty`` when tracked files differ from it), or None outside git."""
+    """The checkout's commit (``-dirty`` when tracked files other than ``benchmarks/results`` -- earlier
+    runs' JSONs -- differ from it), or None outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
             cwd=REPO,
             capture_output=True,
             text=True,
