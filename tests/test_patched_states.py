@@ -137,7 +137,7 @@ def test_where_a_variant_first_differs_from_its_parent(ctx):
 def test_no_room_for_states_keeps_none_and_changes_nothing(ctx):
     a, b = _apart_pairs(ctx)
     ev = _evaluator(ctx)
-    ev.state_fraction = 0.0
+    ev.state_fraction = 1e-15  # room for no state: a budget of a few bytes
     singles = ev.run(Variants.singles(ctx.occ.prompt[a], a), retain=True)
     assert singles.state is not None and bool((singles.state == -1).all()) and ev.states is None
     got = ev.run(_pairs(ctx, a, b, parent=singles.state))
@@ -167,3 +167,17 @@ def test_outcomes_are_bitwise_the_same_whatever_the_chunk(tiny_worlds, one_torch
     for chunk in (1, 2, 3, 5):
         got = _evaluator(c, chunk=chunk).run(v)
         assert torch.equal(got.metric, want.metric) and torch.equal(got.kl, want.kl), chunk
+
+
+def test_no_states_where_the_mmap_threshold_is_pinned(ctx, monkeypatch):
+    """A process that pins glibc's mmap threshold (big CPU models) keeps no states: they made its
+    resident set creep from prompt to prompt. Outcomes are the same either way."""
+    import pie_lib.prune.patching as patching
+
+    monkeypatch.setattr(patching, "mmap_threshold_pinned", lambda: True)
+    a, b = _apart_pairs(ctx)
+    ev = _evaluator(ctx)
+    assert ev.state_fraction == 0.0
+    singles = ev.run(Variants.singles(ctx.occ.prompt[a], a), retain=True)
+    assert singles.state is None and ev.states is None
+    _same(ev.run(_pairs(ctx, a, b)), _evaluator(ctx).run(_pairs(ctx, a, b)), _exact(ctx))

@@ -38,6 +38,7 @@ from pie_lib.engine.traces import (
     prefix_cache_keeps_every_key,
 )
 from pie_lib.errors import SettingError
+from pie_lib.models.host_memory import mmap_threshold_pinned
 from pie_lib.models.loading import LoadedModel
 from pie_lib.models.native.common import MIN_MATMUL_ROWS
 from pie_lib.prune.occurrences import Corruption, Occurrences, PairBatch
@@ -310,7 +311,11 @@ class PatchEvaluator:
         # kept states of earlier forwards (run(..., retain=...)) and the removal sets they hold
         self.states: PatchedStates | None = None
         self._state_sets: Variants | None = None
-        self.state_fraction = 0.1  # of the free memory that kept states may take
+        # of the free memory that kept states may take. None where this process pins glibc's mmap
+        # threshold (CPU models of >= 256 MiB, models/host_memory.py): at Gemma-2-2B's full shape
+        # kept states raised the 4-prompt peak by 0.58 GiB (the resident set crept from prompt to
+        # prompt: 8.83 against 8.26 GiB, and 8.19 GiB over 2 prompts), so the peak came to depend on --n
+        self.state_fraction = 0.0 if mmap_threshold_pinned() else 0.1
         self.n_forwards = 0  # patch traces run
         self.n_sequences = 0  # patched sequences (variants) they held, after de-duplication
         self.n_positions = 0  # positions those sequences ran (fewer than n_sequences * T with prefix reuse)
@@ -449,8 +454,8 @@ class PatchEvaluator:
             mask = retain.to(torch.bool).cpu()
             if mask.shape != (variants.n,):
                 raise ValueError(f"retain mask of shape {tuple(mask.shape)}; expected ({variants.n},)")
-        if not self.reuse_prefix or extra_offsets is not None or not bool(mask.any()):
-            return None  # states exist only for forwards from the clean prefix
+        if not self.reuse_prefix or extra_offsets is not None or self.state_fraction <= 0 or not bool(mask.any()):
+            return None  # states exist only for forwards from the clean prefix, and only with room for them
         return mask
 
     def _run_all(
