@@ -308,10 +308,11 @@ class PatchEvaluator:
         self._prefix: dict[tuple, PrefixCache] = {}  # clean keys / values, per parameter precision
         self._chunks: dict[int, int] = {}  # automatic variants per forward, per positions run
         self._null: torch.Tensor | None = None
+        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # per prompt: first active position, lowest layer
         # kept states of earlier forwards (run(..., retain=...)) and the removal sets they hold
         self.states: PatchedStates | None = None
         self._state_sets: Variants | None = None
-        # of the free memory that kept states may take. None where this process pins glibc's mmap
+        # of the free memory that kept states may take; none where this process pins glibc's mmap
         # threshold (CPU models of >= 256 MiB, models/host_memory.py): at Gemma-2-2B's full shape
         # kept states raised the 4-prompt peak by 0.58 GiB (the resident set crept from prompt to
         # prompt: 8.83 against 8.26 GiB, and 8.19 GiB over 2 prompts), so the peak came to depend on --n
@@ -420,8 +421,9 @@ class PatchEvaluator:
                 base state, e.g. ACDC's current removals), by linearity of the offsets.
             retain: keep the keys and values of these variants' forwards (``[V]`` bool, or all), for
                 later variants that agree with one of them up to some position (:class:`Variants`
-                ``parent``). Kept only with prefix reuse, without ``extra_offsets``, and while they fit in :attr:`state_fraction` of the free memory;
-                ``result.state`` says which were kept. :meth:`release_states` frees them.
+                ``parent``). Kept only with prefix reuse, without ``extra_offsets``, and while they fit
+                in :attr:`state_fraction` of the free memory; ``result.state`` says which were kept.
+                :meth:`release_states` frees them.
         Returns:
             Host tensors. Locally, every chunk's results stay on the device until all chunks ran
             (one host copy per call, not one per chunk).
@@ -593,9 +595,7 @@ class PatchEvaluator:
             layer.scatter_reduce_(0, variants.var, lay[variants.occ], reduce="amin")
         comp = variants.complement
         if comp.any():
-            prompt = self.occ.prompt.cpu()
-            first_active = torch.full((self.batch.size,), T, dtype=torch.long).scatter_reduce_(0, prompt, pos, "amin")
-            low_active = torch.full((self.batch.size,), L - 1, dtype=torch.long).scatter_reduce_(0, prompt, lay, "amin")
+            first_active, low_active = self._active_bounds()
             first[comp] = first_active[variants.prompt[comp]]
             layer[comp] = low_active[variants.prompt[comp]]
         if extra_offsets is not None:
@@ -614,6 +614,16 @@ class PatchEvaluator:
                 parent = torch.where(later, variants.parent, parent)
                 first = torch.where(later, diverge, first)
         return first, layer, parent
+
+    def _active_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` each prompt's first active position (T: none) and ``[B]`` its lowest active layer (L - 1)."""
+        if self._bounds is None:
+            T, L, B = self.batch.seq_len, self.clt.n_layers, self.batch.size
+            prompt, pos, lay = self.occ.prompt.cpu(), self.occ.pos.cpu(), self.occ.layer.cpu()
+            first = torch.full((B,), T, dtype=torch.long).scatter_reduce_(0, prompt, pos, "amin")
+            low = torch.full((B,), L - 1, dtype=torch.long).scatter_reduce_(0, prompt, lay, "amin")
+            self._bounds = (first, low)
+        return self._bounds
 
     def _diverge(self, variants: Variants) -> torch.Tensor:
         """``[V]`` the first position where each variant's removals differ from its parent state's (T: nowhere).
@@ -638,10 +648,7 @@ class PatchEvaluator:
         pos = self.occ.pos.cpu()
         mixed = has[sets.complement[par[has]] != variants.complement[has]]
         if mixed.numel():
-            first_active = torch.full((self.batch.size,), T, dtype=torch.long).scatter_reduce_(
-                0, self.occ.prompt.cpu(), pos, "amin"
-            )
-            diverge[mixed] = first_active[variants.prompt[mixed]]
+            diverge[mixed] = self._active_bounds()[0][variants.prompt[mixed]]
         same = torch.zeros(V, dtype=torch.bool)
         same[has] = sets.complement[par[has]] == variants.complement[has]
         # signed entries: +weight for the variant's, -weight for its parent's, summed per (variant, occurrence)
