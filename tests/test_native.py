@@ -477,3 +477,36 @@ def test_patched_forwards_skip_the_final_block_exactly(pairs, name, monkeypatch)
     # left run whole (4 rows would be every position): 2 per batch of 1-3, 1 of 5
     assert len(used) == 4 * 7 and sum(n == 0 for n in used) == 7, used
     assert traces._final_rows(hf, 5, T) == 0  # hf models run whole
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preallocated_cache_matches_concatenation(pairs, name):
+    """A ``KVCache`` whose layers are preallocated ``[B, H_kv, T, d]`` buffers holding positions
+    ``0..start-1`` (``filled=start``), written in place by the suffix forward, gives the concatenating
+    cache's logits and keys and values bit for bit; positions past ``start`` start as garbage and are
+    all overwritten. Writing past a buffer is refused."""
+    from pie_lib.models.native.common import KVCache
+
+    model = pairs[name][0].hf
+    with torch.no_grad():
+        for T, B in ((9, 1), (20, 3), (33, 5)):
+            ids = _ids(pairs[name][0], B, T, 7 * T + B)
+            clean = KVCache()
+            model(input_ids=ids, cache=clean)
+            for start in (1, T - 5, T - 1):
+                mask = torch.ones(B, T, dtype=torch.long)
+                cat = KVCache([(e.keys[:, :, :start], e.values[:, :, :start]) for e in clean.layers])
+                want = model(input_ids=ids[:, start:], cache=cat, attention_mask=mask, logits_to_keep=1).logits
+                bufs = []
+                for e in clean.layers:
+                    k, v = torch.full_like(e.keys, float("nan")), torch.full_like(e.values, float("nan"))
+                    k[:, :, :start], v[:, :, :start] = e.keys[:, :, :start], e.values[:, :, :start]
+                    bufs.append((k, v))
+                pre = KVCache(bufs, filled=start)
+                assert pre.get_seq_length() == start
+                out = model(input_ids=ids[:, start:], cache=pre, attention_mask=mask, logits_to_keep=1).logits
+                assert torch.equal(out, want), (T, B, start)
+                for a, b in zip(pre.layers, cat.layers):
+                    assert a.filled == T and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    with pytest.raises(IndexError, match="past its buffer"):
+        pre.update(pre.layers[0].keys[:, :, :1], pre.layers[0].values[:, :, :1], 0)

@@ -525,7 +525,10 @@ def _gather_kv(prefix: Prefix, layer: int, upto: int, device: torch.device) -> t
     before ``prefix.start``."""
     k, v = prefix.cache.kv[layer]
     rows = prefix.rows.to(device)
-    kj, vj = k[rows, :, :upto], v[rows, :, :upto]  # advanced indexing: copies, safe to write into
+    if upto == k.shape[-2]:  # every position: one contiguous gather of whole rows
+        kj, vj = k.index_select(0, rows), v.index_select(0, rows)
+    else:
+        kj, vj = k[rows, :, :upto], v[rows, :, :upto]  # advanced indexing: copies, safe to write into
     if prefix.states is not None and prefix.state_rows is not None and prefix.start > 0:
         sr = prefix.state_rows.to(device)
         sel = (sr >= 0).nonzero().squeeze(-1)
@@ -536,11 +539,14 @@ def _gather_kv(prefix: Prefix, layer: int, upto: int, device: torch.device) -> t
     return kj, vj
 
 
-def _prefix_kv(prefix: Prefix, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _prefix_kv(prefix: Prefix, device: torch.device, buffers: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``[V, H_kv, start, d]`` keys and values the suffix starts from.
 
     Layers ``0..prefix.layer`` are skipped (never read): they get a zero-copy view of one clean row,
-    expanded, so the cache still knows its length; the others :func:`_gather_kv`.
+    expanded, so the cache still knows its length; the others :func:`_gather_kv`. ``buffers``: the
+    others are ``[V, H_kv, T, d]`` instead, positions ``0..start-1`` as above and the clean run's
+    after them, for a preallocated cache to overwrite from ``start`` on (one copy of the prefix,
+    not a gather and then a concatenation).
     """
     start, V = prefix.start, prefix.rows.numel()
     out = []
@@ -548,7 +554,7 @@ def _prefix_kv(prefix: Prefix, device: torch.device) -> list[tuple[torch.Tensor,
         if j <= prefix.layer:
             out.append((k[:1, :, :start].expand(V, -1, -1, -1), v[:1, :, :start].expand(V, -1, -1, -1)))
         else:
-            out.append(_gather_kv(prefix, j, start, device))
+            out.append(_gather_kv(prefix, j, k.shape[-2] if buffers else start, device))
     return out
 
 
@@ -584,7 +590,8 @@ def _patched_suffix(
     kw: dict[str, Any] = {**_last_only(model)}
     name = _cache_kwarg(model)
     if start > 0 or keep_states:
-        kw[name] = model.kv_cache(_prefix_kv(prefix, model.device))
+        native = model.backend == "native"
+        kw[name] = model.kv_cache(_prefix_kv(prefix, model.device, native), start if native else None)
     if start > 0:
         # the mask covers the cached positions too (nnsight would make one for the new tokens only)
         kw["attention_mask"] = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)

@@ -45,13 +45,18 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     backend: Literal["native", "hf"] = "hf"
 
-    def kv_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    def kv_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]], filled: int | None = None) -> Any:
         """A key-value cache this model's forward accepts, holding ``kv`` (per layer ``[B, H_kv, P, d]``
-        keys and values): the native ``KVCache``, or transformers' ``DynamicCache``."""
+        keys and values): the native ``KVCache``, or transformers' ``DynamicCache``.
+
+        ``filled`` (native only): layers longer than this are preallocated buffers holding positions
+        ``0..filled-1``, which the forward fills in place from there (``KVCache``)."""
         if self.backend == "native":
             from pie_lib.models.native.common import KVCache
 
-            return KVCache(kv)
+            return KVCache(kv, filled)
+        if filled is not None:
+            raise ValueError("preallocated key-value buffers are native-only; pass the cached positions alone")
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=kv, config=self.config)

@@ -23,23 +23,41 @@ class KVCache:
     ``DynamicCache`` semantics: the first update stores, later ones concatenate).
 
     ``layers[i].keys`` / ``.values`` are ``[B, H_kv, S, d]``, what ``engine/traces.py`` reads back.
+
+    ``filled``: a layer whose cached keys are longer than this is a preallocated buffer holding
+    positions ``0..filled-1``; its updates are written in place after them (no concatenation, which
+    would copy the cached positions once more) and return the buffer's filled part.
     """
 
     @dataclass
     class Layer:
         keys: Tensor
         values: Tensor
+        filled: int | None = None  # a preallocated buffer: positions 0..filled-1 hold keys and values
 
-    def __init__(self, kv: list[tuple[Tensor, Tensor]] | None = None) -> None:
-        self.layers: list[KVCache.Layer] = [KVCache.Layer(k, v) for k, v in (kv or [])]
+    def __init__(self, kv: list[tuple[Tensor, Tensor]] | None = None, filled: int | None = None) -> None:
+        self.layers: list[KVCache.Layer] = [
+            KVCache.Layer(k, v, filled if filled is not None and k.shape[-2] > filled else None) for k, v in (kv or [])
+        ]
+        self.past = filled  # the cached length, whatever the layers' buffers
 
     def get_seq_length(self) -> int:
+        if self.past is not None:
+            return self.past
         return int(self.layers[0].keys.shape[-2]) if self.layers else 0
 
     def update(self, keys: Tensor, values: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """Append ``keys``/``values`` ``[B, H_kv, T, d]`` to layer ``layer``; return the whole ``[B, H_kv, S, d]``."""
         if layer < len(self.layers):
             entry = self.layers[layer]
+            if entry.filled is not None:
+                end = entry.filled + keys.shape[-2]
+                if end > entry.keys.shape[-2]:
+                    raise IndexError(f"cache update of layer {layer} past its buffer of {entry.keys.shape[-2]} positions")
+                entry.keys[:, :, entry.filled : end] = keys
+                entry.values[:, :, entry.filled : end] = values
+                entry.filled = end
+                return entry.keys[:, :, :end], entry.values[:, :, :end]
             entry.keys = torch.cat([entry.keys, keys], dim=-2)
             entry.values = torch.cat([entry.values, values], dim=-2)
         elif layer == len(self.layers):
