@@ -144,6 +144,27 @@ def test_no_room_for_states_keeps_none_and_changes_nothing(ctx):
     _same(got, _evaluator(ctx).run(_pairs(ctx, a, b)), _exact(ctx))
 
 
+def test_room_for_some_states_keeps_the_first_and_their_exact_keys(ctx, monkeypatch):
+    """With room for 3 states the first 3 retained variants (in forward order) keep theirs, the rest
+    none; the kept keys and values are those of a run with room for all, and pairs still come out
+    the same."""
+    a, b = _apart_pairs(ctx)
+    full = _evaluator(ctx, chunk=7)
+    all_kept = full.run(Variants.singles(ctx.occ.prompt[a], a), retain=True)
+    assert all_kept.state is not None and full.states is not None
+    per_seq = sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in full.states.kv)
+    ev = _evaluator(ctx, chunk=7)
+    monkeypatch.setattr(ev, "_state_budget", lambda: 3 * per_seq + per_seq // 2)
+    some = ev.run(Variants.singles(ctx.occ.prompt[a], a), retain=True)
+    assert some.state is not None and ev.states is not None and ev.states.n == 3
+    got = some.state >= 0
+    assert int(got.sum()) == 3 and torch.equal(some.state[got].sort().values, torch.arange(3))
+    for (k, v), (fk, fv) in zip(ev.states.kv, full.states.kv):  # the same variants' keys and values
+        assert torch.equal(k[some.state[got]], fk[all_kept.state[got]])
+        assert torch.equal(v[some.state[got]], fv[all_kept.state[got]])
+    _same(ev.run(_pairs(ctx, a, b, parent=some.state)), _evaluator(ctx).run(_pairs(ctx, a, b)), _exact(ctx))
+
+
 def test_states_need_prefix_reuse(ctx):
     """Whole-prompt evaluators (remote, logsumexp, or reuse off) keep no state: result.state is None."""
     ev = PatchEvaluator(

@@ -11,7 +11,7 @@ V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import nnsight
@@ -486,8 +486,7 @@ def patched_last_logits(
         (``[B, V]`` last-token logits, ``[B]`` logsumexp metric or None).
     """
     if prefix is not None:
-        last, _ = _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp)
-        return last, None
+        return _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp), None
     steps = _patch_steps(model)
     off: Any = remote_.host(model, offsets)
     lm = model.lm
@@ -510,13 +509,22 @@ def patched_last_logits(
 
 
 def patched_suffix_with_states(
-    model: LoadedModel, input_ids: torch.Tensor, offsets: torch.Tensor, prefix: Prefix
-) -> tuple[torch.Tensor, PatchedStates]:
-    """:func:`patched_last_logits` with ``prefix``, also returning each sequence's keys and values at
-    every position (:class:`PatchedStates`, for later forwards that agree with it up to some position)."""
-    last, states = _patched_suffix(model, input_ids, offsets, prefix, False, keep_states=True)
-    assert states is not None
-    return last, states
+    model: LoadedModel,
+    input_ids: torch.Tensor,
+    offsets: torch.Tensor,
+    prefix: Prefix,
+    keep: torch.Tensor,
+    table: PatchedStates,
+    at: int,
+) -> torch.Tensor:
+    """:func:`patched_last_logits` with ``prefix``, also writing the keys and values, at every
+    position, of sequences ``keep`` ``[n]`` into rows ``at..at+n-1`` of ``table`` (preallocated, in this
+    forward's precision), for later forwards that agree with one of them up to some position.
+
+    Returns:
+        ``[B, V]`` last-token logits.
+    """
+    return _patched_suffix(model, input_ids, offsets, prefix, False, keep_states=(keep, table, at))
 
 
 def _gather_kv(prefix: Prefix, layer: int, upto: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -564,13 +572,14 @@ def _patched_suffix(
     offsets: torch.Tensor,
     prefix: Prefix,
     with_logsumexp: bool,
-    keep_states: bool = False,
-) -> tuple[torch.Tensor, PatchedStates | None]:
+    keep_states: tuple[torch.Tensor, PatchedStates, int] | None = None,
+) -> torch.Tensor:
     """:func:`patched_last_logits` of positions ``prefix.start..T-1`` on top of the prefix, from
     decoder layer ``prefix.layer``'s output on (layers ``0..prefix.layer`` are skipped: their outputs
     below the last are never read, and the last is the clean residual plus its patched MLP output,
-    computed as the layer would: ``residual + (mlp_out - offset)``). ``keep_states``: also return
-    every sequence's keys and values at every position (:func:`patched_suffix_with_states`)."""
+    computed as the layer would: ``residual + (mlp_out - offset)``). ``keep_states`` ``(keep, table,
+    at)``: also write sequences ``keep``'s keys and values at every position into ``table`` from row
+    ``at`` (:func:`patched_suffix_with_states`)."""
     start, T, first = prefix.start, input_ids.shape[1], prefix.layer
     if remote_.is_remote(model):
         raise SettingError("a patched forward from a clean prefix is local-only; run it without prefix")
@@ -584,12 +593,14 @@ def _patched_suffix(
     precision = parameter_precision(model)
     if prefix.cache.precision != precision or (prefix.states is not None and prefix.states.precision != precision):
         raise ValueError("the prefix cache was built with other parameter dtypes; build one for this precision")
+    if keep_states is not None and keep_states[1].precision != precision:
+        raise ValueError("the state table was built for other parameter dtypes; build one for this precision")
     if not 0 <= first < model.n_layers:
         raise ValueError(f"prefix layer {first}: the model has {model.n_layers} layers")
     rows = prefix.rows.to(model.device)
     kw: dict[str, Any] = {**_last_only(model)}
     name = _cache_kwarg(model)
-    if start > 0 or keep_states:
+    if start > 0 or keep_states is not None:
         native = model.backend == "native"
         kw[name] = model.kv_cache(_prefix_kv(prefix, model.device, native), start if native else None)
     if start > 0:
@@ -617,18 +628,33 @@ def _patched_suffix(
             env.output = h - offs[layer].to(h.device, h.dtype)
         out = lm.output
         last = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
-        if keep_states:
+        if keep_states is not None:
             cache = nnsight.save(getattr(out, name))
-    if not keep_states:
-        return _val(last), None
-    layers: Any = getattr(_val(cache), "layers")
-    # a skipped layer's keys and values are the prefix's before `start` and the clean run's from there
-    # (nothing changes below `first` there); a layer that ran holds all of its positions
-    kv = [
-        _gather_kv(prefix, j, T, model.device) if j <= first else (layers[j].keys, layers[j].values)
-        for j in range(model.n_layers)
-    ]
-    return _val(last), PatchedStates(kv, precision)
+    if keep_states is not None:
+        _write_states(prefix, getattr(_val(cache), "layers"), *keep_states, T, model.device)
+    return _val(last)
+
+
+def _write_states(
+    prefix: Prefix, layers: Any, keep: torch.Tensor, table: PatchedStates, at: int, T: int, device: torch.device
+) -> None:
+    """Rows ``at..at+n-1`` of ``table`` := sequences ``keep`` ``[n]``'s keys and values at every position.
+
+    A skipped layer's are the prefix's before ``start`` and the clean run's from there (nothing
+    changes below ``prefix.layer``); a layer that ran holds all of its positions in the cache."""
+    keep = keep.to(device)
+    rows = slice(at, at + keep.numel())
+    sub = replace(
+        prefix,
+        rows=prefix.rows.to(device)[keep],
+        state_rows=prefix.state_rows.to(device)[keep] if prefix.state_rows is not None else None,
+    )
+    for j, (tk, tv) in enumerate(table.kv):
+        if j <= prefix.layer:
+            tk[rows], tv[rows] = _gather_kv(sub, j, T, device)
+        else:
+            torch.index_select(layers[j].keys, 0, keep, out=tk[rows])
+            torch.index_select(layers[j].values, 0, keep, out=tv[rows])
 
 
 def patched_last_logits_many(

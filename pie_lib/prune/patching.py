@@ -12,7 +12,7 @@ offsets are ``null − kept`` where ``null`` (everything removed) is computed on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -233,6 +233,21 @@ class PatchResult:
     kl: torch.Tensor
     pred_change: torch.Tensor
     state: torch.Tensor | None = None
+
+
+@dataclass
+class _StateTable:
+    """One :meth:`PatchEvaluator.run` call's kept states, written in place by its forwards: ``states``
+    has room for ``capacity`` sequences (sized once from the state budget), of which the first
+    ``used`` rows hold those of variants ``variants`` (per forward, in order)."""
+
+    states: PatchedStates
+    used: int = 0
+    variants: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return self.states.n
 
 
 def can_reuse_prefix(model: LoadedModel, metric: MetricKind, seq_len: int) -> bool:
@@ -485,8 +500,7 @@ class PatchEvaluator:
             var_sorted = variants.var[order]
             groups = self._prefix_groups(first, layer)
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        kept: list[tuple[torch.Tensor, PatchedStates]] = []  # (variants, their states) per forward
-        budget = [self._state_budget()] if keep is not None else [0]
+        table = self._state_table(int(keep.sum())) if keep is not None else None
         for lo, hi, first_pos, first_layer in groups:
             start = lo
             while start < hi:
@@ -494,7 +508,7 @@ class PatchEvaluator:
                 try:
                     res = self._run_range(
                         variants, order, var_sorted, start, stop, extra_offsets, first_pos, first_layer,
-                        parent, keep, kept, budget,
+                        parent, keep, table,
                     )  # fmt: skip
                 except Exception as exc:
                     if not is_out_of_memory(exc):
@@ -518,7 +532,7 @@ class PatchEvaluator:
         if not parts:
             return PatchResult(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.bool))
         metric, kl, change = (torch.cat([p[i] for p in parts]).cpu() for i in range(3))
-        state = self._store_states(variants, kept) if keep is not None else None
+        state = self._store_states(variants, table) if keep is not None else None
         if perm is not None:  # back to the caller's order
             back = torch.empty_like(perm)
             back[perm] = torch.arange(perm.numel())
@@ -533,17 +547,28 @@ class PatchEvaluator:
             held = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.states.kv)
         return max(0, int(self.state_fraction * available_memory_bytes(self.model.device)) - held)
 
-    def _store_states(self, variants: Variants, kept: list[tuple[torch.Tensor, PatchedStates]]) -> torch.Tensor:
-        """Append the states of this call's kept forwards; ``[V]`` their ids (-1: not kept)."""
+    def _state_table(self, wanted: int) -> _StateTable | None:
+        """Room for the states of ``wanted`` sequences, or of as many as the state budget holds (None: none).
+
+        One ``[n, H_kv, T, d]`` buffer per layer and kind, in the clean cache's dtype and layout, so
+        each forward writes its kept sequences straight into it (no per-forward copies to concatenate)."""
+        cache = self.prefix_cache()
+        per_seq = sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in cache.kv)
+        n = min(wanted, self._state_budget() // max(per_seq, 1))
+        if n <= 0:
+            return None
+        kv = [(k.new_empty((n, *k.shape[1:])), v.new_empty((n, *v.shape[1:]))) for k, v in cache.kv]
+        return _StateTable(PatchedStates(kv, cache.precision))
+
+    def _store_states(self, variants: Variants, table: _StateTable | None) -> torch.Tensor:
+        """Append the states of this call's kept forwards; ``[V]`` their ids (-1: not kept; all, with no table)."""
         state = torch.full((variants.n,), -1, dtype=torch.long)
-        if not kept:
+        if table is None or not table.used:
             return state
-        idx = torch.cat([i for i, _ in kept])
-        kv = [
-            (torch.cat([st.kv[j][0] for _, st in kept]), torch.cat([st.kv[j][1] for _, st in kept]))
-            for j in range(len(kept[0][1].kv))
-        ]
-        precision = kept[0][1].precision
+        idx = torch.cat(table.variants)
+        n = table.used
+        kv = [(k, v) if n == table.capacity else (k[:n].clone(), v[:n].clone()) for k, v in table.states.kv]
+        precision = table.states.precision
         sets = variants.take(idx)
         sets.parent = None
         if self.states is not None and self.states.precision == precision and self._state_sets is not None:
@@ -787,16 +812,15 @@ class PatchEvaluator:
         first_layer: int = 0,
         parent: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
-        kept: list[tuple[torch.Tensor, PatchedStates]] | None = None,
-        budget: list[int] | None = None,
+        table: _StateTable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Metric, KL and argmax change of variants ``start:stop`` (one forward).
 
         ``first``, ``first_layer``: none of these variants changes anything before this position
         or below this layer (:meth:`_first_changed`; against its parent state where ``parent[v] >=
         0``); with prefix reuse the forward starts there (the position moved earlier where
-        :func:`~pie_lib.engine.traces.exact_suffix_start` says so). ``keep``: whose states to append
-        to ``kept`` while ``budget[0]`` bytes last.
+        :func:`~pie_lib.engine.traces.exact_suffix_start` says so). ``keep``: whose states to write into
+        ``table`` while it has room.
 
         On a CPU a forward of 1-3 sequences gets copies of its last one up to
         :data:`~pie_lib.models.native.common.MIN_MATMUL_ROWS`: torch's CPU matmul computes inputs of
@@ -822,16 +846,13 @@ class PatchEvaluator:
         if self.reuse_prefix:
             states = self.states if rows is not None else None
             prefix = Prefix(self.prefix_cache(), prompts, pos, first_layer, states, rows)
-        want = keep[start:stop].nonzero().squeeze(-1) if keep is not None and budget is not None else None
-        if prefix is not None and want is not None and want.numel() and budget is not None and budget[0] > 0:
-            assert kept is not None
-            logits, states_out = patched_suffix_with_states(self.model, ids, off, prefix)
-            per_seq = sum((k[0].numel() + v[0].numel()) * k.element_size() for k, v in states_out.kv)
-            want = want[: max(0, budget[0] // max(per_seq, 1))]
-            if want.numel():
-                budget[0] -= int(want.numel()) * per_seq
-                kv = [(k[want], v[want]) for k, v in states_out.kv]
-                kept.append((want + start, PatchedStates(kv, states_out.precision)))
+        want = None
+        if prefix is not None and keep is not None and table is not None:  # as many as the table still holds
+            want = keep[start:stop].nonzero().squeeze(-1)[: table.capacity - table.used]
+        if want is not None and table is not None and want.numel():
+            logits = patched_suffix_with_states(self.model, ids, off, prefix, want, table.states, table.used)
+            table.variants.append(want + start)
+            table.used += int(want.numel())
             lse = None
         else:
             logits, lse = patched_last_logits(
