@@ -849,7 +849,7 @@ class PatchEvaluator:
         want = None
         if prefix is not None and keep is not None and table is not None:  # as many as the table still holds
             want = keep[start:stop].nonzero().squeeze(-1)[: table.capacity - table.used]
-        if want is not None and table is not None and want.numel():
+        if prefix is not None and want is not None and table is not None and want.numel():
             logits = patched_suffix_with_states(self.model, ids, off, prefix, want, table.states, table.used)
             table.variants.append(want + start)
             table.used += int(want.numel())

@@ -53,7 +53,9 @@ class KVCache:
             if entry.filled is not None:
                 end = entry.filled + keys.shape[-2]
                 if end > entry.keys.shape[-2]:
-                    raise IndexError(f"cache update of layer {layer} past its buffer of {entry.keys.shape[-2]} positions")
+                    raise IndexError(
+                        f"cache update of layer {layer} past its buffer of {entry.keys.shape[-2]} positions"
+                    )
                 entry.keys[:, :, entry.filled : end] = keys
                 entry.values[:, :, entry.filled : end] = values
                 entry.filled = end
