@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from pie_lib.clt.lazy import LazyDecoder
-from pie_lib.errors import ShapeMismatchError
+from pie_lib.errors import NumericalError, ShapeMismatchError
 
 Activation = Literal["relu", "jumprelu", "topk"]
 
@@ -122,7 +124,7 @@ class CrossLayerTranscoder:
             )
         x = resid_mid.to(self.W_enc.dtype)
         if layer is not None:
-            return x @ self.W_enc[layer].T + self.b_enc[layer]
+            return (x @ self.W_enc[layer].T).add_(self.b_enc[layer])  # in place: the same bits as ``+``
         if x.shape[0] != self.n_layers:
             raise ShapeMismatchError(f"resid_mid has {x.shape[0]} layers but the CLT has {self.n_layers}")
         lead = x.shape[1:-1]
@@ -149,6 +151,35 @@ class CrossLayerTranscoder:
     def encode(self, resid_mid: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Feature activations ``[L, ..., F]`` from residual streams ``[L, ..., D]``."""
         return self.activation_fn(self.pre_activations(resid_mid, layer), layer)
+
+    def active_entries(self, rows: Float[Tensor, "n D"], layer: int) -> tuple[Int[Tensor, "A 2"], Float[Tensor, " A"]]:
+        """The nonzero activations of ``rows`` at ``layer``, sparse: ``(row, feature)`` ``[A, 2]``
+        (row-major order) and their values ``[A]``, each entry and bit those of
+        ``encode(rows, layer).nonzero()``.
+
+        ReLU and JumpReLU read the mask ``pre > threshold`` and the values off the pre-activations,
+        so no dense activation tensor is built: where ``pre > thr``, ``pre * 1`` and ``relu(pre)``
+        are ``pre``. That needs finite pre-activations (``NaN * 0`` would be a NaN "activation"), so
+        a NaN/Inf one is an error. TopK keeps the dense path.
+        """
+        pre = self.pre_activations(rows, layer)  # [n, F]
+        if self.threshold is None and self.config.activation == "topk" and self.config.k:
+            acts = self.activation_fn(pre, layer)
+            idx = acts.nonzero()
+            return idx, acts[idx[:, 0], idx[:, 1]]
+        if pre.numel():
+            lo, hi = torch.aminmax(pre)  # one pass; NaN propagates into both
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise NumericalError(
+                    f"CLT layer {layer}: NaN/Inf encoder pre-activations (corrupt CLT weights, or residual "
+                    f"streams that overflow {self.dtype}); check the CLT and the model"
+                )
+        thr = self.threshold[layer] if self.threshold is not None else None
+        active = pre > (thr if thr is not None else 0)  # [n, F]
+        if thr is not None and bool((thr < 0).any()):
+            active &= pre != 0  # a negative threshold passes pre = 0, whose activation is 0
+        idx = active.nonzero()
+        return idx, pre[idx[:, 0], idx[:, 1]]
 
     # ------------------------------------------------------------------ decode
     def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pie_lib.data.pairs import Pair
 from pie_lib.engine.traces import ForwardCache, run_with_cache
 from pie_lib.errors import NumericalError, SettingError, ShapeMismatchError
 from pie_lib.models.loading import LoadedModel
+from pie_lib.models.native.common import MIN_MATMUL_ROWS
 
 Corruption = Literal["corrupted", "zero"]
 
@@ -221,6 +222,50 @@ class Occurrences:
         return torch.stack([self.layer[rows], self.pos[rows], self.feat[rows]], dim=1).tolist()
 
 
+def matmul_rows(want: torch.Tensor) -> torch.Tensor:
+    """The rows to put through a matmul so that each wanted row rounds as in the whole input.
+
+    ``want`` ``[...]`` marks the rows needed out of a whole input of ``want.numel()`` rows. torch's
+    CPU matmul rounds a row the same whatever the other rows from ``MIN_MATMUL_ROWS`` rows on, so
+    the wanted rows go alone, topped up with the first unwanted ones to that many (none wanted:
+    none go); a whole input under that many rows ran on the other path, so then every row goes.
+
+    Returns:
+        ``[...]`` bool: ``want`` plus the rows added.
+    """
+    n_want = int(want.sum())
+    n_more = MIN_MATMUL_ROWS - n_want
+    if n_more <= 0 or n_want == 0:
+        return want
+    if want.numel() < MIN_MATMUL_ROWS:
+        return torch.ones_like(want)
+    flat = want.flatten().clone()
+    flat[(~flat).nonzero().squeeze(-1)[:n_more]] = True
+    return flat.reshape(want.shape)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` x2 -> ``[...]``: whether the two vectors are bit for bit the same."""
+    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    return (a.view(as_int) == b.view(as_int)).all(-1)
+
+
+def _encoded_keys(
+    clt: CrossLayerTranscoder, x: Float[Tensor, "B T D"], layer: int, want: torch.Tensor
+) -> tuple[Int[Tensor, " A"], Float[Tensor, " A"]]:
+    """Flat keys ``((b * L + layer) * T + t) * F + f`` and values of the nonzero activations at the
+    positions ``want`` ``[B, T]`` (only those rows are encoded, :func:`matmul_rows`)."""
+    L, F = clt.n_layers, clt.n_features
+    T = x.shape[1]
+    rows = matmul_rows(want)
+    pos = rows.nonzero()  # [n, 2] (b, t), row-major like x[rows]
+    idx, v = clt.active_entries(x[rows].to(clt.device), layer)  # idx [A, 2] (row, f)
+    b, t = pos[idx[:, 0], 0].to(idx.device), pos[idx[:, 0], 1].to(idx.device)
+    needed = want.to(idx.device)[b, t]  # drop the rows only added to keep the matmul's rounding
+    key = ((b * L + layer) * T + t) * F + idx[:, 1]
+    return key[needed], v[needed]
+
+
 def active_occurrences(
     clt: CrossLayerTranscoder,
     clean: ForwardCache,
@@ -229,10 +274,12 @@ def active_occurrences(
 ) -> Occurrences:
     """Encode both runs and take the union of active occurrences.
 
-    Each layer is encoded and read sparsely on its own (no dense ``[L, B, T, F]`` stack, and memory
-    bounded by one layer's ``[B, T, F]``): the keys ``(b, l, t, f)`` are sorted by the union below, so
-    the order they are gathered in does not matter, and each activation is read as the encoder
-    computed it.
+    Each layer is encoded and read sparsely on its own (:meth:`CrossLayerTranscoder.active_entries`;
+    no dense ``[L, B, T, F]`` stack), and only the rows whose activations can differ: BOS (zeroed)
+    is not encoded, nor a corrupted position whose residual stream is bit for bit the clean one
+    (a prefix the two prompts share), whose activations are the clean ones. Every other row is
+    encoded alone, with the bits it has in a whole-batch encode (:func:`matmul_rows`). The keys
+    ``(b, l, t, f)`` are sorted by the union below, so the order they are gathered in does not matter.
 
     Args:
         clean, corr: caches with ``resid_mid`` ``[L, B, T, D]``; ``corr`` None = zero corruption
@@ -241,28 +288,37 @@ def active_occurrences(
     """
     L, B, T, _ = clean.resid_mid.shape
     F = clt.n_features
-    keys, vals_c, vals_o = [], [], []
+    device = clean.resid_mid.device
+    want = torch.ones(B, T, dtype=torch.bool, device=device)
+    if zero_bos:
+        want[:, 0] = False
+    keys_c, vals_c, keys_o, vals_o, shared = [], [], [], [], []
     for layer in range(L):
-        for which, cache in (("c", clean), ("o", corr)):
-            if cache is None:
-                continue
-            acts = clt.encode(cache.resid_mid[layer].to(clt.device), layer=layer)  # [B, T, F]
-            if zero_bos:
-                acts[:, 0] = 0
-            idx = acts.nonzero()  # [n, 3] (b, t, f)
-            v = acts[idx[:, 0], idx[:, 1], idx[:, 2]]
-            key = ((idx[:, 0] * L + layer) * T + idx[:, 1]) * F + idx[:, 2]
-            keys.append(key)
-            vals_c.append(v if which == "c" else torch.zeros_like(v))
-            vals_o.append(v if which == "o" else torch.zeros_like(v))
-    if keys:
-        key = torch.cat(keys)
-        uniq, inv = torch.unique(key, return_inverse=True)  # sorted => (b, l, t, f) order
-        a_c = torch.zeros(uniq.numel(), dtype=clt.dtype, device=uniq.device).index_add_(0, inv, torch.cat(vals_c))
-        a_o = torch.zeros(uniq.numel(), dtype=clt.dtype, device=uniq.device).index_add_(0, inv, torch.cat(vals_o))
-    else:
-        uniq = torch.zeros(0, dtype=torch.long)
-        a_c = a_o = torch.zeros(0, dtype=clt.dtype)
+        xc = clean.resid_mid[layer]  # [B, T, D]
+        key, v = _encoded_keys(clt, xc, layer, want)
+        keys_c.append(key)
+        vals_c.append(v)
+        if corr is None:
+            continue
+        xo = corr.resid_mid[layer]
+        same = _same_bits(xo, xc)  # [B, T]: the corrupted row is the clean one
+        key_o, v_o = _encoded_keys(clt, xo, layer, want & ~same)
+        keys_o.append(key_o)
+        vals_o.append(v_o)
+        t = (key // F) % T
+        b = key // (F * T * L)
+        shared.append(same.to(key.device)[b, t])  # [A_c]: clean entries the corrupted run shares
+    key_c, v_c = torch.cat(keys_c), torch.cat(vals_c)
+    key_o = torch.cat(keys_o) if keys_o else key_c[:0]
+    uniq, inv = torch.unique(torch.cat([key_c, key_o]), return_inverse=True)  # sorted => (b, l, t, f) order
+    n_c = key_c.numel()
+    a_c = torch.zeros(uniq.numel(), dtype=clt.dtype, device=uniq.device)
+    a_o = torch.zeros_like(a_c)
+    a_c[inv[:n_c]] = v_c  # each key at most once per side: 0 + v, as an accumulation would give
+    if keys_o:
+        a_o[inv[n_c:]] = torch.cat(vals_o)
+        same_c = torch.cat(shared)
+        a_o[inv[:n_c][same_c]] = v_c[same_c]
     f = uniq % F
     t = (uniq // F) % T
     l = (uniq // (F * T)) % L
