@@ -56,3 +56,19 @@ def identity_rule(z: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
 def half_rule(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """LRP half rule on a gated product: value a * b, relevance split equally between a and b."""
     return 0.5 * (a * b.detach() + a.detach() * b)
+
+
+def subtract_rows(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``h`` ``[..., D]`` less ``rows`` ``[R, D]`` at its flat rows ``idx`` ``[R]`` (distinct), unchanged elsewhere.
+
+    Bitwise ``h - dense`` for the dense offsets that hold ``rows`` at those rows and zeros elsewhere:
+    each written row gets the same IEEE subtraction (``a + (-1) b`` is ``a - b``), and ``x - 0.0`` is
+    ``x`` (signed zeros included). A patch forward subtracts sparse offsets with it (single and pair
+    removals touch 1-2 rows per layer). A contiguous ``h`` is written in place (a module output the
+    forward owns: no copy of the whole activation); any other is copied first.
+    """
+    if idx.numel() == 0:
+        return h
+    flat = h.view(-1, h.shape[-1]) if h.is_contiguous() else h.reshape(-1, h.shape[-1])  # [N, D]
+    flat.index_add_(0, idx.to(h.device), rows.to(h.device, h.dtype), alpha=-1)
+    return flat.view(h.shape)

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import nnsight
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from pie_lib.engine import remote as remote_
-from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identity_rule
+from pie_lib.engine.rules import detach_leading, frozen_norm, half_rule, identity_rule, subtract_rows
 from pie_lib.errors import SettingError
 from pie_lib.models.arch import get_path
 from pie_lib.models.loading import LoadedModel
@@ -354,6 +354,70 @@ class Prefix:
     state_rows: torch.Tensor | None = None
 
 
+@dataclass
+class SparseOffsets:
+    """Patch offsets ``[L, B, P, D]`` that are zero but at a few (sequence, position) rows per layer.
+
+    Layer ``l`` subtracts ``rows[l][r]`` at flat row ``idx[l][r] = b * P + t`` of its MLP output
+    ``[B, P, D]`` and nothing elsewhere (a layer's indices are distinct). Subtracting them with
+    :func:`~pie_lib.engine.rules.subtract_rows` gives bitwise what subtracting :meth:`dense` gives
+    (``x - 0`` is ``x``): single and pair removals change 1-2 rows of a layer, so the dense tensor
+    would be almost all zeros to build, move and subtract.
+
+    Attributes:
+        idx: per layer ``[R_l]`` int64 flat rows; rows: per layer ``[R_l, D]`` what to subtract there.
+        batch: B sequences; positions: P positions each; dim: D.
+    """
+
+    idx: list[Int[Tensor, " R"]]
+    rows: list[Float[Tensor, "R D"]]
+    batch: int
+    positions: int
+    dim: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.idx)
+
+    def dense(self) -> Float[Tensor, "L B P D"]:
+        """The same offsets as one dense tensor."""
+        dev = self.rows[0].device if self.rows else torch.device("cpu")
+        dtype = self.rows[0].dtype if self.rows else torch.float32
+        out = torch.zeros(self.n_layers, self.batch * self.positions, self.dim, device=dev, dtype=dtype)
+        for layer, (idx, rows) in enumerate(zip(self.idx, self.rows)):
+            out[layer, idx.to(dev)] = rows.to(dtype)
+        return out.view(self.n_layers, self.batch, self.positions, self.dim)
+
+    def take(self, seqs: Int[Tensor, " B2"]) -> SparseOffsets:
+        """The offsets of sequences ``seqs`` (repeats allowed), renumbered ``0..B2-1`` in that order."""
+        P = self.positions
+        seqs = seqs.to(torch.long)
+        idx_out, rows_out = [], []
+        for idx, rows in zip(self.idx, self.rows):
+            seq = idx // P
+            order = torch.argsort(seq, stable=True)
+            counts = torch.bincount(seq, minlength=self.batch)
+            starts = torch.cumsum(counts, 0) - counts
+            n = counts[seqs.to(counts.device)]  # [B2] rows of each new sequence
+            new_seq = torch.repeat_interleave(torch.arange(seqs.numel(), device=n.device), n)
+            within = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            src = order[starts[seqs.to(counts.device)].repeat_interleave(n) + within]
+            idx_out.append(new_seq * P + idx[src] % P)
+            rows_out.append(rows[src.to(rows.device)])
+        return SparseOffsets(idx_out, rows_out, int(seqs.numel()), P, self.dim)
+
+    def layer_rows(self, layer: int, last: int = 0) -> tuple[Int[Tensor, " R"], Float[Tensor, "R D"]]:
+        """Layer ``layer``'s ``(idx, rows)``; ``last`` > 0: for an MLP output of only the last ``last``
+        positions (``[B, last, D]``: ``final_block_positions``), the rows there, their indices renumbered."""
+        idx, rows = self.idx[layer], self.rows[layer]
+        if not last:
+            return idx, rows
+        P = self.positions
+        t = idx % P - (P - last)
+        keep = (t >= 0).nonzero().squeeze(-1)
+        return (idx[keep] // P) * last + t[keep], rows[keep.to(rows.device)]
+
+
 def parameter_precision(model: LoadedModel) -> tuple[torch.dtype, ...]:
     """The dtypes of the model's parameters, in order (what a :class:`PrefixCache` is valid for).
 
@@ -465,7 +529,7 @@ def _final_rows(model: LoadedModel, batch: int, q_len: int) -> int:
 def patched_last_logits(
     model: LoadedModel,
     input_ids: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | SparseOffsets,
     with_logsumexp: bool = False,
     prefix: Prefix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -474,7 +538,8 @@ def patched_last_logits(
     Removing an occurrence subtracts its delta writes (spec §3); everything downstream is recomputed.
 
     Args:
-        input_ids: ``[B, T]``; offsets: ``[L, B, T, D]`` (what to subtract at each layer).
+        input_ids: ``[B, T]``; offsets: ``[L, B, T, D]`` (what to subtract at each layer), dense or
+            :class:`SparseOffsets` (the same bits; a remote forward gets them dense).
         with_logsumexp: also return the logsumexp metric (sum over positions), computed in the
             trace so full ``[B, T, V]`` logits never leave it.
         prefix: local only: start at ``prefix.start`` from the clean keys and values of
@@ -487,19 +552,24 @@ def patched_last_logits(
     """
     if prefix is not None:
         return _patched_suffix(model, input_ids, offsets, prefix, with_logsumexp), None
+    if isinstance(offsets, SparseOffsets) and remote_.is_remote(model):
+        offsets = offsets.dense()  # the server's block subtracts dense offsets
     steps = _patch_steps(model)
-    off: Any = remote_.host(model, offsets)
     lm = model.lm
     lse = None
     keep: dict[str, Any] = {} if with_logsumexp else _last_only(model)
     final = 0 if with_logsumexp else _final_rows(model, *input_ids.shape)
     if final:  # the last block's MLP output is [B, final, D]
         keep["final_block_positions"] = final
-        off = [*off[:-1], off[-1][:, -final:]]
+    placed = offsets if isinstance(offsets, SparseOffsets) else remote_.host(model, offsets)
+    off, sparse = _layer_offsets(placed, range(model.n_layers), final)
     with torch.no_grad(), remote_.trace(model, remote_.host(model, input_ids), kind="patch", **keep):
         for layer, env in enumerate(steps):
             y = env.output
-            env.output = y - off[layer].to(y.device, y.dtype)
+            if sparse:
+                env.output = subtract_rows(y, off[layer][0], off[layer][1])
+            else:
+                env.output = y - off[layer].to(y.device, y.dtype)
         out = lm.output
         logits = out.logits if hasattr(out, "logits") else out[0]
         last = nnsight.save(logits[:, -1])
@@ -511,7 +581,7 @@ def patched_last_logits(
 def patched_suffix_with_states(
     model: LoadedModel,
     input_ids: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | SparseOffsets,
     prefix: Prefix,
     keep: torch.Tensor,
     table: PatchedStates,
@@ -566,10 +636,22 @@ def _prefix_kv(prefix: Prefix, device: torch.device, buffers: bool = False) -> l
     return out
 
 
+def _layer_offsets(offsets: torch.Tensor | SparseOffsets, layers: range, final: int) -> tuple[Any, bool]:
+    """Per layer of ``layers`` (indexed from 0) what its MLP output loses: a dense ``[B, P, D]`` offset,
+    or a sparse ``(idx, rows)`` pair (:meth:`SparseOffsets.layer_rows`); the model's last layer cut to
+    its last ``final`` positions where ``final`` > 0. Returns (those, whether they are sparse)."""
+    last = layers.stop - 1
+    if isinstance(offsets, SparseOffsets):
+        return [offsets.layer_rows(j, final if j == last else 0) for j in layers], True
+    if not final:  # one tensor, as a remote request ships it
+        return offsets[layers.start : layers.stop], False
+    return [offsets[j][:, -final:] if j == last else offsets[j] for j in layers], False
+
+
 def _patched_suffix(
     model: LoadedModel,
     input_ids: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | SparseOffsets,
     prefix: Prefix,
     with_logsumexp: bool,
     keep_states: tuple[torch.Tensor, PatchedStates, int] | None = None,
@@ -585,9 +667,10 @@ def _patched_suffix(
         raise SettingError("a patched forward from a clean prefix is local-only; run it without prefix")
     if with_logsumexp:
         raise SettingError("the logsumexp metric sums every position; run it without prefix")
-    if offsets.shape[2] != T - start or prefix.cache.seq_len != T:
+    covered = offsets.positions if isinstance(offsets, SparseOffsets) else offsets.shape[2]
+    if covered != T - start or prefix.cache.seq_len != T:
         raise ValueError(
-            f"prefix start {start}: offsets cover {offsets.shape[2]} positions and the cache {prefix.cache.seq_len}; "
+            f"prefix start {start}: offsets cover {covered} positions and the cache {prefix.cache.seq_len}; "
             f"expected {T - start} and {T}"
         )
     precision = parameter_precision(model)
@@ -606,18 +689,20 @@ def _patched_suffix(
     if start > 0:
         # the mask covers the cached positions too (nnsight would make one for the new tokens only)
         kw["attention_mask"] = torch.ones(input_ids.shape[0], T, dtype=torch.long, device=model.device)
-    off = offsets.to(model.device)
     resid = prefix.cache.resid[first][rows, start:]
-    y = prefix.cache.mlp_out[first][rows, start:]
-    skipped = resid + (y - off[first].to(y.device, y.dtype))  # [V, T - start, D]: decoder layer `first`'s output
+    y = prefix.cache.mlp_out[first][rows, start:]  # advanced indexing: a copy, which subtract_rows may write into
+    if isinstance(offsets, SparseOffsets):
+        y_patched = subtract_rows(y, *offsets.layer_rows(first))
+    else:
+        y_patched = y - offsets[first].to(y.device, y.dtype)
+    skipped = resid + y_patched  # [V, T - start, D]: decoder layer `first`'s output
     blocks = get_path(model.lm, model.arch.layers)
     skips = [blocks[j] for j in range(first + 1)]
     steps = _patch_steps(model)[first + 1 :]
-    offs: Any = off[first + 1 :]
     final = _final_rows(model, input_ids.shape[0], T - start) if first < model.n_layers - 1 else 0
     if final:  # the last block's MLP output is [V, final, D]
         kw["final_block_positions"] = final
-        offs = [*offs[:-1], offs[-1][:, -final:]]
+    offs, sparse = _layer_offsets(offsets, range(first + 1, model.n_layers), final)
     lm = model.lm
     cache = None
     with torch.no_grad(), remote_.trace(model, input_ids[:, start:].to(model.device), kind="patch", **kw):
@@ -625,7 +710,10 @@ def _patched_suffix(
             block.skip(skipped)
         for layer, env in enumerate(steps):
             h = env.output
-            env.output = h - offs[layer].to(h.device, h.dtype)
+            if sparse:
+                env.output = subtract_rows(h, offs[layer][0], offs[layer][1])
+            else:
+                env.output = h - offs[layer].to(h.device, h.dtype)
         out = lm.output
         last = nnsight.save((out.logits if hasattr(out, "logits") else out[0])[:, -1])
         if keep_states is not None:

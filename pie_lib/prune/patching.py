@@ -28,6 +28,7 @@ from pie_lib.engine.traces import (
     PatchedStates,
     Prefix,
     PrefixCache,
+    SparseOffsets,
     clean_prefix_cache,
     exact_suffix_start,
     metric_value,
@@ -109,6 +110,25 @@ class LayerRows:
     rows: Float[Tensor, "U n_out D"]
     occ_u: Int[Tensor, " N_l"]
     occ_idx: Int[Tensor, " N_l"]
+
+
+@dataclass
+class _LayerWrites:
+    """The delta writes of one source layer's entries (:meth:`PatchEvaluator._layer_writes`).
+
+    Attributes:
+        layer: the source layer; var, pos: ``[E]`` each entry's variant and position (from the
+        forward's start); u: ``[E]`` its row in ``rows.rows``; coef: ``[E]`` its Δa (times weight);
+        dense: whether the layer sums its writes by one matmul instead of scattering them.
+    """
+
+    layer: int
+    var: Int[Tensor, " E"]
+    pos: Int[Tensor, " E"]
+    u: Int[Tensor, " E"]
+    coef: Float[Tensor, " E"]
+    rows: LayerRows
+    dense: bool
 
 
 def layer_entries(
@@ -362,57 +382,99 @@ class PatchEvaluator:
         ``occ_idx[e]``) at positions ``start..T-1``; no entry may sit before ``start``."""
         L, T = self.clt.n_layers, self.batch.seq_len
         D = self.clt.d_model
-        out = torch.zeros(L, n_var, T - start, D, device=self.model.device, dtype=torch.float32)
+        P = T - start
+        out = torch.zeros(L, n_var, P, D, device=self.model.device, dtype=torch.float32)
+        for w in self._layer_writes(var, occ_idx, weight, n_var, start):
+            n_out = w.rows.rows.shape[1]
+            if w.dense:  # many entries per (variant, position) -- one matmul over the layer's features
+                C = torch.zeros(n_var, P, w.rows.feats.numel(), device=w.rows.rows.device, dtype=w.rows.rows.dtype)
+                C.index_put_((w.var, w.pos, w.u), w.coef, accumulate=True)
+                out[w.layer : w.layer + n_out] += torch.einsum("vtu,usd->svtd", C, w.rows.rows).to(out.dtype)
+            else:
+                dest = self._write_rows(w, n_var, P).to(out.device)
+                self._scatter_writes(out.view(-1, D), dest, w.u, w.coef, w.rows.rows)
+        return out
+
+    def sparse_offsets(
+        self, var: torch.Tensor, occ_idx: torch.Tensor, weight: torch.Tensor | None, n_var: int, start: int = 0
+    ) -> SparseOffsets | None:
+        """:meth:`offsets` as :class:`~pie_lib.engine.traces.SparseOffsets`: only the rows some entry
+        writes, each summed from the same writes in the same order as there (the same bits); None where
+        a layer takes the dense matmul path (:meth:`_layer_writes`)."""
+        L, D = self.clt.n_layers, self.clt.d_model
+        P = self.batch.seq_len - start
+        writes = self._layer_writes(var, occ_idx, weight, n_var, start)
+        if any(w.dense for w in writes):
+            return None
+        dev = self.model.device
+        dests = [self._write_rows(w, n_var, P).to(dev) for w in writes]  # rows of the dense [L * n_var * P, D]
+        flat = torch.cat([d.flatten() for d in dests]) if dests else torch.zeros(0, dtype=torch.long, device=dev)
+        uniq, compact = torch.unique(flat, return_inverse=True)  # sorted: by layer, then variant, then position
+        acc = torch.zeros(uniq.numel(), D, device=dev, dtype=torch.float32)
+        at = 0
+        for w, d in zip(writes, dests):
+            self._scatter_writes(acc, compact[at : at + d.numel()].view(d.shape), w.u, w.coef, w.rows.rows)
+            at += d.numel()
+        per_layer = n_var * P
+        bounds = torch.searchsorted(uniq, torch.arange(L + 1, device=dev) * per_layer).tolist()
+        idx = [uniq[bounds[j] : bounds[j + 1]] - j * per_layer for j in range(L)]
+        rows = [acc[bounds[j] : bounds[j + 1]] for j in range(L)]
+        return SparseOffsets(idx, rows, n_var, P, D)
+
+    def _layer_writes(
+        self, var: torch.Tensor, occ_idx: torch.Tensor, weight: torch.Tensor | None, n_var: int, start: int
+    ) -> list[_LayerWrites]:
+        """The entries' delta writes grouped by source layer (in layer order), positions counted from ``start``.
+
+        A layer whose entries are many per (variant, position) -- ``8 E >= n_var T U`` -- is marked
+        ``dense`` (one matmul over its features); the path is chosen on the whole prompt, so a suffix
+        sums its entries as the whole prompt does.
+        """
+        T = self.batch.seq_len
         coef = self.delta[occ_idx]
         if weight is not None:
             coef = coef * weight.to(coef)
+        out = []
         for layer, sel, u, lr in layer_entries(self.rows, self.occ.layer, occ_idx):
-            v_e = var[sel].to(lr.rows.device)
-            t_e = self.occ.pos[occ_idx[sel]].to(lr.rows.device) - start
+            dev = lr.rows.device
+            t_e = self.occ.pos[occ_idx[sel]].to(dev) - start
             if start and bool((t_e < 0).any()):
                 raise ValueError(f"offsets from position {start}: an entry sits before it")
-            c_e = coef[sel].to(lr.rows.device, lr.rows.dtype)
-            n_out = lr.rows.shape[1]
-            # the path is chosen on the whole prompt, so a suffix sums its entries as the whole prompt does
-            if sel.numel() * 8 >= n_var * T * lr.feats.numel():
-                # dense: many entries per (variant, position) -- one matmul over the layer's features
-                C = torch.zeros(n_var, T - start, lr.feats.numel(), device=lr.rows.device, dtype=lr.rows.dtype)
-                C.index_put_((v_e, t_e, u), c_e, accumulate=True)
-                out[layer : layer + n_out] += torch.einsum("vtu,usd->svtd", C, lr.rows).to(out.dtype)
-            else:
-                self._scatter_writes(out, layer, v_e, t_e, u, c_e, lr.rows, n_var)
+            dense = sel.numel() * 8 >= n_var * T * lr.feats.numel()
+            out.append(_LayerWrites(layer, var[sel].to(dev), t_e, u, coef[sel].to(dev, lr.rows.dtype), lr, dense))
         return out
+
+    @staticmethod
+    def _write_rows(w: _LayerWrites, n_var: int, n_pos: int) -> torch.Tensor:
+        """``[E, n_out]`` the row of the dense ``[L * n_var * n_pos, D]`` offsets each entry's writes go to."""
+        s = torch.arange(w.rows.rows.shape[1], device=w.var.device)
+        return ((w.layer + s[None, :]) * n_var + w.var[:, None]) * n_pos + w.pos[:, None]
 
     @staticmethod
     def _scatter_writes(
         out: torch.Tensor,
-        layer: int,
-        v: torch.Tensor,
-        t: torch.Tensor,
+        dest: torch.Tensor,
         u: torch.Tensor,
         coef: torch.Tensor,
         rows: torch.Tensor,
-        n_var: int,
         max_values: int = 1 << 18,
     ) -> None:
-        """Sparse path: add ``coef_e · rows[u_e, s]`` at (layer + s, v_e, t_e) for every entry e.
+        """Sparse path: add ``coef_e · rows[u_e, s]`` to row ``dest[e, s]`` of ``out`` ``[N, D]`` for every entry e.
 
         Few entries per variant (single or pair removals, kept sets of small K): gathering their rows
         costs E·n_out·D instead of the dense path's V·T·U·n_out·D. Entries go in chunks so the
         gathered rows stay under ``max_values`` values: 2^18 (1 MiB) stays in cache, and a null set
         of 76k entries took 0.03 s against 0.15-0.17 s in chunks of 2^24 (toy GPT-2, one thread).
-        The entries are added in the same order whatever the chunk, so the sums are bit-identical.
+        The entries are added in the same order whatever the chunk and whatever ``out`` is (the
+        dense offsets, or the compact rows of :meth:`sparse_offsets`), so the sums are bit-identical.
         """
-        L, _, T, D = out.shape
+        D = out.shape[-1]
         n_out = rows.shape[1]
-        flat = out.view(-1, D)
-        s = torch.arange(n_out, device=out.device)
         step = max(1, max_values // (n_out * D))
         for lo in range(0, u.numel(), step):
             hi = lo + step
             w = rows[u[lo:hi]] * coef[lo:hi, None, None]  # [E, n_out, D]
-            idx = ((layer + s[None, :]) * n_var + v[lo:hi, None].to(out.device)) * T + t[lo:hi, None].to(out.device)
-            flat.index_add_(0, idx.flatten(), w.reshape(-1, D).to(out.dtype))
+            out.index_add_(0, dest[lo:hi].flatten().to(out.device), w.reshape(-1, D).to(out.dtype))
 
     def null_offsets(self) -> torch.Tensor:
         """``[L, B, T, D]``: every active occurrence of each prompt removed."""
@@ -792,6 +854,7 @@ class PatchEvaluator:
         for lo in range(0, V, self.chunk):
             hi = min(V, lo + self.chunk)
             ids, off, prompts = self._prepare_range(variants, order, var_sorted, lo, hi, extra_offsets)
+            assert isinstance(off, torch.Tensor)  # not asked for sparse offsets: a request ships dense ones
             nbytes = off.numel() * off.element_size()
             if pending and size + nbytes > self.request_bytes:
                 flush()
@@ -837,10 +900,13 @@ class PatchEvaluator:
         rows = parent[start:stop] if parent is not None else None
         if rows is not None and not bool((rows >= 0).any()):
             rows = None
-        ids, off, prompts = self._prepare_range(variants, order, var_sorted, start, stop, extra_offsets, pos, rows)
+        ids, off, prompts = self._prepare_range(
+            variants, order, var_sorted, start, stop, extra_offsets, pos, rows, sparse=True
+        )
         if pad:
             rep = torch.cat([torch.arange(n), torch.full((pad,), n - 1)])
-            ids, off, prompts = ids[rep], off[:, rep.to(off.device)], prompts[rep]
+            ids, prompts = ids[rep], prompts[rep]
+            off = off.take(rep) if isinstance(off, SparseOffsets) else off[:, rep.to(off.device)]
             rows = rows[rep] if rows is not None else None
         prefix = None
         if self.reuse_prefix:
@@ -863,10 +929,9 @@ class PatchEvaluator:
             lse = lse[:n] if lse is not None else None
         self.n_forwards += 1
         self.n_sequences += stop - start
-        self.n_positions += (stop - start) * off.shape[2]
-        self.n_layer_positions += (
-            (stop - start) * off.shape[2] * (self.clt.n_layers - (first_layer + 1 if prefix else 0))
-        )
+        run = self.batch.seq_len - pos
+        self.n_positions += (stop - start) * run
+        self.n_layer_positions += (stop - start) * run * (self.clt.n_layers - (first_layer + 1 if prefix else 0))
         return self._finish_range(prompts, logits, lse)
 
     def _prepare_range(
@@ -879,20 +944,29 @@ class PatchEvaluator:
         extra_offsets: torch.Tensor | None,
         pos: int = 0,
         parent: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sparse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | SparseOffsets, torch.Tensor]:
         """Input ids ``[v, T]``, offsets ``[L, v, T - pos, D]`` of positions ``pos..T-1`` and batch rows
         ``[v]`` of variants ``start:stop`` (``pos`` > 0: nothing of theirs changes before it, or, where
         ``parent[v] >= 0``, nothing differs from that state before it: its entries before ``pos``,
-        which write only there, are the state's)."""
+        which write only there, are the state's).
+
+        ``sparse``: offsets of plain removal sets (no complement among them, no ``extra_offsets``) as
+        :class:`~pie_lib.engine.traces.SparseOffsets` where :meth:`sparse_offsets` gives them; the
+        others, dense (a complement's are ``null - kept``: every active row)."""
         lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
         ent = order[lo:hi]
         if parent is not None and pos > 0:
             inherited = (parent[variants.var[ent] - start] >= 0) & (self.occ.pos.cpu()[variants.occ[ent]] < pos)
             ent = ent[~inherited]
         w = variants.weight[ent] if variants.weight is not None else None
-        off = self.offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start, pos)
         prompts = variants.prompt[start:stop]
         comp = variants.complement[start:stop]
+        if sparse and extra_offsets is None and not bool(comp.any()):
+            few = self.sparse_offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start, pos)
+            if few is not None:
+                return self.batch.clean_ids[prompts], few, prompts
+        off = self.offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start, pos)
         if comp.any():
             null = self.null_offsets()[:, prompts.to(self.model.device), pos:]
             c = comp.to(off.device)[None, :, None, None]
