@@ -103,3 +103,24 @@ def test_replacement_gradients_from_the_given_mlp_outputs(tiny_worlds):
         moved, _ = mlp_out_gradients(*args, "replacement", given * 1.5)
         uses_given = model.arch.mlp_out == model.arch.mlp
         assert uses_given == (not torch.equal(moved, want)), name  # the leaves are the given values
+
+
+def test_given_mlp_outputs_skip_the_norm_in_front_of_the_mlp(tiny_worlds):
+    """With the MLPs skipped, the norm that feeds each of them (``resid_mid``'s module) is skipped
+    too (its output, read by nothing, is its input); the passes that run the MLPs run it."""
+    for name, (model, clt, pairs) in _worlds(tiny_worlds).items():
+        tok = tokenize_pairs(model, pairs, batch_size=4)
+        ctx = BatchContext(model, clt, max(tok.batches, key=lambda b: b.size), ScoringConfig())
+        mods = [model.envoy(layer, model.arch.resid_mid)._module for layer in range(model.n_layers)]
+        passed_through: list[bool] = []
+        hooks = [m.register_forward_hook(lambda _m, i, o: passed_through.append(torch.equal(o, i[0]))) for m in mods]
+        try:
+            ctx.grads("replacement")
+            given, passed_through[:] = list(passed_through), []
+            ctx.grads("full")
+        finally:
+            for h in hooks:
+                h.remove()
+        uses_given = model.arch.mlp_out == model.arch.mlp
+        assert given == [uses_given] * model.n_layers, name
+        assert passed_through == [False] * model.n_layers, name

@@ -172,8 +172,9 @@ def mlp_out_gradients(
         input_ids: ``[B, T]`` clean prompts; correct, wrong: ``[B]`` target token ids.
         mlp_out: ``[L, B, T, D]`` the MLP outputs of a forward of these prompts that rounds as this
             one (a local CPU clean cache): in ``replacement`` mode, where every MLP output is
-            replaced by a leaf of its own value, the MLPs then do not run and the leaves hold these
-            (local runs only; ignored in the other modes, which differentiate through the MLPs).
+            replaced by a leaf of its own value, the MLPs then do not run and the leaves hold these,
+            nor do the norms in front of them (``resid_mid``'s module), whose outputs only the MLPs
+            read (local runs only; ignored in the other modes, which differentiate through the MLPs).
     Returns:
         (grads ``[L, B, T, D]``, metric ``[B]``). Prompts in a batch do not interact, so the
         gradient of the summed metric gives each prompt its own gradient.
@@ -207,6 +208,10 @@ def mlp_out_gradients(
     pattern = {p.path: p.fraction for p in arch.pattern_inputs}
     rels = set(arch.layer_order)
     for layer, rel, env in _forward_steps(model, rels):
+        if given and rel == arch.resid_mid and rel in arch.norms:
+            # the norm in front of a skipped MLP: its output is read by nothing, so it does not run
+            plan.append(("unread", env))
+            continue
         if freeze and rel in arch.norms:
             plan.append(norm_op(env))
         if freeze and rel in pattern:
@@ -235,7 +240,9 @@ def mlp_out_gradients(
         leaves = []
         for op in plan:
             env = op[1]
-            if op[0] == "norm":
+            if op[0] == "unread":
+                env.skip(env.input)
+            elif op[0] == "norm":
                 env.output = frozen_norm(norm_kind, env.input, env.output, env._module.weight if op[3] else None, op[2])
             elif op[0] == "pattern":
                 env.output = detach_leading(env.output, op[2])
