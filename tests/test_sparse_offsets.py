@@ -259,3 +259,20 @@ def test_subtract_rows_is_the_dense_subtraction(dtype):
     before = strided.clone()
     assert torch.equal(subtract_rows(strided, idx, rows).view(as_int), want.view(as_int))
     assert torch.equal(strided.view(as_int), before.view(as_int))  # a copy was written, not the input
+
+
+def test_complement_chunks_are_the_dense_offsets_bits(sctx):
+    """A chunk holding complements gets dense offsets written from the null's rows and the listed
+    entries' sparse rows: bit for bit the dense path's ``where(comp, null - off, off)``, for chunks of
+    complements only and of complements mixed with plain sets (whose rows must stay their own)."""
+    ev = sctx.evaluator
+    v = _variants(sctx)
+    order = torch.argsort(v.var, stable=True)
+    var_sorted = v.var[order]
+    comp_at = v.complement.nonzero().squeeze(-1)
+    lo_c, hi_c = int(comp_at.min()), int(comp_at.max()) + 1
+    for lo, hi in ((0, v.n), (lo_c, hi_c), (lo_c - 3, hi_c + 1)):
+        ids, fast, _ = ev._prepare_range(v, order, var_sorted, lo, hi, None, sparse=True)
+        ids_d, slow, _ = ev._prepare_range(v, order, var_sorted, lo, hi, None)
+        assert isinstance(fast, torch.Tensor) and isinstance(slow, torch.Tensor)
+        assert torch.equal(ids, ids_d) and _bits_equal(fast, slow), (lo, hi)

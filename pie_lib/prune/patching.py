@@ -951,9 +951,11 @@ class PatchEvaluator:
         ``parent[v] >= 0``, nothing differs from that state before it: its entries before ``pos``,
         which write only there, are the state's).
 
-        ``sparse``: offsets of plain removal sets (no complement among them, no ``extra_offsets``) as
-        :class:`~pie_lib.engine.traces.SparseOffsets` where :meth:`sparse_offsets` gives them; the
-        others, dense (a complement's are ``null - kept``: every active row)."""
+        ``sparse``: without ``extra_offsets``, the listed entries' offsets are summed sparsely where
+        :meth:`sparse_offsets` gives them: plain removal sets get
+        :class:`~pie_lib.engine.traces.SparseOffsets`; a chunk with complements, whose offsets ``null -
+        kept`` fill every active row, a dense tensor written from the null's rows and those sparse ones
+        (:meth:`_complement_offsets`). The bits are the dense path's either way."""
         lo, hi = torch.searchsorted(var_sorted, torch.tensor([start, stop]))
         ent = order[lo:hi]
         if parent is not None and pos > 0:
@@ -962,9 +964,11 @@ class PatchEvaluator:
         w = variants.weight[ent] if variants.weight is not None else None
         prompts = variants.prompt[start:stop]
         comp = variants.complement[start:stop]
-        if sparse and extra_offsets is None and not bool(comp.any()):
+        if sparse and extra_offsets is None:
             few = self.sparse_offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start, pos)
             if few is not None:
+                if bool(comp.any()):
+                    return self.batch.clean_ids[prompts], self._complement_offsets(few, prompts, comp, pos), prompts
                 return self.batch.clean_ids[prompts], few, prompts
         off = self.offsets(variants.var[ent] - start, variants.occ[ent], w, stop - start, pos)
         if comp.any():
@@ -974,6 +978,28 @@ class PatchEvaluator:
         if extra_offsets is not None:
             off = off + extra_offsets[:, prompts.to(extra_offsets.device), pos:].to(off)
         return self.batch.clean_ids[prompts], off, prompts
+
+    def _complement_offsets(
+        self, few: SparseOffsets, prompts: torch.Tensor, comp: torch.Tensor, pos: int
+    ) -> Float[Tensor, "L v P D"]:
+        """Dense offsets of a chunk with complements from its listed entries' sparse rows ``few``: a
+        complement's ``null - listed`` (the null's rows of its prompt from ``pos``, less its rows), a plain
+        set's own rows (zeros elsewhere). Bitwise the dense path's ``where(comp, null - off, off)``:
+        ``null - 0`` is ``null``, and the written rows get the same subtraction or the same values."""
+        dev = self.model.device
+        off = self.null_offsets()[:, prompts.to(dev), pos:]  # [L, v, P, D]; advanced indexing: a copy
+        comp = comp.to(dev)
+        if not bool(comp.all()):
+            off[:, ~comp] = 0
+        D = off.shape[-1]
+        for layer, (idx, rows) in enumerate(zip(few.idx, few.rows)):
+            if idx.numel() == 0:
+                continue
+            flat = off[layer].view(-1, D)  # [v * P, D]
+            c = comp[idx // few.positions]
+            flat.index_add_(0, idx[c], rows[c], alpha=-1)
+            flat[idx[~c]] = rows[~c]
+        return off
 
     def _finish_range(
         self, prompts: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor | None
