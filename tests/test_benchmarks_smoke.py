@@ -174,3 +174,16 @@ def test_model_backends_start_up(tmp_path):
     assert summary["backends"]["native"]["loaded_as"] == "native"
     assert summary["backends"]["native"]["heavy_modules"] == []
     assert "transformers.modeling_utils" in summary["backends"]["hf"]["heavy_modules"]
+
+
+def test_patch_offsets_benchmark_replays_bitwise(tmp_path):
+    """benchmarks/patch_offsets.py on the toy GPT-2: every replayed run() gives the same bits with
+    sparse and with dense offsets, and the JSON says so."""
+    import patch_offsets
+
+    out = tmp_path / "po.json"
+    prune = ["--model", "toy:gpt2", "--clt", "toy:gpt2", "--task", "ioi", "--n", "4", "--methods", "fap,fap-synergy"]
+    prune += ["--k", "4,12", "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"]
+    result = patch_offsets.main(["--repeats", "1", "--json", str(out), "--", *prune])
+    assert result["bitwise_equal"] and result["run_calls"] > 0
+    assert json.loads(out.read_text())["bitwise_equal"] is True
