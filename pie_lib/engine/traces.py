@@ -604,23 +604,29 @@ def patched_suffix_with_states(
     return _patched_suffix(model, input_ids, offsets, prefix, False, keep_states=(keep, table, at))
 
 
-def _gather_kv(prefix: Prefix, layer: int, upto: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[V, H_kv, upto, d]`` keys and values of decoder layer ``layer`` at positions ``0..upto-1``: the
-    clean rows, and for a sequence that starts from an earlier patched forward that forward's rows
-    before ``prefix.start``."""
+def _gather_kv(
+    prefix: Prefix, layer: int, upto: int, device: torch.device, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[V, H_kv, length, d]`` keys and values of decoder layer ``layer`` whose positions ``0..upto-1``
+    hold the clean rows, and for a sequence that starts from an earlier patched forward that forward's
+    rows before ``prefix.start``; positions from ``upto`` on are left unset (``length`` > ``upto``: a
+    buffer the forward fills). ``length`` defaults to ``upto``."""
     k, v = prefix.cache.kv[layer]
     rows = prefix.rows.to(device)
-    if upto == k.shape[-2]:  # every position: one contiguous gather of whole rows
-        kj, vj = k.index_select(0, rows), v.index_select(0, rows)
-    else:
-        kj, vj = k[rows, :, :upto], v[rows, :, :upto]  # advanced indexing: copies, safe to write into
+    length = upto if length is None else length
+    kj = k.new_empty((rows.numel(), k.shape[1], length, k.shape[3]))
+    vj = v.new_empty((rows.numel(), v.shape[1], length, v.shape[3]))
+    # index_select into the slice: one pass, no temporary (advanced indexing copies twice as slowly)
+    torch.index_select(k[:, :, :upto], 0, rows, out=kj[:, :, :upto])
+    torch.index_select(v[:, :, :upto], 0, rows, out=vj[:, :, :upto])
     if prefix.states is not None and prefix.state_rows is not None and prefix.start > 0:
         sr = prefix.state_rows.to(device)
         sel = (sr >= 0).nonzero().squeeze(-1)
         if sel.numel():
             sk, sv = prefix.states.kv[layer]
-            kj[sel, :, : prefix.start] = sk[sr[sel], :, : prefix.start].to(kj)
-            vj[sel, :, : prefix.start] = sv[sr[sel], :, : prefix.start].to(vj)
+            n = min(prefix.start, upto)
+            kj[:, :, :n].index_copy_(0, sel, torch.index_select(sk[:, :, :n], 0, sr[sel]).to(kj))
+            vj[:, :, :n].index_copy_(0, sel, torch.index_select(sv[:, :, :n], 0, sr[sel]).to(vj))
     return kj, vj
 
 
@@ -629,9 +635,9 @@ def _prefix_kv(prefix: Prefix, device: torch.device, buffers: bool = False) -> l
 
     Layers ``0..prefix.layer`` are skipped (never read): they get a zero-copy view of one clean row,
     expanded, so the cache still knows its length; the others :func:`_gather_kv`. ``buffers``: the
-    others are ``[V, H_kv, T, d]`` instead, positions ``0..start-1`` as above and the clean run's
-    after them, for a preallocated cache to overwrite from ``start`` on (one copy of the prefix,
-    not a gather and then a concatenation).
+    others are ``[V, H_kv, T, d]`` instead, positions ``0..start-1`` as above and the rest unset,
+    for a preallocated cache to fill from ``start`` on (one copy of the prefix, not a gather and
+    then a concatenation).
     """
     start, V = prefix.start, prefix.rows.numel()
     out = []
@@ -639,7 +645,7 @@ def _prefix_kv(prefix: Prefix, device: torch.device, buffers: bool = False) -> l
         if j <= prefix.layer:
             out.append((k[:1, :, :start].expand(V, -1, -1, -1), v[:1, :, :start].expand(V, -1, -1, -1)))
         else:
-            out.append(_gather_kv(prefix, j, k.shape[-2] if buffers else start, device))
+            out.append(_gather_kv(prefix, j, start, device, k.shape[-2] if buffers else None))
     return out
 
 
