@@ -92,3 +92,14 @@ def interp_world(tmp_path_factory):
     m, c = build_tiny_world(tmp_path_factory.mktemp("world"))
     lm, clt, _ = resolve_world(str(m), str(c), device="cpu", model_backend="hf")  # FADE steers: transformers
     return m, c, lm, clt
+
+
+def patch_evaluator(ctx, reuse: bool = True, chunk: int | None = None):
+    """A fresh ``PatchEvaluator`` of a ``BatchContext``'s batch (corrupted deltas, logit_diff), so a
+    test compares evaluators that differ only in ``reuse_prefix`` / ``chunk``."""
+    from pie_lib.prune.patching import PatchEvaluator
+
+    return PatchEvaluator(
+        ctx.model, ctx.clt, ctx.batch, ctx.occ, ctx.rows, "corrupted", "logit_diff", ctx.evaluator.clean_logits,
+        chunk=chunk, reuse_prefix=reuse,
+    )  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import patch_evaluator
 
 from pie_lib.prune.context import BatchContext, ScoringConfig
 from pie_lib.prune.occurrences import tokenize_pairs
@@ -134,20 +135,7 @@ def _mixed_variants(ctx):
 
 
 def _evaluator(ctx, reuse: bool, chunk: int | None = None):
-    from pie_lib.prune.patching import PatchEvaluator
-
-    return PatchEvaluator(
-        ctx.model,
-        ctx.clt,
-        ctx.batch,
-        ctx.occ,
-        ctx.rows,
-        "corrupted",
-        "logit_diff",
-        ctx.evaluator.clean_logits,
-        chunk=chunk,
-        reuse_prefix=reuse,
-    )
+    return patch_evaluator(ctx, reuse, chunk)
 
 
 def test_prefix_reuse_gives_the_whole_prompt_bits(arch_ctx):

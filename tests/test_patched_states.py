@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import patch_evaluator
 
 from pie_lib.models.loading import load_model
 from pie_lib.prune.context import BatchContext, ScoringConfig
@@ -25,10 +26,7 @@ def ctx(request, tiny_worlds, one_torch_thread):
 
 
 def _evaluator(ctx, chunk: int | None = None) -> PatchEvaluator:
-    return PatchEvaluator(
-        ctx.model, ctx.clt, ctx.batch, ctx.occ, ctx.rows, "corrupted", "logit_diff", ctx.evaluator.clean_logits,
-        chunk=chunk, reuse_prefix=True,
-    )  # fmt: skip
+    return patch_evaluator(ctx, True, chunk)
 
 
 def _apart_pairs(ctx, n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import patch_evaluator
 
 import pie_lib.engine.traces as traces
 from pie_lib.engine.traces import Prefix, SparseOffsets, clean_prefix_cache, patched_last_logits
@@ -33,18 +34,7 @@ def sctx(request, tiny_worlds, one_torch_thread):
 
 
 def _evaluator(ctx, reuse: bool, chunk: int | None = None) -> PatchEvaluator:
-    return PatchEvaluator(
-        ctx.model,
-        ctx.clt,
-        ctx.batch,
-        ctx.occ,
-        ctx.rows,
-        "corrupted",
-        "logit_diff",
-        ctx.evaluator.clean_logits,
-        chunk=chunk,
-        reuse_prefix=reuse,
-    )
+    return patch_evaluator(ctx, reuse, chunk)
 
 
 def _same_spot_pairs(occ, same_layer: bool) -> torch.Tensor:
