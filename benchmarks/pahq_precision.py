@@ -85,7 +85,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(t), out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random", action="store_true", help="use a random model even when the toy world exists")
     ap.add_argument(
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--k", type=str, default="10,50")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = stable timings on a shared machine)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from pie_lib import toy
@@ -147,7 +147,7 @@ def main() -> None:
         keep = topk_global(ctx.occ, s, k)
         kept = keep.nonzero().squeeze(-1)
         kept_all.append(kept)
-        offs.append(ev.null_offsets() - ev._offsets(ctx.occ.prompt[kept], kept, None, B))
+        offs.append(ev.null_offsets() - ev.offsets(ctx.occ.prompt[kept], kept, None, B))
     offsets = torch.cat(offs, dim=1)  # [L, (1 + len(ks)) * B, T, D]
     ids = batch.clean_ids.repeat(1 + len(ks), 1)
     clean = ev.clean_logits.repeat(1 + len(ks), 1)

@@ -187,3 +187,13 @@ def test_patch_offsets_benchmark_replays_bitwise(tmp_path):
     result = patch_offsets.main(["--repeats", "1", "--json", str(out), "--", *prune])
     assert result["bitwise_equal"] and result["run_calls"] > 0
     assert json.loads(out.read_text())["bitwise_equal"] is True
+
+
+def test_pahq_precision_benchmark_runs(capsys):
+    """benchmarks/pahq_precision.py end to end at a tiny size (it once called a PatchEvaluator method
+    that no longer existed): the row with every source layer in float32 has KL exactly 0 against full precision."""
+    import pahq_precision
+
+    pahq_precision.main(["--pairs", "4", "--k", "10,50", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "full precision" in out and "KL(fp32||pahq) mean 0.00e+00 max 0.00e+00" in out
