@@ -23,6 +23,7 @@ from pie_lib.clt.transcoder import CrossLayerTranscoder
 from pie_lib.engine.masked import last_token_kl
 from pie_lib.engine.memory import available_memory_bytes
 from pie_lib.engine.remote import is_remote
+from pie_lib.engine.rules import subtract_rows
 from pie_lib.engine.traces import (
     MetricKind,
     PatchedStates,
@@ -995,10 +996,9 @@ class PatchEvaluator:
         for layer, (idx, rows) in enumerate(zip(few.idx, few.rows)):
             if idx.numel() == 0:
                 continue
-            flat = off[layer].view(-1, D)  # [v * P, D]
             c = comp[idx // few.positions]
-            flat.index_add_(0, idx[c], rows[c], alpha=-1)
-            flat[idx[~c]] = rows[~c]
+            subtract_rows(off[layer], idx[c], rows[c])  # in place: off[layer] is contiguous
+            off[layer].view(-1, D)[idx[~c]] = rows[~c]
         return off
 
     def _finish_range(
